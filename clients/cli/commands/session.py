@@ -1,0 +1,9 @@
+"""CLI commands of the session group (placeholder until built)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Adds this group's commands to the app."""

@@ -1,0 +1,160 @@
+"""Conversions between domain values and their proto forms.
+
+Owns the exact-money rule at the wire: `Money.amount` is a decimal string,
+parsed with `Decimal`, never float; amounts keep up to 8 fractional digits
+and are never rounded here (only `format_money` rounds, for display).
+Also timestamps, durations, stage/plan enum names and opaque page tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from docimport.common.v1 import common_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from services.common.errors import InvalidArgument
+
+CURRENCY = "USD"
+MAX_PLACES = 8
+ZERO = Decimal(0)
+
+STAGES = ("extract", "chunk", "entities")
+PLANS = ("text_layer", "ocr", "docx", "email", "image", "text", "unsupported")
+
+
+def money(amount: Decimal | int | str | None, currency: str = CURRENCY) -> common_pb2.Money:
+    """A Money message of an exact amount (None is zero)."""
+    value = Decimal(amount) if amount is not None else ZERO
+    return common_pb2.Money(currency_code=currency, amount=_plain(value))
+
+
+def _plain(value: Decimal) -> str:
+    text = format(value.normalize(), "f") if value != 0 else "0"
+    return text
+
+
+def parse_money(message: common_pb2.Money, field: str, *, allow_negative: bool = False) -> Decimal:
+    """The Decimal of a Money message; INVALID_ARGUMENT naming `field` when malformed."""
+    return parse_decimal(message.amount or "0", field, allow_negative=allow_negative,
+                         currency=message.currency_code)
+
+
+def parse_decimal(text: str, field: str, *, allow_negative: bool = False,
+                  currency: str = CURRENCY) -> Decimal:
+    if currency and currency != CURRENCY:
+        raise InvalidArgument.field(f"{field}.currency_code", f"only {CURRENCY} is supported, got {currency!r}")
+    try:
+        value = Decimal(text.strip())
+    except (InvalidOperation, AttributeError):
+        raise InvalidArgument.field(field, f"{text!r} is not a decimal number") from None
+    if not value.is_finite():
+        raise InvalidArgument.field(field, f"{text!r} is not a finite number")
+    if value < 0 and not allow_negative:
+        raise InvalidArgument.field(field, "must not be negative")
+    exponent = value.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > MAX_PLACES:
+        raise InvalidArgument.field(field, f"has more than {MAX_PLACES} decimal places")
+    return value
+
+
+def format_money(amount: Decimal | str, places: int = 2) -> str:
+    """For display only: '$1,234.57' (amounts under a cent keep 4 places)."""
+    value = Decimal(amount)
+    if value != 0 and abs(value) < Decimal("0.01"):
+        places = max(places, 4)
+    quantum = Decimal(1).scaleb(-places)
+    return f"${value.quantize(quantum):,}"
+
+
+def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC))
+    return ts
+
+
+def from_timestamp(ts: timestamp_pb2.Timestamp) -> dt.datetime | None:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    return ts.ToDatetime(tzinfo=dt.UTC)
+
+
+def duration(seconds: float | Decimal | None) -> duration_pb2.Duration | None:
+    if seconds is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(Decimal(seconds) * 1_000_000_000))
+    return d
+
+
+def stage_name(value: int) -> str:
+    """'extract' for STAGE_EXTRACT; '' for unspecified."""
+    if value == common_pb2.STAGE_UNSPECIFIED:
+        return ""
+    return common_pb2.Stage.Name(value).removeprefix("STAGE_").lower()
+
+
+def stage_value(name: str | None) -> int:
+    if not name:
+        return common_pb2.STAGE_UNSPECIFIED
+    return common_pb2.Stage.Value("STAGE_" + name.upper())
+
+
+def plan_name(value: int) -> str:
+    if value == common_pb2.PROCESSING_PLAN_UNSPECIFIED:
+        return ""
+    return common_pb2.ProcessingPlan.Name(value).removeprefix("PROCESSING_PLAN_").lower()
+
+
+def plan_value(name: str | None) -> int:
+    if not name:
+        return common_pb2.PROCESSING_PLAN_UNSPECIFIED
+    return common_pb2.ProcessingPlan.Value("PROCESSING_PLAN_" + name.upper())
+
+
+def enum_name(enum_type: Any, value: int, prefix: str) -> str:
+    """Lower-case name of a proto enum value without its prefix ('' for 0)."""
+    if value == 0:
+        return ""
+    return enum_type.Name(value).removeprefix(prefix).lower()
+
+
+def enum_value(enum_type: Any, name: str | None, prefix: str) -> int:
+    if not name:
+        return 0
+    return enum_type.Value(prefix + name.upper())
+
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_page_token(cursor: dict[str, Any]) -> str:
+    """An opaque token for a keyset cursor."""
+    raw = json.dumps(cursor, separators=(",", ":"), default=str).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> dict[str, Any] | None:
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        cursor = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except ValueError:
+        raise InvalidArgument.field("page_token", "is not a token this service issued") from None
+    if not isinstance(cursor, dict):
+        raise InvalidArgument.field("page_token", "is not a token this service issued")
+    return cursor

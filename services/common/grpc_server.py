@@ -1,0 +1,159 @@
+"""The grpc.aio server bootstrap every service uses.
+
+Owns what is the same in every service: binding (TLS when a certificate is
+configured), the interceptor chain (errors -> auth; OpenTelemetry's own
+server interceptor when tracing is on), the standard health service,
+server reflection, the Prometheus `/metrics` HTTP port, and the graceful
+shutdown on SIGTERM/SIGINT: health turns NOT_SERVING, in-flight calls get
+`shutdown_grace` seconds, then the caller's cleanup (closing the pool) runs.
+
+A service's `server.py` calls `build_server` with its servicers and its
+scope policy, and `serve_until_stopped` from its `serve()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.auth import AuthInterceptor, Scope
+from services.common.config import ServiceSettings
+from services.common.errors import ErrorInterceptor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningServer:
+    """A started server, its bound port and its health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    async def stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def build_server(
+    settings: ServiceSettings,
+    *,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    policy: Mapping[str, Iterable[Scope]],
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Builds, binds and starts a server; every named service is SERVING."""
+    interceptors = [
+        *extra_interceptors,
+        ErrorInterceptor(),
+        AuthInterceptor(settings.token_scopes(), policy),
+    ]
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ],
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    address = f"{settings.host}:{settings.port}"
+    tls = settings.tls
+    if tls.cert_file and tls.key_file:
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())]
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    await server.start()
+    for name in ("", *service_names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("gRPC server listening", extra={"port": port, "services": list(service_names)})
+    return RunningServer(server, port, health_servicer, tuple(service_names))
+
+
+def start_metrics_server(port: int) -> int | None:
+    """Serves Prometheus metrics on `port` (0 = off); returns the bound port."""
+    if not port:
+        return None
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port)
+    bound = server.server_address[1]
+    logger.info("metrics on :%d/metrics", bound)
+    return bound
+
+
+async def serve_until_stopped(
+    running: RunningServer,
+    settings: ServiceSettings,
+    *,
+    cleanup: Sequence[Callable[[], Awaitable[object]]] = (),
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Runs until SIGTERM/SIGINT (or `stop_event`), then shuts down gracefully."""
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread
+            pass
+    await stop.wait()
+    logger.info("shutting down; draining calls for up to %.1fs", settings.shutdown_grace)
+    await running.stop(settings.shutdown_grace)
+    for step in cleanup:
+        try:
+            await step()
+        except Exception:  # noqa: BLE001 - cleanup must go on
+            logger.exception("cleanup step failed")
+    logger.info("stopped")
+
+
+def run_main(
+    component: str,
+    settings_factory: Callable[[], ServiceSettings],
+    serve: Callable[[ServiceSettings], Awaitable[None]],
+) -> int:
+    """The body of every service's `__main__`: settings, logs, tracing, serve.
+
+    A missing or malformed variable exits with status 2 and a message naming it.
+    """
+    import sys
+
+    from pydantic import ValidationError
+
+    from services.common import logging as jsonlog
+    from services.common import telemetry
+
+    try:
+        settings = settings_factory()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"DOCIMPORT_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        )
+        print(f"docimport-{component}: bad configuration: {problems}", file=sys.stderr)
+        return 2
+    jsonlog.configure(component, settings.log_level)
+    telemetry.configure(f"docimport-{component}")
+    asyncio.run(serve(settings))
+    return 0
