@@ -52,10 +52,7 @@ def _with_token(metadata: Any, token: str) -> list[tuple[str, str]]:
     return items
 
 
-class _AioAuth(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-):
+class _AioAuthBase:
     def __init__(self, token: str) -> None:
         self._token = token
 
@@ -68,9 +65,14 @@ class _AioAuth(
             details.wait_for_ready,
         )
 
+
+# grpc.aio files an interceptor under one call type only, so each type has its own class.
+class _AioAuthUnary(_AioAuthBase, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AioAuthStream(_AioAuthBase, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Callable, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
@@ -106,7 +108,7 @@ def _credentials(settings: ClientSettings) -> grpc.ChannelCredentials | None:
 def aio_channel(address: str, settings: ClientSettings, token: str | None = None) -> grpc.aio.Channel:
     """An asyncio channel to `address` presenting `token` (default: settings.token)."""
     secret = settings.token.get_secret_value() if token is None else token
-    interceptors = [_AioAuth(secret)]
+    interceptors = [_AioAuthUnary(secret), _AioAuthStream(secret)]
     credentials = _credentials(settings)
     if credentials is None:
         return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=interceptors)

@@ -338,7 +338,10 @@ def _redis_candidates(strategy: str) -> list[_RedisBinary]:
 
 
 def available_strategies() -> dict[str, list[str]]:
-    """Return which strategies can run each server here, e.g. ``{"postgres": ["path", "pypi"], ...}``."""
+    """Return the strategies that can run each server here.
+
+    Example: ``{"postgres": ["path", "pypi"], "redis": ["pypi"]}``.
+    """
     return {
         "postgres": [s for s in STRATEGIES if _pg_candidates(s)],
         "redis": [s for s in STRATEGIES if _redis_candidates(s)],
@@ -469,6 +472,15 @@ def _terminate(pid: int, sig: int, timeout: float, what: str) -> None:
         raise LocalInfraError(f"{what} (pid {pid}) survived SIGKILL")
 
 
+def _abandon(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a server whose start-up failed or was interrupted, before it is recorded."""
+    if proc.poll() is None:
+        _kill_hard(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    _CHILDREN.pop(proc.pid, None)
+
+
 def _server_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["LC_ALL"] = "C"
@@ -548,6 +560,22 @@ def _short_tmp() -> str:
     return tempfile.gettempdir()
 
 
+def _can_bind_unix(directory: Path) -> bool:
+    """Create ``directory`` and check that it can hold a unix socket (not every mount can)."""
+    directory.mkdir(mode=0o700, exist_ok=True)
+    probe = directory / f".probe-{os.getpid()}"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.bind(str(probe))
+    except OSError as exc:
+        log.info("cannot create unix sockets in %s (%s); using %s", directory, exc, _short_tmp())
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return True
+
+
 def _socket_dir(
     preferred: Path, name_len: int, prefix: str, owner: tuple[int, int] | None
 ) -> tuple[Path, bool]:
@@ -557,8 +585,7 @@ def _socket_dir(
     :data:`MAX_SOCKET_PATH` bytes, else a fresh ``/tmp/di-*`` directory.  With ``owner``
     (uid, gid) the directory is given to that account with mode 0700.
     """
-    if len(os.fsencode(preferred)) + 1 + name_len < MAX_SOCKET_PATH:
-        preferred.mkdir(mode=0o700, exist_ok=True)
+    if len(os.fsencode(preferred)) + 1 + name_len < MAX_SOCKET_PATH and _can_bind_unix(preferred):
         path, temporary = preferred, False
     else:
         path, temporary = Path(tempfile.mkdtemp(prefix=prefix, dir=_short_tmp())), True
@@ -601,7 +628,8 @@ def _create_service_user() -> _Account | None:
     )
     if useradd is None:
         return None
-    shell = next((p for p in ("/usr/sbin/nologin", "/sbin/nologin") if Path(p).exists()), "/bin/false")
+    shells = ("/usr/sbin/nologin", "/sbin/nologin")
+    shell = next((p for p in shells if Path(p).exists()), "/bin/false")
     cmd = [
         useradd, "--system", "--user-group", "--no-create-home",
         "--home-dir", "/nonexistent", "--shell", shell,
@@ -635,7 +663,9 @@ def _postgres_account(pgdata: Path) -> _Account | None:
         except KeyError:
             raise LocalInfraError(f"{ENV_USER}={wanted!r}: no such user") from None
         if account.uid == 0:
-            raise LocalInfraError(f"{ENV_USER}={wanted!r} is root; PostgreSQL refuses to run as root")
+            raise LocalInfraError(
+                f"{ENV_USER}={wanted!r} is root; PostgreSQL refuses to run as root"
+            )
         return account
     for name in (SERVICE_USER, "postgres"):
         with contextlib.suppress(KeyError):
@@ -749,15 +779,13 @@ def _wait_ready(
             if "Address already in use" in tail:
                 raise _PortInUse(f"{what}: port {port} taken")
             raise LocalInfraError(
-                f"{what} exited with status {code} during start-up. Last lines of {log_file}:\n{tail}"
+                f"{what} exited with status {code} during start-up. "
+                f"Last lines of {log_file}:\n{tail}"
             )
         if ping(port):
             return
         if time.monotonic() >= deadline:
-            _kill_hard(proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-            _CHILDREN.pop(proc.pid, None)
+            _abandon(proc)
             raise LocalInfraError(
                 f"{what} did not accept connections on {LOOPBACK}:{port} within {timeout:.0f}s. "
                 f"Last lines of {log_file}:\n{_log_tail(log_file, log_offset)}"
@@ -781,7 +809,8 @@ def _pg_instance(data_dir: Path, state: dict[str, Any]) -> PostgresInstance:
 
 def _load_pg_state(data_dir: Path) -> tuple[dict[str, Any], PostgresInstance | None]:
     state = _read_state(data_dir / _PG_STATE)
-    if state.get("kind") == "postgres" and _is_our_server(state.get("pid"), state.get("fingerprint")):
+    pid, fingerprint = state.get("pid"), state.get("fingerprint")
+    if state.get("kind") == "postgres" and _is_our_server(pid, fingerprint):
         try:
             return state, _pg_instance(data_dir, state)
         except (KeyError, TypeError, ValueError):
@@ -897,8 +926,13 @@ def start_postgres(
             _grant_search(bins.bindir, account)
             _check_can_run(bins.bindir / "postgres", account)
         if not (pgdata / "PG_VERSION").exists():
-            if pgdata.exists():  # not a cluster: an interrupted initdb of an older version
-                shutil.rmtree(pgdata)
+            if pgdata.exists():
+                if any(pgdata.iterdir()):
+                    raise LocalInfraError(
+                        f"{pgdata} exists but is not a PostgreSQL cluster (no PG_VERSION); "
+                        "remove it to let initdb create a fresh one"
+                    )
+                pgdata.rmdir()
             _initdb(bins, data_dir, pgdata, account)
         _clear_stale_postmaster(pgdata)
 
@@ -906,7 +940,9 @@ def start_postgres(
         preferred = state.get("port")
         for attempt in range(_PORT_ATTEMPTS):
             port = _free_port(preferred if attempt == 0 else None)
-            sock_dir, sock_is_temp = _socket_dir(data_dir / "run", _PG_SOCKET_NAME_MAX, "di-pg-", owner)
+            sock_dir, sock_is_temp = _socket_dir(
+                data_dir / "run", _PG_SOCKET_NAME_MAX, "di-pg-", owner
+            )
             cmd = [
                 str(bins.bindir / "postgres"), "-D", str(pgdata),
                 "-h", LOOPBACK, "-p", str(port), "-k", str(sock_dir),
@@ -930,6 +966,7 @@ def start_postgres(
                 if attempt == _PORT_ATTEMPTS - 1:
                     raise
             except BaseException:
+                _abandon(proc)
                 if sock_is_temp:
                     shutil.rmtree(sock_dir, ignore_errors=True)
                 raise
@@ -1011,7 +1048,8 @@ def _redis_instance(data_dir: Path, state: dict[str, Any]) -> RedisInstance:
 
 def _load_redis_state(data_dir: Path) -> tuple[dict[str, Any], RedisInstance | None]:
     state = _read_state(data_dir / _REDIS_STATE)
-    if state.get("kind") == "redis" and _is_our_server(state.get("pid"), state.get("fingerprint")):
+    pid, fingerprint = state.get("pid"), state.get("fingerprint")
+    if state.get("kind") == "redis" and _is_our_server(pid, fingerprint):
         try:
             return state, _redis_instance(data_dir, state)
         except (KeyError, TypeError, ValueError):
@@ -1092,6 +1130,7 @@ def start_redis(
                 if attempt == _PORT_ATTEMPTS - 1:
                     raise
             except BaseException:
+                _abandon(proc)
                 if sock_is_temp:
                     shutil.rmtree(sock_dir, ignore_errors=True)
                 raise

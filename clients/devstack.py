@@ -1,0 +1,303 @@
+"""The local stack: private Postgres and Redis, the three services, a worker.
+
+Owns `./var/` (or the directory given): `var/postgres`, `var/redis` (via
+services.common.localinfra), `var/log/<component>.log`, `var/artifacts/`,
+and `var/stack.json`, which records every process, address and token so
+that `docimport dev down` (another process) can stop them and the CLI can
+find the services. Processes run in their own sessions: they outlive
+`dev up` and are stopped only by `dev down` (SIGTERM, then SIGKILL after a
+grace). Tokens are random per stack and kept across restarts.
+
+This is developer tooling: in production each component runs on its own
+from environment variables (see deploy/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import localinfra
+from services.common.migrate import migrate
+
+DATABASE = "docimport"
+SERVICES = ("cost", "manifest", "session")  # start order: dependencies first
+COMPONENTS = (*SERVICES, "worker", "flower")
+
+
+class StackError(RuntimeError):
+    """The local stack could not be started or stopped."""
+
+
+@dataclass
+class Stack:
+    """What `var/stack.json` holds."""
+
+    var_dir: Path
+    database_url: str = ""
+    broker_url: str = ""
+    operator_token: str = ""
+    worker_token: str = ""
+    service_token: str = ""
+    addresses: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source_roots: list[str] = field(default_factory=list)
+    flower_url: str = ""
+
+    @property
+    def file(self) -> Path:
+        return self.var_dir / "stack.json"
+
+    def save(self) -> None:
+        data = {
+            "database_url": self.database_url,
+            "broker_url": self.broker_url,
+            "operator_token": self.operator_token,
+            "worker_token": self.worker_token,
+            "service_token": self.service_token,
+            "processes": self.processes,
+            "source_roots": self.source_roots,
+            "flower_url": self.flower_url,
+            **{f"{name}_addr": addr for name, addr in self.addresses.items()},
+        }
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.file)
+
+    @classmethod
+    def load(cls, var_dir: Path) -> Stack:
+        stack = cls(var_dir=var_dir)
+        if stack.file.exists():
+            data = json.loads(stack.file.read_text())
+            for key in ("database_url", "broker_url", "operator_token", "worker_token",
+                        "service_token", "processes", "source_roots", "flower_url"):
+                if key in data:
+                    setattr(stack, key, data[key])
+            stack.addresses = {name: data[f"{name}_addr"] for name in SERVICES if f"{name}_addr" in data}
+        return stack
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _healthy(address: str, timeout: float = 1.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def _prepare_database(admin_url: str, url: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{DATABASE}"')
+    finally:
+        await conn.close()
+    await migrate(url)
+
+
+def running_components(stack: Stack) -> dict[str, int]:
+    return {name: info["pid"] for name, info in stack.processes.items() if _alive(info.get("pid"))}
+
+
+def up(
+    var_dir: Path,
+    *,
+    source_roots: list[Path],
+    flower: bool = False,
+    worker_concurrency: int = 2,
+    say: Callable[[str], None] = print,
+) -> Stack:
+    """Starts whatever part of the stack is not running; returns its description."""
+    var_dir = var_dir.resolve()
+    stack = Stack.load(var_dir)
+    log_dir = var_dir / "log"
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    say("starting Postgres ...")
+    pg = localinfra.start_postgres(var_dir / "postgres")
+    stack.database_url = pg.url_for(DATABASE)
+    asyncio.run(_prepare_database(pg.dsn, stack.database_url))
+    say(f"  Postgres {pg.version} ({pg.strategy}) on {pg.host}:{pg.port}, schema migrated")
+    say("starting Redis ...")
+    redis = localinfra.start_redis(var_dir / "redis")
+    stack.broker_url = redis.celery_url
+    say(f"  Redis {redis.version} ({redis.strategy}) on {redis.host}:{redis.port}")
+
+    for name in ("operator_token", "worker_token", "service_token"):
+        if not getattr(stack, name):
+            setattr(stack, name, secrets.token_urlsafe(24))
+    stack.source_roots = [str(p.resolve()) for p in source_roots]
+    artifacts = var_dir / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+
+    alive = running_components(stack)
+    for name in SERVICES:
+        if name not in stack.addresses or name not in alive:
+            stack.addresses[name] = f"127.0.0.1:{_free_port()}"
+    common = {
+        "DOCIMPORT_DATABASE_URL": stack.database_url,
+        "DOCIMPORT_OPERATOR_TOKENS": stack.operator_token,
+        "DOCIMPORT_WORKER_TOKENS": stack.worker_token,
+        "DOCIMPORT_SERVICE_TOKENS": stack.service_token,
+        "DOCIMPORT_TOKEN": stack.service_token,
+        "DOCIMPORT_MANIFEST_ADDR": stack.addresses["manifest"],
+        "DOCIMPORT_SESSION_ADDR": stack.addresses["session"],
+        "DOCIMPORT_COST_ADDR": stack.addresses["cost"],
+        "DOCIMPORT_BROKER_URL": stack.broker_url,
+        "DOCIMPORT_SOURCE_ROOTS": ":".join(stack.source_roots),
+        "DOCIMPORT_ARTIFACT_DIR": str(artifacts),
+        "DOCIMPORT_HOST": "127.0.0.1",
+    }
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")}
+
+    def launch(name: str, argv: list[str], extra: dict[str, str]) -> None:
+        if name in alive:
+            say(f"  {name} already running (pid {alive[name]})")
+            return
+        log = log_dir / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**base_env, **common, **extra}, start_new_session=True, cwd=var_dir.parent,
+            )
+        stack.processes[name] = {"pid": proc.pid, "log": str(log), "started_at": time.time()}
+        stack.save()
+
+    for name in SERVICES:
+        port = stack.addresses[name].rsplit(":", 1)[1]
+        launch(name, [sys.executable, "-m", f"services.{name}"], {"DOCIMPORT_PORT": port})
+        _wait_healthy(stack, name, say)
+    launch(
+        "worker",
+        [sys.executable, "-m", "services.worker"],
+        {"DOCIMPORT_TOKEN": stack.worker_token, "DOCIMPORT_WORKER_CONCURRENCY": str(worker_concurrency)},
+    )
+    _wait_worker(stack, say)
+    if flower:
+        port = _free_port()
+        launch("flower", [sys.executable, "-m", "celery", "-b", stack.broker_url, "flower",
+                          f"--port={port}", "--address=127.0.0.1"], {})
+        stack.flower_url = f"http://127.0.0.1:{port}"
+    stack.save()
+    return stack
+
+
+def _wait_healthy(stack: Stack, name: str, say: Callable[[str], None], timeout: float = 30.0) -> None:
+    address = stack.addresses[name]
+    info = stack.processes[name]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _healthy(address):
+            say(f"  {name} service SERVING on {address}")
+            return
+        if not _alive(info["pid"]):
+            raise StackError(f"the {name} service exited at start-up; its log says:\n{_tail(Path(info['log']))}")
+        time.sleep(0.2)
+    raise StackError(f"the {name} service did not become healthy in {timeout:.0f}s; "
+                     f"its log says:\n{_tail(Path(info['log']))}")
+
+
+def _wait_worker(stack: Stack, say: Callable[[str], None], timeout: float = 60.0) -> None:
+    info = stack.processes["worker"]
+    log = Path(info["log"])
+    start = log.stat().st_size if log.exists() else 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(info["pid"]):
+            raise StackError(f"the worker exited at start-up; its log says:\n{_tail(log)}")
+        try:
+            with open(log, "rb") as handle:
+                handle.seek(start if log.stat().st_size >= start else 0)
+                if b" ready." in handle.read():
+                    say(f"  worker ready (pid {info['pid']}, queues extract, chunk, entities)")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise StackError(f"the worker did not get ready in {timeout:.0f}s; its log says:\n{_tail(log)}")
+
+
+def _terminate(pid: int, grace: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def down(var_dir: Path, *, say: Callable[[str], None] = print) -> None:
+    """Stops every process of the stack, then Redis and Postgres. Keeps data."""
+    var_dir = var_dir.resolve()
+    stack = Stack.load(var_dir)
+    for name in reversed(COMPONENTS):
+        info = stack.processes.get(name)
+        if info and _alive(info.get("pid")):
+            _terminate(info["pid"], grace=15.0)
+            say(f"stopped {name}")
+        stack.processes.pop(name, None)
+    if localinfra.stop_redis(var_dir / "redis"):
+        say("stopped Redis")
+    if localinfra.stop_postgres(var_dir / "postgres"):
+        say("stopped Postgres")
+    if stack.file.exists():
+        stack.save()
