@@ -33,7 +33,8 @@ SAMPLE_CASE = ROOT / "examples" / "sample-case"
 
 TOKENS = {"operator": "op-test-token", "worker": "wk-test-token", "service": "sv-test-token"}
 
-for _name in [n for n in os.environ if n.startswith("DOCIMPORT_") and not n.startswith("DOCIMPORT_TEST_")]:
+_KEEP = ("DOCIMPORT_TEST_", "DOCIMPORT_LOCALINFRA")
+for _name in [n for n in os.environ if n.startswith("DOCIMPORT_") and not n.startswith(_KEEP)]:
     del os.environ[_name]
 
 

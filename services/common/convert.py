@@ -21,6 +21,8 @@ from services.common.errors import InvalidArgument
 
 CURRENCY = "USD"
 MAX_PLACES = 8
+# Digits of an exact ledger amount: units (8 places) x unit price (8 places).
+LEDGER_PLACES = 16
 ZERO = Decimal(0)
 
 STAGES = ("extract", "chunk", "entities")
@@ -38,14 +40,19 @@ def _plain(value: Decimal) -> str:
     return text
 
 
-def parse_money(message: common_pb2.Money, field: str, *, allow_negative: bool = False) -> Decimal:
-    """The Decimal of a Money message; INVALID_ARGUMENT naming `field` when malformed."""
+def parse_money(message: common_pb2.Money, field: str, *, allow_negative: bool = False,
+                places: int = MAX_PLACES) -> Decimal:
+    """The Decimal of a Money message; INVALID_ARGUMENT naming `field` when malformed.
+
+    `places` admits more fractional digits where an amount may be a ledger
+    total (units x unit price: up to LEDGER_PLACES), so it round-trips exactly.
+    """
     return parse_decimal(message.amount or "0", field, allow_negative=allow_negative,
-                         currency=message.currency_code)
+                         currency=message.currency_code, places=places)
 
 
 def parse_decimal(text: str, field: str, *, allow_negative: bool = False,
-                  currency: str = CURRENCY) -> Decimal:
+                  currency: str = CURRENCY, places: int = MAX_PLACES) -> Decimal:
     if currency and currency != CURRENCY:
         raise InvalidArgument.field(f"{field}.currency_code", f"only {CURRENCY} is supported, got {currency!r}")
     try:
@@ -57,8 +64,8 @@ def parse_decimal(text: str, field: str, *, allow_negative: bool = False,
     if value < 0 and not allow_negative:
         raise InvalidArgument.field(field, "must not be negative")
     exponent = value.normalize().as_tuple().exponent
-    if isinstance(exponent, int) and -exponent > MAX_PLACES:
-        raise InvalidArgument.field(field, f"has more than {MAX_PLACES} decimal places")
+    if isinstance(exponent, int) and -exponent > places:
+        raise InvalidArgument.field(field, f"has more than {places} decimal places")
     return value
 
 

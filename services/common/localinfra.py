@@ -56,6 +56,7 @@ async code call them through ``asyncio.to_thread``.  POSIX only (Linux, macOS).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import functools
@@ -393,6 +394,15 @@ def _select_redis(strategy: str | None) -> _RedisBinary:
 # Popen objects of the servers this process started: keeps them from being garbage
 # collected (ResourceWarning "subprocess is still running") and lets us reap them.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@atexit.register
+def _detach_children() -> None:
+    """Servers deliberately outlive this process: drop them without a ResourceWarning."""
+    for proc in _CHILDREN.values():
+        if proc.poll() is None:
+            proc.returncode = 0  # not reaped by us; init adopts it
+    _CHILDREN.clear()
 
 
 def _proc_stat_fields(pid: int) -> list[str] | None:

@@ -13,13 +13,21 @@ class SessionSettings(ServiceSettings):
     broker_url: str
     # Most stage runs queued or running at once, all sessions together.
     max_in_flight_total: int = 512
-    # Documents claimed per dispatcher round.
+    # Documents claimed per dispatcher round (per session).
     dispatch_batch: int = 500
     # Seconds between dispatcher rounds when there is nothing to wake it.
     dispatch_interval: float = 0.5
-    # Lease of a stage run: base seconds plus seconds per MiB of the file.
+    # Messages per Redis pipeline when publishing.
+    publish_batch: int = 1000
+    # Run time of a stage: base seconds plus seconds per MiB of the file. The
+    # worker gets it as its soft time limit (the hard limit adds
+    # `time_limit_grace`); a running run's lease is the hard limit plus grace.
     lease_base: float = 300.0
     lease_per_mib: float = 2.0
+    time_limit_grace: float = 30.0
+    # How long a queued message may wait for a worker before its run is
+    # considered lost (the message expires with the lease).
+    queue_wait: float = 900.0
     # Seconds between reconciler passes over expired leases.
     reconcile_interval: float = 5.0
     # Attempts of a stage before a retryable error becomes a failure.
@@ -31,3 +39,16 @@ class SessionSettings(ServiceSettings):
     stall_after: float = 600.0
     # Seconds between heartbeats on idle watch streams.
     heartbeat_interval: float = 15.0
+    # Events kept in memory per watched session; a watcher further behind
+    # than `watch_coalesce_after` events gets a snapshot instead.
+    watch_buffer: int = 8192
+    watch_coalesce_after: int = 2000
+    # A resuming watcher at most this many events behind gets them replayed;
+    # further behind, a snapshot.
+    watch_replay_limit: int = 20000
+    # Stage reports applied per database transaction at most.
+    report_batch: int = 256
+    # Deadline of calls to the manifest and cost services, seconds.
+    dependency_timeout: float = 30.0
+    # Files per ListManifestFiles page when a session is created.
+    manifest_page_size: int = 1000

@@ -305,18 +305,20 @@ class CreateSessionRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., manifest_id: _Optional[str] = ..., project_name: _Optional[str] = ..., project_id: _Optional[str] = ..., options: _Optional[_Union[SessionOptions, _Mapping]] = ..., start: _Optional[bool] = ...) -> None: ...
 
 class DryRunPlan(_message.Message):
-    __slots__ = ("documents", "skipped", "estimated_cost", "categories", "within_budget")
+    __slots__ = ("documents", "skipped", "estimated_cost", "categories", "within_budget", "problem_files")
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_COST_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     WITHIN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FILES_FIELD_NUMBER: _ClassVar[int]
     documents: int
     skipped: int
     estimated_cost: _common_pb2.Money
     categories: _containers.RepeatedCompositeFieldContainer[CategoryPlan]
     within_budget: bool
-    def __init__(self, documents: _Optional[int] = ..., skipped: _Optional[int] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., categories: _Optional[_Iterable[_Union[CategoryPlan, _Mapping]]] = ..., within_budget: _Optional[bool] = ...) -> None: ...
+    problem_files: int
+    def __init__(self, documents: _Optional[int] = ..., skipped: _Optional[int] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., categories: _Optional[_Iterable[_Union[CategoryPlan, _Mapping]]] = ..., within_budget: _Optional[bool] = ..., problem_files: _Optional[int] = ...) -> None: ...
 
 class CategoryPlan(_message.Message):
     __slots__ = ("category", "documents")
@@ -489,7 +491,7 @@ class WatchSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., resume_after_seq: _Optional[int] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class DocumentEvent(_message.Message):
-    __slots__ = ("document_id", "relative_path", "state", "stage", "error_class", "error_message", "cache_hit", "cost")
+    __slots__ = ("document_id", "relative_path", "state", "stage", "error_class", "error_message", "cache_hit", "cost", "previous_state", "previous_stage", "attempt")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     RELATIVE_PATH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -498,6 +500,9 @@ class DocumentEvent(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_STATE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_STAGE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     relative_path: str
     state: DocumentState
@@ -506,7 +511,10 @@ class DocumentEvent(_message.Message):
     error_message: str
     cache_hit: bool
     cost: _common_pb2.Money
-    def __init__(self, document_id: _Optional[str] = ..., relative_path: _Optional[str] = ..., state: _Optional[_Union[DocumentState, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., error_class: _Optional[_Union[ErrorClass, str]] = ..., error_message: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ...) -> None: ...
+    previous_state: DocumentState
+    previous_stage: _common_pb2.Stage
+    attempt: int
+    def __init__(self, document_id: _Optional[str] = ..., relative_path: _Optional[str] = ..., state: _Optional[_Union[DocumentState, str]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., error_class: _Optional[_Union[ErrorClass, str]] = ..., error_message: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., previous_state: _Optional[_Union[DocumentState, str]] = ..., previous_stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class SessionStateChange(_message.Message):
     __slots__ = ("state", "reason")

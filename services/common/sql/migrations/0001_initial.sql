@@ -77,6 +77,9 @@ CREATE TABLE manifest.manifest_files (
 CREATE INDEX manifest_files_sha256_idx ON manifest.manifest_files (manifest_id, sha256);
 
 -- -------------------------------------------------------------------- cost
+-- Owned by the cost service. Prices and plan units carry 8 fractional digits;
+-- ledger amounts are exact products units x unit_price (8 + 8 = 16 digits),
+-- so an event is never rounded and sums are exact.
 
 CREATE TABLE cost.price_books (
     version       integer     NOT NULL,
@@ -88,7 +91,8 @@ CREATE TABLE cost.price_books (
     published_at  timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT price_books_pkey PRIMARY KEY (version),
     CONSTRAINT price_books_request_id_key UNIQUE (request_id),
-    CONSTRAINT price_books_version_check CHECK (version > 0)
+    CONSTRAINT price_books_version_check CHECK (version > 0),
+    CONSTRAINT price_books_name_check CHECK (length(btrim(name)) > 0)
 );
 
 CREATE TABLE cost.prices (
@@ -104,6 +108,9 @@ CREATE TABLE cost.prices (
     CONSTRAINT prices_unit_price_check CHECK (unit_price >= 0)
 );
 
+-- A plan at a stage costs units_per x basis of one priced operation, where
+-- basis is counted per file: file (1), page, ocr_page (pages without a text
+-- layer), text_page (page - ocr_page) or mb (size_bytes / 1,000,000).
 CREATE TABLE cost.plan_rules (
     version   integer        NOT NULL,
     plan      text           NOT NULL,
@@ -112,15 +119,19 @@ CREATE TABLE cost.plan_rules (
     operation text           NOT NULL,
     basis     text           NOT NULL,
     units_per numeric(20, 8) NOT NULL,
-    CONSTRAINT plan_rules_pkey PRIMARY KEY (version, plan, stage, service, operation),
+    CONSTRAINT plan_rules_pkey PRIMARY KEY (version, plan, stage, service, operation, basis),
     CONSTRAINT plan_rules_price_fkey FOREIGN KEY (version, service, operation)
         REFERENCES cost.prices (version, service, operation),
+    CONSTRAINT plan_rules_plan_check CHECK (plan IN
+        ('text_layer', 'ocr', 'docx', 'email', 'image', 'text', 'unsupported')),
     CONSTRAINT plan_rules_stage_check CHECK (stage IN ('extract', 'chunk', 'entities')),
     CONSTRAINT plan_rules_basis_check
-        CHECK (basis IN ('file', 'page', 'ocr_page', 'text_page', 'mb', 'kchars')),
+        CHECK (basis IN ('file', 'page', 'ocr_page', 'text_page', 'mb')),
     CONSTRAINT plan_rules_units_per_check CHECK (units_per >= 0)
 );
 
+-- The ledger. event_id is derived from the idempotency key (uuid5), so a
+-- replayed event conflicts on both keys and is never charged twice.
 CREATE TABLE cost.cost_events (
     event_id           uuid           NOT NULL,
     session_id         uuid           NOT NULL,
@@ -132,8 +143,8 @@ CREATE TABLE cost.cost_events (
     kind               text           NOT NULL,
     units              numeric(24, 8) NOT NULL,
     unit_price         numeric(20, 8) NOT NULL,
-    amount             numeric(24, 8) NOT NULL,
-    saved              numeric(24, 8) NOT NULL DEFAULT 0,
+    amount             numeric(38, 16) NOT NULL,
+    saved              numeric(38, 16) NOT NULL DEFAULT 0,
     cache_hit          boolean        NOT NULL DEFAULT false,
     category           text           NOT NULL DEFAULT '',
     price_book_version integer        NOT NULL,
@@ -146,35 +157,45 @@ CREATE TABLE cost.cost_events (
         REFERENCES cost.price_books (version),
     CONSTRAINT cost_events_kind_check CHECK (kind IN ('estimate', 'actual')),
     CONSTRAINT cost_events_stage_check CHECK (stage IN ('', 'extract', 'chunk', 'entities')),
+    CONSTRAINT cost_events_attempt_check CHECK (attempt >= 0),
     CONSTRAINT cost_events_units_check CHECK (units >= 0),
-    CONSTRAINT cost_events_amount_check CHECK (amount >= 0 AND saved >= 0)
+    CONSTRAINT cost_events_amount_check CHECK (amount >= 0 AND saved >= 0),
+    -- Exact, never rounded: a cache hit costs nothing and saves the price.
+    CONSTRAINT cost_events_amount_exact_check CHECK (CASE WHEN cache_hit
+        THEN amount = 0 AND saved = units * unit_price
+        ELSE amount = units * unit_price AND saved = 0 END)
 );
-CREATE INDEX cost_events_session_idx ON cost.cost_events (session_id, kind);
+CREATE INDEX cost_events_session_idx ON cost.cost_events (session_id, recorded_at, event_id);
 CREATE INDEX cost_events_document_idx ON cost.cost_events (document_id);
 
+-- reserved = the sum of the open reservations' amounts; the reserve path
+-- grants only while reserved + spent + amount <= limit_amount (under the row
+-- lock). spent may pass the limit through overruns (actual > reserved) and
+-- the limit may be lowered below what is used: remaining is then zero.
 CREATE TABLE cost.budgets (
-    session_id    uuid           NOT NULL,
-    limit_amount  numeric(24, 8) NOT NULL,
-    reserved      numeric(24, 8) NOT NULL DEFAULT 0,
-    spent         numeric(24, 8) NOT NULL DEFAULT 0,
-    overrun       numeric(24, 8) NOT NULL DEFAULT 0,
-    currency_code text           NOT NULL DEFAULT 'USD',
-    created_at    timestamptz    NOT NULL DEFAULT now(),
-    updated_at    timestamptz    NOT NULL DEFAULT now(),
+    session_id    uuid            NOT NULL,
+    limit_amount  numeric(38, 16) NOT NULL,
+    reserved      numeric(38, 16) NOT NULL DEFAULT 0,
+    spent         numeric(38, 16) NOT NULL DEFAULT 0,
+    overrun       numeric(38, 16) NOT NULL DEFAULT 0,
+    currency_code text            NOT NULL DEFAULT 'USD',
+    created_at    timestamptz     NOT NULL DEFAULT now(),
+    updated_at    timestamptz     NOT NULL DEFAULT now(),
     CONSTRAINT budgets_pkey PRIMARY KEY (session_id),
     CONSTRAINT budgets_limit_check CHECK (limit_amount >= 0),
-    CONSTRAINT budgets_amounts_check CHECK (reserved >= 0 AND spent >= 0 AND overrun >= 0)
+    CONSTRAINT budgets_amounts_check CHECK (reserved >= 0 AND spent >= 0 AND overrun >= 0),
+    CONSTRAINT budgets_overrun_check CHECK (overrun <= spent)
 );
 
 CREATE TABLE cost.reservations (
-    reservation_id uuid           NOT NULL,
-    session_id     uuid           NOT NULL,
-    key            text           NOT NULL,
-    amount         numeric(24, 8) NOT NULL,
-    actual         numeric(24, 8),
-    state          text           NOT NULL DEFAULT 'open',
-    expires_at     timestamptz    NOT NULL,
-    created_at     timestamptz    NOT NULL DEFAULT now(),
+    reservation_id uuid            NOT NULL,
+    session_id     uuid            NOT NULL,
+    key            text            NOT NULL,
+    amount         numeric(38, 16) NOT NULL,
+    actual         numeric(38, 16),
+    state          text            NOT NULL DEFAULT 'open',
+    expires_at     timestamptz     NOT NULL,
+    created_at     timestamptz     NOT NULL DEFAULT now(),
     closed_at      timestamptz,
     CONSTRAINT reservations_pkey PRIMARY KEY (reservation_id),
     CONSTRAINT reservations_budget_fkey FOREIGN KEY (session_id)
@@ -182,9 +203,33 @@ CREATE TABLE cost.reservations (
     CONSTRAINT reservations_key UNIQUE (session_id, key),
     CONSTRAINT reservations_state_check
         CHECK (state IN ('open', 'settled', 'released', 'expired')),
-    CONSTRAINT reservations_amount_check CHECK (amount >= 0 AND (actual IS NULL OR actual >= 0))
+    CONSTRAINT reservations_amount_check CHECK (amount >= 0 AND (actual IS NULL OR actual >= 0)),
+    CONSTRAINT reservations_actual_check CHECK ((state = 'settled') = (actual IS NOT NULL)),
+    CONSTRAINT reservations_closed_check CHECK ((state = 'open') = (closed_at IS NULL))
 );
-CREATE INDEX reservations_open_idx ON cost.reservations (expires_at) WHERE state = 'open';
+CREATE INDEX reservations_open_idx ON cost.reservations (session_id, expires_at) WHERE state = 'open';
+CREATE INDEX reservations_expiry_idx ON cost.reservations (expires_at) WHERE state = 'open';
+
+-- WatchCosts streams wake on NOTIFY docimport_cost '<session_id>' when a
+-- session's ledger or budget changes.
+CREATE FUNCTION cost.notify_events_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('docimport_cost', s::text) FROM (SELECT DISTINCT session_id AS s FROM new_rows) d;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER cost_events_notify AFTER INSERT ON cost.cost_events
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION cost.notify_events_changed();
+
+CREATE FUNCTION cost.notify_budget_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('docimport_cost', NEW.session_id::text);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER budgets_notify AFTER INSERT OR UPDATE ON cost.budgets
+    FOR EACH ROW EXECUTE FUNCTION cost.notify_budget_changed();
 
 -- ----------------------------------------------------------------- session
 

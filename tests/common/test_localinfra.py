@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -47,15 +50,28 @@ def assert_gone(pid: int) -> None:
 
 
 @pytest.fixture
-def pg_dir(tmp_path: Path):
-    path = tmp_path / "pg"
+def work_dir() -> Iterator[Path]:
+    """A scratch dir outside pytest's basetemp.
+
+    pytest chmods /tmp/pytest-of-<user> back to 0700 at the start of every session, which,
+    when we are root, locks the unprivileged postgres account out of clusters that a
+    concurrently running session keeps under it.  (tests/conftest.py does the same.)
+    """
+    path = Path(tempfile.mkdtemp(prefix="localinfra-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_dir(work_dir: Path):
+    path = work_dir / "pg"
     yield path
     li.stop_postgres(path)
 
 
 @pytest.fixture
-def redis_dir(tmp_path: Path):
-    path = tmp_path / "redis"
+def redis_dir(work_dir: Path):
+    path = work_dir / "redis"
     yield path
     li.stop_redis(path)
 
@@ -151,8 +167,8 @@ def test_postgres_start_failure_shows_log_tail(pg_dir: Path, no_env_strategy: No
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="only root needs the unprivileged account")
-def test_root_private_parent_dir_gets_search_bit(tmp_path: Path, no_env_strategy: None) -> None:
-    private = tmp_path / "private"
+def test_root_private_parent_dir_gets_search_bit(work_dir: Path, no_env_strategy: None) -> None:
+    private = work_dir / "private"
     private.mkdir(mode=0o700)
     data_dir = private / "var" / "postgres"
     try:
@@ -242,8 +258,8 @@ def test_strategy_from_env(redis_dir: Path, monkeypatch: pytest.MonkeyPatch) -> 
 # --------------------------------------------------------------------------- both
 
 
-def test_long_data_dir_puts_sockets_in_tmp(tmp_path: Path, no_env_strategy: None) -> None:
-    base = tmp_path / ("a-rather-long-directory-name-" * 3) / "var"
+def test_long_data_dir_puts_sockets_in_tmp(work_dir: Path, no_env_strategy: None) -> None:
+    base = work_dir / ("a-rather-long-directory-name-" * 3) / "var"
     pg_dir, redis_dir = base / "postgres", base / "redis"
     assert len(os.fsencode(pg_dir / "run")) > 100
     try:
@@ -270,10 +286,10 @@ def test_long_data_dir_puts_sockets_in_tmp(tmp_path: Path, no_env_strategy: None
 
 
 def test_servers_outlive_starter_and_stop_from_another_process(
-    tmp_path: Path, no_env_strategy: None
+    work_dir: Path, no_env_strategy: None
 ) -> None:
     """`docimport dev up` starts and exits; `docimport dev down` stops from a new process."""
-    pg_dir, redis_dir = tmp_path / "pg", tmp_path / "redis"
+    pg_dir, redis_dir = work_dir / "pg", work_dir / "redis"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
     def run(code: str) -> str:

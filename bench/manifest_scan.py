@@ -1,0 +1,333 @@
+"""Benchmark: the manifest scan against a bare hashlib loop over the same files.
+
+Usage::
+
+    .venv/bin/python bench/manifest_scan.py [--small 20000] [--large 3] [--large-mb 300]
+        [--workers N] [--repeat 3] [--dir DIR] [--keep] [--with-db]
+
+Prints, for a corpus of many small files and for one of a few large files,
+the scan's wall time (walk + read + SHA-256 + content type + PDF page and
+text-layer count + e-mail families + assembly of the rows) and the wall
+time of the bare minimum measured in the same run: the same files hashed
+by a plain `hashlib.sha256` loop (1 MiB `readinto`) on a process pool of
+the same size, given the file list up front (it does not walk). Both run
+warm (the corpus is read once before timing) and alternate; the best of
+`--repeat` runs of each is kept. DESIGN.md's target: ratio <= 1.3x for both.
+
+What is timed is `Scanner.scan_blocking`, the scanner without the database:
+saving the rows is separate (`--with-db` times `ManifestStore.save_scan` on
+a database it creates and drops, from DOCIMPORT_BENCH_DATABASE_URL or a
+private Postgres of services.common.localinfra), and pricing is the cost
+service's time.
+
+Corpus (generated under --dir, default a temporary folder, deleted after
+unless --keep): small files in case-like folders, 1-128 KiB each (log-uniform,
+~20 KiB mean, reproducible): 10% one-page text PDFs, 10% PNGs, 5% e-mails,
+the rest plain text and unrecognised binary; large files: scanned PDFs of
+1 MiB image pages (the first `--large - 1`) and one MP4 video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import hashlib
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "protos"))
+
+from services.manifest.model import ScanOptions  # noqa: E402
+from services.manifest.scanner import Scanner, new_tracker, resolve_source  # noqa: E402
+
+FOLDERS = ["pleadings", "discovery", "correspondence", "medical_records", "depositions",
+           "expert_reports", "financial_records", "exhibits", "misc/2019", "misc/2020"]
+
+
+# ----------------------------------------------------------------- corpus
+
+
+def _pdf(pages: list[tuple[str | None, int]], out, filler: bytes = b"") -> None:
+    """Writes a PDF: each page has a text line and/or an image stream of N bytes."""
+    offsets: list[int] = []
+    pos = 0
+
+    def write(data: bytes) -> None:
+        nonlocal pos
+        out.write(data)
+        pos += len(data)
+
+    def obj(number: int, body: bytes) -> None:
+        offsets.append(pos)
+        write(b"%d 0 obj\n" % number + body + b"\nendobj\n")
+
+    write(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n")
+    n = len(pages)
+    # 1 catalog, 2 pages, 3 font, then per page: page, content, image
+    kids = b" ".join(b"%d 0 R" % (4 + 3 * i) for i in range(n))
+    obj(1, b"<< /Type /Catalog /Pages 2 0 R >>")
+    obj(2, b"<< /Type /Pages /Kids [" + kids + b"] /Count %d >>" % n)
+    obj(3, b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
+    block = (filler or os.urandom(1 << 20))
+    for i, (text, image_bytes) in enumerate(pages):
+        page_no, content_no, image_no = 4 + 3 * i, 5 + 3 * i, 6 + 3 * i
+        resources = b"/Font << /F1 3 0 R >>" if text else b""
+        if image_bytes:
+            resources += b" /XObject << /Im0 %d 0 R >>" % image_no
+        obj(page_no, b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << "
+            + resources + b" >> /Contents %d 0 R >>" % content_no)
+        ops = b""
+        if image_bytes:
+            ops += b"q 612 0 0 792 0 0 cm /Im0 Do Q\n"
+        if text:
+            ops += b"BT /F1 12 Tf 72 720 Td (" + text.encode() + b") Tj ET\n"
+        obj(content_no, b"<< /Length %d >>\nstream\n" % len(ops) + ops + b"\nendstream")
+        if image_bytes:
+            offsets.append(pos)
+            write(b"%d 0 obj\n<< /Type /XObject /Subtype /Image /Width 1700 /Height 2200 "
+                  b"/ColorSpace /DeviceGray /BitsPerComponent 8 /Filter /DCTDecode /Length %d >>\nstream\n"
+                  % (image_no, image_bytes))
+            left = image_bytes
+            while left:
+                piece = block[: min(left, len(block))]
+                write(piece)
+                left -= len(piece)
+            write(b"\nendstream\nendobj\n")
+        else:
+            offsets.append(pos)
+            write(b"%d 0 obj\nnull\nendobj\n" % image_no)
+    xref = pos
+    count = 3 + 3 * n + 1
+    write(b"xref\n0 %d\n0000000000 65535 f \n" % count)
+    for off in offsets:
+        write(b"%010d 00000 n \n" % off)
+    write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (count, xref))
+
+
+def _png(size: int, rng: random.Random) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + rng.randbytes(max(size - 8, 0))
+
+
+def _eml(size: int, index: int, rng: random.Random) -> bytes:
+    body = ("Dear counsel,\r\n" + "x" * max(size - 300, 10) + "\r\n").encode()
+    return (f"From: a@example.com\r\nTo: b@example.com\r\nSubject: bench {index}\r\n"
+            f"Date: Mon, 15 Jul 2024 10:32:00 -0400\r\nMessage-ID: <{index}@bench>\r\n"
+            f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n").encode() + body
+
+
+def make_corpus(base: Path, small: int, large: int, large_mb: int, seed: int = 7) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+    small_dir, large_dir = base / "small", base / "large"
+    block = rng.randbytes(1 << 20)
+    for folder in FOLDERS:
+        (small_dir / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(small):
+        folder = FOLDERS[i % len(FOLDERS)]
+        size = int(2 ** rng.uniform(10, 17))
+        kind = rng.random()
+        if kind < 0.10:
+            path = small_dir / folder / f"doc_{i:06d}.pdf"
+            with open(path, "wb") as out:
+                _pdf([(f"Document {i} of the bench corpus", 0)], out)
+            continue
+        if kind < 0.20:
+            path, data = small_dir / folder / f"photo_{i:06d}.png", _png(size, rng)
+        elif kind < 0.25:
+            path, data = small_dir / folder / f"mail_{i:06d}.eml", _eml(size, i, rng)
+        elif kind < 0.60:
+            path = small_dir / folder / f"notes_{i:06d}.txt"
+            data = (f"note {i}\n" * (size // 8 + 1)).encode()[:size]
+        else:
+            path = small_dir / folder / f"data_{i:06d}.dat"
+            offset = rng.randrange(0, (1 << 20) - size)
+            data = b"\x00\x01" + i.to_bytes(8, "big") + block[offset:offset + size]
+        path.write_bytes(data)
+    large_dir.mkdir(parents=True, exist_ok=True)
+    page_bytes = 1 << 20
+    for i in range(large):
+        if i < large - 1 or large == 1:
+            pages = max(large_mb * (1 << 20) // page_bytes, 1)
+            with open(large_dir / f"scanned_{i}.pdf", "wb", buffering=1 << 20) as out:
+                _pdf([(None, page_bytes)] * pages, out, filler=block)
+        else:
+            with open(large_dir / f"video_{i}.mp4", "wb", buffering=1 << 20) as out:
+                out.write(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom")
+                for _ in range(large_mb):
+                    out.write(block)
+    return small_dir, large_dir
+
+
+# ----------------------------------------------------------------- baseline
+
+
+def _hash_files(paths: list[bytes]) -> int:
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    total = 0
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                digest.update(view[:n])
+                total += n
+        digest.hexdigest()
+    return total
+
+
+def _list_files(folder: Path) -> list[tuple[bytes, int]]:
+    found = []
+    for dirpath, _dirs, files in os.walk(os.fsencode(folder)):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            found.append((path, os.stat(path).st_size))
+    return found
+
+
+def baseline(pool: concurrent.futures.ProcessPoolExecutor, files: list[tuple[bytes, int]]) -> float:
+    """The bare minimum: batches of <=128 files / 64 MiB hashed on the pool."""
+    batches: list[list[bytes]] = []
+    batch: list[bytes] = []
+    size = 0
+    for path, length in files:
+        if batch and (len(batch) >= 128 or size + length > 64 << 20):
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(path)
+        size += length
+    if batch:
+        batches.append(batch)
+    start = time.perf_counter()
+    list(pool.map(_hash_files, batches))
+    return time.perf_counter() - start
+
+
+def _warm_cache(files: list[tuple[bytes, int]]) -> None:
+    buf = bytearray(1 << 20)
+    for path, _ in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def run_scan(scanner: Scanner, folder: Path) -> tuple[float, int, dict[str, float]]:
+    source = resolve_source(str(folder), [folder])
+    start = time.perf_counter()
+    result = scanner.scan_blocking(source, ScanOptions(), new_tracker(), threading.Event())
+    return time.perf_counter() - start, len(result.files), result.stats
+
+
+async def time_db_save(files: list, db_url: str | None) -> float:
+    """Seconds to save `files` with the store, on a database made for the bench."""
+    import uuid
+
+    import asyncpg
+
+    from services.common import db, localinfra
+    from services.common.migrate import migrate
+    from services.manifest.store import ManifestStore
+
+    instance = None
+    admin = db_url
+    tmp = None
+    if admin is None:
+        tmp = Path(tempfile.mkdtemp(prefix="di-bench-pg-"))
+        instance = localinfra.start_postgres(tmp / "pg")
+        admin = instance.dsn
+    name = f"di_bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(admin)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(admin)
+    url = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+    try:
+        await migrate(url)
+        pool = await db.create_pool(url)
+        store = ManifestStore(pool)
+        from services.manifest.model import ScanOptions as Options
+
+        manifest, _ = await store.create_manifest(uuid.uuid4(), "bench", "Bench", "/bench", Options())
+        start = time.perf_counter()
+        await store.save_scan(manifest.manifest_id, files, {}, None)
+        elapsed = time.perf_counter() - start
+        await pool.close()
+    finally:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+        if instance is not None:
+            localinfra.stop(instance)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=20000)
+    parser.add_argument("--large", type=int, default=3)
+    parser.add_argument("--large-mb", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", type=Path)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--with-db", action="store_true")
+    args = parser.parse_args()
+
+    base = args.dir or Path(tempfile.mkdtemp(prefix="di-bench-scan-"))
+    made = time.perf_counter()
+    small_dir, large_dir = base / "small", base / "large"
+    if not small_dir.exists():
+        small_dir, large_dir = make_corpus(base, args.small, args.large, args.large_mb)
+    print(f"corpus under {base} ({time.perf_counter() - made:.1f}s to make); workers={args.workers}")
+    ctx = multiprocessing.get_context("forkserver")
+    bare_pool = concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx)
+    list(bare_pool.map(abs, range(args.workers * 4)))
+    scanner = Scanner(args.workers)
+    scanner.start()
+    ok = True
+    try:
+        for label, folder in (("small files", small_dir), ("large files", large_dir)):
+            files = _list_files(folder)
+            total = sum(size for _, size in files)
+            _warm_cache(files)
+            scans, bares = [], []
+            rows = 0
+            stats: dict[str, float] = {}
+            for _ in range(args.repeat):
+                bares.append(baseline(bare_pool, files))
+                elapsed, rows, stats = run_scan(scanner, folder)
+                scans.append(elapsed)
+            scan, bare = min(scans), min(bares)
+            ratio = scan / bare
+            ok = ok and ratio <= 1.3
+            print(f"{label}: {len(files):,} files, {total / 2**20:,.0f} MiB -> {rows:,} rows; "
+                  f"scan {scan:.3f}s, bare hashlib {bare:.3f}s, ratio {ratio:.2f}x "
+                  f"(target <= 1.30x) [last scan: walk {stats.get('walk', 0):.2f}s, "
+                  f"read {stats.get('read', 0):.2f}s, assemble {stats.get('assemble', 0):.2f}s]")
+        if args.with_db:
+            source = resolve_source(str(small_dir), [small_dir])
+            result = scanner.scan_blocking(source, ScanOptions(), new_tracker(), threading.Event())
+            seconds = asyncio.run(time_db_save(result.files, os.environ.get("DOCIMPORT_BENCH_DATABASE_URL")))
+            print(f"db save of {len(result.files):,} rows: {seconds:.3f}s "
+                  f"({len(result.files) / seconds:,.0f} rows/s)")
+    finally:
+        scanner.close()
+        bare_pool.shutdown()
+        if not args.keep and args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

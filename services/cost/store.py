@@ -1,0 +1,929 @@
+"""All SQL of the cost service: price books, the cost ledger, budgets, reservations.
+
+Owns the tables of the `cost` schema (`price_books`, `prices`, `plan_rules`,
+`cost_events`, `budgets`, `reservations`) and nothing else; it returns
+frozen dataclasses, never Records or protos. It does not own the pool (the
+caller closes it, after `CostStore.close`, which gives back the one
+connection held for LISTEN while WatchCosts streams are open).
+
+Decisions:
+
+- Price books are immutable, so a loaded version is cached forever; only
+  "which version is current" is asked each time. Publishing (and loading the
+  default book) holds a transaction-scoped advisory lock, so concurrent
+  publishers get consecutive versions and concurrent first starts load the
+  default exactly once.
+- The ledger insert is one statement per batch (`INSERT ... SELECT FROM
+  unnest(...) ON CONFLICT DO NOTHING`). An event's id is derived from its
+  idempotency key, so the rows a batch did not insert (replays) are read back
+  by primary key and the answer is the first recording, unchanged.
+- Budgets: `reserved` is the sum of open reservations. Every write to a
+  budget (reserve, settle, release, expiry) first locks its row, then expires
+  the session's overdue reservations, so the counters never drift; the grant
+  is additionally guarded in SQL (`reserved + spent + amount <= limit`).
+  Reads take no lock: they subtract overdue reservations on the fly, so an
+  expired reservation stops counting at once even before a write or the
+  sweep (`expire_reservations`) marks it.
+- Change feed: triggers NOTIFY `docimport_cost` with the session id when a
+  session's ledger or budget changes; one pooled connection LISTENs while at
+  least one watcher is subscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from services.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QuotaViolation,
+    ResourceExhausted,
+)
+from services.cost import pricing
+from services.cost.pricing import EXACT, ZERO, PlanRule, Price, PriceBook, PriceBookDraft
+
+logger = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key of price book publishing ("cost.pb" in hex-ish).
+PUBLISH_LOCK = 0x636F73742E7062
+DEFAULT_BOOK_REQUEST_ID = "default-price-book"
+NOTIFY_CHANNEL = "docimport_cost"
+
+
+# --------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class CostEvent:
+    """One ledger entry; `recorded_at` is None until it is stored."""
+
+    event_id: uuid.UUID
+    session_id: uuid.UUID
+    document_id: uuid.UUID | None
+    stage: str
+    attempt: int
+    service: str
+    operation: str
+    kind: str
+    units: Decimal
+    unit_price: Decimal
+    amount: Decimal
+    saved: Decimal
+    cache_hit: bool
+    category: str
+    price_book_version: int
+    occurred_at: dt.datetime | None
+    recorded_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The stored events of a batch in request order, and how many were replays."""
+
+    events: tuple[CostEvent, ...]
+    replayed: int
+
+
+@dataclass(frozen=True)
+class CostGroup:
+    """Actual (or estimated) amounts of one group of a session's events."""
+
+    key: str
+    service: str = ""
+    operation: str = ""
+    stage: str = ""
+    units: Decimal | None = None
+    amount: Decimal = ZERO
+    event_count: int = 0
+
+
+@dataclass(frozen=True)
+class DocumentTotal:
+    document_id: uuid.UUID
+    category: str
+    amount: Decimal
+
+
+@dataclass(frozen=True)
+class SessionCosts:
+    session_id: uuid.UUID
+    actual_total: Decimal
+    estimate_total: Decimal
+    by_service: tuple[CostGroup, ...]
+    by_operation: tuple[CostGroup, ...]
+    by_stage: tuple[CostGroup, ...]
+    by_category: tuple[CostGroup, ...]
+    estimate_by_service: tuple[CostGroup, ...]
+    top_documents: tuple[DocumentTotal, ...]
+    cache_savings: Decimal
+    cache_hits: int
+    event_count: int
+    price_book_versions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CostSnapshot:
+    """What WatchCosts streams: running totals and the budget, if any."""
+
+    session_id: uuid.UUID
+    actual_total: Decimal
+    estimate_total: Decimal
+    event_count: int
+    budget: Budget | None
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    session_id: uuid.UUID | None = None
+    document_id: uuid.UUID | None = None
+    stage: str | None = None
+    kind: str | None = None
+    service: str | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    session_id: uuid.UUID
+    limit: Decimal
+    reserved: Decimal
+    spent: Decimal
+    overrun: Decimal
+    updated_at: dt.datetime
+
+    @property
+    def remaining(self) -> Decimal:
+        """limit - reserved - spent, never below zero."""
+        left = EXACT.subtract(EXACT.subtract(self.limit, self.reserved), self.spent)
+        return max(left, ZERO)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    reservation_id: uuid.UUID
+    session_id: uuid.UUID
+    key: str
+    amount: Decimal
+    actual: Decimal | None
+    state: str
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Reserved:
+    reservations: tuple[Reservation, ...]
+    budget: Budget
+    exhausted: bool
+
+
+@dataclass(frozen=True)
+class Closed:
+    """Reservations after a settle or release, and their session's budget."""
+
+    reservations: tuple[Reservation, ...]
+    budget: Budget
+
+
+# ------------------------------------------------------------------------- SQL
+
+_BUDGET_COLUMNS = "session_id, limit_amount, reserved, spent, overrun, updated_at"
+_RESERVATION_COLUMNS = "reservation_id, session_id, key, amount, actual, state, expires_at"
+_EVENT_COLUMNS = (
+    "event_id, session_id, document_id, stage, attempt, service, operation, kind, units, "
+    "unit_price, amount, saved, cache_hit, category, price_book_version, occurred_at, recorded_at"
+)
+
+_INSERT_EVENTS = """
+INSERT INTO cost.cost_events (event_id, session_id, document_id, stage, attempt, service,
+    operation, kind, units, unit_price, amount, saved, cache_hit, category,
+    price_book_version, occurred_at)
+SELECT e.event_id, e.session_id, e.document_id, e.stage, e.attempt, e.service, e.operation,
+    e.kind, e.units, e.unit_price, e.amount, e.saved, e.cache_hit, e.category,
+    e.price_book_version, coalesce(e.occurred_at, now())
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::text[],
+            $8::text[], $9::numeric[], $10::numeric[], $11::numeric[], $12::numeric[],
+            $13::bool[], $14::text[], $15::int[], $16::timestamptz[])
+    AS e(event_id, session_id, document_id, stage, attempt, service, operation, kind, units,
+         unit_price, amount, saved, cache_hit, category, price_book_version, occurred_at)
+ON CONFLICT DO NOTHING
+RETURNING event_id, occurred_at, recorded_at
+"""
+
+_SESSION_GROUPS = """
+SELECT kind, service, operation, stage, category,
+       GROUPING(service, operation, stage, category) AS grouping,
+       sum(units) AS units, sum(amount) AS amount, sum(saved) AS saved,
+       count(*) AS events, count(*) FILTER (WHERE cache_hit) AS cache_hits
+FROM cost.cost_events
+WHERE session_id = $1
+GROUP BY GROUPING SETS ((kind), (kind, service), (kind, service, operation),
+                        (kind, stage), (kind, category))
+"""
+# GROUPING() bit masks (1 = column not grouped) of the grouping sets above.
+_TOTAL, _BY_SERVICE, _BY_OPERATION, _BY_STAGE, _BY_CATEGORY = 15, 7, 3, 13, 14
+
+_READ_BUDGET = f"""
+SELECT b.session_id, b.limit_amount, b.reserved - coalesce(o.overdue, 0) AS reserved,
+       b.spent, b.overrun, b.updated_at
+FROM cost.budgets b
+LEFT JOIN LATERAL (
+    SELECT sum(r.amount) AS overdue FROM cost.reservations r
+    WHERE r.session_id = b.session_id AND r.state = 'open' AND r.expires_at <= now()
+) o ON true
+WHERE b.session_id = $1
+"""
+
+_LOCK_BUDGET = f"SELECT {_BUDGET_COLUMNS} FROM cost.budgets WHERE session_id = $1 FOR UPDATE"
+
+_EXPIRE = f"""
+WITH gone AS (
+    UPDATE cost.reservations SET state = 'expired', closed_at = now()
+    WHERE session_id = $1 AND state = 'open' AND expires_at <= now()
+    RETURNING amount
+)
+UPDATE cost.budgets
+SET reserved = reserved - (SELECT sum(amount) FROM gone), updated_at = now()
+WHERE session_id = $1 AND EXISTS (SELECT 1 FROM gone)
+RETURNING {_BUDGET_COLUMNS}
+"""
+
+
+def _budget(row: asyncpg.Record) -> Budget:
+    return Budget(row["session_id"], row["limit_amount"], row["reserved"], row["spent"],
+                  row["overrun"], row["updated_at"])
+
+
+def _reservation(row: asyncpg.Record) -> Reservation:
+    return Reservation(row["reservation_id"], row["session_id"], row["key"], row["amount"],
+                       row["actual"], row["state"], row["expires_at"])
+
+
+def _event(row: asyncpg.Record) -> CostEvent:
+    return CostEvent(
+        row["event_id"], row["session_id"], row["document_id"], row["stage"], row["attempt"],
+        row["service"], row["operation"], row["kind"], row["units"], row["unit_price"],
+        row["amount"], row["saved"], row["cache_hit"], row["category"],
+        row["price_book_version"], row["occurred_at"], row["recorded_at"],
+    )
+
+
+def _fmt(value: Decimal) -> str:
+    return format(value.normalize(EXACT), "f") if value else "0"
+
+
+# ----------------------------------------------------------------------- store
+
+
+class CostStore:
+    """The cost service's persistence, on a pool the caller owns."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._books: dict[int, PriceBook] = {}
+        self.changes = ChangeFeed(pool)
+
+    async def close(self) -> None:
+        """Gives back the LISTEN connection (before the pool is closed)."""
+        await self.changes.close()
+
+    # ------------------------------------------------------------ price books
+
+    async def current_version(self) -> int | None:
+        return await self._pool.fetchval("SELECT max(version) FROM cost.price_books")
+
+    async def price_book(self, version: int | None = None) -> PriceBook:
+        """A version (None: the current one); NOT_FOUND when there is none."""
+        if version is None:
+            version = await self.current_version()
+            if version is None:
+                raise NotFound("price book", "current", "no price book has been published")
+        book = self._books.get(version)
+        if book is None:
+            async with self._pool.acquire() as conn:
+                book = await self._load_book(conn, version)
+        return book
+
+    async def _load_book(self, conn: asyncpg.Connection, version: int) -> PriceBook:
+        cached = self._books.get(version)
+        if cached is not None:
+            return cached
+        head = await conn.fetchrow(
+            "SELECT version, name, description, published_at FROM cost.price_books WHERE version = $1",
+            version,
+        )
+        if head is None:
+            raise NotFound("price book", str(version), f"price book version {version} does not exist")
+        prices = await conn.fetch(
+            "SELECT service, operation, unit, unit_price, description FROM cost.prices "
+            "WHERE version = $1 ORDER BY service, operation",
+            version,
+        )
+        rules = await conn.fetch(
+            "SELECT plan, stage, service, operation, basis, units_per FROM cost.plan_rules "
+            "WHERE version = $1 ORDER BY plan, stage, service, operation, basis",
+            version,
+        )
+        book = PriceBook(
+            head["version"], head["name"], head["description"], head["published_at"],
+            tuple(Price(r["service"], r["operation"], r["unit"], r["unit_price"], r["description"])
+                  for r in prices),
+            tuple(PlanRule(r["plan"], r["stage"], r["service"], r["operation"], r["basis"],
+                           r["units_per"]) for r in rules),
+        )
+        self._books[version] = book
+        return book
+
+    async def list_price_books(self, *, before: int | None, limit: int) -> list[PriceBook]:
+        """Versions below `before` (all when None), newest first."""
+        versions = await self._pool.fetch(
+            "SELECT version FROM cost.price_books WHERE $1::int IS NULL OR version < $1 "
+            "ORDER BY version DESC LIMIT $2",
+            before, limit,
+        )
+        books = []
+        async with self._pool.acquire() as conn:
+            for row in versions:
+                books.append(await self._load_book(conn, row["version"]))
+        return books
+
+    async def publish_price_book(self, draft: PriceBookDraft, request_id: str | None) -> PriceBook:
+        """Publishes `draft` as the next version; the same request_id publishes once."""
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PUBLISH_LOCK)
+                if request_id:
+                    existing = await conn.fetchval(
+                        "SELECT version FROM cost.price_books WHERE request_id = $1", request_id
+                    )
+                    if existing is not None:
+                        version = existing
+                    else:
+                        version = await self._insert_book(conn, draft, request_id)
+                else:
+                    version = await self._insert_book(conn, draft, None)
+            return await self._load_book(conn, version)
+
+    async def ensure_default_price_book(self, path: Path, cpu_second_rate: Decimal | None) -> PriceBook:
+        """Loads the book file as version 1 when the ledger has no book; safe to race.
+
+        `cpu_second_rate` replaces the price of local/compute_second. A ledger
+        that already has books is left alone (a published version never
+        changes); a differing configured rate is logged.
+        """
+        draft = pricing.parse_price_book_toml(Path(path).read_text(), field_name=str(path))
+        if cpu_second_rate is not None:
+            rate = Decimal(cpu_second_rate)
+            if not rate.is_finite() or rate < 0 or pricing.places(rate) > pricing.PLACES:
+                raise ValueError(
+                    f"DOCIMPORT_CPU_SECOND_RATE={cpu_second_rate}: a non-negative decimal with "
+                    f"at most {pricing.PLACES} fractional digits"
+                )
+            if draft.prices and not any(
+                (p.service, p.operation) == ("local", "compute_second") for p in draft.prices
+            ):
+                raise ValueError(f"{path} has no local/compute_second price to set the CPU rate of")
+            draft = draft.with_price("local", "compute_second", rate)
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PUBLISH_LOCK)
+                current = await conn.fetchval("SELECT max(version) FROM cost.price_books")
+                if current is None:
+                    current = await self._insert_book(conn, draft, DEFAULT_BOOK_REQUEST_ID)
+                    logger.info("loaded the default price book as version %d", current,
+                                extra={"price_book": str(path)})
+            book = await self._load_book(conn, current)
+        configured = book.price("local", "compute_second")
+        if cpu_second_rate is not None and configured and configured.unit_price != Decimal(cpu_second_rate):
+            logger.warning(
+                "DOCIMPORT_CPU_SECOND_RATE=%s differs from price book version %d (%s); "
+                "publish a new version to change it", cpu_second_rate, book.version,
+                configured.unit_price,
+            )
+        return book
+
+    async def _insert_book(self, conn: asyncpg.Connection, draft: PriceBookDraft,
+                           request_id: str | None) -> int:
+        """Inserts the next version; the caller holds PUBLISH_LOCK."""
+        version = await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM cost.price_books")
+        await conn.execute(
+            "INSERT INTO cost.price_books (version, name, description, request_id, source_toml) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            version, draft.name, draft.description, request_id, draft.source_toml,
+        )
+        await conn.execute(
+            "INSERT INTO cost.prices (version, service, operation, unit, unit_price, description) "
+            "SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::numeric[], $6::text[])",
+            version,
+            [p.service for p in draft.prices],
+            [p.operation for p in draft.prices],
+            [p.unit for p in draft.prices],
+            [p.unit_price for p in draft.prices],
+            [p.description for p in draft.prices],
+        )
+        await conn.execute(
+            "INSERT INTO cost.plan_rules (version, plan, stage, service, operation, basis, units_per) "
+            "SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], "
+            "$7::numeric[])",
+            version,
+            [r.plan for r in draft.plan_rules],
+            [r.stage for r in draft.plan_rules],
+            [r.service for r in draft.plan_rules],
+            [r.operation for r in draft.plan_rules],
+            [r.basis for r in draft.plan_rules],
+            [r.units_per for r in draft.plan_rules],
+        )
+        return version
+
+    # ----------------------------------------------------------------- ledger
+
+    async def record_costs(self, events: Sequence[CostEvent]) -> Recorded:
+        """Stores priced events; replays (same key) answer with the first recording."""
+        if not events:
+            return Recorded((), 0)
+        unique: dict[uuid.UUID, CostEvent] = {}
+        for event in events:
+            unique.setdefault(event.event_id, event)
+        batch = list(unique.values())
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                _INSERT_EVENTS,
+                [e.event_id for e in batch],
+                [e.session_id for e in batch],
+                [e.document_id for e in batch],
+                [e.stage for e in batch],
+                [e.attempt for e in batch],
+                [e.service for e in batch],
+                [e.operation for e in batch],
+                [e.kind for e in batch],
+                [e.units for e in batch],
+                [e.unit_price for e in batch],
+                [e.amount for e in batch],
+                [e.saved for e in batch],
+                [e.cache_hit for e in batch],
+                [e.category for e in batch],
+                [e.price_book_version for e in batch],
+                [e.occurred_at for e in batch],
+            )
+            stored: dict[uuid.UUID, CostEvent] = {
+                row["event_id"]: replace(
+                    unique[row["event_id"]], occurred_at=row["occurred_at"], recorded_at=row["recorded_at"]
+                )
+                for row in rows
+            }
+            missing = [event_id for event_id in unique if event_id not in stored]
+            if missing:
+                for row in await conn.fetch(
+                    f"SELECT {_EVENT_COLUMNS} FROM cost.cost_events WHERE event_id = ANY($1::uuid[])",
+                    missing,
+                ):
+                    stored[row["event_id"]] = _event(row)
+        lost = [event_id for event_id in unique if event_id not in stored]
+        if lost:
+            # Only a row written outside this store (another id for the same key) gets here.
+            raise RuntimeError(f"ledger rows conflict on their key but not their id: {lost[:3]}")
+        return Recorded(tuple(stored[e.event_id] for e in events), len(events) - len(rows))
+
+    async def session_costs(self, session_id: uuid.UUID, *, top_documents: int) -> SessionCosts:
+        """Every total of one session, from one consistent snapshot."""
+        async with self._pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                groups = await conn.fetch(_SESSION_GROUPS, session_id)
+                top = await conn.fetch(
+                    "SELECT document_id, max(category) AS category, sum(amount) AS amount "
+                    "FROM cost.cost_events "
+                    "WHERE session_id = $1 AND kind = 'actual' AND document_id IS NOT NULL "
+                    "GROUP BY document_id ORDER BY sum(amount) DESC, document_id LIMIT $2",
+                    session_id, top_documents,
+                )
+                versions = await conn.fetch(
+                    "SELECT DISTINCT price_book_version FROM cost.cost_events WHERE session_id = $1 "
+                    "ORDER BY 1",
+                    session_id,
+                )
+        totals = {"actual": ZERO, "estimate": ZERO}
+        cache_savings, cache_hits, event_count = ZERO, 0, 0
+        sections: dict[tuple[str, int], list[CostGroup]] = {}
+        for row in groups:
+            kind, grouping = row["kind"], row["grouping"]
+            if grouping == _TOTAL:
+                totals[kind] = row["amount"]
+                if kind == "actual":
+                    cache_savings, cache_hits, event_count = row["saved"], row["cache_hits"], row["events"]
+                continue
+            if grouping == _BY_SERVICE:
+                group = CostGroup(row["service"], service=row["service"])
+            elif grouping == _BY_OPERATION:
+                group = CostGroup(f"{row['service']}/{row['operation']}", service=row["service"],
+                                  operation=row["operation"], units=row["units"])
+            elif grouping == _BY_STAGE:
+                group = CostGroup(row["stage"], stage=row["stage"])
+            else:
+                group = CostGroup(row["category"])
+            group = replace(group, amount=row["amount"], event_count=row["events"])
+            sections.setdefault((kind, grouping), []).append(group)
+
+        def section(kind: str, grouping: int) -> tuple[CostGroup, ...]:
+            found = sections.get((kind, grouping), [])
+            return tuple(sorted(found, key=lambda g: (-g.amount, g.key)))
+
+        return SessionCosts(
+            session_id=session_id,
+            actual_total=totals["actual"],
+            estimate_total=totals["estimate"],
+            by_service=section("actual", _BY_SERVICE),
+            by_operation=section("actual", _BY_OPERATION),
+            by_stage=section("actual", _BY_STAGE),
+            by_category=section("actual", _BY_CATEGORY),
+            estimate_by_service=section("estimate", _BY_SERVICE),
+            top_documents=tuple(DocumentTotal(r["document_id"], r["category"], r["amount"]) for r in top),
+            cache_savings=cache_savings,
+            cache_hits=cache_hits,
+            event_count=event_count,
+            price_book_versions=tuple(r["price_book_version"] for r in versions),
+        )
+
+    async def list_cost_events(self, where: EventFilter, *, after: tuple[dt.datetime, uuid.UUID] | None,
+                               limit: int) -> list[CostEvent]:
+        """Events matching `where` in recording order, after the cursor."""
+        clauses, args = [], []
+        for column, value in (
+            ("session_id", where.session_id),
+            ("document_id", where.document_id),
+            ("stage", where.stage),
+            ("kind", where.kind),
+            ("service", where.service),
+        ):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} = ${len(args)}")
+        if after is not None:
+            args.extend(after)
+            clauses.append(f"(recorded_at, event_id) > (${len(args) - 1}, ${len(args)})")
+        args.append(limit)
+        sql = (
+            f"SELECT {_EVENT_COLUMNS} FROM cost.cost_events "
+            f"{'WHERE ' + ' AND '.join(clauses) if clauses else ''} "
+            f"ORDER BY recorded_at, event_id LIMIT ${len(args)}"
+        )
+        return [_event(row) for row in await self._pool.fetch(sql, *args)]
+
+    async def snapshot(self, session_id: uuid.UUID) -> CostSnapshot:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE kind = 'actual') AS events, "
+                "coalesce(sum(amount) FILTER (WHERE kind = 'actual'), 0) AS actual, "
+                "coalesce(sum(amount) FILTER (WHERE kind = 'estimate'), 0) AS estimate "
+                "FROM cost.cost_events WHERE session_id = $1",
+                session_id,
+            )
+            budget = await conn.fetchrow(_READ_BUDGET, session_id)
+        return CostSnapshot(session_id, row["actual"], row["estimate"], row["events"],
+                            _budget(budget) if budget else None)
+
+    # ---------------------------------------------------------------- budgets
+
+    async def set_budget(self, session_id: uuid.UUID, limit: Decimal) -> Budget:
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO cost.budgets (session_id, limit_amount) VALUES ($1, $2) "
+                    "ON CONFLICT ON CONSTRAINT budgets_pkey "
+                    "DO UPDATE SET limit_amount = EXCLUDED.limit_amount, updated_at = now()",
+                    session_id, limit,
+                )
+                await conn.execute(_EXPIRE, session_id)
+                row = await conn.fetchrow(_READ_BUDGET, session_id)
+        return _budget(row)
+
+    async def get_budget(self, session_id: uuid.UUID) -> Budget:
+        row = await self._pool.fetchrow(_READ_BUDGET, session_id)
+        if row is None:
+            raise NotFound("budget", str(session_id), f"session {session_id} has no budget")
+        return _budget(row)
+
+    async def _lock_and_expire(self, conn: asyncpg.Connection, session_id: uuid.UUID) -> Budget:
+        row = await conn.fetchrow(_LOCK_BUDGET, session_id)
+        if row is None:
+            raise NotFound("budget", str(session_id), f"session {session_id} has no budget")
+        expired = await conn.fetchrow(_EXPIRE, session_id)
+        return _budget(expired or row)
+
+    async def reserve(self, session_id: uuid.UUID, items: Sequence[tuple[str, Decimal]], *,
+                      ttl_seconds: float, allow_partial: bool) -> Reserved:
+        """Holds budget for each (key, amount), all or nothing unless `allow_partial`.
+
+        A key reserved before answers with its first reservation and holds
+        nothing more. Refused: ResourceExhausted naming limit, reserved, spent.
+        """
+        refusal: ResourceExhausted | None = None
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                budget = await self._lock_and_expire(conn, session_id)
+                keys = list(dict.fromkeys(key for key, _ in items))
+                existing = {
+                    row["key"]: _reservation(row)
+                    for row in await conn.fetch(
+                        f"SELECT {_RESERVATION_COLUMNS} FROM cost.reservations "
+                        "WHERE session_id = $1 AND key = ANY($2::text[])",
+                        session_id, keys,
+                    )
+                }
+                available = EXACT.subtract(EXACT.subtract(budget.limit, budget.reserved), budget.spent)
+                wanted: dict[str, Decimal] = {}
+                asked = ZERO
+                exhausted = False
+                granted_any = False
+                for key, amount in items:
+                    if key in existing or key in wanted:
+                        granted_any = True
+                        continue
+                    if EXACT.add(asked, amount) <= available:
+                        wanted[key] = amount
+                        asked = EXACT.add(asked, amount)
+                        granted_any = True
+                        continue
+                    if allow_partial and granted_any:
+                        exhausted = True
+                        break
+                    needed = amount if allow_partial else sum_new(items, existing)
+                    refusal = _refused(budget, needed)
+                    break
+                if refusal is None and wanted:
+                    ids = [uuid.uuid4() for _ in wanted]
+                    rows = await conn.fetch(
+                        "INSERT INTO cost.reservations (reservation_id, session_id, key, amount, expires_at) "
+                        "SELECT r.id, $1, r.key, r.amount, now() + make_interval(secs => $5) "
+                        "FROM unnest($2::uuid[], $3::text[], $4::numeric[]) AS r(id, key, amount) "
+                        f"RETURNING {_RESERVATION_COLUMNS}",
+                        session_id, ids, list(wanted), list(wanted.values()), ttl_seconds,
+                    )
+                    for row in rows:
+                        existing[row["key"]] = _reservation(row)
+                    updated = await conn.fetchrow(
+                        "UPDATE cost.budgets SET reserved = reserved + $2, updated_at = now() "
+                        "WHERE session_id = $1 AND reserved + spent + $2 <= limit_amount "
+                        f"RETURNING {_BUDGET_COLUMNS}",
+                        session_id, asked,
+                    )
+                    if updated is None:  # the guard disagrees with the check above: a bug
+                        raise RuntimeError("budget guard refused a reservation the check allowed")
+                    budget = _budget(updated)
+        if refusal is not None:
+            raise refusal
+        granted = []
+        for key in dict.fromkeys(key for key, _ in items):
+            if key not in existing:
+                break
+            granted.append(existing[key])
+        return Reserved(tuple(granted), budget, exhausted)
+
+    async def _closing(self, ids: Sequence[uuid.UUID], conn: asyncpg.Connection
+                       ) -> tuple[Budget, dict[uuid.UUID, Reservation]]:
+        """Locks the budget of the reservations `ids` (one session) and them."""
+        rows = await conn.fetch(
+            "SELECT reservation_id, session_id FROM cost.reservations WHERE reservation_id = ANY($1::uuid[])",
+            list(ids),
+        )
+        found = {row["reservation_id"]: row["session_id"] for row in rows}
+        for rid in ids:
+            if rid not in found:
+                raise NotFound("reservation", str(rid))
+        sessions = set(found.values())
+        if len(sessions) > 1:
+            raise InvalidArgument.field("reservation_ids", "the reservations belong to more than one session")
+        budget = await self._lock_and_expire(conn, sessions.pop())
+        current = {
+            row["reservation_id"]: _reservation(row)
+            for row in await conn.fetch(
+                f"SELECT {_RESERVATION_COLUMNS} FROM cost.reservations "
+                "WHERE reservation_id = ANY($1::uuid[]) FOR UPDATE",
+                list(ids),
+            )
+        }
+        return budget, current
+
+    async def settle(self, settlements: Sequence[tuple[uuid.UUID, Decimal]]) -> Closed:
+        """Closes reservations with their actual cost; an excess counts as overrun.
+
+        Settling a settled reservation with the same actual is a no-op; an
+        expired one can still be settled (the work was done); a released one
+        cannot.
+        """
+        ids = list(dict.fromkeys(rid for rid, _ in settlements))
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                budget, current = await self._closing(ids, conn)
+                freed, spent, overrun = ZERO, ZERO, ZERO
+                changed: dict[uuid.UUID, Decimal] = {}
+                for rid, actual in settlements:
+                    r = current[rid]
+                    if r.state == "settled":
+                        if r.actual != actual:
+                            raise FailedPrecondition(
+                                f"reservation {rid} was settled with {_fmt(r.actual or ZERO)}, "
+                                f"not {_fmt(actual)}",
+                                subject=f"reservations/{rid}",
+                            )
+                        continue
+                    if r.state == "released":
+                        raise FailedPrecondition(f"reservation {rid} was released; it cannot be settled",
+                                                 subject=f"reservations/{rid}")
+                    if r.state == "open":
+                        freed = EXACT.add(freed, r.amount)
+                    spent = EXACT.add(spent, actual)
+                    overrun = EXACT.add(overrun, max(EXACT.subtract(actual, r.amount), ZERO))
+                    current[rid] = replace(r, state="settled", actual=actual)
+                    changed[rid] = actual
+                if changed:
+                    await conn.execute(
+                        "UPDATE cost.reservations r SET state = 'settled', actual = s.actual, closed_at = now() "
+                        "FROM unnest($1::uuid[], $2::numeric[]) AS s(id, actual) WHERE r.reservation_id = s.id",
+                        list(changed), list(changed.values()),
+                    )
+                    row = await conn.fetchrow(
+                        "UPDATE cost.budgets SET reserved = reserved - $2, spent = spent + $3, "
+                        f"overrun = overrun + $4, updated_at = now() WHERE session_id = $1 RETURNING {_BUDGET_COLUMNS}",
+                        budget.session_id, freed, spent, overrun,
+                    )
+                    budget = _budget(row)
+        return Closed(tuple(current[rid] for rid in ids), budget)
+
+    async def release(self, ids: Sequence[uuid.UUID]) -> Closed:
+        """Gives open reservations back; released or expired ones are left as they are."""
+        ids = list(dict.fromkeys(ids))
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                budget, current = await self._closing(ids, conn)
+                freed = ZERO
+                changed = []
+                for rid in ids:
+                    r = current[rid]
+                    if r.state == "settled":
+                        raise FailedPrecondition(f"reservation {rid} was settled; it cannot be released",
+                                                 subject=f"reservations/{rid}")
+                    if r.state == "open":
+                        freed = EXACT.add(freed, r.amount)
+                        current[rid] = replace(r, state="released")
+                        changed.append(rid)
+                if changed:
+                    await conn.execute(
+                        "UPDATE cost.reservations SET state = 'released', closed_at = now() "
+                        "WHERE reservation_id = ANY($1::uuid[])",
+                        changed,
+                    )
+                    row = await conn.fetchrow(
+                        "UPDATE cost.budgets SET reserved = reserved - $2, updated_at = now() "
+                        f"WHERE session_id = $1 RETURNING {_BUDGET_COLUMNS}",
+                        budget.session_id, freed,
+                    )
+                    budget = _budget(row)
+        return Closed(tuple(current[rid] for rid in ids), budget)
+
+    async def expire_reservations(self, *, sessions: int = 100) -> int:
+        """Marks overdue reservations expired in up to `sessions` sessions; returns how many sessions."""
+        due = await self._pool.fetch(
+            "SELECT DISTINCT session_id FROM cost.reservations WHERE state = 'open' AND expires_at <= now() "
+            "LIMIT $1",
+            sessions,
+        )
+        for row in due:
+            async with self._pool.acquire() as conn:
+                async with conn.transaction():
+                    await self._lock_and_expire(conn, row["session_id"])
+        return len(due)
+
+
+def sum_new(items: Sequence[tuple[str, Decimal]], existing: dict[str, Reservation]) -> Decimal:
+    """What the not-yet-reserved keys of `items` ask for in total."""
+    seen: set[str] = set()
+    total = ZERO
+    for key, amount in items:
+        if key in existing or key in seen:
+            continue
+        seen.add(key)
+        total = EXACT.add(total, amount)
+    return total
+
+
+def _refused(budget: Budget, requested: Decimal) -> ResourceExhausted:
+    remaining = budget.remaining
+    numbers = {
+        "limit": _fmt(budget.limit),
+        "reserved": _fmt(budget.reserved),
+        "spent": _fmt(budget.spent),
+        "requested": _fmt(requested),
+        "remaining": _fmt(remaining),
+        "currency_code": "USD",
+    }
+    description = (
+        f"limit {numbers['limit']} USD, reserved {numbers['reserved']}, spent {numbers['spent']}: "
+        f"{numbers['requested']} more does not fit in the {numbers['remaining']} remaining"
+    )
+    return ResourceExhausted(
+        f"the budget of session {budget.session_id} is exhausted: {description}",
+        violations=[QuotaViolation(f"sessions/{budget.session_id}/budget", description)],
+        metadata={**numbers, "session_id": str(budget.session_id)},
+    )
+
+
+# ----------------------------------------------------------------- change feed
+
+
+class ChangeFeed:
+    """Wakes WatchCosts streams when their session's ledger or budget changes.
+
+    One pooled connection LISTENs on `docimport_cost` while anyone is
+    subscribed, and is given back when the last subscriber leaves (or on
+    `close`). Subscribers also poll on a timeout, so a lost notification (a
+    dropped connection) only delays an update.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._subscribers: dict[str, set[asyncio.Event]] = {}
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(events) for events in self._subscribers.values())
+
+    @property
+    def listening(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, session_id: uuid.UUID) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever the session changes; the caller clears it."""
+        event = asyncio.Event()
+        key = str(session_id)
+        self._subscribers.setdefault(key, set()).add(event)
+        try:
+            await self.ensure_listening()
+            yield event
+        finally:
+            events = self._subscribers.get(key)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._subscribers[key]
+            if not self._subscribers:
+                # Not awaited here: this may run while the task is being cancelled.
+                asyncio.get_running_loop().create_task(self._stop_if_idle())
+
+    async def ensure_listening(self) -> None:
+        """(Re)starts listening when someone is subscribed and the connection is gone."""
+        if self.listening or not self._subscribers:
+            return
+        async with self._lock:
+            if self.listening or not self._subscribers:
+                return
+            await self._drop()
+            conn = await self._pool.acquire()
+            try:
+                await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+            except BaseException:
+                await self._pool.release(conn)
+                raise
+            self._conn = conn
+        # Anything may have changed while nobody listened.
+        for events in self._subscribers.values():
+            for event in events:
+                event.set()
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        for event in self._subscribers.get(payload, ()):
+            event.set()
+
+    async def _stop_if_idle(self) -> None:
+        async with self._lock:
+            if not self._subscribers:
+                await self._drop()
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if not conn.is_closed():
+                await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+            logger.warning("could not UNLISTEN; dropping the connection", exc_info=True)
+        finally:
+            await self._pool.release(conn)
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._subscribers.clear()
+            await self._drop()

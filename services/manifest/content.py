@@ -1,0 +1,346 @@
+"""Reads one file's content: SHA-256, type, PDF pages, e-mail family, problems.
+
+Runs inside the scan's worker processes (see `scanner.py`); owns no state
+beyond a per-process read buffer, and imports nothing of gRPC or asyncpg so
+the workers stay light. Tasks and results are plain tuples: they cross a
+process boundary 100,000 times in a big scan, and tuples pickle several
+times faster than dataclasses.
+
+Reading rules: a file is opened once, by the real path the walker vetted
+(inside the scanned folder), with O_NOFOLLOW and O_NONBLOCK (a FIFO swapped
+in after the walk can never block a worker), and its (device, inode) is
+checked against the walker's stat. Files up to `WHOLE_READ_BYTES` are read
+in one call and inspected from memory (one read for hash, type and pages);
+larger ones are hashed through a 1 MiB buffer and inspected by seeking, so
+a multi-GB file is never held in memory.
+
+Pages: PDFium opens the document (error 4 or 5: encrypted, any other:
+corrupt) and loads each page; a page has a text layer when it holds a text
+object (also inside form XObjects). That is the exact count of pages that
+need OCR, at a third of the cost of building PDFium text pages.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import errno
+import hashlib
+import io
+import os
+import stat
+import zipfile
+from typing import Any
+
+import pypdfium2 as pdfium
+import pypdfium2.raw as pdfium_raw
+
+from services.manifest import classify
+
+WHOLE_READ_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 1024 * 1024
+MAX_EMAIL_PARSE_BYTES = 512 * 1024 * 1024
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(
+    os, "O_CLOEXEC", 0
+)
+
+# Result tuple fields (see `inspect_file`).
+R_ORDINAL, R_SIZE, R_SHA256, R_MIME, R_FAMILY, R_MISMATCH = 0, 1, 2, 3, 4, 5
+R_PAGES, R_OCR_PAGES, R_PROBLEM, R_MESSAGE, R_EXCLUDED_TYPE, R_ATTACHMENTS = 6, 7, 8, 9, 10, 11
+
+# Attachment tuple: (index, name, size, sha256, mime, family, mismatch, pages,
+# ocr_pages, problem, message)
+
+_buffer: bytearray | None = None
+
+
+def _chunk_buffer() -> memoryview:
+    global _buffer
+    if _buffer is None:
+        _buffer = bytearray(CHUNK_BYTES)
+    return memoryview(_buffer)
+
+
+def inspect_batch(
+    tasks: list[tuple[int, bytes, bytes, int, int, int]],
+    exclude_families: frozenset[str],
+    max_bytes: int,
+) -> list[tuple[Any, ...]]:
+    """Inspects each (ordinal, path, name, size, dev, ino) of a batch, in order."""
+    return [inspect_file(t, exclude_families, max_bytes) for t in tasks]
+
+
+def _result(ordinal: int, size: int, sha: str | None, content: classify.ContentType, mismatch: bool,
+            pages: int = 0, ocr: int = 0, problem: str | None = None, message: str | None = None,
+            excluded: bool = False, attachments: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
+    return (ordinal, size, sha, content.mime, content.family, mismatch, pages, ocr, problem,
+            message, excluded, attachments)
+
+
+_NOTHING = classify.ContentType("", "other")
+
+
+def inspect_file(
+    task: tuple[int, bytes, bytes, int, int, int],
+    exclude_families: frozenset[str],
+    max_bytes: int,
+) -> tuple[Any, ...]:
+    """Reads one file; never raises for anything the file itself causes."""
+    ordinal, path, name, size, dev, ino = task
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        kind, message = _open_error(exc)
+        return _result(ordinal, size, None, _NOTHING, False, problem=kind, message=message)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return _result(ordinal, size, None, _NOTHING, False, problem="not_a_file",
+                           message="not a regular file any more (replaced during the scan)")
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            return _result(ordinal, st.st_size, None, _NOTHING, False, problem="unreadable",
+                           message="the file was replaced during the scan; scan again")
+        size = st.st_size
+        if size <= WHOLE_READ_BYTES:
+            return _inspect_small(fd, ordinal, name, size, exclude_families, max_bytes)
+        return _inspect_large(fd, ordinal, name, size, exclude_families, max_bytes)
+    except OSError as exc:
+        return _result(ordinal, size, None, _NOTHING, False, problem="unreadable",
+                       message=f"read error: {exc.strerror or exc}")
+    finally:
+        os.close(fd)
+
+
+def _open_error(exc: OSError) -> tuple[str, str]:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "unreadable", "permission denied: the scanner may not read this file"
+    if exc.errno == errno.ENOENT:
+        return "unreadable", "the file disappeared during the scan"
+    if exc.errno == errno.ELOOP:
+        return "not_a_file", "became a symbolic link during the scan; not followed"
+    return "unreadable", f"cannot open: {exc.strerror or exc}"
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    if len(data) < size:  # short read: keep going until EOF
+        parts = [data]
+        while True:
+            more = os.read(fd, CHUNK_BYTES)
+            if not more:
+                break
+            parts.append(more)
+        data = b"".join(parts)
+    return data
+
+
+def _inspect_small(fd: int, ordinal: int, name: bytes, size: int,
+                   exclude_families: frozenset[str], max_bytes: int) -> tuple[Any, ...]:
+    data = _read_all(fd, size) if size else b""
+    size = len(data)
+    content = classify.sniff(data[: classify.SNIFF_BYTES])
+    mismatch = classify.extension_mismatch(name, content)
+    if content.family in exclude_families:
+        return _result(ordinal, size, None, content, mismatch, excluded=True)
+    if size > max_bytes:
+        return _too_large(ordinal, size, content, mismatch, max_bytes)
+    sha = hashlib.sha256(data).hexdigest()
+    return _details(ordinal, size, sha, name, content, mismatch, data, None)
+
+
+def _inspect_large(fd: int, ordinal: int, name: bytes, size: int,
+                   exclude_families: frozenset[str], max_bytes: int) -> tuple[Any, ...]:
+    head = os.pread(fd, classify.SNIFF_BYTES, 0)
+    content = classify.sniff(head)
+    mismatch = classify.extension_mismatch(name, content)
+    if content.family in exclude_families:
+        return _result(ordinal, size, None, content, mismatch, excluded=True)
+    if size > max_bytes:
+        return _too_large(ordinal, size, content, mismatch, max_bytes)
+    view = _chunk_buffer()
+    digest = hashlib.sha256()
+    total = 0
+    with io.FileIO(fd, "rb", closefd=False) as stream:
+        while True:
+            n = stream.readinto(view)
+            if not n:
+                break
+            digest.update(view[:n])
+            total += n
+        stream.seek(0)
+        return _details(ordinal, total, digest.hexdigest(), name, content, mismatch, None, stream)
+
+
+def _too_large(ordinal: int, size: int, content: classify.ContentType, mismatch: bool,
+               max_bytes: int) -> tuple[Any, ...]:
+    return _result(ordinal, size, None, content, mismatch, problem="too_large",
+                   message=f"{size:,} bytes is over the limit of {max_bytes:,} bytes; not hashed")
+
+
+def _details(ordinal: int, size: int, sha: str, name: bytes, content: classify.ContentType,
+             mismatch: bool, data: bytes | None, stream: io.FileIO | None) -> tuple[Any, ...]:
+    """Type-specific checks of a hashed file (from `data`, or from `stream` when large)."""
+    if size == 0:
+        return _result(ordinal, 0, sha, content, mismatch, problem="empty",
+                       message="the file is empty (0 bytes)")
+    content, pages, ocr, problem, message = _check_content(content, name, data, stream)
+    attachments = None
+    if content.mime == classify.MIME_EML and problem is None and size <= MAX_EMAIL_PARSE_BYTES:
+        raw = data if data is not None else _read_stream(stream)
+        attachments, pages, ocr = _attachments(raw)
+    if content.family == "image" and problem is None:
+        pages, ocr = 1, 1
+    return _result(ordinal, size, sha, content, mismatch, pages, ocr, problem, message,
+                   attachments=attachments)
+
+
+def _read_stream(stream: io.FileIO | None) -> bytes:
+    assert stream is not None
+    stream.seek(0)
+    return stream.readall()
+
+
+def _check_content(content: classify.ContentType, name: bytes, data: bytes | None,
+                   stream: io.FileIO | None
+                   ) -> tuple[classify.ContentType, int, int, str | None, str | None]:
+    """(content, pages, ocr pages, problem kind, problem message) of a non-empty file."""
+    mime = content.mime
+    if mime == classify.MIME_PDF:
+        pages, ocr, problem, message = pdf_pages(data if data is not None else stream)
+        return content, pages, ocr, problem, message
+    if mime in (classify.MIME_ZIP, classify.MIME_DOCX, classify.MIME_XLSX, classify.MIME_PPTX):
+        return _check_zip(content, name, data, stream)
+    if mime == classify.MIME_OOXML_ENCRYPTED:
+        return content, 0, 0, "encrypted", "password-protected Office document: it cannot be read without the password"
+    if mime == classify.MIME_UNKNOWN:
+        ext = classify.extension_of(name)
+        if ext in classify.PROCESSABLE_EXTENSIONS:
+            kind = classify.PROCESSABLE_EXTENSIONS[ext]
+            return content, 0, 0, "corrupt", f"named .{ext} but the content is not a {kind} (unrecognised binary data)"
+    if classify.plan_for(content, 0) == "unsupported":
+        return content, 0, 0, "unsupported", classify.unsupported_message(content)
+    return content, 0, 0, None, None
+
+
+def _check_zip(content: classify.ContentType, name: bytes, data: bytes | None,
+               stream: io.FileIO | None
+               ) -> tuple[classify.ContentType, int, int, str | None, str | None]:
+    source: Any = io.BytesIO(data) if data is not None else stream
+    try:
+        with zipfile.ZipFile(source) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError):
+        if content.mime == classify.MIME_DOCX or classify.extension_of(name) == "docx":
+            docx = classify.ContentType(classify.MIME_DOCX, "word")
+            return docx, 0, 0, "corrupt", "not a readable Word document: the ZIP container is broken"
+        return content, 0, 0, "unsupported", classify.unsupported_message(content)
+    mime = classify.zip_kind_from_names(names)
+    found = classify.ContentType(mime, classify.family_of(mime))
+    if content.mime == classify.MIME_DOCX and mime != classify.MIME_DOCX:
+        return content, 0, 0, "corrupt", "not a readable Word document: word/document.xml is missing"
+    if mime == classify.MIME_DOCX:
+        return found, 0, 0, None, None
+    return found, 0, 0, "unsupported", classify.unsupported_message(found)
+
+
+# ----------------------------------------------------------------- PDF
+
+_TEXT = pdfium_raw.FPDF_PAGEOBJ_TEXT
+_FORM = pdfium_raw.FPDF_PAGEOBJ_FORM
+
+
+def pdf_pages(source: Any) -> tuple[int, int, str | None, str | None]:
+    """(pages, pages without a text layer, problem kind, message) of a PDF."""
+    try:
+        doc = pdfium.PdfDocument(source)
+    except pdfium.PdfiumError as exc:
+        code = exc.err_code
+        if code in (pdfium_raw.FPDF_ERR_PASSWORD, pdfium_raw.FPDF_ERR_SECURITY):
+            return 0, 0, "encrypted", "password-protected PDF: it cannot be opened without the password"
+        return 0, 0, "corrupt", f"not a readable PDF (PDFium error {code}: {exc})"
+    try:
+        count = len(doc)
+        if count == 0:
+            return 0, 0, "corrupt", "the PDF has no pages"
+        ocr = 0
+        for index in range(count):
+            page = pdfium_raw.FPDF_LoadPage(doc.raw, index)
+            if not page:
+                return count, 0, "corrupt", f"page {index + 1} of {count} cannot be read"
+            try:
+                if not _has_text(page, pdfium_raw.FPDFPage_CountObjects, pdfium_raw.FPDFPage_GetObject):
+                    ocr += 1
+            finally:
+                pdfium_raw.FPDF_ClosePage(page)
+        return count, ocr, None, None
+    finally:
+        doc.close()
+
+
+def _has_text(holder: Any, count_objects: Any, get_object: Any, depth: int = 0) -> bool:
+    get_type = pdfium_raw.FPDFPageObj_GetType
+    forms = []
+    for index in range(count_objects(holder)):
+        obj = get_object(holder, index)
+        kind = get_type(obj)
+        if kind == _TEXT:
+            return True
+        if kind == _FORM:
+            forms.append(obj)
+    if depth < 8:
+        for form in forms:
+            if _has_text(form, pdfium_raw.FPDFFormObj_CountObjects,
+                         pdfium_raw.FPDFFormObj_GetObject, depth + 1):
+                return True
+    return False
+
+
+# ----------------------------------------------------------------- e-mail
+
+_MAIL_PARSER = email.parser.BytesParser(policy=email.policy.default)
+
+
+def _attachments(raw: bytes) -> tuple[tuple[Any, ...], int, int]:
+    """The attachments of a message, and their pages and OCR pages added up."""
+    try:
+        message = _MAIL_PARSER.parsebytes(raw)
+        parts = list(message.iter_attachments())  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a malformed message still lists as a file
+        return (), 0, 0
+    found = []
+    pages = ocr = 0
+    for index, part in enumerate(parts, start=1):
+        try:
+            filename = part.get_filename() or f"attachment-{index}"
+        except Exception:  # noqa: BLE001
+            filename = f"attachment-{index}"
+        filename = filename.replace("/", "_").replace("\\", "_")
+        try:
+            if part.get_content_maintype() == "message":
+                inner = part.get_payload(0) if part.is_multipart() else part.get_payload()
+                data = inner.as_bytes() if hasattr(inner, "as_bytes") else b""
+            else:
+                data = part.get_payload(decode=True) or b""
+        except Exception:  # noqa: BLE001
+            data = b""
+        item = inspect_bytes(data, filename.encode("utf-8", "surrogateescape"))
+        found.append((index, filename, *item))
+        if item[7] is None:  # (size, sha, mime, family, mismatch, pages, ocr, problem, message)
+            pages += item[5]
+            ocr += item[6]
+    return tuple(found), pages, ocr
+
+
+def inspect_bytes(data: bytes, name: bytes) -> tuple[Any, ...]:
+    """(size, sha256, mime, family, mismatch, pages, ocr, problem, message) of in-memory content."""
+    content = classify.sniff(data[: classify.SNIFF_BYTES])
+    mismatch = classify.extension_mismatch(name, content)
+    sha = hashlib.sha256(data).hexdigest()
+    if not data:
+        return (0, sha, content.mime, content.family, mismatch, 0, 0, "empty",
+                "the attachment is empty (0 bytes)")
+    content, pages, ocr, problem, message = _check_content(content, name, data, None)
+    if content.family == "image" and problem is None:
+        pages, ocr = 1, 1
+    return (len(data), sha, content.mime, content.family, mismatch, pages, ocr, problem, message)

@@ -1,0 +1,573 @@
+"""Scans a folder: walks it, reads every file in a process pool, assembles rows.
+
+Owns the scan's process pool (`Scanner`, closed by `Scanner.close`; the
+server's `serve()` closes it after the gRPC server has drained), the walk
+and its safety rules, and the assembly of worker results into
+`model.ManifestFile` rows (categories, plans, duplicates, e-mail families).
+No SQL and no gRPC here.
+
+Safety (DESIGN invariant 7: nothing outside the configured source roots is
+ever read):
+- `resolve_source` refuses a relative path or one with a `..` component
+  (INVALID_ARGUMENT), and a path whose real location is under no configured
+  root (PERMISSION_DENIED, whether or not it exists, so the answer does not
+  reveal what exists outside the roots).
+- The walk only descends real directories, never a directory symlink. A
+  file symlink is followed only when its real target is a regular file
+  inside the scanned folder; a link out of the folder, a broken link, a
+  symlink loop and a link to a folder are listed with problem `not_a_file`.
+  FIFOs, sockets and devices are listed `not_a_file` and never opened.
+- Workers open the vetted real path with O_NOFOLLOW|O_NONBLOCK and check
+  its (device, inode) against the walk's stat (see `content.py`).
+
+Listing rules (nothing is dropped silently): hidden and system files
+(.DS_Store, Thumbs.db, desktop.ini, `~$` lock files, `._` forks, dot files,
+anything inside a dot folder) and files matching an `--exclude` glob are
+listed with their exclusion reason and are not read at all; files of an
+excluded type family are read only far enough to know their type. A folder
+that cannot be listed is itself a row with problem `unreadable`.
+
+Order: the walk visits names sorted by their bytes, depth first; a row's
+`ordinal` is that order, and the first of identical files (same SHA-256)
+in it is the canonical one, the others are its duplicates. Empty files
+are never duplicates (they have the problem `empty` instead).
+
+E-mail families: each attachment of an .eml is a row after its e-mail,
+with `family_parent_file_id` set, the display path
+`mail.eml#1/settlement_offer.pdf`, and a raw path of the e-mail's raw path,
+a NUL byte and `#1/name` (a NUL never occurs in a real path, so it cannot
+collide with a file). Attachments are not importable on their own: the
+e-mail plan processes them with their e-mail, whose page and OCR page
+counts are those of its attachments (so that pricing covers them).
+
+Globs: `*` and `?` never cross '/', `**` matches any number of folders; a
+pattern without '/' is matched against the file name at any depth, one with
+'/' against the whole relative path ("**/drafts/**", "*.tmp").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import multiprocessing
+import os
+import re
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.common.errors import InvalidArgument, NotFound
+from services.manifest import classify, content
+from services.manifest.errors import PermissionDenied
+from services.manifest.model import ManifestFile, Progress, ScanOptions
+
+BATCH_MAX_FILES = 128
+BATCH_MAX_BYTES = 64 * 1024 * 1024
+
+
+# ----------------------------------------------------------------- paths
+
+
+def display_path(raw: bytes) -> str:
+    """A path for people: undecodable bytes and control characters as \\xNN."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "surrogateescape")
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _inside(path: bytes, folder: bytes) -> bool:
+    return path == folder or path.startswith(folder.rstrip(b"/") + b"/")
+
+
+def resolve_source(source_path: str, roots: Sequence[Path], field_name: str = "source_path") -> bytes:
+    """The real path (bytes) of a folder to scan, after the root checks."""
+    if not source_path:
+        raise InvalidArgument.field(field_name, "is required")
+    if "\x00" in source_path:
+        raise InvalidArgument.field(field_name, "must not contain NUL characters")
+    if not source_path.startswith("/"):
+        raise InvalidArgument.field(field_name, "must be an absolute path")
+    if ".." in source_path.split("/"):
+        raise InvalidArgument.field(field_name, "must not contain '..' components")
+    if not roots:
+        raise PermissionDenied("this service has no source roots configured (DOCIMPORT_SOURCE_ROOTS)")
+    raw = os.fsencode(source_path)
+    real = os.path.realpath(raw)
+    real_roots = [os.path.realpath(os.fsencode(str(root))) for root in roots]
+    if not any(_inside(real, root) for root in real_roots):
+        allowed = ", ".join(str(r) for r in roots)
+        raise PermissionDenied(f"{source_path!r} is outside the source roots this service may read ({allowed})")
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise NotFound("folder", source_path) from None
+    except OSError as exc:
+        raise PermissionDenied(f"{source_path!r} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidArgument.field(field_name, "is not a folder")
+    return real
+
+
+def safe_relative(path: str) -> bool:
+    """A relative path that stays inside its folder: no '..', not absolute, no NUL."""
+    if not path or path.startswith("/") or "\x00" in path:
+        return False
+    return ".." not in path.split("/")
+
+
+# ----------------------------------------------------------------- globs
+
+
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    """A regex for a glob (see the module docstring for the rules)."""
+    anchored = "/" in pattern.strip("/")
+    body = pattern.strip("/")
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if body.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif body.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif ch == "*":
+            out.append("[^/]*")
+            i += 1
+        elif ch == "?":
+            out.append("[^/]")
+            i += 1
+        elif ch == "[":
+            end = body.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape(ch))
+                i += 1
+            else:
+                inner = body[i + 1:end].replace("\\", "\\\\")
+                if inner.startswith("!"):
+                    inner = "^" + inner[1:]
+                out.append(f"[{inner}]")
+                i = end + 1
+        else:
+            out.append(re.escape(ch))
+            i += 1
+    regex = "".join(out)
+    if not anchored:
+        regex = "(?:.*/)?" + regex
+    return re.compile(regex + r"\Z", re.DOTALL)
+
+
+# ----------------------------------------------------------------- walking
+
+
+@dataclass(slots=True)
+class _Entry:
+    """A walked path; `task` is set when a worker must read it."""
+
+    ordinal: int
+    raw_path: bytes
+    folders: tuple[str, ...]
+    size: int
+    mtime: float | None
+    exclusion: str | None = None
+    problem: tuple[str, str] | None = None
+    task: tuple[int, bytes, bytes, int, int, int] | None = None
+    result: tuple[Any, ...] | None = None
+
+
+_KIND_NAMES = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in _KIND_NAMES:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+class _Walker:
+    def __init__(self, source: bytes, options: ScanOptions, cancel: threading.Event) -> None:
+        self.source = source.rstrip(b"/") or b"/"
+        self.globs = [(g, compile_glob(g)) for g in options.exclude_globs]
+        self.cancel = cancel
+        self.ordinal = 0
+
+    def _next(self) -> int:
+        self.ordinal += 1
+        return self.ordinal
+
+    def _excluded_by_glob(self, rel: bytes) -> str | None:
+        if not self.globs:
+            return None
+        text = display_path(rel)
+        for pattern, regex in self.globs:
+            if regex.match(text):
+                return f"excluded by --exclude {pattern}"
+        return None
+
+    def walk(self) -> Iterator[_Entry]:
+        stack: list[tuple[bytes, bytes, tuple[str, ...], bytes | None, Iterator[os.DirEntry[bytes]]]] = []
+        top = self._listing(self.source)
+        if isinstance(top, OSError):
+            raise PermissionDenied(f"the folder cannot be listed: {top.strerror}")
+        stack.append((b"", self.source, (), None, top))
+        while stack:
+            if self.cancel.is_set():
+                return
+            rel_dir, abs_dir, folders, hidden, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
+            name = entry.name
+            rel = rel_dir + b"/" + name if rel_dir else name
+            try:
+                is_link = entry.is_symlink()
+                is_dir = not is_link and entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_link, is_dir = False, False
+            if is_dir:
+                listing = self._listing(entry.path)
+                sub_hidden = hidden if hidden is not None else (rel if name.startswith(b".") else None)
+                if isinstance(listing, OSError):
+                    yield _Entry(self._next(), rel + b"/", folders, 0, None,
+                                 exclusion=self._exclusion(rel + b"/", name, hidden),
+                                 problem=("unreadable", f"the folder cannot be listed: {listing.strerror}"))
+                    continue
+                stack.append((rel, entry.path, (*folders, display_path(name)), sub_hidden, listing))
+                continue
+            yield self._file_entry(entry, rel, name, folders, hidden, is_link)
+
+    def _listing(self, path: bytes) -> Iterator[os.DirEntry[bytes]] | OSError:
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            return exc
+        return iter(entries)
+
+    def _exclusion(self, rel: bytes, name: bytes, hidden: bytes | None) -> str | None:
+        reason = classify.hidden_reason(name, in_hidden_folder=hidden)
+        if reason is not None:
+            return reason
+        return self._excluded_by_glob(rel)
+
+    def _file_entry(self, entry: os.DirEntry[bytes], rel: bytes, name: bytes,
+                    folders: tuple[str, ...], hidden: bytes | None, is_link: bool) -> _Entry:
+        ordinal = self._next()
+        exclusion = self._exclusion(rel, name, hidden)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            return _Entry(ordinal, rel, folders, 0, None, exclusion,
+                          ("unreadable", f"cannot stat: {exc.strerror}"))
+        made = _Entry(ordinal, rel, folders, st.st_size, st.st_mtime, exclusion)
+        if exclusion is not None:
+            return made
+        target = entry.path
+        if is_link:
+            problem, target, st = self._follow(entry.path)
+            if problem is not None:
+                made.problem = ("not_a_file", problem)
+                return made
+            made.size, made.mtime = st.st_size, st.st_mtime
+        elif not stat.S_ISREG(st.st_mode):
+            made.problem = ("not_a_file", f"{_kind_of(st.st_mode)}: not read")
+            return made
+        made.task = (ordinal, target, rel, st.st_size, st.st_dev, st.st_ino)
+        return made
+
+    def _follow(self, link: bytes) -> tuple[str | None, bytes, os.stat_result | None]:
+        """(problem, real target, target stat) of a file symlink."""
+        try:
+            target = os.path.realpath(link, strict=True)
+        except OSError as exc:
+            if "loop" in str(exc).lower() or getattr(exc, "errno", None) == 40:
+                return "symbolic link loop: not followed", link, None
+            return "broken symbolic link (its target does not exist)", link, None
+        shown = display_path(target)
+        if not _inside(target, self.source):
+            return f"symbolic link to {shown}, outside the scanned folder: not followed", link, None
+        try:
+            st = os.stat(target)
+        except OSError as exc:
+            return f"symbolic link whose target cannot be read: {exc.strerror}", link, None
+        if stat.S_ISDIR(st.st_mode):
+            link_dir = os.path.dirname(link)
+            if _inside(link_dir, target):
+                return f"symbolic link loop: points back to its own folder {shown}", link, None
+            return f"symbolic link to a folder ({shown}): folder links are not followed", link, None
+        if not stat.S_ISREG(st.st_mode):
+            return f"symbolic link to {_kind_of(st.st_mode)}: not read", link, None
+        return None, target, st
+
+
+# ----------------------------------------------------------------- progress
+
+
+class _Tracker:
+    """Counters written by the scan thread and read by streams (GIL-atomic ints)."""
+
+    def __init__(self) -> None:
+        self.phase = "walking"
+        self.files_seen = 0
+        self.files_done = 0
+        self.bytes_total = 0
+        self.bytes_hashed = 0
+        self.current_path = ""
+        self.started = time.monotonic()
+
+    def snapshot(self) -> Progress:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        files_rate = self.files_done / elapsed
+        bytes_rate = self.bytes_hashed / elapsed
+        eta = None
+        if self.phase == "hashing" and bytes_rate > 0:
+            eta = max(self.bytes_total - self.bytes_hashed, 0) / bytes_rate
+        elif self.phase == "hashing" and files_rate > 0:
+            eta = max(self.files_seen - self.files_done, 0) / files_rate
+        return Progress(self.phase, self.files_seen, self.files_done, self.bytes_total,
+                        self.bytes_hashed, self.current_path, files_rate, bytes_rate, eta)
+
+
+class ScanCancelled(Exception):
+    """The scan was cancelled."""
+
+
+# ----------------------------------------------------------------- the scanner
+
+
+def _worker_init(uid: int | None, gid: int | None) -> None:
+    if gid is not None and os.getuid() == 0:
+        os.setgroups([])
+        os.setgid(gid)
+    if uid is not None and os.getuid() == 0:
+        os.setuid(uid)
+
+
+def _warm() -> int:
+    return os.getpid()
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    files: list[ManifestFile]
+    elapsed: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Scanner:
+    """Runs scans on a pool of `workers` processes (forkserver: safe beside gRPC threads).
+
+    `read_as` = (uid, gid) makes the reading processes drop root for that
+    user (when the service runs as root), so file permissions apply to
+    scans as they would to a person.
+    """
+
+    def __init__(self, workers: int = 0, *, max_file_bytes: int = 20 * 1024**3,
+                 categorizer: classify.Categorizer | None = None,
+                 read_as: tuple[int, int] | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self.max_file_bytes = max_file_bytes
+        self.categorizer = categorizer or classify.Categorizer()
+        self._read_as = read_as
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload(["services.manifest.content"])
+                uid, gid = self._read_as if self._read_as else (None, None)
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    self.workers, mp_context=ctx, initializer=_worker_init, initargs=(uid, gid)
+                )
+            return self._pool
+
+    def start(self) -> None:
+        """Starts every worker process now (not on the first scan)."""
+        pool = self._executor()
+        futures = [pool.submit(_warm) for _ in range(self.workers * 2)]
+        concurrent.futures.wait(futures)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    async def scan(self, source: bytes, options: ScanOptions, tracker: _Tracker | None = None) -> ScanResult:
+        """Scans `source` (a real path from `resolve_source`) in a thread; cancellable."""
+        tracker = tracker or _Tracker()
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self.scan_blocking, source, options, tracker, cancel)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def scan_blocking(self, source: bytes, options: ScanOptions, tracker: _Tracker,
+                      cancel: threading.Event | None = None) -> ScanResult:
+        cancel = cancel or threading.Event()
+        started = time.perf_counter()
+        pool = self._executor()
+        exclude = frozenset(options.exclude_types)
+        walker = _Walker(source, options, cancel)
+        entries: list[_Entry] = []
+        by_ordinal: dict[int, _Entry] = {}
+        pending: set[concurrent.futures.Future[list[tuple[Any, ...]]]] = set()
+        limit = self.workers * 3
+        batch: list[tuple[int, bytes, bytes, int, int, int]] = []
+        batch_bytes = 0
+        batch_cap = 4  # small first batches get every worker busy at once
+
+        def collect(block: bool) -> None:
+            if not pending:
+                return
+            done, _ = concurrent.futures.wait(
+                pending, timeout=None if block else 0,
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
+            for fut in done:
+                pending.discard(fut)
+                for result in fut.result():
+                    item = by_ordinal[result[0]]
+                    item.result = result
+                    tracker.files_done += 1
+                    tracker.bytes_hashed += result[1]
+                    tracker.current_path = display_path(item.raw_path)
+
+        def submit() -> None:
+            nonlocal batch, batch_bytes
+            while len(pending) >= limit:
+                collect(True)
+            pending.add(pool.submit(content.inspect_batch, batch, exclude, self.max_file_bytes))
+            batch, batch_bytes = [], 0
+
+        for entry in walker.walk():
+            entries.append(entry)
+            tracker.files_seen += 1
+            if entry.task is None:
+                tracker.files_done += 1
+                continue
+            by_ordinal[entry.ordinal] = entry
+            tracker.bytes_total += entry.size
+            if batch and batch_bytes + entry.size > BATCH_MAX_BYTES:
+                submit()
+            batch.append(entry.task)
+            batch_bytes += entry.size
+            if len(batch) >= batch_cap:
+                submit()
+                batch_cap = min(batch_cap * 2, BATCH_MAX_FILES)
+            if len(pending) and len(entries) % 256 == 0:
+                collect(False)
+        if cancel.is_set():
+            raise ScanCancelled()
+        if batch:
+            submit()
+        tracker.phase = "hashing"
+        walked = time.perf_counter()
+        while pending:
+            if cancel.is_set():
+                for fut in pending:
+                    fut.cancel()
+                raise ScanCancelled()
+            collect(True)
+        read = time.perf_counter()
+        files = self.assemble(entries, exclude)
+        done = time.perf_counter()
+        return ScanResult(files, done - started, {
+            "walk": walked - started, "read": read - started, "assemble": done - read,
+        })
+
+    # ------------------------------------------------------------- assembly
+
+    def assemble(self, entries: list[_Entry], exclude: frozenset[str]) -> list[ManifestFile]:
+        """Rows from walked entries and worker results: categories, plans, duplicates, families."""
+        categorizer = self.categorizer
+        rows: list[ManifestFile] = []
+        canonical: dict[str, tuple[uuid.UUID, str]] = {}
+        ordinal = 0
+        utc = dt.UTC
+        for entry in entries:
+            ordinal += 1
+            category = categorizer.category(entry.folders)
+            priority = categorizer.priority(category)
+            file_id = uuid.uuid4()
+            modified = dt.datetime.fromtimestamp(entry.mtime, utc) if entry.mtime is not None else None
+            path = display_path(entry.raw_path)
+            result = entry.result
+            if result is None:
+                kind, message = entry.problem if entry.problem else (None, None)
+                rows.append(ManifestFile(
+                    file_id, ordinal, path, entry.raw_path, entry.size, modified, None, "", False,
+                    "other", category, priority, "unsupported", 0, 0, kind, message,
+                    exclusion_reason=entry.exclusion,
+                ))
+                continue
+            (_, size, sha, mime, family, mismatch, pages, ocr, problem, message,
+             excluded_type, attachments) = result
+            exclusion = f"excluded by --exclude-type {family}" if excluded_type else None
+            content_type = classify.ContentType(mime, family)
+            plan = "unsupported" if problem else classify.plan_for(content_type, ocr)
+            duplicate_of = None
+            if sha is not None and problem != "empty" and exclusion is None and size > 0:
+                first = canonical.get(sha)
+                if first is None:
+                    canonical[sha] = (file_id, path)
+                else:
+                    duplicate_of = first[0]
+            rows.append(ManifestFile(
+                file_id, ordinal, path, entry.raw_path, size, modified, sha, mime, mismatch,
+                family, category, priority, plan, pages, ocr, problem, message,
+                duplicate_of, exclusion,
+            ))
+            for att in attachments or ():
+                ordinal += 1
+                (index, name, a_size, a_sha, a_mime, a_family, a_mismatch, a_pages, a_ocr,
+                 a_problem, a_message) = att
+                a_content = classify.ContentType(a_mime, a_family)
+                a_plan = "unsupported" if a_problem else classify.plan_for(a_content, a_ocr)
+                rows.append(ManifestFile(
+                    uuid.uuid4(), ordinal, f"{path}#{index}/{display_path(name.encode('utf-8', 'surrogateescape'))}",
+                    entry.raw_path + b"\x00#" + str(index).encode() + b"/" + name.encode("utf-8", "surrogateescape"),
+                    a_size, modified, a_sha, a_mime, a_mismatch, a_family, category, priority, a_plan,
+                    a_pages, a_ocr, a_problem, a_message, family_parent_file_id=file_id,
+                ))
+        return rows
+
+
+def new_tracker() -> _Tracker:
+    return _Tracker()
+
+
+Tracker = _Tracker
+ProgressCallback = Callable[[Progress], None]

@@ -1,0 +1,107 @@
+"""Settings of a Celery worker process (environment variables `DOCIMPORT_*`).
+
+A worker is a gRPC *client* of the session and cost services, so it extends
+`ClientSettings` (`DOCIMPORT_SESSION_ADDR`, `DOCIMPORT_COST_ADDR`, and
+`DOCIMPORT_TOKEN`, which must be a token of the `worker` scope) with the
+broker, the artifact store, the OCR engine and the pool. Nothing else in the
+worker reads the environment.
+
+`visibility_timeout` must exceed the longest `time_limit` the session
+service gives a task: Redis re-delivers an unacknowledged message after it,
+and with `acks_late` a long task still running would then run twice (the
+second run is harmless - ReportStageStarted answers proceed=false - but
+wasted).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import field_validator
+
+from services.common.config import ClientSettings, CommaList
+from services.common.tasks import STAGES
+
+OcrEngineName = Literal["auto", "rapidocr", "tesseract", "textract", "none"]
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class WorkerSettings(ClientSettings):
+    """Everything a `docimport-worker` process is configured with."""
+
+    # Celery broker: redis://host:port/db or redis+socket:///path/redis.sock.
+    broker_url: str
+    # Local artifact store root (used when artifact_url is unset).
+    artifact_dir: Path = Path("./var/artifacts")
+    # Optional artifact store URL: file:///abs/dir or s3://bucket/prefix (boto3;
+    # the endpoint comes from boto3's own AWS_ENDPOINT_URL_S3 / AWS_* variables).
+    artifact_url: str | None = None
+    # OCR of pages and images with no text: auto picks rapidocr, else
+    # tesseract when its binary is on PATH, else none (text layers only).
+    ocr_engine: OcrEngineName = "auto"
+    # Rendering resolution of a PDF page for OCR.
+    ocr_dpi: int = 200
+    # Threads of one OCR inference; 0 = CPU cores / concurrency.
+    ocr_threads: int = 0
+    # tesseract binary and language(s), when ocr_engine is tesseract.
+    tesseract_cmd: str = "tesseract"
+    tesseract_lang: str = "eng"
+    # AWS region of Textract (credentials come from boto3's usual chain).
+    textract_region: str = "us-east-1"
+    # Queues this worker consumes (comma-separated).
+    queues: CommaList = STAGES
+    # Worker processes (prefork) or threads; 0 = CPU cores.
+    concurrency: int = 0
+    # prefork (production: time limits are enforced), solo or threads.
+    pool: Literal["prefork", "solo", "threads"] = "prefork"
+    # Seconds Redis waits before re-delivering an unacknowledged message.
+    visibility_timeout: float = 4 * 3600.0
+    # Hard and soft time limits when the message carries none, seconds.
+    default_time_limit: float = 3600.0
+    default_soft_time_limit: float = 3300.0
+    # Attempts of a report to a service that answers UNAVAILABLE.
+    report_attempts: int = 4
+    report_backoff: float = 0.5
+    # Chunking: target characters per chunk and overlap between chunks.
+    chunk_size: int = 2000
+    chunk_overlap: int = 200
+    # Restart a prefork child after this many tasks (bounds native leaks).
+    max_tasks_per_child: int = 200
+    log_level: str = "INFO"
+    metrics_port: int = 0
+
+    _split_queues = field_validator("queues", mode="before")(_split)
+
+    @field_validator("queues")
+    @classmethod
+    def _known_queues(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [q for q in value if q not in STAGES]
+        if unknown or not value:
+            raise ValueError(f"queues must be among {', '.join(STAGES)}; got {', '.join(value) or 'none'}")
+        return value
+
+    @property
+    def effective_concurrency(self) -> int:
+        return self.concurrency or (os.cpu_count() or 1)
+
+    @property
+    def effective_ocr_threads(self) -> int:
+        if self.ocr_threads:
+            return self.ocr_threads
+        if self.pool == "solo":
+            return os.cpu_count() or 1
+        return max(1, (os.cpu_count() or 1) // self.effective_concurrency)
+
+    @property
+    def store_url(self) -> str:
+        """The artifact store as a URL (file:// of artifact_dir by default)."""
+        if self.artifact_url:
+            return self.artifact_url
+        return self.artifact_dir.resolve().as_uri()
