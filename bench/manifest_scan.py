@@ -22,8 +22,8 @@ service's time.
 
 Corpus (generated under --dir, default a temporary folder, deleted after
 unless --keep): small files in case-like folders, 1-128 KiB each (log-uniform,
-~20 KiB mean, reproducible): 10% one-page text PDFs, 10% PNGs, 5% e-mails,
-the rest plain text and unrecognised binary; large files: scanned PDFs of
+~20 KiB mean, reproducible): 10% one-page text PDFs, 20% PNGs, 10% e-mails,
+55% plain text and 5% unrecognised binary; large files: scanned PDFs of
 1 MiB image pages (the first `--large - 1`) and one MP4 video.
 """
 
@@ -140,11 +140,11 @@ def make_corpus(base: Path, small: int, large: int, large_mb: int, seed: int = 7
             with open(path, "wb") as out:
                 _pdf([(f"Document {i} of the bench corpus", 0)], out)
             continue
-        if kind < 0.20:
+        if kind < 0.30:
             path, data = small_dir / folder / f"photo_{i:06d}.png", _png(size, rng)
-        elif kind < 0.25:
+        elif kind < 0.40:
             path, data = small_dir / folder / f"mail_{i:06d}.eml", _eml(size, i, rng)
-        elif kind < 0.60:
+        elif kind < 0.95:
             path = small_dir / folder / f"notes_{i:06d}.txt"
             data = (f"note {i}\n" * (size // 8 + 1)).encode()[:size]
         else:

@@ -16,7 +16,16 @@ class CostSettings(ServiceSettings):
     port: int = 50063
     # The book loaded as version 1 when the ledger has none.
     price_book_file: Path = DEFAULT_PRICE_BOOK
-    # Overrides the book's price of a local CPU-second, when set.
+    # Overrides the book's price of a local CPU-second when it is loaded as
+    # version 1 (DOCIMPORT_CPU_SECOND_RATE, a decimal string).
     cpu_second_rate: Decimal | None = None
-    # Lifetime of an unsettled budget reservation, seconds.
+    # Lifetime of an unsettled budget reservation, seconds (a request's ttl wins).
     reservation_ttl: float = 3600.0
+    # How often overdue reservations are marked expired, seconds (0 = never;
+    # reads discount them either way).
+    expiry_sweep_interval: float = 30.0
+    # WatchCosts: a stream re-reads its totals at least this often, seconds,
+    # even without a change notification ...
+    watch_poll_interval: float = 5.0
+    # ... and at most once per this many seconds (bursts are coalesced).
+    watch_min_interval: float = 0.1

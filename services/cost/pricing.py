@@ -179,6 +179,9 @@ class PriceBook:
 def _decimal(value: Any, where: str, problems: list[FieldViolation], *,
              maximum: Decimal) -> Decimal | None:
     """A non-negative Decimal with <= 8 places from a string, int or Decimal."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        problems.append(FieldViolation(where, "is required"))
+        return None
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
         problems.append(FieldViolation(where, "must be a decimal number (a string or a TOML number)"))
         return None
@@ -262,7 +265,7 @@ def build_draft(
         service = _name(raw.get("service"), f"{where}.service", problems)
         operation = _name(raw.get("operation"), f"{where}.operation", problems)
         unit = _name(raw.get("unit"), f"{where}.unit", problems)
-        unit_price = _decimal(raw.get("unit_price", ""), f"{where}.unit_price", problems,
+        unit_price = _decimal(raw.get("unit_price"), f"{where}.unit_price", problems,
                               maximum=MAX_UNIT_PRICE)
         text = raw.get("description", "")
         if not isinstance(text, str):
@@ -288,7 +291,7 @@ def build_draft(
         basis = _choice(raw.get("basis"), f"{where}.basis", BASES, problems)
         service = _name(raw.get("service"), f"{where}.service", problems)
         operation = _name(raw.get("operation"), f"{where}.operation", problems)
-        units_per = _decimal(raw.get("units_per", ""), f"{where}.units_per", problems,
+        units_per = _decimal(raw.get("units_per"), f"{where}.units_per", problems,
                              maximum=MAX_UNITS_PER)
         if service and operation and (service, operation) not in seen:
             problems.append(

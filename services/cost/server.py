@@ -1,11 +1,17 @@
 """Wires the cost service: pool, store, servicer, gRPC server, shutdown.
 
 Owns the process's asyncpg pool (opened in `serve`, closed after the server
-has drained). `build_server` is what tests call: it takes a ready store and
-returns the running server on an ephemeral port when `settings.port` is 0.
+has drained and the store has given back its LISTEN connection) and the
+background sweep that marks overdue budget reservations expired.
+`build_server` is what tests call: it takes a ready store and returns the
+running server on an ephemeral port when `settings.port` is 0.
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
 
 from docimport.cost.v1 import cost_service_pb2, cost_service_pb2_grpc
 
@@ -15,6 +21,8 @@ from services.common.grpc_server import serve_until_stopped, start_metrics_serve
 from services.cost.config import CostSettings
 from services.cost.servicer import POLICY, CostServicer
 from services.cost.store import CostStore
+
+logger = logging.getLogger(__name__)
 
 SERVICE_NAME = cost_service_pb2.DESCRIPTOR.services_by_name["CostService"].full_name
 
@@ -29,6 +37,17 @@ async def build_server(settings: CostSettings, *, store: CostStore) -> RunningSe
     )
 
 
+async def sweep_expired(store: CostStore, interval: float) -> None:
+    """Marks overdue reservations expired every `interval` seconds, until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            while await store.expire_reservations() > 0:
+                pass
+        except Exception:  # noqa: BLE001 - a failed sweep is retried on the next tick
+            logger.warning("reservation expiry sweep failed", exc_info=True)
+
+
 async def serve(settings: CostSettings) -> None:
     pool = await db.create_pool(
         settings.database_url.get_secret_value(),
@@ -39,4 +58,14 @@ async def serve(settings: CostSettings) -> None:
     await store.ensure_default_price_book(settings.price_book_file, settings.cpu_second_rate)
     running = await build_server(settings, store=store)
     start_metrics_server(settings.metrics_port)
-    await serve_until_stopped(running, settings, cleanup=[pool.close])
+    sweeper = None
+    if settings.expiry_sweep_interval > 0:
+        sweeper = asyncio.create_task(sweep_expired(store, settings.expiry_sweep_interval))
+
+    async def stop_sweeper() -> None:
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    await serve_until_stopped(running, settings, cleanup=[stop_sweeper, store.close, pool.close])

@@ -233,7 +233,7 @@ GROUP BY GROUPING SETS ((kind), (kind, service), (kind, service, operation),
 # GROUPING() bit masks (1 = column not grouped) of the grouping sets above.
 _TOTAL, _BY_SERVICE, _BY_OPERATION, _BY_STAGE, _BY_CATEGORY = 15, 7, 3, 13, 14
 
-_READ_BUDGET = f"""
+_READ_BUDGET = """
 SELECT b.session_id, b.limit_amount, b.reserved - coalesce(o.overdue, 0) AS reserved,
        b.spent, b.overrun, b.updated_at
 FROM cost.budgets b
@@ -854,6 +854,7 @@ class ChangeFeed:
         self._subscribers: dict[str, set[asyncio.Event]] = {}
         self._conn: Any = None
         self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def subscriber_count(self) -> int:
@@ -861,7 +862,7 @@ class ChangeFeed:
 
     @property
     def listening(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed()
+        return self._conn is not None and _alive(self._conn)
 
     @contextlib.asynccontextmanager
     async def subscribe(self, session_id: uuid.UUID) -> AsyncIterator[asyncio.Event]:
@@ -880,7 +881,9 @@ class ChangeFeed:
                     del self._subscribers[key]
             if not self._subscribers:
                 # Not awaited here: this may run while the task is being cancelled.
-                asyncio.get_running_loop().create_task(self._stop_if_idle())
+                task = asyncio.get_running_loop().create_task(self._stop_if_idle())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def ensure_listening(self) -> None:
         """(Re)starts listening when someone is subscribed and the connection is gone."""
@@ -896,11 +899,20 @@ class ChangeFeed:
             except BaseException:
                 await self._pool.release(conn)
                 raise
+            conn.add_termination_listener(self._terminated)
             self._conn = conn
         # Anything may have changed while nobody listened.
+        self._wake_all()
+
+    def _wake_all(self) -> None:
         for events in self._subscribers.values():
             for event in events:
                 event.set()
+
+    def _terminated(self, _conn: object) -> None:
+        """The LISTEN connection was lost: wake every stream, which re-listens and re-reads."""
+        logger.warning("the LISTEN connection was lost; listening again")
+        self._wake_all()
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         for event in self._subscribers.get(payload, ()):
@@ -913,17 +925,27 @@ class ChangeFeed:
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is None:
+        if conn is None or not _alive(conn):
+            # A lost connection has already gone back to the pool by itself.
             return
         try:
-            if not conn.is_closed():
-                await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
+            conn.remove_termination_listener(self._terminated)
+            await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
             logger.warning("could not UNLISTEN; dropping the connection", exc_info=True)
         finally:
-            await self._pool.release(conn)
+            with contextlib.suppress(asyncpg.InterfaceError):
+                await self._pool.release(conn)
 
     async def close(self) -> None:
         async with self._lock:
             self._subscribers.clear()
             await self._drop()
+
+
+def _alive(conn: Any) -> bool:
+    """Whether a pooled connection is still ours and open (a lost one detaches itself)."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False

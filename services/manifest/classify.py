@@ -66,11 +66,22 @@ _PREFIXES: tuple[tuple[bytes, str], ...] = (
     (b"GIF89a", "image/gif"),
     (b"II*\x00", "image/tiff"),
     (b"MM\x00*", "image/tiff"),
-    (b"BM", "image/bmp"),
     (b"{\\rtf", MIME_RTF),
     (b"\x1f\x8b", "application/gzip"),
     (b"7z\xbc\xaf\x27\x1c", "application/x-7z-compressed"),
     (b"Rar!\x1a\x07", "application/vnd.rar"),
+    (b"BZh", "application/x-bzip2"),
+    (b"\xfd7zXZ\x00", "application/x-xz"),
+    (b"ID3", "audio/mpeg"),
+    (b"OggS", "audio/ogg"),
+    (b"fLaC", "audio/flac"),
+    (b"\x1aE\xdf\xa3", "video/x-matroska"),
+    (b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "video/x-ms-asf"),
+    (b"\x00\x00\x01\xba", "video/mpeg"),
+    (b"\x00\x00\x01\xb3", "video/mpeg"),
+    (b"8BPS", "image/vnd.adobe.photoshop"),
+    (b"\x7fELF", "application/x-executable"),
+    (b"SQLite format 3\x00", "application/vnd.sqlite3"),
 )
 
 # Extensions whose expected family is known, for `extension_mismatch`.
@@ -143,8 +154,9 @@ def sniff(head: bytes) -> ContentType:
     for prefix, mime in _PREFIXES:
         if head.startswith(prefix):
             return ContentType(mime, family_of(mime))
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return ContentType("image/webp", "image")
+    media = _media_kind(head)
+    if media is not None:
+        return ContentType(media, family_of(media))
     text = _text_kind(head)
     if text is not None:
         return ContentType(text, family_of(text))
@@ -152,6 +164,31 @@ def sniff(head: bytes) -> ContentType:
     if guess is not None:
         return ContentType(guess.mime, family_of(guess.mime))
     return ContentType(MIME_UNKNOWN, "other")
+
+
+_FTYP_BRANDS = {
+    b"qt  ": "video/quicktime", b"M4A ": "audio/mp4", b"M4B ": "audio/mp4",
+    b"heic": "image/heic", b"heix": "image/heic", b"mif1": "image/heif", b"avif": "image/avif",
+    b"3gp4": "video/3gpp", b"3gp5": "video/3gpp",
+}
+_RIFF_FORMS = {b"WEBP": "image/webp", b"WAVE": "audio/wav", b"AVI ": "video/x-msvideo"}
+
+
+def _media_kind(head: bytes) -> str | None:
+    """Containers recognised by a tag at an offset (ISO BMFF, RIFF, MPEG audio, tar)."""
+    if head[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(head[8:12], "video/mp4")
+    if head[:4] == b"RIFF":
+        return _RIFF_FORMS.get(head[8:12])
+    if head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+        return "audio/mpeg"
+    if head[257:262] == b"ustar":
+        return "application/x-tar"
+    if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+        return "image/bmp"
+    if head[:2] == b"MZ" and b"\x00" in head[:64]:
+        return "application/x-msdownload"
+    return None
 
 
 def _zip_kind(head: bytes) -> str:
@@ -209,13 +246,12 @@ def _mostly_printable(sample: bytes) -> bool:
 
 def _looks_like_mail(sample: bytes) -> bool:
     """The text opens with a header block holding at least two mail headers."""
-    block = sample.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-    if not block or block[:1] in (b" ", b"\t"):
-        return False
-    names = {m.group(1).lower() for m in _HEADER_LINE.finditer(block)}
-    first = block.split(b"\n", 1)[0]
+    end = sample.find(b"\n", 0, 1000)
+    first = sample[: end if end >= 0 else 1000]
     if not (_HEADER_LINE.match(first) or first.startswith(b"From ")):
         return False
+    block = sample[:4096].split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    names = {m.group(1).lower() for m in _HEADER_LINE.finditer(block)}
     return len(names.intersection(_MAIL_HEADERS)) >= 2
 
 

@@ -22,6 +22,17 @@ class ManifestSettings(ServiceSettings):
     scan_workers: int = 0
     # Files larger than this are listed with problem too_large.
     max_file_bytes: int = 20 * 1024**3
+    # Scans running at once in this process; more wait their turn.
+    max_concurrent_scans: int = 2
+    # When the service runs as root: the reading processes drop to this
+    # user and group, so file permissions apply to scans.
+    scan_uid: int | None = None
+    scan_gid: int | None = None
+    # Category table, JSON: {"pleadings": ["complaints", "motions"], ...}
+    # (folder-name aliases); unset = the built-in table of classify.py.
+    categories: dict[str, list[str]] | None = None
+    # Processing priority per category, JSON: {"pleadings": 10, ...}; lower runs first.
+    category_priorities: dict[str, int] = {}
 
     @field_validator("source_roots", mode="before")
     @classmethod

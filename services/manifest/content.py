@@ -22,6 +22,7 @@ need OCR, at a third of the cost of building PDFium text pages.
 
 from __future__ import annotations
 
+import email.header
 import email.parser
 import email.policy
 import errno
@@ -30,6 +31,7 @@ import io
 import os
 import stat
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import pypdfium2 as pdfium
@@ -298,28 +300,72 @@ def _has_text(holder: Any, count_objects: Any, get_object: Any, depth: int = 0) 
 
 # ----------------------------------------------------------------- e-mail
 
-_MAIL_PARSER = email.parser.BytesParser(policy=email.policy.default)
+_MAIL_PARSER = email.parser.BytesParser(policy=email.policy.compat32)
+
+
+def _header_block(raw: bytes) -> bytes:
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        end = raw.find(separator, 0, 1 << 20)
+        if end >= 0:
+            return raw[:end]
+    return raw[: 1 << 16]
+
+
+def _leaf_parts(message: Any) -> Iterator[Any]:
+    """Leaf parts of a multipart message; an attached message is one leaf."""
+    for part in message.get_payload():
+        if part.get_content_type() == "message/rfc822":
+            yield part
+        elif part.is_multipart():
+            yield from _leaf_parts(part)
+        else:
+            yield part
+
+
+def _filename(part: Any, index: int) -> str:
+    try:
+        name = part.get_filename()
+    except Exception:  # noqa: BLE001
+        name = None
+    if name and "=?" in name:
+        try:
+            name = str(email.header.make_header(email.header.decode_header(name)))
+        except Exception:  # noqa: BLE001
+            pass
+    if not name and part.get_content_type() == "message/rfc822":
+        name = f"attachment-{index}.eml"
+    name = (name or f"attachment-{index}").replace("/", "_").replace("\\", "_").replace("\x00", "_")
+    return name
 
 
 def _attachments(raw: bytes) -> tuple[tuple[Any, ...], int, int]:
-    """The attachments of a message, and their pages and OCR pages added up."""
+    """The attachments of a message, and their pages and OCR pages added up.
+
+    Parsed with the compat32 policy (9x faster than the default policy);
+    only messages whose headers say multipart can have attachments.
+    """
+    if b"multipart/" not in _header_block(raw).lower():
+        return (), 0, 0
     try:
         message = _MAIL_PARSER.parsebytes(raw)
-        parts = list(message.iter_attachments())  # type: ignore[attr-defined]
+        leaves = list(_leaf_parts(message)) if message.is_multipart() else []
     except Exception:  # noqa: BLE001 - a malformed message still lists as a file
         return (), 0, 0
     found = []
     pages = ocr = 0
-    for index, part in enumerate(parts, start=1):
+    index = 0
+    for part in leaves:
+        is_message = part.get_content_type() == "message/rfc822"
+        disposition = str(part.get("Content-Disposition", "")).strip().lower()
+        if not (is_message or disposition.startswith("attachment") or part.get_param("filename", header="content-disposition") or part.get_param("name")):
+            continue
+        index += 1
+        filename = _filename(part, index)
         try:
-            filename = part.get_filename() or f"attachment-{index}"
-        except Exception:  # noqa: BLE001
-            filename = f"attachment-{index}"
-        filename = filename.replace("/", "_").replace("\\", "_")
-        try:
-            if part.get_content_maintype() == "message":
-                inner = part.get_payload(0) if part.is_multipart() else part.get_payload()
-                data = inner.as_bytes() if hasattr(inner, "as_bytes") else b""
+            if is_message:
+                payload = part.get_payload()
+                inner = payload[0] if isinstance(payload, list) and payload else None
+                data = inner.as_bytes() if inner is not None else b""
             else:
                 data = part.get_payload(decode=True) or b""
         except Exception:  # noqa: BLE001

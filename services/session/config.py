@@ -39,13 +39,11 @@ class SessionSettings(ServiceSettings):
     stall_after: float = 600.0
     # Seconds between heartbeats on idle watch streams.
     heartbeat_interval: float = 15.0
-    # Events kept in memory per watched session; a watcher further behind
-    # than `watch_coalesce_after` events gets a snapshot instead.
+    # Events kept in memory per watched session (shared by its watchers).
     watch_buffer: int = 8192
-    watch_coalesce_after: int = 2000
-    # A resuming watcher at most this many events behind gets them replayed;
-    # further behind, a snapshot.
-    watch_replay_limit: int = 20000
+    # A watcher further behind than this many events (a slow client, or a
+    # resume from long ago) gets one snapshot instead of the backlog.
+    watch_coalesce_after: int = 5000
     # Stage reports applied per database transaction at most.
     report_batch: int = 256
     # Deadline of calls to the manifest and cost services, seconds.

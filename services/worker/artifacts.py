@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +55,10 @@ class StoredArtifact:
 class ArtifactStore(Protocol):
     url: str
 
+    def take_requests(self) -> dict[tuple[str, str], int]:
+        """Billable store requests made by this thread since the last call, by (service, operation)."""
+        ...
+
     def get(self, sha256: str, stage: str, version: str) -> StoredArtifact | None: ...
 
     def put(self, sha256: str, stage: str, version: str, data: bytes) -> ArtifactRef: ...
@@ -81,6 +86,9 @@ class LocalArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.url = file_uri(self.root)
+
+    def take_requests(self) -> dict[tuple[str, str], int]:
+        return {}
 
     def path(self, sha256: str, stage: str, version: str) -> Path:
         return self.root / artifact_key(sha256, stage, version)
@@ -152,6 +160,16 @@ class S3ArtifactStore:
 
             client = boto3.client("s3")
         self.client = client
+        self._local = threading.local()
+
+    def _count(self, operation: str) -> None:
+        counts = self._local.__dict__.setdefault("counts", {})
+        counts[("s3", operation)] = counts.get(("s3", operation), 0) + 1
+
+    def take_requests(self) -> dict[tuple[str, str], int]:
+        """GETs as get_request; PUTs and LISTs as put_request (S3 bills LIST at the PUT rate)."""
+        counts = self._local.__dict__.pop("counts", {})
+        return dict(counts)
 
     def _key(self, sha256: str, stage: str, version: str) -> str:
         key = artifact_key(sha256, stage, version)
@@ -164,6 +182,7 @@ class S3ArtifactStore:
         from botocore.exceptions import ClientError
 
         key = self._key(sha256, stage, version)
+        self._count("get_request")
         try:
             data = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except ClientError as exc:
@@ -177,6 +196,7 @@ class S3ArtifactStore:
 
         key = self._key(sha256, stage, version)
         ref = _ref(self._uri(key), data)
+        self._count("put_request")
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -202,6 +222,7 @@ class S3ArtifactStore:
         found: list[tuple[Any, str]] = []
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            self._count("put_request")
             for item in page.get("Contents", []):
                 name = item["Key"][len(prefix) :]
                 if name.endswith(".json") and "/" not in name:

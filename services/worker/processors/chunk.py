@@ -55,9 +55,9 @@ def chunk_text(text: str, pages: list[dict[str, Any]] | None = None, *, size: in
             hi -= 1
         if hi > lo:
             chunk: dict[str, Any] = {"index": len(chunks), "start": lo, "end": hi, "text": text[lo:hi]}
-            if pages:
+            last = bisect.bisect_right(starts, hi - 1) - 1
+            if pages and last >= 0:  # text before the first page (an e-mail body) has none
                 first = max(0, bisect.bisect_right(starts, lo) - 1)
-                last = max(0, bisect.bisect_right(starts, hi - 1) - 1)
                 chunk["pages"] = [int(pages[first]["number"]), int(pages[last]["number"])]
             chunks.append(chunk)
         if end >= length:

@@ -10,7 +10,8 @@ entity's text) plus a `normalized` value where one is useful:
   kept. Line breaks are replaced by spaces first (same length, so offsets
   hold) because PDF text breaks citations across lines.
 - case_number: federal docket numbers like 2:24-cv-01234 (with judge
-  initials), and "No. 24-1234"-style numbers after "Case No."/"Docket No.".
+  initials), and other numbers right after "Case No."/"Docket No."/"Index
+  No."; the span is the number itself.
 - money: $250,000.00, USD 1,200 - normalised as an exact decimal string,
   never a float.
 - date: "March 14, 2024", "Mar. 14, 2024", "14 March 2024", 03/15/2024,
@@ -50,8 +51,8 @@ _MONTH = r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|A
 
 _PATTERNS: dict[str, re.Pattern[str]] = {
     "case_number": re.compile(
-        r"\b\d{1,2}:\d{2}-(?:cv|cr|mc|mj|bk|ap|md|po|sw|misc)-\d{3,6}(?:-[A-Z]{2,4}){0,3}\b"
-        r"|(?<=(?:Case|Docket|Civil Action) No\. )[A-Z0-9][A-Z0-9:-]*\d",
+        r"\b(?P<v>\d{1,2}:\d{2}-(?:cv|cr|mc|mj|bk|ap|md|po|sw|misc)-\d{3,6}(?:-[A-Z]{2,4}){0,3})\b"
+        r"|\b(?:Case|Docket|Civil Action|Index) No\.?\s*(?P<w>[A-Z0-9][A-Z0-9:-]*\d)\b",
         re.IGNORECASE,
     ),
     "email": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+\b"),
@@ -129,15 +130,18 @@ def find_entities(text: str) -> list[dict[str, Any]]:
     for kind, pattern in _PATTERNS.items():
         for match in pattern.finditer(flat):
             entity_type = "date" if kind.startswith("date") else kind
-            entity: dict[str, Any] = {"type": entity_type, "start": match.start(), "end": match.end()}
+            group = next((g for g in ("v", "w") if g in pattern.groupindex and match.group(g)), 0)
+            start, end = match.span(group)
+            entity: dict[str, Any] = {"type": entity_type, "start": start, "end": end}
+            value = match.group(group)
             if entity_type == "money":
-                entity["normalized"] = _money(match.group())
+                entity["normalized"] = _money(value)
             elif entity_type == "date":
-                entity["normalized"] = _date(kind, match.group())
-            elif entity_type == "email":
-                entity["normalized"] = match.group().lower()
+                entity["normalized"] = _date(kind, value)
+            elif entity_type in ("email", "case_number"):
+                entity["normalized"] = value.lower()
             elif entity_type == "phone":
-                entity["normalized"] = re.sub(r"\D", "", match.group())[-10:]
+                entity["normalized"] = re.sub(r"\D", "", value)[-10:]
             candidates.append(entity)
     rank = {name: index for index, name in enumerate(PRIORITY)}
     candidates.sort(key=lambda e: (rank[e["type"]], e["start"], -(e["end"] - e["start"])))

@@ -71,6 +71,8 @@ class RapidOcrEngine:
 
     name = "rapidocr"
     service = "local"
+    # Images whose longer side is shorter than this are enlarged first (up to 4x).
+    MIN_SIDE = 1600
 
     def __init__(self, threads: int = 0) -> None:
         self.version = importlib.metadata.version("rapidocr-onnxruntime")
@@ -103,7 +105,13 @@ class RapidOcrEngine:
         import numpy as np
 
         engine = self.load()
-        array = np.asarray(image.convert("RGB"))
+        image = image.convert("RGB")
+        longest = max(image.size)
+        if 0 < longest < self.MIN_SIDE:
+            # Small pictures carry small text, which the recogniser reads without spaces.
+            factor = min(4.0, self.MIN_SIDE / longest)
+            image = image.resize((round(image.width * factor), round(image.height * factor)), Image.LANCZOS)
+        array = np.asarray(image)
         result, _ = engine(array)
         items = []
         for box, text, _score in result or []:

@@ -2,10 +2,11 @@
 
 Owns decoding bytes of unknown encoding: UTF-8 (with or without BOM) when it
 decodes strictly, else the best guess of charset-normalizer over the first
-MiB, decoded with replacement characters for the odd bad byte. Bytes no
-encoding explains are not text (permanent, "unsupported"). HTML becomes text
-with the stdlib parser: scripts and styles dropped, block elements on their
-own lines, table cells separated by " | ", entities unescaped.
+MiB (cp1252 winning near-ties), decoded with replacement characters for the
+odd bad byte. Bytes no encoding explains are not text (permanent,
+"unsupported"). HTML becomes text with the stdlib parser: head, scripts and
+styles dropped, block elements on their own lines, table cells separated by
+" | ", entities unescaped, runs of blanks (nbsp included) made one space.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from services.worker.processors.base import PermanentError, normalize_newlines
 
 VERSION = "1"
 SAMPLE = 1024 * 1024
+WESTERN = "cp1252"
+NEAR_TIE = 0.1
 
 _BLOCK = {
     "p", "div", "br", "li", "ul", "ol", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6",
     "section", "article", "header", "footer", "blockquote", "pre", "hr", "title", "dl", "dt",
     "dd", "address", "figure", "figcaption", "main", "nav", "aside", "form", "fieldset",
 }
-_SKIP = {"script", "style", "noscript", "template", "svg", "head"}
+_SKIP = {"script", "style", "noscript", "template", "svg", "head"}  # head: its title repeats the body
 
 
 def decode(data: bytes) -> tuple[str, str]:
@@ -36,9 +39,15 @@ def decode(data: bytes) -> tuple[str, str]:
         pass
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data[:SAMPLE]).best()
-    if best is None or best.encoding is None:
+    matches = list(from_bytes(data[:SAMPLE]))
+    if not matches:
         raise PermanentError("unsupported", "the file is not text in any encoding charset-normalizer knows")
+    best = matches[0]
+    # Short Western text often fits a Baltic or Central European code page as well
+    # as cp1252; US and EU legal files are far more often cp1252, so it wins near-ties.
+    western = next((m for m in matches if m.encoding == WESTERN), None)
+    if western is not None and western.chaos <= best.chaos + NEAR_TIE and western.coherence >= best.coherence - NEAR_TIE:
+        best = western
     return data.decode(best.encoding, errors="replace"), best.encoding
 
 
@@ -51,7 +60,7 @@ class _HtmlText(HTMLParser):
         self.title_seen = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIP and tag != "head":
+        if tag in _SKIP:
             self.skip += 1
         elif tag == "pre":
             self.pre += 1
@@ -61,7 +70,7 @@ class _HtmlText(HTMLParser):
             self.out.append("\n")
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIP and tag != "head":
+        if tag in _SKIP:
             self.skip = max(0, self.skip - 1)
         elif tag == "pre":
             self.pre = max(0, self.pre - 1)

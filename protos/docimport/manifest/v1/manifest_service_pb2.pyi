@@ -128,7 +128,7 @@ class CostLine(_message.Message):
     def __init__(self, service: _Optional[str] = ..., operation: _Optional[str] = ..., units: _Optional[str] = ..., amount: _Optional[_Union[_common_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class ManifestSummary(_message.Message):
-    __slots__ = ("file_count", "total_bytes", "importable_count", "duplicate_count", "problem_count", "excluded_count", "page_count", "ocr_page_count", "by_type", "by_category", "by_problem", "by_plan", "estimated_total", "estimated_by_service", "estimated_by_operation", "price_book_version")
+    __slots__ = ("file_count", "total_bytes", "importable_count", "duplicate_count", "problem_count", "excluded_count", "page_count", "ocr_page_count", "by_type", "by_category", "by_problem", "by_plan", "estimated_total", "estimated_by_service", "estimated_by_operation", "price_book_version", "attachment_count", "pricing_note")
     FILE_COUNT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     IMPORTABLE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,8 @@ class ManifestSummary(_message.Message):
     ESTIMATED_BY_SERVICE_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_BY_OPERATION_FIELD_NUMBER: _ClassVar[int]
     PRICE_BOOK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ATTACHMENT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PRICING_NOTE_FIELD_NUMBER: _ClassVar[int]
     file_count: int
     total_bytes: int
     importable_count: int
@@ -161,7 +163,9 @@ class ManifestSummary(_message.Message):
     estimated_by_service: _containers.RepeatedCompositeFieldContainer[CostLine]
     estimated_by_operation: _containers.RepeatedCompositeFieldContainer[CostLine]
     price_book_version: int
-    def __init__(self, file_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., importable_count: _Optional[int] = ..., duplicate_count: _Optional[int] = ..., problem_count: _Optional[int] = ..., excluded_count: _Optional[int] = ..., page_count: _Optional[int] = ..., ocr_page_count: _Optional[int] = ..., by_type: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., by_category: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., by_problem: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., by_plan: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., estimated_total: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., estimated_by_service: _Optional[_Iterable[_Union[CostLine, _Mapping]]] = ..., estimated_by_operation: _Optional[_Iterable[_Union[CostLine, _Mapping]]] = ..., price_book_version: _Optional[int] = ...) -> None: ...
+    attachment_count: int
+    pricing_note: str
+    def __init__(self, file_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., importable_count: _Optional[int] = ..., duplicate_count: _Optional[int] = ..., problem_count: _Optional[int] = ..., excluded_count: _Optional[int] = ..., page_count: _Optional[int] = ..., ocr_page_count: _Optional[int] = ..., by_type: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., by_category: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., by_problem: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., by_plan: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., estimated_total: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., estimated_by_service: _Optional[_Iterable[_Union[CostLine, _Mapping]]] = ..., estimated_by_operation: _Optional[_Iterable[_Union[CostLine, _Mapping]]] = ..., price_book_version: _Optional[int] = ..., attachment_count: _Optional[int] = ..., pricing_note: _Optional[str] = ...) -> None: ...
 
 class Manifest(_message.Message):
     __slots__ = ("manifest_id", "case_name", "source_path", "state", "created_at", "summary", "request_id", "error", "schema_version")

@@ -21,7 +21,8 @@ CREATE TABLE manifest.manifests (
     options            jsonb       NOT NULL DEFAULT '{}'::jsonb,
     summary            jsonb       NOT NULL DEFAULT '{}'::jsonb,
     price_book_version integer,
-    estimated_total    numeric(24, 8),
+    -- Exact sums of the cost service's per-file estimates (8 + 8 digits), never rounded.
+    estimated_total    numeric(38, 16),
     created_at         timestamptz NOT NULL DEFAULT now(),
     finished_at        timestamptz,
     deleted_at         timestamptz,
@@ -55,7 +56,7 @@ CREATE TABLE manifest.manifest_files (
     duplicate_of_file_id  uuid,
     exclusion_reason      text,
     family_parent_file_id uuid,
-    estimated_cost        numeric(24, 8),
+    estimated_cost        numeric(38, 16),
     CONSTRAINT manifest_files_pkey PRIMARY KEY (file_id),
     CONSTRAINT manifest_files_manifest_fkey FOREIGN KEY (manifest_id)
         REFERENCES manifest.manifests (manifest_id) ON DELETE CASCADE,

@@ -1,0 +1,233 @@
+"""The dispatcher: turns pending documents into published stage runs.
+
+Owns the dispatch loop (a background task of `server.serve`; `stop()` ends
+it). Each round, for every running session with ready documents, the store
+claims a batch with FOR UPDATE SKIP LOCKED inside one transaction (so any
+number of replicas may dispatch at once without double-dispatching), caps
+it by the session's and the service's in-flight limits, reserves budget
+with the cost service for paid stages (ReserveBudget with every item of
+the batch and allow_partial; RESOURCE_EXHAUSTED or a partial grant marks
+the session budget_exhausted), creates the stage runs with their task ids
+and leases, commits, and only then publishes the batch through the
+Enqueuer. A failed publish puts the runs back (their attempt does not
+count). No SQL here, no Celery: the store and the Enqueuer do those.
+
+The loop wakes on `wake()` (a stage result, start, resume or retry in this
+process) or on any session NOTIFY (another replica), else every
+`dispatch_interval` seconds. The overall cap counts live runs at the start of
+a round: with several replicas it may be passed by at most one batch per
+other replica; the per-session cap is exact (the session row is locked
+while its round is computed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from decimal import Decimal
+import grpc
+
+from services.common import convert
+from services.common.errors import NotFound
+from services.common.tasks import StagePayload, encode_raw_path
+from services.session.config import SessionSettings
+from services.session.peers import BudgetRefused, CostPeer
+from services.session.queue import Enqueuer, PublishError, StageMessage
+from services.session.store import Claimed, Dispatched, Reservations, SessionInfo, SessionStore, Timing
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+
+
+def timing_for(settings: SessionSettings, size_bytes: int) -> Timing:
+    """Time limits and leases of a stage run, scaled by the file's size."""
+    soft = settings.lease_base + settings.lease_per_mib * (size_bytes / MIB)
+    hard = soft + settings.time_limit_grace
+    return Timing(
+        soft_time_limit=math.ceil(soft),
+        time_limit=math.ceil(hard),
+        queued_lease=settings.queue_wait + hard + settings.time_limit_grace,
+        running_lease=hard + settings.time_limit_grace,
+    )
+
+
+def message_for(d: Dispatched) -> StageMessage:
+    doc = d.document
+    payload = StagePayload(
+        session_id=d.session_id,
+        document_id=doc.document_id,
+        stage=d.stage,
+        attempt=d.attempt,
+        source_path=d.source_path,
+        relative_path=doc.relative_path,
+        raw_path_b64=encode_raw_path(doc.raw_path),
+        sha256=doc.sha256 or "",
+        size_bytes=doc.size_bytes,
+        plan=doc.plan,
+        category=doc.category,
+        page_count=doc.page_count,
+        ocr_page_count=doc.ocr_page_count,
+        lease_seconds=d.timing.running_lease,
+        options={"task_id": d.task_id, "mime_type": doc.mime_type},
+    )
+    return StageMessage(
+        task_id=d.task_id,
+        payload=payload,
+        soft_time_limit=d.timing.soft_time_limit,
+        time_limit=d.timing.time_limit,
+        expires_at=d.lease_expires_at,
+    )
+
+
+class Dispatcher:
+    """Claims, reserves, records and publishes stage runs in batches."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        enqueuer: Enqueuer,
+        settings: SessionSettings,
+        cost: CostPeer | None = None,
+    ) -> None:
+        self._store = store
+        self._enqueuer = enqueuer
+        self._settings = settings
+        self._cost = cost
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.published = 0
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def timing(self, size_bytes: int) -> Timing:
+        return timing_for(self._settings, size_bytes)
+
+    async def run_once(self) -> int:
+        """One round over every dispatchable session; returns runs published."""
+        total = 0
+        room_total = self._settings.max_in_flight_total - await self._store.live_runs()
+        if room_total <= 0:
+            return 0
+        for session_id in await self._store.dispatchable_sessions():
+            while room_total > 0 and not self._stopping:
+                limit = min(self._settings.dispatch_batch, room_total)
+                round_ = await self._store.dispatch_session(
+                    session_id, limit=limit, timing=self.timing, reserve=self._reserve,
+                )
+                if round_.dispatched:
+                    await self._publish(round_.dispatched)
+                    total += len(round_.dispatched)
+                    room_total -= len(round_.dispatched)
+                if round_.budget_exhausted:
+                    logger.info("session %s stopped by its budget", session_id,
+                                extra={"session_id": session_id})
+                if not round_.saturated or not round_.dispatched:
+                    break
+        return total
+
+    async def _publish(self, dispatched: Sequence[Dispatched]) -> None:
+        try:
+            await self._enqueuer.publish([message_for(d) for d in dispatched])
+            self.published += len(dispatched)
+        except PublishError as exc:
+            logger.warning("publish failed; %d runs put back: %s", len(dispatched), exc)
+            release = await self._store.undo_dispatch(dispatched, str(exc))
+            await self.release(release)
+
+    # ---------------------------------------------------------------- budget
+
+    async def _reserve(self, session: SessionInfo, claimed: list[Claimed]) -> Reservations:
+        """Reserves the paid stages of a batch; refused documents stay pending."""
+        paid = [c for c in claimed if c.estimate > 0]
+        everything = frozenset(c.document.document_id for c in paid)
+        if self._cost is None:
+            return Reservations(refused=everything)
+        items = [(f"{c.document.document_id}/{c.stage}/{c.attempt}", c.estimate) for c in paid]
+        ttl = self.timing(max(c.document.size_bytes for c in paid)).queued_lease + 3600
+        try:
+            try:
+                reserved = await self._cost.reserve(session.session_id, items, ttl)
+            except NotFound:
+                # The budget was never set (a crash between create and SetBudget): set it now.
+                await self._cost.set_budget(session.session_id, session.budget_limit or Decimal(0))
+                reserved = await self._cost.reserve(session.session_id, items, ttl)
+        except BudgetRefused as exc:
+            return Reservations(
+                refused=everything,
+                exhausted_reason=(f"budget exhausted: the next stage needs "
+                                  f"{convert.format_money(paid[0].estimate)}; raise the budget "
+                                  f"to resume ({exc})"),
+            )
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("cannot reserve budget for session %s: %s %s; will retry",
+                           session.session_id, exc.code().name, exc.details())
+            return Reservations(refused=everything)
+        granted = {c.document.document_id: g for c, g in zip(paid, reserved.granted, strict=False)}
+        refused = frozenset(c.document.document_id for c in paid[len(reserved.granted):])
+        reason = None
+        if reserved.exhausted or refused:
+            left = reserved.budget.remaining if reserved.budget else Decimal(0)
+            limit = reserved.budget.limit if reserved.budget else session.budget_limit or Decimal(0)
+            reason = (f"budget exhausted: {convert.format_money(left)} left of "
+                      f"{convert.format_money(limit)}; raise the budget to resume")
+        return Reservations(granted=granted, refused=refused, exhausted_reason=reason)
+
+    async def release(self, reservation_ids: Sequence[str]) -> None:
+        """Gives reservations of runs that will not run back to the budget."""
+        if not reservation_ids or self._cost is None:
+            return
+        try:
+            await self._cost.release(reservation_ids)
+        except grpc.aio.AioRpcError as exc:
+            # They expire on their own (their TTL); nothing is lost.
+            logger.warning("releasing %d reservations failed: %s", len(reservation_ids), exc.details())
+
+    async def settle(self, settlements: Sequence[tuple[str, Decimal]]) -> None:
+        """Settles reservations with the actual costs workers reported."""
+        if not settlements or self._cost is None:
+            return
+        try:
+            await self._cost.settle(settlements)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("settling %d reservations failed: %s %s", len(settlements),
+                           exc.code().name, exc.details())
+
+    # ---------------------------------------------------------------- loop
+
+    def start(self) -> None:
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.create_task(self._loop(), name="dispatcher")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _loop(self) -> None:
+        delay = self._settings.dispatch_interval
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                await self.run_once()
+                delay = self._settings.dispatch_interval
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must outlive a bad round
+                logger.exception("dispatch round failed")
+                delay = min(max(delay * 2, 1.0), 30.0)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+            except TimeoutError:
+                pass

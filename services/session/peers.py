@@ -1,0 +1,318 @@
+"""The session service's clients of its peers, the manifest and cost services.
+
+Owns every call this service makes to another service, in domain terms:
+plain dataclasses and Decimals in, the same out; gRPC codes of the peer
+become domain errors (NOT_FOUND -> NotFound, FAILED_PRECONDITION ->
+FailedPrecondition; UNAVAILABLE stays an AioRpcError that the error
+mapping turns into UNAVAILABLE). Calls carry a deadline. Does not own the
+channels (`server.serve` opens and closes them). Besides the servicer and
+server, the only module that imports other services' `_pb2`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import grpc
+from docimport.cost.v1 import cost_service_pb2
+from docimport.manifest.v1 import manifest_service_pb2
+
+from services.common import convert
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.tasks import STAGES
+
+ZERO = Decimal(0)
+
+
+def _money(message: Any) -> Decimal:
+    if not message.amount:
+        return ZERO
+    return convert.parse_money(message, "amount", allow_negative=True, places=convert.LEDGER_PLACES)
+
+
+def _domain_error(exc: grpc.aio.AioRpcError, resource: str, name: str) -> Exception:
+    code = exc.code()
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(resource, name)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(f"{resource} {name}: {exc.details()}", subject=name)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(f"{resource} {name}: {exc.details()}")
+    return exc
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class ManifestInfo:
+    manifest_id: str
+    case_name: str
+    source_path: str
+    ready: bool
+    state_name: str
+    file_count: int
+    estimated_total: Decimal
+
+
+@dataclass(frozen=True)
+class ManifestFileInfo:
+    file_id: str
+    relative_path: str
+    raw_path: bytes
+    size_bytes: int
+    sha256: str
+    mime_type: str
+    category: str
+    priority: int
+    plan: str
+    page_count: int
+    ocr_page_count: int
+    problem_kind: str
+    problem_message: str
+    duplicate_of_path: str
+    duplicate_of_file_id: str
+    exclusion_reason: str
+    estimated_cost: Decimal
+    importable: bool
+    # Set for an attachment of an e-mail: it is processed as part of that e-mail.
+    family_parent_file_id: str = ""
+
+
+class ManifestPeer:
+    def __init__(self, stub: Any, timeout: float) -> None:
+        self._stub = stub
+        self._timeout = timeout
+
+    async def get_manifest(self, manifest_id: str) -> ManifestInfo:
+        try:
+            response = await self._stub.GetManifest(
+                manifest_service_pb2.GetManifestRequest(manifest_id=manifest_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _domain_error(exc, "manifest", manifest_id) from None
+        m = response.manifest
+        return ManifestInfo(
+            manifest_id=m.manifest_id,
+            case_name=m.case_name,
+            source_path=m.source_path,
+            ready=m.state == manifest_service_pb2.MANIFEST_STATE_READY,
+            state_name=manifest_service_pb2.ManifestState.Name(m.state)
+            .removeprefix("MANIFEST_STATE_").lower(),
+            file_count=m.summary.file_count,
+            estimated_total=_money(m.summary.estimated_total),
+        )
+
+    async def iter_files(self, manifest_id: str, page_size: int) -> AsyncIterator[list[ManifestFileInfo]]:
+        token = ""
+        while True:
+            try:
+                response = await self._stub.ListManifestFiles(
+                    manifest_service_pb2.ListManifestFilesRequest(
+                        manifest_id=manifest_id, page_size=page_size, page_token=token
+                    ),
+                    timeout=self._timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise _domain_error(exc, "manifest", manifest_id) from None
+            yield [self._file(f) for f in response.files]
+            token = response.next_page_token
+            if not token:
+                return
+
+    @staticmethod
+    def _file(f: Any) -> ManifestFileInfo:
+        problem_kind = ""
+        if f.HasField("problem") and f.problem.kind:
+            problem_kind = manifest_service_pb2.ProblemKind.Name(f.problem.kind).removeprefix(
+                "PROBLEM_KIND_").lower()
+        return ManifestFileInfo(
+            file_id=f.file_id,
+            relative_path=f.relative_path,
+            raw_path=bytes(f.raw_path) or f.relative_path.encode(),
+            size_bytes=f.size_bytes,
+            sha256=f.sha256,
+            mime_type=f.mime_type,
+            category=f.category or "miscellaneous",
+            priority=f.priority,
+            plan=convert.plan_name(f.plan) or "unsupported",
+            page_count=f.page_count,
+            ocr_page_count=f.ocr_page_count,
+            problem_kind=problem_kind,
+            problem_message=f.problem.message if f.HasField("problem") else "",
+            duplicate_of_path=f.duplicate_of_path,
+            duplicate_of_file_id=f.duplicate_of_file_id,
+            exclusion_reason=f.exclusion_reason,
+            estimated_cost=_money(f.estimated_cost) if f.HasField("estimated_cost") else ZERO,
+            importable=f.importable,
+            family_parent_file_id=f.family_parent_file_id,
+        )
+
+
+# -------------------------------------------------------------------- cost
+
+
+@dataclass(frozen=True)
+class Budget:
+    limit: Decimal
+    remaining: Decimal
+    reserved: Decimal
+    spent: Decimal
+
+
+@dataclass(frozen=True)
+class Reserved:
+    # (reservation id, amount) in item order: the granted prefix.
+    granted: list[tuple[str, Decimal]]
+    exhausted: bool
+    budget: Budget | None
+
+
+class BudgetRefused(Exception):
+    """Not even the first item fits the budget (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(frozen=True)
+class FilePlanItem:
+    key: str
+    plan: str
+    page_count: int
+    ocr_page_count: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class SessionCosts:
+    actual_total: Decimal
+    estimate_total: Decimal
+    event_count: int
+
+
+@dataclass
+class CostEventIndex:
+    """Actual cost events of a session, keyed by (document, stage, attempt)."""
+
+    runs: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    total: Decimal = ZERO
+
+
+def _budget(message: Any) -> Budget:
+    return Budget(_money(message.limit), _money(message.remaining), _money(message.reserved),
+                  _money(message.spent))
+
+
+class CostPeer:
+    def __init__(self, stub: Any, timeout: float) -> None:
+        self._stub = stub
+        self._timeout = timeout
+
+    async def set_budget(self, session_id: str, limit: Decimal) -> None:
+        await self._stub.SetBudget(
+            cost_service_pb2.SetBudgetRequest(session_id=session_id, limit=convert.money(limit)),
+            timeout=self._timeout,
+        )
+
+    async def get_budget(self, session_id: str) -> Budget | None:
+        try:
+            response = await self._stub.GetBudget(
+                cost_service_pb2.GetBudgetRequest(session_id=session_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return _budget(response.budget)
+
+    async def reserve(self, session_id: str, items: Sequence[tuple[str, Decimal]],
+                      ttl_seconds: float) -> Reserved:
+        request = cost_service_pb2.ReserveBudgetRequest(
+            session_id=session_id,
+            items=[cost_service_pb2.ReservationItem(key=k, amount=convert.money(a)) for k, a in items],
+            ttl=convert.duration(ttl_seconds),
+            allow_partial=True,
+        )
+        try:
+            response = await self._stub.ReserveBudget(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise BudgetRefused(exc.details() or "budget exhausted") from None
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound("budget", session_id) from None
+            raise
+        return Reserved(
+            granted=[(r.reservation_id, _money(r.amount)) for r in response.reservations],
+            exhausted=response.exhausted,
+            budget=_budget(response.budget) if response.HasField("budget") else None,
+        )
+
+    async def release(self, reservation_ids: Sequence[str]) -> None:
+        await self._stub.ReleaseReservation(
+            cost_service_pb2.ReleaseReservationRequest(reservation_ids=list(reservation_ids)),
+            timeout=self._timeout,
+        )
+
+    async def settle(self, settlements: Sequence[tuple[str, Decimal]]) -> None:
+        await self._stub.SettleReservation(
+            cost_service_pb2.SettleReservationRequest(settlements=[
+                cost_service_pb2.Settlement(reservation_id=rid, actual=convert.money(amount))
+                for rid, amount in settlements
+            ]),
+            timeout=self._timeout,
+        )
+
+    async def session_costs(self, session_id: str) -> SessionCosts:
+        response = await self._stub.GetSessionCosts(
+            cost_service_pb2.GetSessionCostsRequest(session_id=session_id), timeout=self._timeout
+        )
+        return SessionCosts(_money(response.actual_total), _money(response.estimate_total),
+                            response.event_count)
+
+    async def actual_events(self, session_id: str, page_size: int = 1000) -> CostEventIndex:
+        index = CostEventIndex()
+        token = ""
+        while True:
+            response = await self._stub.ListCostEvents(
+                cost_service_pb2.ListCostEventsRequest(
+                    session_id=session_id, kind=cost_service_pb2.COST_KIND_ACTUAL,
+                    page_size=page_size, page_token=token,
+                ),
+                timeout=self._timeout,
+            )
+            for e in response.events:
+                key = (e.document_id, convert.stage_name(e.stage), e.attempt)
+                index.runs[key] = index.runs.get(key, 0) + 1
+                index.total += _money(e.amount)
+            token = response.next_page_token
+            if not token:
+                return index
+
+    async def estimate_stages(self, files: Sequence[FilePlanItem]) -> dict[str, tuple[Decimal, ...]]:
+        """Per-stage estimates (extract, chunk, entities) of each file, by key."""
+        if not files:
+            return {}
+        response = await self._stub.EstimateCost(
+            cost_service_pb2.EstimateCostRequest(files=[
+                cost_service_pb2.FilePlan(
+                    key=f.key, plan=convert.plan_value(f.plan), page_count=f.page_count,
+                    ocr_page_count=f.ocr_page_count, size_bytes=f.size_bytes,
+                )
+                for f in files
+            ]),
+            timeout=self._timeout,
+        )
+        result: dict[str, tuple[Decimal, ...]] = {}
+        for estimate in response.files:
+            per_stage = dict.fromkeys(STAGES, ZERO)
+            for line in estimate.lines:
+                stage = convert.stage_name(line.stage) or STAGES[0]
+                per_stage[stage] += _money(line.amount)
+            result[estimate.key] = tuple(per_stage[s] for s in STAGES)
+        return result
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

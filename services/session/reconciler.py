@@ -1,0 +1,120 @@
+"""The reconciler: recovers lost work and keeps sessions moving.
+
+Owns a background task of `server.serve` (`stop()` ends it). Every
+`reconcile_interval` seconds:
+- expires stage runs whose lease ran out (a dead worker, a broker that lost
+  its queue, a message that waited too long): the run becomes `expired`,
+  its reservation is released, and the document goes back to pending so the
+  dispatcher enqueues a new attempt at once; past `max_attempts` it fails
+  (retryable class, so an operator's retry may reopen it);
+- records progress samples (documents per second, ETA);
+- resumes budget_exhausted sessions whose budget was raised;
+- finishes sessions left with no active document (a safety net: reports
+  already finish them in the same transaction).
+Retryable errors reported by workers back off exponentially; that delay is
+computed by `backoff()` and applied by the store when the report lands.
+Stalled documents (queued or running with no progress for `stall_after`)
+are computed when read, not written. No SQL here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from decimal import Decimal
+
+import grpc
+
+from services.common import convert
+from services.session import states as st
+from services.session.config import SessionSettings
+from services.session.dispatcher import Dispatcher
+from services.session.peers import CostPeer
+from services.session.store import SessionStore
+
+logger = logging.getLogger(__name__)
+
+
+def backoff(settings: SessionSettings, attempt: int) -> float:
+    """Seconds before attempt `attempt + 1` after a retryable failure of `attempt`."""
+    return min(settings.retry_backoff_base * 2 ** max(0, attempt - 1), settings.retry_backoff_max)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: SessionStore,
+        dispatcher: Dispatcher,
+        settings: SessionSettings,
+        cost: CostPeer | None = None,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._settings = settings
+        self._cost = cost
+        self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self) -> int:
+        """One pass; returns the number of runs expired."""
+        expired = 0
+        while True:
+            result = await self._store.expire_leases(max_attempts=self._settings.max_attempts)
+            expired += result.count
+            await self._dispatcher.release(result.release)
+            if result.count < 1000:
+                break
+        if expired:
+            logger.warning("re-enqueueing %d stage runs whose lease expired", expired)
+            self._dispatcher.wake()
+        await self._resume_raised_budgets()
+        await self._store.complete_idle_sessions()
+        await self._store.sample_progress()
+        return expired
+
+    async def _resume_raised_budgets(self) -> None:
+        if self._cost is None:
+            return
+        for session in await self._store.sessions_in_state(st.S_BUDGET):
+            try:
+                budget = await self._cost.get_budget(session.session_id)
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("cannot read the budget of %s: %s", session.session_id, exc.details())
+                continue
+            if budget is None:
+                continue
+            remaining = budget.remaining
+            need = await self._store.next_estimate(session.session_id) or Decimal(0)
+            if remaining > 0 and remaining >= need:
+                logger.info("budget of %s raised; resuming", session.session_id)
+                try:
+                    await self._store.resume_session(
+                        session.session_id,
+                        reason=f"budget raised: {convert.format_money(remaining)} available",
+                    )
+                except Exception:  # noqa: BLE001 - cancelled or paused meanwhile
+                    logger.info("session %s not resumed", session.session_id)
+                    continue
+                self._dispatcher.wake()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="reconciler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the loop must outlive a bad pass
+                logger.exception("reconcile pass failed")
+            await asyncio.sleep(self._settings.reconcile_interval)

@@ -1,0 +1,117 @@
+"""Wires the session service: pool, channels, store, dispatcher, reconciler, server.
+
+`serve()` owns, opens and closes everything of the process: the asyncpg
+pool, the channels to the manifest and cost services, the Celery
+publisher, the event hub's LISTEN connection, and the dispatcher and
+reconciler tasks. On SIGTERM: health NOT_SERVING, in-flight calls drain
+(watch streams end), the background tasks stop, then the hub, the
+publisher, the channels and the pool close, in that order.
+
+`build_server` is what tests call: it takes a ready store, Enqueuer and
+peer stubs (the caller owns them) and returns the running server on an
+ephemeral port when `settings.port` is 0; with `background=False` the
+dispatcher and reconciler do not loop, and tests drive `run_once()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from docimport.cost.v1 import cost_service_pb2_grpc
+from docimport.manifest.v1 import manifest_service_pb2_grpc
+from docimport.session.v1 import session_service_pb2_grpc
+
+from services.common import db
+from services.common.channels import aio_channel
+from services.common.grpc_server import RunningServer, serve_until_stopped, start_metrics_server
+from services.common.grpc_server import build_server as build_grpc_server
+from services.session.config import SessionSettings
+from services.session.dispatcher import Dispatcher
+from services.session.events import EventHub
+from services.session.peers import CostPeer, ManifestPeer
+from services.session.queue import CeleryEnqueuer, Enqueuer
+from services.session.reconciler import Reconciler
+from services.session.servicer import POLICY, SERVICE_NAME, SessionServicer
+from services.session.store import SessionStore
+
+
+@dataclass
+class SessionServer(RunningServer):
+    """The running gRPC server plus the session service's own machinery."""
+
+    servicer: SessionServicer | None = None
+    dispatcher: Dispatcher | None = None
+    reconciler: Reconciler | None = None
+    hub: EventHub | None = None
+
+    async def stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+        if self.reconciler is not None:
+            await self.reconciler.stop()
+        await self.server.stop(grace)
+        if self.servicer is not None:
+            await self.servicer.drain()
+        if self.hub is not None:
+            await self.hub.stop()
+
+
+async def build_server(
+    settings: SessionSettings,
+    *,
+    store: SessionStore,
+    enqueuer: Enqueuer,
+    manifest_stub: Any = None,
+    cost_stub: Any = None,
+    background: bool = True,
+) -> SessionServer:
+    timeout = settings.dependency_timeout
+    manifest = ManifestPeer(manifest_stub, timeout) if manifest_stub is not None else None
+    cost = CostPeer(cost_stub, timeout) if cost_stub is not None else None
+    dispatcher = Dispatcher(store, enqueuer, settings, cost)
+    reconciler = Reconciler(store, dispatcher, settings, cost)
+    hub = EventHub(
+        settings.database_url.get_secret_value(), store, capacity=settings.watch_buffer,
+        on_foreign_change=lambda _session_id: dispatcher.wake(),
+    )
+    await hub.start()
+    servicer = SessionServicer(store, settings, dispatcher, hub, manifest, cost)
+    running = await build_grpc_server(
+        settings,
+        register=lambda server: session_service_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server),
+        service_names=[SERVICE_NAME],
+        policy=POLICY,
+    )
+    if background:
+        dispatcher.start()
+        reconciler.start()
+    return SessionServer(
+        running.server, running.port, running.health, running.service_names,
+        servicer=servicer, dispatcher=dispatcher, reconciler=reconciler, hub=hub,
+    )
+
+
+async def serve(settings: SessionSettings) -> None:
+    pool = await db.create_pool(
+        settings.database_url.get_secret_value(),
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+    )
+    manifest_channel = aio_channel(settings.manifest_addr, settings)
+    cost_channel = aio_channel(settings.cost_addr, settings)
+    enqueuer = CeleryEnqueuer(settings.broker_url, batch_size=settings.publish_batch)
+    running = await build_server(
+        settings,
+        store=SessionStore(pool),
+        enqueuer=enqueuer,
+        manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
+        cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
+    )
+    start_metrics_server(settings.metrics_port)
+    await serve_until_stopped(
+        running,
+        settings,
+        cleanup=[enqueuer.close, manifest_channel.close, cost_channel.close, pool.close],
+    )

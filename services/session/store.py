@@ -1,0 +1,1660 @@
+"""All SQL of the session service: projects, sessions, documents, stage runs, events.
+
+Owns the tables `session.projects`, `session.import_sessions`,
+`session.session_documents`, `session.stage_runs`, `session.session_events`
+and `session.progress_samples`; nothing else writes them. Returns frozen
+dataclasses, never Records or protos; maps named constraints to domain
+errors. Does not own the pool (the server's `serve` closes it). No gRPC,
+no Celery here: callers publish and call other services after a commit;
+the dispatcher's budget reservation is a callback run inside its round.
+
+Consistency rules kept here:
+- Every change of a document's state appends a `session_events` row, bumps
+  the session's counters and assigns the event its per-session `seq` in the
+  same transaction, by one UPDATE of the session row; that row lock orders
+  commits, so events of a session become visible strictly in seq order and a
+  reader resuming after seq N never misses one. The commit NOTIFYs
+  `docimport_session` with `<session_id>:<last_seq>:<origin process>`.
+- Lock order is documents (by id) then session rows (by id). The dispatcher
+  locks its session row first but only with SKIP LOCKED and never waits on
+  a document (SKIP LOCKED again), so it cannot close a cycle.
+- Reports change a document only through its live run (at most one per
+  document, a unique index); runs never leave a terminal state; transitions
+  are checked against `states` (monotonic, DESIGN invariant 2).
+- A session completes only when no document is pending, queued or running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.tasks import STAGES, next_stage
+from services.session import states as st
+
+logger = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "docimport_session"
+# Tags this process's NOTIFYs, so its own dispatcher is not woken by them twice.
+ORIGIN = uuid.uuid4().hex[:12]
+ZERO = Decimal(0)
+
+_DOC_COLUMNS = (
+    "document_id", "session_id", "manifest_file_id", "ordinal", "dispatch_rank", "relative_path",
+    "raw_path", "sha256", "size_bytes", "category", "priority", "plan", "page_count",
+    "ocr_page_count", "state", "stage", "error_class", "error_code", "error_message",
+    "skip_reason", "attempts", "cost", "not_before", "created_at", "updated_at", "attempt_seq",
+    "estimated_cost", "stage_estimates", "problem_kind", "mime_type",
+)
+_COPY_DOC_COLUMNS = (
+    "document_id", "session_id", "manifest_file_id", "ordinal", "dispatch_rank", "relative_path",
+    "raw_path", "sha256", "size_bytes", "category", "priority", "plan", "page_count",
+    "ocr_page_count", "state", "error_class", "error_code", "error_message", "skip_reason",
+    "estimated_cost", "stage_estimates", "problem_kind", "mime_type",
+)
+_RUN_COLUMNS = (
+    "document_id", "stage", "attempt", "session_id", "state", "task_id", "worker",
+    "reservation_id", "reserved_amount", "queued_at", "started_at", "finished_at",
+    "lease_expires_at", "duration_seconds", "error_class", "error_code", "error_message",
+    "artifacts", "cache_hit", "cost", "stats",
+)
+_SESSION_SELECT = """
+    SELECT s.*, p.name AS project_name, p.created_at AS project_created_at
+    FROM session.import_sessions s JOIN session.projects p ON p.project_id = s.project_id
+"""
+
+
+# ---------------------------------------------------------------- domain
+
+
+@dataclass(frozen=True)
+class Project:
+    project_id: str
+    name: str
+    created_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class DocumentCounts:
+    pending: int = 0
+    queued: int = 0
+    running: int = 0
+    completed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    cancelled: int = 0
+    stalled: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.pending + self.queued + self.running + self.completed + self.failed
+                + self.skipped + self.cancelled)
+
+    @property
+    def active(self) -> int:
+        return self.pending + self.queued + self.running
+
+    def as_dict(self) -> dict[str, int]:
+        return {s: getattr(self, s) for s in st.DOCUMENT_STATES}
+
+
+@dataclass(frozen=True)
+class StageCount:
+    stage: str
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cache_hits: int = 0
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    request_id: str | None
+    project: Project
+    manifest_id: str
+    source_path: str
+    state: str
+    state_reason: str
+    budget_limit: Decimal | None
+    max_in_flight: int
+    category_priority: tuple[str, ...]
+    estimated_cost: Decimal | None
+    total_documents: int
+    last_seq: int
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    updated_at: dt.datetime
+    counts: DocumentCounts
+    reported_cost: Decimal
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A session with its stage counts, consistent with `session.last_seq`."""
+
+    session: SessionInfo
+    stages: tuple[StageCount, ...]
+    # (sampled_at, finished documents), oldest first, for the rate and ETA.
+    samples: tuple[tuple[dt.datetime, int], ...]
+    db_now: dt.datetime
+
+
+@dataclass(frozen=True)
+class Document:
+    document_id: str
+    session_id: str
+    manifest_file_id: str
+    ordinal: int
+    dispatch_rank: int
+    relative_path: str
+    raw_path: bytes
+    sha256: str | None
+    size_bytes: int
+    category: str
+    priority: int
+    plan: str
+    page_count: int
+    ocr_page_count: int
+    state: str
+    stage: str | None
+    error_class: str | None
+    error_code: str | None
+    error_message: str | None
+    skip_reason: str | None
+    attempts: int
+    cost: Decimal
+    not_before: dt.datetime | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    attempt_seq: int
+    estimated_cost: Decimal
+    stage_estimates: tuple[Decimal, ...] | None
+    problem_kind: str | None
+    mime_type: str
+    stalled: bool = False
+
+
+@dataclass(frozen=True)
+class StageRun:
+    document_id: str
+    stage: str
+    attempt: int
+    session_id: str
+    state: str
+    task_id: str
+    worker: str | None
+    reservation_id: str | None
+    reserved_amount: Decimal | None
+    queued_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    lease_expires_at: dt.datetime
+    duration_seconds: Decimal | None
+    error_class: str | None
+    error_code: str | None
+    error_message: str | None
+    artifacts: tuple[dict[str, Any], ...]
+    cache_hit: bool
+    cost: Decimal | None
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Event:
+    session_id: str
+    seq: int
+    event_time: dt.datetime
+    kind: str  # "document" | "state_change"
+    document_id: str | None
+    payload: dict[str, Any]
+    relative_path: str = ""
+
+
+@dataclass(frozen=True)
+class NewDocument:
+    """A manifest file becoming a session document."""
+
+    manifest_file_id: str
+    ordinal: int
+    dispatch_rank: int
+    relative_path: str
+    raw_path: bytes
+    sha256: str | None
+    size_bytes: int
+    category: str
+    priority: int
+    plan: str
+    page_count: int
+    ocr_page_count: int
+    state: str  # pending | skipped | failed
+    skip_reason: str | None = None
+    error_class: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    estimated_cost: Decimal = ZERO
+    stage_estimates: tuple[Decimal, ...] | None = None
+    problem_kind: str | None = None
+    mime_type: str = ""
+
+
+@dataclass(frozen=True)
+class NewSession:
+    session_id: str
+    request_id: str | None
+    manifest_id: str
+    source_path: str
+    project_id: str | None
+    project_name: str | None
+    budget_limit: Decimal | None
+    max_in_flight: int
+    category_priority: tuple[str, ...]
+    estimated_cost: Decimal | None
+    start: bool
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Time limits of one stage run, seconds."""
+
+    soft_time_limit: float
+    time_limit: float
+    # Lease while queued (waiting for a worker) and once running.
+    queued_lease: float
+    running_lease: float
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A document claimed by a dispatch round, with the run it will get."""
+
+    document: Document
+    stage: str
+    attempt: int
+    estimate: Decimal
+
+
+@dataclass(frozen=True)
+class Reservations:
+    """What the budget granted for a round: reservation per document id."""
+
+    granted: dict[str, tuple[str, Decimal]] = field(default_factory=dict)
+    # Claimed documents the budget refused (they stay pending).
+    refused: frozenset[str] = frozenset()
+    # Set when the session must stop for its budget.
+    exhausted_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """A stage run created by a dispatch round, ready to publish."""
+
+    session_id: str
+    document: Document
+    source_path: str
+    stage: str
+    attempt: int
+    task_id: str
+    timing: Timing
+    lease_expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class DispatchRound:
+    session_id: str
+    dispatched: tuple[Dispatched, ...]
+    # True when the round stopped at a cap or its limit (more may be waiting).
+    saturated: bool
+    budget_exhausted: bool = False
+
+
+@dataclass(frozen=True)
+class StartedReport:
+    document_id: str
+    stage: str
+    attempt: int
+    task_id: str
+    worker: str
+
+
+@dataclass(frozen=True)
+class StartedOutcome:
+    found: bool
+    proceed: bool = False
+    lease_expires_at: dt.datetime | None = None
+    # Reservation to release when the run was refused.
+    release: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultReport:
+    document_id: str
+    stage: str
+    attempt: int
+    task_id: str
+    worker: str
+    succeeded: bool
+    error_class: str | None
+    error_code: str
+    error_message: str
+    artifacts: tuple[dict[str, Any], ...]
+    cache_hit: bool
+    duration_seconds: float | None
+    cost: Decimal | None
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResultOutcome:
+    found: bool
+    replayed: bool = False
+    document_state: str = ""
+    # (reservation id, actual) to settle with the cost service.
+    settle: tuple[str, Decimal] | None = None
+    session_id: str = ""
+
+
+@dataclass(frozen=True)
+class Retried:
+    count: int
+    session: SessionInfo
+    release: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Expired:
+    """Runs the reconciler expired, and reservations to release."""
+
+    count: int
+    release: tuple[str, ...]
+    sessions: frozenset[str]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _uuid(value: str, field_name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise InvalidArgument.field(field_name, f"{value!r} is not a UUID") from None
+
+
+def _s(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _session(row: asyncpg.Record, stalled: int = 0) -> SessionInfo:
+    counts = DocumentCounts(
+        pending=row["count_pending"], queued=row["count_queued"], running=row["count_running"],
+        completed=row["count_completed"], failed=row["count_failed"],
+        skipped=row["count_skipped"], cancelled=row["count_cancelled"], stalled=stalled,
+    )
+    return SessionInfo(
+        session_id=str(row["session_id"]),
+        request_id=row["request_id"],
+        project=Project(str(row["project_id"]), row["project_name"], row["project_created_at"]),
+        manifest_id=str(row["manifest_id"]),
+        source_path=row["source_path"],
+        state=row["state"],
+        state_reason=row["state_reason"],
+        budget_limit=row["budget_limit"],
+        max_in_flight=row["max_in_flight"],
+        category_priority=tuple(row["category_priority"] or ()),
+        estimated_cost=row["estimated_cost"],
+        total_documents=row["total_documents"],
+        last_seq=row["last_seq"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        updated_at=row["updated_at"],
+        counts=counts,
+        reported_cost=row["reported_cost"],
+    )
+
+
+def _document(row: asyncpg.Record | dict[str, Any], stalled: bool = False) -> Document:
+    values = {name: row[name] for name in _DOC_COLUMNS}
+    for key in ("document_id", "session_id", "manifest_file_id"):
+        values[key] = str(values[key])
+    values["raw_path"] = bytes(values["raw_path"])
+    if values["stage_estimates"] is not None:
+        values["stage_estimates"] = tuple(values["stage_estimates"])
+    return Document(**values, stalled=stalled)
+
+
+def _run(row: asyncpg.Record | dict[str, Any]) -> StageRun:
+    values = {name: row[name] for name in _RUN_COLUMNS}
+    values["document_id"] = str(values["document_id"])
+    values["session_id"] = str(values["session_id"])
+    values["reservation_id"] = _s(values["reservation_id"])
+    values["artifacts"] = tuple(values["artifacts"] or ())
+    values["stats"] = dict(values["stats"] or {})
+    return StageRun(**values)
+
+
+def _cost_text(value: Decimal | None) -> str:
+    if value is None:
+        return "0"
+    return format(value.normalize(), "f") if value else "0"
+
+
+class _Changes:
+    """Document and session changes of one transaction, flushed together.
+
+    Collects events (in order), counter deltas and reported cost per session;
+    `flush` applies them with one UPDATE per session (which assigns the seqs),
+    completes sessions left with no active document, copies the events and
+    queues the NOTIFY.
+    """
+
+    def __init__(self) -> None:
+        self.events: dict[uuid.UUID, list[tuple[str, uuid.UUID | None, dict[str, Any]]]] = defaultdict(list)
+        self.deltas: dict[uuid.UUID, Counter[str]] = defaultdict(Counter)
+        self.cost: dict[uuid.UUID, Decimal] = defaultdict(Decimal)
+        self.session_states: dict[uuid.UUID, list[tuple[str, str]]] = defaultdict(list)
+        self.last_seq: dict[str, int] = {}
+
+    def doc(self, doc: dict[str, Any], old_state: str, old_stage: str | None, *,
+            attempt: int = 0, cache_hit: bool = False, cost: Decimal | None = None) -> None:
+        new_state = doc["state"]
+        if not st.doc_may(old_state, new_state):
+            raise AssertionError(f"illegal document transition {old_state} -> {new_state}")
+        session_id = doc["session_id"]
+        if old_state != new_state:
+            self.deltas[session_id][old_state] -= 1
+            self.deltas[session_id][new_state] += 1
+        if cost:
+            self.cost[session_id] += cost
+        payload = {
+            "state": new_state,
+            "prev": old_state,
+            "stage": doc["stage"] or "",
+            "prev_stage": old_stage or "",
+            "attempt": attempt,
+        }
+        if doc.get("error_class") and new_state in (st.FAILED, st.PENDING):
+            payload["error_class"] = doc["error_class"]
+            payload["error_message"] = doc.get("error_message") or ""
+        if cache_hit:
+            payload["cache_hit"] = True
+        if cost:
+            payload["cost"] = _cost_text(cost)
+        self.events[session_id].append(("document", doc["document_id"], payload))
+
+    def session_state(self, session_id: uuid.UUID, state: str, reason: str = "") -> None:
+        self.session_states[session_id].append((state, reason))
+
+    def note(self, session_id: uuid.UUID, kind: str, payload: dict[str, Any]) -> None:
+        """An event that changes no counter (e.g. the session was created)."""
+        self.events[session_id].append((kind, None, payload))
+
+    def touch(self, session_id: uuid.UUID) -> None:
+        """Includes a session in the flush (for its completion check)."""
+        self.deltas[session_id] += Counter()
+
+    def touched(self) -> set[uuid.UUID]:
+        return set(self.events) | set(self.session_states) | set(self.deltas)
+
+    async def flush(self, conn: asyncpg.Connection, *, complete: bool = True) -> None:
+        rows: list[tuple[Any, ...]] = []
+        for session_id in sorted(self.touched()):
+            events = self.events.get(session_id, [])
+            delta = self.deltas.get(session_id, Counter())
+            row = await conn.fetchrow(
+                """
+                UPDATE session.import_sessions SET
+                    last_seq = last_seq + $2,
+                    count_pending = count_pending + $3, count_queued = count_queued + $4,
+                    count_running = count_running + $5, count_completed = count_completed + $6,
+                    count_failed = count_failed + $7, count_skipped = count_skipped + $8,
+                    count_cancelled = count_cancelled + $9,
+                    reported_cost = reported_cost + $10,
+                    updated_at = now()
+                WHERE session_id = $1
+                RETURNING state, last_seq, count_pending + count_queued + count_running AS active,
+                          count_failed, count_cancelled, now() AS db_now
+                """,
+                session_id, len(events), delta[st.PENDING], delta[st.QUEUED], delta[st.RUNNING],
+                delta[st.COMPLETED], delta[st.FAILED], delta[st.SKIPPED], delta[st.CANCELLED],
+                self.cost.get(session_id, ZERO),
+            )
+            if row is None:
+                raise NotFound("session", str(session_id))
+            seq = row["last_seq"] - len(events)
+            now = row["db_now"]
+            for kind, document_id, payload in events:
+                seq += 1
+                rows.append((session_id, seq, now, kind, document_id, payload))
+            state = row["state"]
+            wanted = list(self.session_states.get(session_id, []))
+            final_state = [s for s, _ in wanted][-1] if wanted else state
+            if (complete and row["active"] == 0
+                    and final_state in (st.S_RUNNING, st.S_PAUSED, st.S_BUDGET)):
+                final = st.finished_state(row["count_failed"], row["count_cancelled"])
+                wanted.append((final, "every document is completed, failed or skipped"))
+            for new_state, reason in wanted:
+                if new_state == state:
+                    continue
+                if not st.session_may(state, new_state):
+                    raise FailedPrecondition(
+                        f"session is {state}; it cannot become {new_state}", subject=str(session_id)
+                    )
+                changed = await conn.fetchrow(
+                    """
+                    UPDATE session.import_sessions SET
+                        state = $2, state_reason = $3, last_seq = last_seq + 1, updated_at = now(),
+                        started_at = CASE WHEN $2 = 'running' THEN coalesce(started_at, now())
+                                          ELSE started_at END,
+                        finished_at = CASE WHEN $2 IN ('completed', 'completed_with_errors', 'cancelled')
+                                           THEN now() WHEN $2 = 'running' THEN NULL
+                                           ELSE finished_at END
+                    WHERE session_id = $1
+                    RETURNING last_seq
+                    """,
+                    session_id, new_state, reason,
+                )
+                rows.append((session_id, changed["last_seq"], now, "state_change", None,
+                             {"state": new_state, "reason": reason, "prev": state}))
+                state = new_state
+                seq = changed["last_seq"]
+            self.last_seq[str(session_id)] = seq
+        if rows:
+            # jsonb has no binary COPY encoder with the pool's JSON codec: unnest text instead.
+            await conn.execute(
+                """
+                INSERT INTO session.session_events (session_id, seq, event_time, kind, document_id, payload)
+                SELECT s, q, t, k, d, p::jsonb
+                FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[], $4::text[], $5::uuid[], $6::text[])
+                     AS u(s, q, t, k, d, p)
+                """,
+                [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                [r[3] for r in rows], [r[4] for r in rows],
+                [json.dumps(r[5], separators=(",", ":")) for r in rows],
+            )
+            for session_id, last in self.last_seq.items():
+                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
+                                   f"{session_id}:{last}:{ORIGIN}")
+
+
+async def _write_docs(conn: asyncpg.Connection, docs: Sequence[dict[str, Any]]) -> None:
+    """Writes back the mutable columns of documents loaded and changed in Python."""
+    if not docs:
+        return
+    await conn.execute(
+        """
+        UPDATE session.session_documents d SET
+            state = u.state, stage = u.stage, error_class = u.error_class,
+            error_code = u.error_code, error_message = u.error_message,
+            attempts = u.attempts, attempt_seq = u.attempt_seq, not_before = u.not_before,
+            cost = u.cost, updated_at = now()
+        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                    $7::int[], $8::int[], $9::timestamptz[], $10::numeric[])
+             AS u(document_id, state, stage, error_class, error_code, error_message,
+                  attempts, attempt_seq, not_before, cost)
+        WHERE d.document_id = u.document_id
+        """,
+        [d["document_id"] for d in docs], [d["state"] for d in docs], [d["stage"] for d in docs],
+        [d["error_class"] for d in docs], [d["error_code"] for d in docs],
+        [d["error_message"] for d in docs], [d["attempts"] for d in docs],
+        [d["attempt_seq"] for d in docs], [d["not_before"] for d in docs],
+        [d["cost"] for d in docs],
+    )
+
+
+async def _write_runs(conn: asyncpg.Connection, runs: Sequence[dict[str, Any]]) -> None:
+    """Writes back the mutable columns of stage runs loaded and changed in Python."""
+    if not runs:
+        return
+    await conn.execute(
+        """
+        UPDATE session.stage_runs r SET
+            state = u.state, worker = u.worker, started_at = u.started_at,
+            finished_at = u.finished_at, lease_expires_at = u.lease_expires_at,
+            duration_seconds = u.duration_seconds, error_class = u.error_class,
+            error_code = u.error_code, error_message = u.error_message,
+            artifacts = u.artifacts::jsonb, cache_hit = u.cache_hit, cost = u.cost,
+            stats = u.stats::jsonb
+        FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[],
+                    $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::numeric[],
+                    $10::text[], $11::text[], $12::text[], $13::text[], $14::bool[],
+                    $15::numeric[], $16::text[])
+             AS u(document_id, stage, attempt, state, worker, started_at, finished_at,
+                  lease_expires_at, duration_seconds, error_class, error_code, error_message,
+                  artifacts, cache_hit, cost, stats)
+        WHERE r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
+        """,
+        [r["document_id"] for r in runs], [r["stage"] for r in runs], [r["attempt"] for r in runs],
+        [r["state"] for r in runs], [r["worker"] for r in runs], [r["started_at"] for r in runs],
+        [r["finished_at"] for r in runs], [r["lease_expires_at"] for r in runs],
+        [r["duration_seconds"] for r in runs], [r["error_class"] for r in runs],
+        [r["error_code"] for r in runs], [r["error_message"] for r in runs],
+        [json.dumps(list(r["artifacts"] or [])) for r in runs], [r["cache_hit"] for r in runs],
+        [r["cost"] for r in runs], [json.dumps(dict(r["stats"] or {})) for r in runs],
+    )
+
+
+def _mutable(row: asyncpg.Record, prefix: str, names: Iterable[str]) -> dict[str, Any]:
+    return {name: row[prefix + name] for name in names}
+
+
+_RUN_DOC_SELECT = """
+    SELECT {run_cols}, {doc_cols}, s.state AS s_state, now() AS db_now
+    FROM session.stage_runs r
+    JOIN session.session_documents d ON d.document_id = r.document_id
+    JOIN session.import_sessions s ON s.session_id = d.session_id
+""".format(
+    run_cols=", ".join(f"r.{c} AS r_{c}" for c in _RUN_COLUMNS),
+    doc_cols=", ".join(f"d.{c} AS d_{c}" for c in _DOC_COLUMNS),
+)
+
+
+async def _retrying(fn: Callable[[], Awaitable[Any]], attempts: int = 4) -> Any:
+    """Runs a transaction again when Postgres aborted it for a deadlock."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn()
+        except (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError):
+            if attempt == attempts:
+                raise
+            logger.info("transaction conflicted; retrying (attempt %d)", attempt)
+            await asyncio.sleep(0.01 * attempt)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- the store
+
+
+class SessionStore:
+    """The session service's persistence; every method is one or a few transactions."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # ------------------------------------------------------------ projects
+
+    async def find_project(self, *, project_id: str | None = None, name: str | None = None) -> Project | None:
+        async with self.pool.acquire() as conn:
+            return await self._find_project(conn, project_id=project_id, name=name)
+
+    async def _find_project(self, conn: asyncpg.Connection, *, project_id: str | None,
+                            name: str | None) -> Project | None:
+        if project_id:
+            row = await conn.fetchrow(
+                "SELECT * FROM session.projects WHERE project_id = $1",
+                _uuid(project_id, "project_id"),
+            )
+        else:
+            row = await conn.fetchrow(
+                "SELECT * FROM session.projects WHERE lower(btrim(name)) = lower(btrim($1))", name
+            )
+        return None if row is None else Project(str(row["project_id"]), row["name"], row["created_at"])
+
+    async def _ensure_project(self, conn: asyncpg.Connection, spec: NewSession) -> Project:
+        if spec.project_id:
+            found = await self._find_project(conn, project_id=spec.project_id, name=None)
+            if found is None:
+                raise NotFound("project", spec.project_id)
+            return found
+        name = (spec.project_name or "").strip()
+        # ON CONFLICT on the case-insensitive unique index: a project is reused, never duplicated.
+        row = await conn.fetchrow(
+            """
+            INSERT INTO session.projects (project_id, name) VALUES ($1, $2)
+            ON CONFLICT ((lower(btrim(name)))) DO UPDATE SET name = session.projects.name
+            RETURNING *
+            """,
+            uuid.uuid4(), name,
+        )
+        return Project(str(row["project_id"]), row["name"], row["created_at"])
+
+    # ------------------------------------------------------------ sessions
+
+    async def find_by_request_id(self, request_id: str) -> SessionInfo | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_SESSION_SELECT + " WHERE s.request_id = $1", request_id)
+        return None if row is None else _session(row)
+
+    async def create_session(
+        self, spec: NewSession, batches: AsyncIterator[Sequence[NewDocument]]
+    ) -> tuple[SessionInfo, bool]:
+        """Creates the session and its documents in one transaction.
+
+        `batches` is consumed inside the transaction (the caller streams the
+        manifest's pages into it). Returns (session, created); a concurrent
+        create with the same request_id returns the session it made, created False.
+        """
+        session_id = uuid.UUID(spec.session_id)
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    project = await self._ensure_project(conn, spec)
+                    await conn.execute(
+                        """
+                        INSERT INTO session.import_sessions
+                            (session_id, request_id, project_id, manifest_id, source_path,
+                             budget_limit, max_in_flight, category_priority, estimated_cost)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                        """,
+                        session_id, spec.request_id, uuid.UUID(project.project_id),
+                        uuid.UUID(spec.manifest_id), spec.source_path, spec.budget_limit,
+                        spec.max_in_flight, list(spec.category_priority), spec.estimated_cost,
+                    )
+                    counts: Counter[str] = Counter()
+                    estimated = ZERO
+                    async for batch in batches:
+                        records = []
+                        for doc in batch:
+                            counts[doc.state] += 1
+                            if doc.state == st.PENDING:
+                                estimated += doc.estimated_cost
+                            records.append((
+                                uuid.uuid4(), session_id, uuid.UUID(doc.manifest_file_id),
+                                doc.ordinal, doc.dispatch_rank, doc.relative_path, doc.raw_path,
+                                doc.sha256, doc.size_bytes, doc.category, doc.priority, doc.plan,
+                                doc.page_count, doc.ocr_page_count, doc.state, doc.error_class,
+                                doc.error_code, doc.error_message, doc.skip_reason,
+                                doc.estimated_cost,
+                                list(doc.stage_estimates) if doc.stage_estimates is not None else None,
+                                doc.problem_kind, doc.mime_type,
+                            ))
+                        if records:
+                            await conn.copy_records_to_table(
+                                "session_documents", schema_name="session",
+                                columns=_COPY_DOC_COLUMNS, records=records,
+                            )
+                    await conn.execute(
+                        """
+                        UPDATE session.import_sessions SET
+                            total_documents = $2, count_pending = $3, count_skipped = $4,
+                            count_failed = $5, estimated_cost = coalesce(estimated_cost, $6)
+                        WHERE session_id = $1
+                        """,
+                        session_id, sum(counts.values()), counts[st.PENDING],
+                        counts[st.SKIPPED], counts[st.FAILED], estimated,
+                    )
+                    changes = _Changes()
+                    changes.note(session_id, "state_change",
+                                 {"state": st.S_CREATED, "reason": "created", "prev": ""})
+                    if spec.start:
+                        changes.session_state(session_id, st.S_RUNNING, "started")
+                    await changes.flush(conn)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "import_sessions_request_id_key" and spec.request_id:
+                    existing = await self.find_by_request_id(spec.request_id)
+                    if existing is not None:
+                        return existing, False
+                if exc.constraint_name == "import_sessions_pkey":
+                    raise AlreadyExists(f"session {spec.session_id} already exists") from None
+                if exc.constraint_name == "session_documents_file_key":
+                    raise InvalidArgument("the manifest lists a file twice") from None
+                raise
+        return await self.get_session(spec.session_id), True
+
+    async def get_session(self, session_id: str, *, stall_after: float | None = None) -> SessionInfo:
+        sid = _uuid(session_id, "session_id")
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_SESSION_SELECT + " WHERE s.session_id = $1", sid)
+            if row is None:
+                raise NotFound("session", session_id)
+            stalled = 0
+            if stall_after is not None:
+                stalled = await self._stalled_count(conn, sid, stall_after)
+        return _session(row, stalled)
+
+    async def _stalled_count(self, conn: asyncpg.Connection, sid: uuid.UUID, stall_after: float) -> int:
+        return await conn.fetchval(
+            """
+            SELECT count(*) FROM session.session_documents
+            WHERE session_id = $1 AND state IN ('queued', 'running')
+              AND updated_at < now() - make_interval(secs => $2)
+            """,
+            sid, stall_after,
+        )
+
+    async def snapshot(self, session_id: str, *, stall_after: float) -> Snapshot:
+        """The session, its stage counts and progress samples, as of one instant."""
+        sid = _uuid(session_id, "session_id")
+        async with self.pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                row = await conn.fetchrow(_SESSION_SELECT + " WHERE s.session_id = $1", sid)
+                if row is None:
+                    raise NotFound("session", session_id)
+                stalled = await self._stalled_count(conn, sid, stall_after)
+                stage_rows = await conn.fetch(
+                    """
+                    SELECT stage,
+                           count(*) FILTER (WHERE state = 'queued') AS queued,
+                           count(*) FILTER (WHERE state = 'running') AS running,
+                           count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+                           count(*) FILTER (WHERE state = 'failed') AS failed,
+                           count(*) FILTER (WHERE state = 'succeeded' AND cache_hit) AS cache_hits
+                    FROM session.stage_runs WHERE session_id = $1 GROUP BY stage
+                    """,
+                    sid,
+                )
+                samples = await conn.fetch(
+                    "SELECT sampled_at, finished FROM session.progress_samples "
+                    "WHERE session_id = $1 ORDER BY sampled_at", sid,
+                )
+                db_now = await conn.fetchval("SELECT now()")
+        by_stage = {r["stage"]: r for r in stage_rows}
+        stages = tuple(
+            StageCount(stage, *(by_stage[stage][k] for k in ("queued", "running", "succeeded", "failed", "cache_hits")))
+            if stage in by_stage else StageCount(stage)
+            for stage in STAGES
+        )
+        return Snapshot(_session(row, stalled), stages,
+                        tuple((r["sampled_at"], r["finished"]) for r in samples), db_now)
+
+    async def list_sessions(
+        self, *, state: str | None, project_name: str | None, created_after: dt.datetime | None,
+        limit: int, cursor: dict[str, Any] | None,
+    ) -> tuple[list[SessionInfo], dict[str, Any] | None]:
+        conditions, args = [], []
+        if state:
+            args.append(state)
+            conditions.append(f"s.state = ${len(args)}")
+        if project_name:
+            args.append(project_name)
+            conditions.append(f"lower(btrim(p.name)) = lower(btrim(${len(args)}))")
+        if created_after:
+            args.append(created_after)
+            conditions.append(f"s.created_at > ${len(args)}")
+        if cursor:
+            try:
+                at = dt.datetime.fromisoformat(cursor["c"])
+                after_id = uuid.UUID(cursor["i"])
+            except (KeyError, ValueError, TypeError):
+                raise InvalidArgument.field("page_token", "is not a token this service issued") from None
+            args.extend([at, after_id])
+            conditions.append(f"(s.created_at, s.session_id) < (${len(args) - 1}, ${len(args)})")
+        where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
+        args.append(limit + 1)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                _SESSION_SELECT + where + f" ORDER BY s.created_at DESC, s.session_id DESC LIMIT ${len(args)}",
+                *args,
+            )
+        sessions = [_session(r) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = sessions[-1]
+            next_cursor = {"c": last.created_at.isoformat(), "i": last.session_id}
+        return sessions, next_cursor
+
+    async def _set_session_state(
+        self, session_id: str, allowed_from: Iterable[str], new_state: str, reason: str,
+        *, noop_states: Iterable[str] = (),
+    ) -> SessionInfo:
+        sid = _uuid(session_id, "session_id")
+
+        async def run() -> None:
+            async with self.pool.acquire() as conn, conn.transaction():
+                current = await conn.fetchval(
+                    "SELECT state FROM session.import_sessions WHERE session_id = $1 FOR UPDATE", sid
+                )
+                if current is None:
+                    raise NotFound("session", session_id)
+                if current in noop_states:
+                    return
+                if current not in allowed_from:
+                    raise FailedPrecondition(
+                        f"session is {current}; it cannot become {new_state}",
+                        subject=f"sessions/{session_id}",
+                    )
+                changes = _Changes()
+                changes.session_state(sid, new_state, reason)
+                # A session with nothing left to do finishes at once.
+                await changes.flush(conn)
+
+        await _retrying(run)
+        return await self.get_session(session_id)
+
+    async def start_session(self, session_id: str) -> SessionInfo:
+        return await self._set_session_state(
+            session_id, (st.S_CREATED,), st.S_RUNNING, "started",
+            noop_states=(st.S_RUNNING, *st.SESSION_TERMINAL - {st.S_CANCELLED}),
+        )
+
+    async def pause_session(self, session_id: str, reason: str = "paused by an operator") -> SessionInfo:
+        return await self._set_session_state(
+            session_id, (st.S_RUNNING, st.S_BUDGET), st.S_PAUSED, reason, noop_states=(st.S_PAUSED,),
+        )
+
+    async def resume_session(self, session_id: str, reason: str = "resumed by an operator") -> SessionInfo:
+        return await self._set_session_state(
+            session_id, (st.S_PAUSED, st.S_BUDGET, st.S_CREATED), st.S_RUNNING, reason,
+            noop_states=(st.S_RUNNING,),
+        )
+
+    async def mark_budget_exhausted(self, session_id: str, reason: str) -> None:
+        try:
+            await self._set_session_state(session_id, (st.S_RUNNING,), st.S_BUDGET, reason,
+                                          noop_states=(st.S_BUDGET,))
+        except FailedPrecondition:
+            pass  # paused, cancelled or finished meanwhile: nothing to stop
+
+    async def cancel_session(self, session_id: str, *, batch: int = 5000) -> tuple[SessionInfo, list[str]]:
+        """Cancels the session, then its active documents and live runs in batches.
+
+        Returns the session and the reservations of cancelled runs to release.
+        """
+        await self._set_session_state(
+            session_id, (st.S_CREATED, st.S_RUNNING, st.S_PAUSED, st.S_BUDGET), st.S_CANCELLED,
+            "cancelled by an operator", noop_states=(st.S_CANCELLED,),
+        )
+        sid = uuid.UUID(session_id)
+        release: list[str] = []
+
+        async def one_batch() -> int:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    f"""
+                    SELECT {", ".join(_DOC_COLUMNS)} FROM session.session_documents
+                    WHERE session_id = $1 AND state IN ('pending', 'queued', 'running')
+                    ORDER BY document_id LIMIT $2 FOR UPDATE
+                    """,
+                    sid, batch,
+                )
+                if not rows:
+                    return 0
+                ids = [r["document_id"] for r in rows]
+                runs = await conn.fetch(
+                    """
+                    UPDATE session.stage_runs SET state = 'cancelled', finished_at = now()
+                    WHERE document_id = ANY($1::uuid[]) AND state IN ('queued', 'running')
+                    RETURNING reservation_id
+                    """,
+                    ids,
+                )
+                release.extend(str(r["reservation_id"]) for r in runs if r["reservation_id"])
+                changes = _Changes()
+                docs = []
+                for row in rows:
+                    doc = dict(row)
+                    doc["state"] = st.CANCELLED
+                    changes.doc(doc, row["state"], row["stage"])
+                    docs.append(doc)
+                await _write_docs(conn, docs)
+                await changes.flush(conn, complete=False)
+                return len(rows)
+
+        while await _retrying(one_batch) == batch:
+            pass
+        return await self.get_session(session_id), release
+
+    # ------------------------------------------------------------ documents
+
+    async def list_documents(
+        self, session_id: str, *, state: str | None, stage: str | None, error_class: str | None,
+        category: str | None, stalled: bool | None, stall_after: float, limit: int,
+        after_ordinal: int | None,
+    ) -> tuple[list[Document], int | None]:
+        sid = _uuid(session_id, "session_id")
+        args: list[Any] = [sid, stall_after]
+        conditions = ["d.session_id = $1"]
+        for column, value in (("state", state), ("stage", stage), ("error_class", error_class),
+                              ("category", category)):
+            if value:
+                args.append(value)
+                conditions.append(f"d.{column} = ${len(args)}")
+        stalled_expr = ("(d.state IN ('queued', 'running') "
+                        "AND d.updated_at < now() - make_interval(secs => $2))")
+        if stalled is True:
+            conditions.append(stalled_expr)
+        elif stalled is False:
+            conditions.append(f"NOT {stalled_expr}")
+        if after_ordinal is not None:
+            args.append(after_ordinal)
+            conditions.append(f"d.ordinal > ${len(args)}")
+        args.append(limit + 1)
+        async with self.pool.acquire() as conn:
+            exists = await conn.fetchval("SELECT 1 FROM session.import_sessions WHERE session_id = $1", sid)
+            if not exists:
+                raise NotFound("session", session_id)
+            rows = await conn.fetch(
+                f"""
+                SELECT d.*, {stalled_expr} AS is_stalled FROM session.session_documents d
+                WHERE {" AND ".join(conditions)} ORDER BY d.ordinal LIMIT ${len(args)}
+                """,
+                *args,
+            )
+        docs = [_document(r, r["is_stalled"]) for r in rows[:limit]]
+        return docs, (docs[-1].ordinal if len(rows) > limit else None)
+
+    async def get_document(self, document_id: str, *, stall_after: float) -> tuple[Document, list[StageRun]]:
+        did = _uuid(document_id, "document_id")
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                """
+                SELECT d.*, (d.state IN ('queued', 'running')
+                             AND d.updated_at < now() - make_interval(secs => $2)) AS is_stalled
+                FROM session.session_documents d WHERE d.document_id = $1
+                """,
+                did, stall_after,
+            )
+            if row is None:
+                raise NotFound("document", document_id)
+            runs = await conn.fetch(
+                """
+                SELECT * FROM session.stage_runs WHERE document_id = $1
+                ORDER BY array_position(ARRAY['extract', 'chunk', 'entities'], stage), attempt
+                """,
+                did,
+            )
+        return _document(row, row["is_stalled"]), [_run(r) for r in runs]
+
+    async def iter_documents(self, session_id: str, *, page: int = 5000) -> AsyncIterator[list[Document]]:
+        """Every document of a session in ordinal order, a page at a time."""
+        sid = _uuid(session_id, "session_id")
+        after = -1
+        while True:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT * FROM session.session_documents WHERE session_id = $1 AND ordinal > $2 "
+                    "ORDER BY ordinal LIMIT $3", sid, after, page,
+                )
+            if not rows:
+                return
+            yield [_document(r) for r in rows]
+            after = rows[-1]["ordinal"]
+
+    async def iter_runs(self, session_id: str, *, states: Sequence[str] = (),
+                        page: int = 5000) -> AsyncIterator[list[StageRun]]:
+        sid = _uuid(session_id, "session_id")
+        after: tuple[uuid.UUID, str, int] = (uuid.UUID(int=0), "", 0)
+        while True:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    """
+                    SELECT * FROM session.stage_runs
+                    WHERE session_id = $1 AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[]))
+                      AND (document_id, stage, attempt) > ($3, $4, $5)
+                    ORDER BY document_id, stage, attempt LIMIT $6
+                    """,
+                    sid, list(states), *after, page,
+                )
+            if not rows:
+                return
+            yield [_run(r) for r in rows]
+            last = rows[-1]
+            after = (last["document_id"], last["stage"], last["attempt"])
+
+    async def recount(self, session_id: str) -> DocumentCounts:
+        sid = _uuid(session_id, "session_id")
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT state, count(*) AS n FROM session.session_documents WHERE session_id = $1 "
+                "GROUP BY state", sid,
+            )
+        return DocumentCounts(**{r["state"]: r["n"] for r in rows})
+
+    async def retry_documents(
+        self, session_id: str, *, failed: bool, stalled: bool, document_ids: Sequence[str],
+        force: bool, stall_after: float,
+    ) -> Retried:
+        sid = _uuid(session_id, "session_id")
+        ids = [_uuid(d, f"document_ids[{i}]") for i, d in enumerate(document_ids)]
+        release: list[str] = []
+
+        async def run() -> int:
+            release.clear()
+            async with self.pool.acquire() as conn, conn.transaction():
+                state = await conn.fetchval(
+                    "SELECT state FROM session.import_sessions WHERE session_id = $1", sid
+                )
+                if state is None:
+                    raise NotFound("session", session_id)
+                if state == st.S_CANCELLED:
+                    raise FailedPrecondition("the session is cancelled; nothing can be retried",
+                                             subject=f"sessions/{session_id}")
+                rows = await conn.fetch(
+                    f"""
+                    SELECT {", ".join(_DOC_COLUMNS)},
+                           (state IN ('queued', 'running')
+                            AND updated_at < now() - make_interval(secs => $6)) AS is_stalled
+                    FROM session.session_documents
+                    WHERE session_id = $1 AND (
+                        ($2 AND state = 'failed' AND ($4 OR error_class = 'retryable'))
+                     OR ($3 AND state IN ('queued', 'running')
+                         AND updated_at < now() - make_interval(secs => $6))
+                     OR document_id = ANY($5::uuid[]))
+                    ORDER BY document_id FOR UPDATE
+                    """,
+                    sid, failed, stalled, force, ids, stall_after,
+                )
+                found = {r["document_id"] for r in rows}
+                missing = [str(i) for i in ids if i not in found]
+                if missing:
+                    raise NotFound("document", missing[0],
+                                   f"document {missing[0]} is not in session {session_id}")
+                explicit = set(ids)
+                changes = _Changes()
+                docs: list[dict[str, Any]] = []
+                stalled_ids: list[uuid.UUID] = []
+                for row in rows:
+                    doc = dict(row)
+                    doc.pop("is_stalled")
+                    old_state, old_stage = doc["state"], doc["stage"]
+                    if old_state == st.FAILED:
+                        if doc["error_class"] == st.PERMANENT and not force:
+                            raise FailedPrecondition(
+                                f"document {doc['document_id']} failed permanently "
+                                f"({doc['error_message']}); retry it with force",
+                                subject=f"documents/{doc['document_id']}",
+                            )
+                    elif row["is_stalled"]:
+                        stalled_ids.append(doc["document_id"])
+                    elif doc["document_id"] in explicit:
+                        raise FailedPrecondition(
+                            f"document {doc['document_id']} is {old_state}; only failed or stalled "
+                            "documents can be retried",
+                            subject=f"documents/{doc['document_id']}",
+                        )
+                    else:
+                        continue
+                    doc.update(state=st.PENDING, attempts=0, not_before=None, error_class=None,
+                               error_code=None, error_message=None)
+                    changes.doc(doc, old_state, old_stage)
+                    docs.append(doc)
+                if stalled_ids:
+                    runs = await conn.fetch(
+                        """
+                        UPDATE session.stage_runs SET state = 'expired', finished_at = now(),
+                            error_class = 'retryable', error_code = 'stalled',
+                            error_message = 'retried by an operator after stalling'
+                        WHERE document_id = ANY($1::uuid[]) AND state IN ('queued', 'running')
+                        RETURNING reservation_id
+                        """,
+                        stalled_ids,
+                    )
+                    release.extend(str(r["reservation_id"]) for r in runs if r["reservation_id"])
+                await _write_docs(conn, docs)
+                if docs and state == st.S_WITH_ERRORS:
+                    changes.session_state(sid, st.S_RUNNING, "documents retried")
+                await changes.flush(conn)
+                return len(docs)
+
+        count = await _retrying(run)
+        return Retried(count, await self.get_session(session_id), tuple(release))
+
+    # ------------------------------------------------------------ dispatch
+
+    async def dispatchable_sessions(self) -> list[str]:
+        """Running sessions with a document ready to dispatch, oldest first."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT s.session_id FROM session.import_sessions s
+                WHERE s.state = 'running' AND EXISTS (
+                    SELECT 1 FROM session.session_documents d
+                    WHERE d.session_id = s.session_id AND d.state = 'pending'
+                      AND (d.not_before IS NULL OR d.not_before <= now()))
+                ORDER BY s.created_at
+                """
+            )
+        return [str(r["session_id"]) for r in rows]
+
+    async def live_runs(self) -> int:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(
+                "SELECT count(*) FROM session.stage_runs WHERE state IN ('queued', 'running')"
+            )
+
+    async def dispatch_session(
+        self,
+        session_id: str,
+        *,
+        limit: int,
+        timing: Callable[[int], Timing],
+        reserve: Callable[[SessionInfo, list[Claimed]], Awaitable[Reservations]],
+    ) -> DispatchRound:
+        """One dispatch round for one session, in one transaction.
+
+        Locks the session row with SKIP LOCKED (another dispatcher working on
+        it means this one moves on), claims up to min(limit, the session's
+        free in-flight slots) pending documents with FOR UPDATE SKIP LOCKED,
+        documents resuming a later stage or a retry first, then by dispatch
+        rank; calls `reserve` (inside the transaction: its keys are
+        idempotent, so a rollback and a new round reserve nothing twice);
+        creates the stage runs with their task ids and leases and marks the
+        documents queued. The caller publishes after this returns.
+        """
+        sid = uuid.UUID(session_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                _SESSION_SELECT + " WHERE s.session_id = $1 AND s.state = 'running' FOR UPDATE OF s SKIP LOCKED",
+                sid,
+            )
+            if row is None:
+                return DispatchRound(session_id, (), False)
+            session = _session(row)
+            live = await conn.fetchval(
+                "SELECT count(*) FROM session.stage_runs WHERE session_id = $1 "
+                "AND state IN ('queued', 'running')", sid,
+            )
+            room = min(limit, session.max_in_flight - live)
+            if room <= 0:
+                return DispatchRound(session_id, (), True)
+            cols = ", ".join(_DOC_COLUMNS)
+            rows = list(await conn.fetch(
+                f"""
+                SELECT {cols} FROM session.session_documents
+                WHERE session_id = $1 AND state = 'pending' AND stage IS NOT NULL
+                  AND (not_before IS NULL OR not_before <= now())
+                ORDER BY dispatch_rank, ordinal LIMIT $2 FOR UPDATE SKIP LOCKED
+                """,
+                sid, room,
+            ))
+            if len(rows) < room:
+                rows += await conn.fetch(
+                    f"""
+                    SELECT {cols} FROM session.session_documents
+                    WHERE session_id = $1 AND state = 'pending' AND stage IS NULL
+                      AND (not_before IS NULL OR not_before <= now())
+                    ORDER BY dispatch_rank, ordinal LIMIT $2 FOR UPDATE SKIP LOCKED
+                    """,
+                    sid, room - len(rows),
+                )
+            if not rows:
+                return DispatchRound(session_id, (), False)
+            claimed = []
+            for r in rows:
+                stage = r["stage"] or STAGES[0]
+                estimates = r["stage_estimates"]
+                estimate = estimates[STAGES.index(stage)] if estimates else ZERO
+                claimed.append(Claimed(_document(r), stage, r["attempt_seq"] + 1, estimate or ZERO))
+            reservations = Reservations()
+            if session.budget_limit is not None and any(c.estimate > 0 for c in claimed):
+                reservations = await reserve(session, claimed)
+            db_now = await conn.fetchval("SELECT now()")
+            run_records, docs, dispatched = [], [], []
+            changes = _Changes()
+            for c, r in zip(claimed, rows, strict=True):
+                if c.document.document_id in reservations.refused:
+                    continue
+                t = timing(c.document.size_bytes)
+                task_id = str(uuid.uuid4())
+                lease = db_now + dt.timedelta(seconds=t.queued_lease)
+                granted = reservations.granted.get(c.document.document_id)
+                run_records.append((
+                    r["document_id"], c.stage, c.attempt, sid, st.RUN_QUEUED, task_id,
+                    uuid.UUID(granted[0]) if granted else None, granted[1] if granted else None,
+                    db_now, lease,
+                ))
+                doc = dict(r)
+                doc.update(state=st.QUEUED, stage=c.stage, attempts=r["attempts"] + 1,
+                           attempt_seq=c.attempt, not_before=None)
+                changes.doc(doc, r["state"], r["stage"], attempt=c.attempt)
+                docs.append(doc)
+                dispatched.append(Dispatched(session_id, c.document, session.source_path, c.stage,
+                                             c.attempt, task_id, t, lease))
+            if run_records:
+                await conn.copy_records_to_table(
+                    "stage_runs", schema_name="session",
+                    columns=("document_id", "stage", "attempt", "session_id", "state", "task_id",
+                             "reservation_id", "reserved_amount", "queued_at", "lease_expires_at"),
+                    records=run_records,
+                )
+                await _write_docs(conn, docs)
+            if reservations.exhausted_reason:
+                changes.session_state(sid, st.S_BUDGET, reservations.exhausted_reason)
+            await changes.flush(conn, complete=False)
+        return DispatchRound(
+            session_id, tuple(dispatched),
+            saturated=len(rows) >= room and not reservations.exhausted_reason,
+            budget_exhausted=reservations.exhausted_reason is not None,
+        )
+
+    async def undo_dispatch(self, dispatched: Sequence[Dispatched], reason: str) -> list[str]:
+        """Puts back runs whose messages could not be published; the attempt does not count.
+
+        Returns reservations to release.
+        """
+        release: list[str] = []
+
+        async def run() -> None:
+            release.clear()
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    _RUN_DOC_SELECT + """
+                    WHERE r.task_id = ANY($1::text[]) AND r.state = 'queued'
+                    ORDER BY r.document_id FOR UPDATE OF r, d
+                    """,
+                    [d.task_id for d in dispatched],
+                )
+                changes, docs, runs = _Changes(), [], []
+                for row in rows:
+                    run_ = _mutable(row, "r_", _RUN_COLUMNS)
+                    doc = _mutable(row, "d_", _DOC_COLUMNS)
+                    run_.update(state=st.RUN_EXPIRED, finished_at=row["db_now"],
+                                error_class=st.RETRYABLE, error_code="publish_failed",
+                                error_message=reason)
+                    runs.append(run_)
+                    if run_["reservation_id"]:
+                        release.append(str(run_["reservation_id"]))
+                    if doc["state"] == st.QUEUED:
+                        old = doc["state"]
+                        doc.update(state=st.PENDING, attempts=max(0, doc["attempts"] - 1),
+                                   not_before=row["db_now"] + dt.timedelta(seconds=1))
+                        changes.doc(doc, old, doc["stage"], attempt=run_["attempt"])
+                        docs.append(doc)
+                await _write_runs(conn, runs)
+                await _write_docs(conn, docs)
+                await changes.flush(conn, complete=False)
+
+        await _retrying(run)
+        return release
+
+    # ------------------------------------------------------------ reports
+
+    async def apply_started(self, reports: Sequence[StartedReport], *, timing: Callable[[int], Timing]
+                            ) -> list[StartedOutcome]:
+        """Applies ReportStageStarted calls in one transaction; one outcome per report."""
+
+        async def run() -> list[StartedOutcome]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await self._lock_runs(conn, [(r.document_id, r.stage, r.attempt) for r in reports])
+                changes = _Changes()
+                runs: dict[tuple[str, str, int], dict[str, Any]] = {}
+                docs: dict[str, dict[str, Any]] = {}
+                outcomes = []
+                for report in reports:
+                    key = (report.document_id, report.stage, report.attempt)
+                    row = rows.get(key)
+                    if row is None:
+                        outcomes.append(StartedOutcome(found=False))
+                        continue
+                    run_ = runs.setdefault(key, _mutable(row, "r_", _RUN_COLUMNS))
+                    doc = docs.setdefault(report.document_id, _mutable(row, "d_", _DOC_COLUMNS))
+                    now = row["db_now"]
+                    if report.task_id and report.task_id != run_["task_id"]:
+                        outcomes.append(StartedOutcome(found=True, proceed=False))
+                        continue
+                    t = timing(doc["size_bytes"])
+                    if run_["state"] == st.RUN_RUNNING:
+                        # A redelivery (the first worker died) or a duplicate: let it go on.
+                        run_["lease_expires_at"] = now + dt.timedelta(seconds=t.running_lease)
+                        run_["worker"] = report.worker or run_["worker"]
+                        outcomes.append(StartedOutcome(True, True, run_["lease_expires_at"]))
+                        continue
+                    if run_["state"] != st.RUN_QUEUED:
+                        outcomes.append(StartedOutcome(found=True, proceed=False))
+                        continue
+                    session_state = row["s_state"]
+                    if session_state != st.S_RUNNING:
+                        # Paused, out of budget or cancelled: the message is not wanted now.
+                        run_.update(state=st.RUN_CANCELLED, finished_at=now, error_code="refused",
+                                    error_message=f"session {session_state} when the run started")
+                        old = doc["state"]
+                        if session_state == st.S_CANCELLED:
+                            doc["state"] = st.CANCELLED if old in st.DOC_ACTIVE else old
+                        elif old == st.QUEUED:
+                            doc.update(state=st.PENDING, attempts=max(0, doc["attempts"] - 1))
+                        if doc["state"] != old:
+                            changes.doc(doc, old, doc["stage"], attempt=run_["attempt"])
+                        outcomes.append(StartedOutcome(True, False, release=_s(run_["reservation_id"])))
+                        continue
+                    run_.update(state=st.RUN_RUNNING, started_at=now, worker=report.worker or None,
+                                lease_expires_at=now + dt.timedelta(seconds=t.running_lease))
+                    old = doc["state"]
+                    doc["state"] = st.RUNNING
+                    changes.doc(doc, old, doc["stage"], attempt=run_["attempt"])
+                    outcomes.append(StartedOutcome(True, True, run_["lease_expires_at"]))
+                await _write_runs(conn, list(runs.values()))
+                await _write_docs(conn, [d for d in docs.values()])
+                await changes.flush(conn, complete=False)
+                return outcomes
+
+        return await _retrying(run)
+
+    async def _lock_runs(self, conn: asyncpg.Connection, keys: Sequence[tuple[str, str, int]]
+                         ) -> dict[tuple[str, str, int], asyncpg.Record]:
+        rows = await conn.fetch(
+            _RUN_DOC_SELECT + """
+            WHERE (r.document_id, r.stage, r.attempt) IN
+                  (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[]))
+            ORDER BY r.document_id, r.stage, r.attempt
+            FOR UPDATE OF r, d
+            """,
+            [uuid.UUID(k[0]) for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+        )
+        return {(str(r["r_document_id"]), r["r_stage"], r["r_attempt"]): r for r in rows}
+
+    async def apply_results(
+        self, reports: Sequence[ResultReport], *, max_attempts: int, backoff: Callable[[int], float],
+    ) -> list[ResultOutcome]:
+        """Applies ReportStageResult calls in one transaction; one outcome per report.
+
+        Idempotent by (document, stage, attempt): a report about a run already
+        succeeded or failed is a replay and changes nothing; a report about a
+        run that is no longer live (expired, cancelled) changes nothing either.
+        """
+
+        async def run() -> list[ResultOutcome]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await self._lock_runs(conn, [(r.document_id, r.stage, r.attempt) for r in reports])
+                changes = _Changes()
+                runs: dict[tuple[str, str, int], dict[str, Any]] = {}
+                docs: dict[str, dict[str, Any]] = {}
+                outcomes = []
+                for report in reports:
+                    key = (report.document_id, report.stage, report.attempt)
+                    row = rows.get(key)
+                    if row is None:
+                        outcomes.append(ResultOutcome(found=False))
+                        continue
+                    run_ = runs.setdefault(key, _mutable(row, "r_", _RUN_COLUMNS))
+                    doc = docs.setdefault(report.document_id, _mutable(row, "d_", _DOC_COLUMNS))
+                    sid = str(doc["session_id"])
+                    if run_["state"] in (st.RUN_SUCCEEDED, st.RUN_FAILED):
+                        outcomes.append(ResultOutcome(True, True, doc["state"], session_id=sid))
+                        continue
+                    if run_["state"] not in st.RUN_LIVE:
+                        logger.info(
+                            "stale result for %s/%s attempt %d (run %s); ignored",
+                            report.document_id, report.stage, report.attempt, run_["state"],
+                        )
+                        outcomes.append(ResultOutcome(True, False, doc["state"], session_id=sid))
+                        continue
+                    now = row["db_now"]
+                    run_.update(
+                        state=st.RUN_SUCCEEDED if report.succeeded else st.RUN_FAILED,
+                        finished_at=now, worker=report.worker or run_["worker"],
+                        started_at=run_["started_at"] or now,
+                        duration_seconds=(Decimal(str(round(report.duration_seconds, 6)))
+                                          if report.duration_seconds is not None else None),
+                        error_class=None if report.succeeded else report.error_class,
+                        error_code=None if report.succeeded else (report.error_code or None),
+                        error_message=None if report.succeeded else report.error_message,
+                        artifacts=list(report.artifacts), cache_hit=report.cache_hit,
+                        cost=report.cost, stats=report.stats,
+                    )
+                    old_state, old_stage = doc["state"], doc["stage"]
+                    doc["cost"] = (doc["cost"] or ZERO) + (report.cost or ZERO)
+                    if report.succeeded:
+                        following = next_stage(report.stage)
+                        doc.update(error_class=None, error_code=None, error_message=None,
+                                   not_before=None)
+                        if following is None:
+                            doc["state"] = st.COMPLETED
+                        else:
+                            doc.update(state=st.PENDING, stage=following, attempts=0, attempt_seq=0)
+                    elif report.error_class == st.PERMANENT or doc["attempts"] >= max_attempts:
+                        message = report.error_message
+                        if report.error_class != st.PERMANENT:
+                            message = f"{message} (gave up after {doc['attempts']} attempts)"
+                        doc.update(state=st.FAILED, error_class=report.error_class,
+                                   error_code=report.error_code or None, error_message=message)
+                    else:
+                        delay = backoff(doc["attempts"])
+                        doc.update(state=st.PENDING, error_class=report.error_class,
+                                   error_code=report.error_code or None,
+                                   error_message=report.error_message,
+                                   not_before=now + dt.timedelta(seconds=delay))
+                    changes.doc(doc, old_state, old_stage, attempt=report.attempt,
+                                cache_hit=report.cache_hit and report.succeeded, cost=report.cost)
+                    settle = None
+                    if run_["reservation_id"]:
+                        settle = (str(run_["reservation_id"]), report.cost or ZERO)
+                    outcomes.append(ResultOutcome(True, False, doc["state"], settle, sid))
+                await _write_runs(conn, list(runs.values()))
+                await _write_docs(conn, list(docs.values()))
+                await changes.flush(conn)
+                return outcomes
+
+        return await _retrying(run)
+
+    # ------------------------------------------------------------ reconciler
+
+    async def expire_leases(self, *, max_attempts: int, limit: int = 1000) -> Expired:
+        """Expires live runs whose lease ran out; their documents get a new attempt."""
+        release: list[str] = []
+        sessions: set[str] = set()
+
+        async def run() -> int:
+            release.clear()
+            sessions.clear()
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(
+                    _RUN_DOC_SELECT + """
+                    WHERE r.state IN ('queued', 'running') AND r.lease_expires_at < now()
+                    ORDER BY r.document_id LIMIT $1 FOR UPDATE OF r, d SKIP LOCKED
+                    """,
+                    limit,
+                )
+                changes, docs, runs = _Changes(), [], []
+                for row in rows:
+                    run_ = _mutable(row, "r_", _RUN_COLUMNS)
+                    doc = _mutable(row, "d_", _DOC_COLUMNS)
+                    now = row["db_now"]
+                    where = run_["state"]
+                    message = (f"lease expired while {where} (a lost message or a dead worker); "
+                               f"attempt {run_['attempt']}")
+                    run_.update(state=st.RUN_EXPIRED, finished_at=now, error_class=st.RETRYABLE,
+                                error_code="lease_expired", error_message=message)
+                    runs.append(run_)
+                    if run_["reservation_id"]:
+                        release.append(str(run_["reservation_id"]))
+                    old = doc["state"]
+                    if old not in (st.QUEUED, st.RUNNING) or doc["stage"] != run_["stage"]:
+                        continue
+                    if doc["attempts"] >= max_attempts:
+                        doc.update(state=st.FAILED, error_class=st.RETRYABLE, error_code="lease_expired",
+                                   error_message=f"{message}; gave up after {doc['attempts']} attempts")
+                    else:
+                        doc.update(state=st.PENDING, error_class=st.RETRYABLE,
+                                   error_code="lease_expired", error_message=message, not_before=None)
+                    changes.doc(doc, old, doc["stage"], attempt=run_["attempt"])
+                    docs.append(doc)
+                    sessions.add(str(doc["session_id"]))
+                await _write_runs(conn, runs)
+                await _write_docs(conn, docs)
+                await changes.flush(conn)
+                return len(rows)
+
+        count = await _retrying(run)
+        return Expired(count, tuple(release), frozenset(sessions))
+
+    async def complete_idle_sessions(self) -> list[str]:
+        """Finishes running sessions with no active document (a safety net)."""
+        async with self.pool.acquire() as conn:
+            ids = await conn.fetch(
+                "SELECT session_id FROM session.import_sessions WHERE state IN "
+                "('running', 'paused', 'budget_exhausted') "
+                "AND count_pending + count_queued + count_running = 0"
+            )
+        done = []
+        for row in ids:
+            async def run(sid: uuid.UUID = row["session_id"]) -> None:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    changes = _Changes()
+                    changes.touch(sid)
+                    await changes.flush(conn)
+            await _retrying(run)
+            done.append(str(row["session_id"]))
+        return done
+
+    async def sample_progress(self, *, keep_seconds: float = 900.0) -> None:
+        """Records finished-document counts of active sessions; prunes old samples."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """
+                INSERT INTO session.progress_samples (session_id, sampled_at, finished)
+                SELECT session_id, clock_timestamp(), count_completed + count_failed
+                FROM session.import_sessions
+                WHERE state IN ('running', 'paused', 'budget_exhausted')
+                   OR finished_at > now() - interval '2 minutes'
+                ON CONFLICT DO NOTHING
+                """
+            )
+            await conn.execute(
+                "DELETE FROM session.progress_samples WHERE sampled_at < now() - make_interval(secs => $1)",
+                keep_seconds,
+            )
+
+    async def sessions_in_state(self, state: str) -> list[SessionInfo]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_SESSION_SELECT + " WHERE s.state = $1 ORDER BY s.created_at", state)
+        return [_session(r) for r in rows]
+
+    async def next_estimate(self, session_id: str) -> Decimal | None:
+        """The smallest stage estimate a pending document of the session needs."""
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(
+                """
+                SELECT min(stage_estimates[coalesce(array_position(
+                           ARRAY['extract', 'chunk', 'entities'], stage), 1)])
+                FROM session.session_documents
+                WHERE session_id = $1 AND state = 'pending' AND stage_estimates IS NOT NULL
+                """,
+                uuid.UUID(session_id),
+            )
+
+    # ------------------------------------------------------------ events
+
+    async def events_after(self, session_id: str, after_seq: int, limit: int) -> list[Event]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT e.*, d.relative_path FROM session.session_events e
+                LEFT JOIN session.session_documents d ON d.document_id = e.document_id
+                WHERE e.session_id = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3
+                """,
+                uuid.UUID(session_id), after_seq, limit,
+            )
+        return [
+            Event(str(r["session_id"]), r["seq"], r["event_time"], r["kind"], _s(r["document_id"]),
+                  r["payload"], r["relative_path"] or "")
+            for r in rows
+        ]
+
+    async def last_seq(self, session_id: str) -> tuple[int, str] | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT last_seq, state FROM session.import_sessions WHERE session_id = $1",
+                _uuid(session_id, "session_id"),
+            )
+        return None if row is None else (row["last_seq"], row["state"])
+
+
+def replace_counts(info: SessionInfo, counts: DocumentCounts) -> SessionInfo:
+    return replace(info, counts=counts)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=str)

@@ -1,0 +1,58 @@
+"""docimport-worker: runs a Celery worker from environment variables only.
+
+Consumes the queues in `DOCIMPORT_QUEUES` (default all three) with the pool
+in `DOCIMPORT_POOL` (prefork by default: one process per task, so CPU-bound
+OCR runs in parallel and hard time limits can kill a stuck task; `solo` or
+`threads` for debugging or tiny machines) and `DOCIMPORT_CONCURRENCY`
+processes (default one per core), sending task events (`-E`) for Flower.
+Gossip and mingle are off: workers never need to know each other, and they
+cost broker round trips at scale. Command-line arguments are not accepted;
+a missing or malformed variable exits with status 2 naming it.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from pydantic import ValidationError
+
+from services.common import logging as jsonlog
+from services.common import telemetry
+from services.worker.app import create_app
+from services.worker.config import WorkerSettings
+
+
+def worker_argv(settings: WorkerSettings) -> list[str]:
+    """The `celery worker` arguments for these settings."""
+    return [
+        "worker",
+        "--queues", ",".join(settings.queues),
+        "--pool", settings.pool,
+        "--concurrency", str(1 if settings.pool == "solo" else settings.effective_concurrency),
+        "--hostname", f"docimport-{'-'.join(settings.queues)}@{socket.gethostname()}",
+        "--loglevel", settings.log_level.upper(),
+        "--task-events",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def main() -> int:
+    try:
+        settings = WorkerSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"DOCIMPORT_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        print(f"docimport-worker: bad configuration: {problems}", file=sys.stderr)
+        return 2
+    jsonlog.configure("worker", settings.log_level)
+    telemetry.configure("docimport-worker")
+    app = create_app(settings)
+    app.worker_main(worker_argv(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

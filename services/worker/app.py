@@ -1,0 +1,135 @@
+"""The Celery app of the worker: its configuration and one task per stage.
+
+Owns the consumer side of the contract in `services.common.tasks`: tasks
+`docimport.extract`, `docimport.chunk` and `docimport.entities` on queues of
+the same names, each taking one positional argument (a StagePayload JSON
+object). The session service is the only publisher; nothing here publishes
+(no chaining, no `apply_async`, no `self.retry`, which would republish).
+
+Delivery settings follow from "a message may be lost or delivered twice":
+json only; `acks_late` with `reject_on_worker_lost` (a task whose process
+dies is redelivered rather than lost) and prefetch 1 (a long OCR task never
+holds others hostage); the Redis `visibility_timeout` longer than any task;
+no result backend (outcomes go to the session service over gRPC). Events are
+on (`-E`, `task_send_sent_event`) for Flower. Per-message `time_limit` /
+`soft_time_limit` set by the session service override the defaults here.
+
+Each worker process builds its `StageRunner` (channels, OCR engine, artifact
+store) on its first task, after any fork; `create_app` accepts a ready
+runner factory for tests.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from services.common.tasks import QUEUES, STAGES, TASK_NAMES
+from services.worker.config import WorkerSettings
+from services.worker.runner import StageRunner, worker_name
+
+
+def build_runner(settings: WorkerSettings) -> StageRunner:
+    """The production runner: store and OCR engine from settings, real gRPC stubs."""
+    from services.worker.artifacts import open_store
+    from services.worker.processors.extract import Extractor
+    from services.worker.processors.ocr import select_engine
+    from services.worker.reporting import Reporter
+    from services.worker.stages import ChunkStage, EntitiesStage, ExtractStage
+
+    store = open_store(settings.store_url)
+    engine = select_engine(
+        settings.ocr_engine,
+        threads=settings.effective_ocr_threads,
+        tesseract_cmd=settings.tesseract_cmd,
+        tesseract_lang=settings.tesseract_lang,
+        dpi=settings.ocr_dpi,
+        textract_region=settings.textract_region,
+    )
+    extractor = Extractor(engine, dpi=settings.ocr_dpi)
+    stages = {
+        "extract": ExtractStage(extractor),
+        "chunk": ChunkStage(store, extractor, size=settings.chunk_size, overlap=settings.chunk_overlap),
+        "entities": EntitiesStage(store, extractor),
+    }
+    return StageRunner(stages=stages, store=store, reporter=Reporter(settings))
+
+
+class _LazyRunner:
+    """One runner per process, built on first use (after a prefork fork)."""
+
+    def __init__(self, factory: Callable[[], StageRunner]) -> None:
+        self._factory = factory
+        self._runner: StageRunner | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> StageRunner:
+        with self._lock:
+            if self._runner is None:
+                self._runner = self._factory()
+            return self._runner
+
+
+def configure(app: Celery, settings: WorkerSettings) -> None:
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_time_limit=settings.default_time_limit,
+        task_soft_time_limit=settings.default_soft_time_limit,
+        task_queues=[Queue(QUEUES[stage], routing_key=QUEUES[stage]) for stage in STAGES],
+        task_routes={TASK_NAMES[stage]: {"queue": QUEUES[stage]} for stage in STAGES},
+        task_default_queue=QUEUES["extract"],
+        task_create_missing_queues=False,
+        worker_max_tasks_per_child=settings.max_tasks_per_child,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+
+
+def create_app(settings: WorkerSettings, *, runner_factory: Callable[[], StageRunner] | None = None) -> Celery:
+    """A configured Celery app with the three stage tasks registered."""
+    app = Celery("docimport-worker", set_as_current=False)
+    configure(app, settings)
+    runner = _LazyRunner(runner_factory or (lambda: build_runner(settings)))
+
+    def register(stage: str) -> None:
+        @app.task(
+            name=TASK_NAMES[stage],
+            bind=True,
+            queue=QUEUES[stage],
+            acks_late=True,
+            reject_on_worker_lost=True,
+            ignore_result=True,
+            max_retries=0,
+            typing=False,
+        )
+        def run_stage(self: Any, payload: dict[str, Any]) -> dict[str, Any]:
+            return runner.get().run(
+                payload,
+                task_id=self.request.id,
+                worker=worker_name(self.request.hostname),
+                stage=stage,
+            )
+
+    for stage in STAGES:
+        register(stage)
+    app.docimport_runner = runner  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,313 @@
+"""One stage of one document, start to finish: the body of every Celery task.
+
+Owns the protocol a run follows with the services:
+
+1. `ReportStageStarted`; if the session service answers proceed=false (the
+   run was cancelled, superseded or is done), stop without doing anything.
+2. Look the output up in the artifact store by (sha256, stage, processor
+   version). A hit does no work and costs nothing: its cost events carry
+   `cache_hit=True` and the units the original run used (kept in the
+   artifact), so the cost service can report what the cache `saved`. A miss
+   runs the stage and stores the artifact.
+3. `RecordCosts` (kind ACTUAL): CPU seconds of the run as local/
+   compute_second (`time.process_time`, which in a prefork child is this
+   task's CPU, onnxruntime's threads included), Textract pages as
+   aws_textract/ocr_page, S3 requests as s3/get_request and put_request.
+   Work done before a failure is charged too. Local OCR is charged through
+   its CPU seconds (the price book has no local per-page price). The
+   ledger key (session, document, stage, attempt, service, operation, kind)
+   makes a replay free.
+4. `ReportStageResult`: artifacts, stats, duration, the RecordCosts total,
+   and on failure the error class (PERMANENT for corrupt, encrypted,
+   unsupported, empty...; RETRYABLE otherwise), code and message.
+
+A worker never enqueues anything and never retries a run itself: failures
+are reported and the session service decides. If a report cannot be
+delivered (UNAVAILABLE after the in-process retries) the exception
+propagates and the task fails; the run's lease expires and the reconciler
+runs it again. The run stops cooperatively at its lease (the earlier of the
+payload's `lease_seconds` and the lease ReportStageStarted returns).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import grpc
+from billiard.exceptions import SoftTimeLimitExceeded
+from docimport.common.v1 import common_pb2
+from docimport.cost.v1 import cost_service_pb2
+from docimport.session.v1 import session_service_pb2
+
+from services.common import convert
+from services.common.logging import bind
+from services.common.tasks import StagePayload
+from services.worker.artifacts import ArtifactRef, ArtifactStore
+from services.worker.processors.base import Deadline, PermanentError, RetryableError, StageError, Usage
+from services.worker.reporting import Reporter
+from services.worker.stages import ARTIFACT_KINDS, Stage
+
+logger = logging.getLogger(__name__)
+
+COMPUTE = ("local", "compute_second")
+OCR_PAGE = "ocr_page"
+# Engines whose pages are priced per page; local engines are priced by CPU time.
+PER_PAGE_OCR_SERVICES = frozenset({"aws_textract"})
+MAX_MESSAGE = 2000
+_MICRO = Decimal("0.000001")
+# Session-service answers to ReportStageStarted that mean "this run is not wanted".
+_NOT_WANTED = frozenset({
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.INVALID_ARGUMENT,
+})
+
+
+@dataclass
+class RunOutcome:
+    """What a run did; returned by the task (results are not stored) and logged."""
+
+    proceed: bool
+    succeeded: bool = False
+    cache_hit: bool = False
+    error_code: str = ""
+    artifacts: list[ArtifactRef] = field(default_factory=list)
+    cost: str = ""
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "proceed": self.proceed,
+            "succeeded": self.succeeded,
+            "cache_hit": self.cache_hit,
+            "error_code": self.error_code,
+            "artifacts": [a.uri for a in self.artifacts],
+            "cost": self.cost,
+            "stats": self.stats,
+        }
+
+
+def worker_name(hostname: str | None = None) -> str:
+    return f"{hostname or socket.gethostname()}:{os.getpid()}"
+
+
+def _units(value: float | int | Decimal) -> str:
+    if isinstance(value, int):
+        return str(max(value, 0))
+    amount = Decimal(value) if not isinstance(value, float) else Decimal(f"{value:.6f}")
+    return format(max(amount, Decimal(0)).quantize(_MICRO), "f")
+
+
+class StageRunner:
+    """Runs tasks' payloads against the stages, the store and the services."""
+
+    def __init__(self, *, stages: dict[str, Stage], store: ArtifactStore, reporter: Reporter) -> None:
+        self.stages = stages
+        self.store = store
+        self.reporter = reporter
+
+    def run(self, payload_json: dict[str, Any], *, task_id: str, worker: str, stage: str) -> dict[str, Any]:
+        try:
+            payload = StagePayload.from_json(payload_json)
+        except (TypeError, ValueError, AttributeError) as exc:
+            # Without a document id nothing can be reported: the lease will expire.
+            logger.error("malformed stage payload dropped: %s", exc, extra={"task_id": task_id})
+            return RunOutcome(proceed=False, error_code="bad_payload").summary()
+        with bind(session_id=payload.session_id, document_id=payload.document_id):
+            outcome = self._run(payload, task_id=task_id, worker=worker, task_stage=stage)
+            logger.info(
+                "stage %s attempt %d %s", payload.stage, payload.attempt,
+                "skipped" if not outcome.proceed else ("succeeded" if outcome.succeeded else "failed"),
+                extra={"stage": payload.stage, "task_id": task_id, **outcome.summary()},
+            )
+            return outcome.summary()
+
+    # -- the protocol -------------------------------------------------------
+
+    def _run(self, payload: StagePayload, *, task_id: str, worker: str, task_stage: str) -> RunOutcome:
+        stage_enum = convert.stage_value(payload.stage) if payload.stage in ARTIFACT_KINDS else 0
+        try:
+            started = self.reporter.stage_started(
+                session_service_pb2.ReportStageStartedRequest(
+                    document_id=payload.document_id, stage=stage_enum, attempt=payload.attempt,
+                    task_id=task_id, worker=worker,
+                )
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in _NOT_WANTED:
+                logger.warning("session service refused the run: %s: %s", exc.code(), exc.details())
+                return RunOutcome(proceed=False)
+            raise
+        if not started.proceed:
+            return RunOutcome(proceed=False)
+
+        deadline = Deadline(self._lease_left(payload, started))
+        wall_start = time.monotonic()
+        cpu_start = time.process_time()
+        self.store.take_requests()  # forget anything counted before this run
+        usage = Usage()
+        outcome = RunOutcome(proceed=True)
+        stored_usage: dict[str, Any] | None = None
+        error: StageError | None = None
+        try:
+            if task_stage != payload.stage or payload.stage not in self.stages:
+                raise PermanentError("bad_payload", f"task for stage {task_stage!r} got a payload for {payload.stage!r}")
+            stage = self.stages[payload.stage]
+            prepared = stage.prepare(payload)
+            hit = self.store.get(payload.sha256, stage.name, prepared.version)
+            if hit is not None:
+                body = json.loads(hit.data)
+                outcome.cache_hit = True
+                outcome.artifacts = [hit.ref]
+                outcome.stats = {k: int(v) for k, v in body.get("stats", {}).items()}
+                stored_usage = body.get("usage", {})
+            else:
+                run_cpu = time.process_time()
+                output = stage.run(payload, prepared, usage, deadline)
+                body = {
+                    "schema": 1,
+                    "stage": stage.name,
+                    "kind": ARTIFACT_KINDS[stage.name],
+                    "processor": {"name": stage.processor, "version": prepared.version},
+                    "source_sha256": payload.sha256,
+                    "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    "stats": output.stats,
+                    "usage": {
+                        "compute_seconds": _units(time.process_time() - run_cpu),
+                        "ocr_pages": usage.ocr_pages,
+                    },
+                    **output.body,
+                }
+                data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+                outcome.artifacts = [self.store.put(payload.sha256, stage.name, prepared.version, data)]
+                outcome.stats = dict(output.stats)
+            outcome.succeeded = True
+        except StageError as exc:
+            error = exc
+        except SoftTimeLimitExceeded:
+            error = RetryableError("time_limit", "the task hit its soft time limit")
+        except OSError as exc:
+            logger.warning("I/O error in stage %s", payload.stage, exc_info=True)
+            error = RetryableError("io_error", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - reported as retryable, with the traceback logged
+            logger.exception("stage %s failed unexpectedly", payload.stage)
+            error = RetryableError("internal", f"{type(exc).__name__}: {exc}")
+        if error is not None:
+            outcome.error_code = error.code
+            outcome.stats.setdefault("ocr_pages", usage.total_ocr_pages)
+
+        cpu_seconds = time.process_time() - cpu_start
+        duration = time.monotonic() - wall_start
+        events = self._cost_events(payload, stage_enum, cpu_seconds, usage, stored_usage)
+        cost = self._record(events)
+        outcome.cost = cost.amount if cost is not None else ""
+
+        request = session_service_pb2.ReportStageResultRequest(
+            document_id=payload.document_id,
+            stage=stage_enum,
+            attempt=payload.attempt,
+            task_id=task_id,
+            worker=worker,
+            succeeded=error is None,
+            cache_hit=outcome.cache_hit,
+            duration=convert.duration(Decimal(f"{duration:.6f}")),
+            stats=session_service_pb2.StageStats(**{
+                k: int(v) for k, v in outcome.stats.items()
+                if k in ("pages", "ocr_pages", "characters", "chunks", "entities")
+            }),
+            artifacts=[
+                session_service_pb2.Artifact(
+                    kind=ARTIFACT_KINDS.get(payload.stage, ""), uri=a.uri, sha256=a.sha256, size_bytes=a.size_bytes,
+                )
+                for a in outcome.artifacts
+            ],
+        )
+        if cost is not None:
+            request.cost.CopyFrom(cost)
+        if error is not None:
+            request.error_class = (
+                session_service_pb2.ERROR_CLASS_PERMANENT if error.permanent else session_service_pb2.ERROR_CLASS_RETRYABLE
+            )
+            request.error_code = error.code
+            request.error_message = error.message[:MAX_MESSAGE]
+        try:
+            self.reporter.stage_result(request)
+        except grpc.RpcError as exc:
+            if exc.code() in _NOT_WANTED:
+                logger.warning("session service refused the result: %s: %s", exc.code(), exc.details())
+            else:
+                raise
+        return outcome
+
+    # -- helpers --------------------------------------------------------------
+
+    @staticmethod
+    def _lease_left(payload: StagePayload, started: session_service_pb2.ReportStageStartedResponse) -> float:
+        """Seconds the run may take: the earlier lease, less a margin for the reports."""
+        left = float(payload.lease_seconds or 0) or 600.0
+        expires = convert.from_timestamp(started.lease_expires_at) if started.HasField("lease_expires_at") else None
+        if expires is not None:
+            left = min(left, (expires - dt.datetime.now(dt.UTC)).total_seconds())
+        return max(1.0, left - min(30.0, 0.1 * max(left, 0.0)))
+
+    def _cost_events(
+        self,
+        payload: StagePayload,
+        stage_enum: int,
+        cpu_seconds: float,
+        usage: Usage,
+        stored_usage: dict[str, Any] | None,
+    ) -> list[cost_service_pb2.CostEvent]:
+        now = convert.timestamp(dt.datetime.now(dt.UTC))
+        cache_hit = stored_usage is not None
+
+        def event(service: str, operation: str, units: str, hit: bool = False) -> cost_service_pb2.CostEvent:
+            return cost_service_pb2.CostEvent(
+                session_id=payload.session_id, document_id=payload.document_id, stage=stage_enum,
+                attempt=payload.attempt, service=service, operation=operation, units=units,
+                kind=cost_service_pb2.COST_KIND_ACTUAL, category=payload.category, cache_hit=hit,
+                occurred_at=now,
+            )
+
+        events: list[cost_service_pb2.CostEvent] = []
+        if stored_usage is not None:
+            # The work the cache saved, at what it took the first time.
+            events.append(event(*COMPUTE, _units(Decimal(str(stored_usage.get("compute_seconds", "0")))), True))
+            for service, pages in sorted(dict(stored_usage.get("ocr_pages", {})).items()):
+                if service in PER_PAGE_OCR_SERVICES and int(pages):
+                    events.append(event(service, OCR_PAGE, _units(int(pages)), True))
+        else:
+            events.append(event(*COMPUTE, _units(cpu_seconds)))
+            for service, pages in sorted(usage.ocr_pages.items()):
+                if service in PER_PAGE_OCR_SERVICES and pages:
+                    events.append(event(service, OCR_PAGE, _units(pages)))
+        for (service, operation), count in sorted(self.store.take_requests().items()):
+            if count:
+                events.append(event(service, operation, _units(count)))
+        if cache_hit:
+            logger.debug("cache hit: %d saved-cost events", len(events))
+        return events
+
+    def _record(self, events: list[cost_service_pb2.CostEvent]) -> common_pb2.Money | None:
+        """The total RecordCosts charged, or None when the ledger refused the events."""
+        if not events:
+            return None
+        try:
+            response = self.reporter.record_costs(cost_service_pb2.RecordCostsRequest(events=events))
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            # A refusal that no retry can fix (an operation the price book lacks, a bad
+            # token): report the stage anyway; verification flags the missing costs.
+            logger.error("cost service refused the run's cost events: %s: %s", exc.code(), exc.details())
+            return None
+        return response.total

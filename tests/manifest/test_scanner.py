@@ -1,0 +1,208 @@
+"""The scanner on its own: the sample case, every bad input, exclusions, families, safety."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common.errors import InvalidArgument, NotFound
+from services.manifest.errors import PermissionDenied
+from services.manifest.model import ManifestFile, ScanOptions
+from services.manifest.scanner import Scanner, resolve_source
+from conftest import SAMPLE_CASE
+from manifest.conftest import IS_ROOT, NOBODY, load_expected
+from manifest.trees import TOO_LARGE_LIMIT, make_bad_tree, outside_file
+
+
+async def scan(scanner: Scanner, folder: Path, **options: tuple[str, ...]) -> dict[bytes, ManifestFile]:
+    source = resolve_source(str(folder), [folder])
+    result = await scanner.scan(source, ScanOptions(**options))
+    return {f.raw_path: f for f in result.files}
+
+
+async def test_sample_case_matches_the_generator_expectations(scanner: Scanner) -> None:
+    expected = load_expected()
+    files = await scan(scanner, SAMPLE_CASE)
+    by_path = {f.relative_path: f for f in files.values()}
+    top = {p: f for p, f in by_path.items() if f.family_parent_file_id is None}
+    assert set(top) == set(expected)
+    for rel, want in expected.items():
+        f = top[rel]
+        data = (SAMPLE_CASE / rel).read_bytes()
+        assert f.sha256 == hashlib.sha256(data).hexdigest(), rel
+        assert f.size_bytes == len(data)
+        problem = want["problem"]
+        if want["kind"] == "pdf" and want["pages"] is not None:
+            assert f.page_count == want["pages"], rel
+            assert f.ocr_page_count == want["pages"] - want["text_layer_pages"], rel
+        if problem == "corrupt":
+            assert (f.problem_kind, f.plan) == ("corrupt", "unsupported")
+            assert f.problem_message.startswith("not a readable PDF (PDFium error 3")
+        elif problem == "encrypted":
+            assert f.problem_kind == "encrypted"
+            assert f.problem_message == "password-protected PDF: it cannot be opened without the password"
+        elif problem == "duplicate":
+            canonical = top[want["duplicate_of"]]
+            assert f.duplicate_of_file_id == canonical.file_id
+            assert canonical.duplicate_of_file_id is None
+            assert not f.importable and canonical.importable
+        elif problem == "no_text_layer":
+            assert (f.plan, f.page_count, f.ocr_page_count) == ("ocr", 2, 2)
+        else:
+            assert f.problem_kind is None, (rel, f.problem_message)
+            assert f.importable, rel
+    assert top["pleadings/complaint.pdf"].plan == "text_layer"
+    assert top["pleadings/complaint.pdf"].category == "pleadings"
+    assert top["discovery/interrogatories.docx"].plan == "docx"
+    assert top["discovery/site_photo.png"].plan == "image"
+    assert top["correspondence/call_notes.txt"].plan == "text"
+    assert top["medical_records/er_visit_summary.pdf"].category == "medical_records"
+    assert all(f.sha256 for f in top.values())
+    # The e-mail's attachment is its family, after it in path order.
+    mail = top["correspondence/letter_to_counsel.eml"]
+    assert mail.plan == "email"
+    (attachment,) = [f for f in by_path.values() if f.family_parent_file_id == mail.file_id]
+    assert attachment.relative_path == "correspondence/letter_to_counsel.eml#1/settlement_offer.pdf"
+    assert attachment.raw_path == b"correspondence/letter_to_counsel.eml\x00#1/settlement_offer.pdf"
+    assert (attachment.mime_type, attachment.plan, attachment.page_count) == ("application/pdf", "text_layer", 1)
+    assert attachment.ordinal == mail.ordinal + 1
+    assert not attachment.importable
+    assert (mail.page_count, mail.ocr_page_count) == (1, 0)
+    ordinals = [f.ordinal for f in files.values()]
+    assert sorted(ordinals) == list(range(1, len(files) + 1))
+
+
+@pytest.fixture(scope="module")
+def reader_scanner() -> Iterator[Scanner]:
+    """A scanner whose readers are an unprivileged user when the tests run as root."""
+    made = Scanner(2, max_file_bytes=TOO_LARGE_LIMIT, read_as=(NOBODY, NOBODY) if IS_ROOT else None)
+    made.start()
+    yield made
+    made.close()
+
+
+async def test_every_bad_input_is_listed_with_its_problem(reader_scanner: Scanner, case_root: Path) -> None:
+    folder = case_root / "bad"
+    expected = make_bad_tree(folder)
+    outside_file(folder)
+    files = await scan(reader_scanner, folder)
+    assert set(files) == set(expected)
+    for raw, (kind, exclusion, message) in expected.items():
+        f = files[raw]
+        assert f.problem_kind == kind, (raw, f.problem_kind, f.problem_message)
+        assert f.exclusion_reason == exclusion, raw
+        if message:
+            assert message in (f.problem_message or ""), (raw, f.problem_message)
+        if kind is not None:
+            assert not f.importable
+            assert f.plan == "unsupported"
+    assert files[b"memo_\xff\xfe.txt"].relative_path == "memo_\\xff\\xfe.txt"
+    assert files[b"line\nbreak.txt"].relative_path == "line\\x0abreak.txt"
+    photo = files[b"photo.pdf"]
+    assert (photo.mime_type, photo.plan, photo.extension_mismatch) == ("image/png", "image", True)
+    # A followed link reads its target, which then is the duplicate (path order).
+    assert files[b"alias.txt"].sha256 == files[b"notes.txt"].sha256
+    assert files[b"notes.txt"].duplicate_of_file_id == files[b"alias.txt"].file_id
+    # Excluded and unread files carry no hash; nothing outside was read.
+    assert files[b".DS_Store"].sha256 is None
+    assert files[b"escape"].sha256 is None and files[b"escape"].size_bytes >= 0
+    assert files[b"huge.txt"].sha256 is None
+    assert files[b"empty.pdf"].duplicate_of_file_id is None
+
+
+async def test_unreadable_file_is_reported(reader_scanner: Scanner, case_root: Path) -> None:
+    """chmod 000: as root, the readers drop to `nobody`, so the permission applies."""
+    folder = case_root / "perm"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("fine\n")
+    locked = folder / "locked.pdf"
+    locked.write_bytes((SAMPLE_CASE / "pleadings/answer.pdf").read_bytes())
+    locked.chmod(0)
+    files = await scan(reader_scanner, folder)
+    f = files[b"locked.pdf"]
+    assert f.problem_kind == "unreadable"
+    assert f.problem_message == "permission denied: the scanner may not read this file"
+    assert f.sha256 is None and f.size_bytes == locked.stat().st_size
+    assert files[b"ok.txt"].importable
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root lists any folder; the walker (not the readers) lists folders")
+async def test_unlistable_folder_is_a_row(scanner: Scanner, case_root: Path) -> None:
+    folder = case_root / "dirs"
+    (folder / "closed").mkdir(parents=True)
+    (folder / "closed" / "a.txt").write_text("a")
+    (folder / "closed").chmod(0)
+    files = await scan(scanner, folder)
+    f = files[b"closed/"]
+    assert f.problem_kind == "unreadable"
+    assert f.problem_message.startswith("the folder cannot be listed")
+
+
+async def test_exclusions_stay_listed_with_reason(scanner: Scanner, case_root: Path) -> None:
+    folder = case_root / "excl"
+    (folder / "drafts").mkdir(parents=True)
+    (folder / "drafts" / "v1.txt").write_text("draft\n")
+    (folder / "final.txt").write_text("final\n")
+    (folder / "photo.png").write_bytes((SAMPLE_CASE / "discovery/site_photo.png").read_bytes())
+    (folder / "scratch.tmp").write_text("tmp\n")
+    files = await scan(scanner, folder, exclude_types=("image",), exclude_globs=("**/drafts/**", "*.tmp"))
+    assert files[b"drafts/v1.txt"].exclusion_reason == "excluded by --exclude **/drafts/**"
+    assert files[b"scratch.tmp"].exclusion_reason == "excluded by --exclude *.tmp"
+    photo = files[b"photo.png"]
+    assert photo.exclusion_reason == "excluded by --exclude-type image"
+    assert (photo.mime_type, photo.sha256) == ("image/png", None)
+    assert files[b"final.txt"].importable
+    assert not any(f.importable for raw, f in files.items() if raw != b"final.txt")
+
+
+async def test_email_attachment_types_and_duplicates(scanner: Scanner, case_root: Path) -> None:
+    from email.message import EmailMessage
+
+    folder = case_root / "mail"
+    folder.mkdir()
+    scanned = (SAMPLE_CASE / "discovery/scanned_deposition_excerpt.pdf").read_bytes()
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@example.com", "b@example.com", "exhibits"
+    msg.set_content("see attached")
+    msg.add_attachment(scanned, maintype="application", subtype="pdf", filename="deposition.pdf")
+    msg.add_attachment(b"", maintype="application", subtype="octet-stream", filename="empty.bin")
+    msg.add_attachment("notes", subtype="plain", filename="../../etc/passwd")
+    (folder / "a.eml").write_bytes(msg.as_bytes())
+    (folder / "b_copy.eml").write_bytes(msg.as_bytes())
+    files = await scan(scanner, folder)
+    mail, copy = files[b"a.eml"], files[b"b_copy.eml"]
+    assert copy.duplicate_of_file_id == mail.file_id
+    children = sorted((f for f in files.values() if f.family_parent_file_id == mail.file_id),
+                      key=lambda f: f.ordinal)
+    assert [c.relative_path for c in children] == [
+        "a.eml#1/deposition.pdf", "a.eml#2/empty.bin", "a.eml#3/.._.._etc_passwd"]
+    assert (children[0].plan, children[0].ocr_page_count) == ("ocr", 2)
+    assert children[1].problem_kind == "empty"
+    assert (mail.page_count, mail.ocr_page_count) == (2, 2)
+
+
+async def test_resolve_source_refuses_paths_outside_the_roots(case_root: Path, tmp_path: Path) -> None:
+    root = case_root / "root"
+    (root / "case").mkdir(parents=True)
+    (root / "file.txt").write_text("x")
+    os.symlink(tmp_path, root / "out")
+    roots = [root]
+    for bad, field in (("", "source_path"), ("relative/path", "source_path"),
+                       (f"{root}/case/../case", "source_path"), (f"{root}/file.txt", "source_path")):
+        with pytest.raises(InvalidArgument) as info:
+            resolve_source(bad, roots)
+        assert info.value.violations[0].field == field
+    for outside in (str(tmp_path), "/etc", f"{root}/out", "/nonexistent/elsewhere"):
+        with pytest.raises(PermissionDenied) as denied:
+            resolve_source(outside, roots)
+        assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(NotFound):
+        resolve_source(f"{root}/missing", roots)
+    with pytest.raises(PermissionDenied):
+        resolve_source(str(root), [])
+    assert resolve_source(f"{root}/case/", roots) == os.fsencode(root / "case")

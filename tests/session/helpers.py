@@ -1,0 +1,211 @@
+"""Helpers of the session service tests: fakes of our own services and a harness."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import grpc
+from docimport.common.v1 import common_pb2
+from docimport.cost.v1 import cost_service_pb2_grpc
+from docimport.manifest.v1 import manifest_service_pb2 as mpb
+from docimport.manifest.v1 import manifest_service_pb2_grpc
+from docimport.session.v1 import session_service_pb2 as pb
+from docimport.session.v1 import session_service_pb2_grpc
+
+from services.common import convert
+from services.common.channels import aio_channel
+from services.common.config import ClientSettings
+from services.session.config import SessionSettings
+from services.session.queue import PublishError, StageMessage
+from services.session.server import SessionServer
+from services.session.store import SessionStore
+
+
+class RecordingEnqueuer:
+    """An Enqueuer that keeps what it was asked to publish (or fails on demand)."""
+
+    def __init__(self) -> None:
+        self.messages: list[StageMessage] = []
+        self.fail = False
+
+    async def publish(self, messages: Sequence[StageMessage]) -> None:
+        if self.fail:
+            raise PublishError("broker down (test)")
+        self.messages.extend(messages)
+
+    async def close(self) -> None:
+        pass
+
+    def take(self) -> list[StageMessage]:
+        taken, self.messages = self.messages, []
+        return taken
+
+
+def mfile(path: str, *, plan: str = "text_layer", pages: int = 1, ocr_pages: int = 0,
+          size: int = 1000, category: str = "pleadings", priority: int = 100,
+          problem: str | None = None, duplicate_of: str = "", excluded: str = "",
+          estimated: str = "0.01", parent: str = "") -> mpb.ManifestFile:
+    f = mpb.ManifestFile(
+        file_id=str(uuid.uuid4()), relative_path=path, raw_path=path.encode(), size_bytes=size,
+        sha256=hashlib.sha256(path.encode()).hexdigest(), mime_type="application/pdf",
+        type_family="pdf", category=category, priority=priority, plan=convert.plan_value(plan),
+        page_count=pages, ocr_page_count=ocr_pages, duplicate_of_path=duplicate_of,
+        exclusion_reason=excluded, estimated_cost=convert.money(estimated),
+        family_parent_file_id=parent,
+    )
+    if duplicate_of:
+        f.duplicate_of_file_id = str(uuid.uuid4())
+    if problem:
+        f.problem.CopyFrom(mpb.FileProblem(kind=mpb.ProblemKind.Value("PROBLEM_KIND_" + problem.upper()),
+                                           message=f"the file is {problem}"))
+    f.importable = not (problem or duplicate_of or excluded or parent)
+    return f
+
+
+class FakeManifestService(manifest_service_pb2_grpc.ManifestServiceServicer):
+    """Serves manifests defined by the test (GetManifest, ListManifestFiles)."""
+
+    def __init__(self) -> None:
+        self.manifests: dict[str, tuple[mpb.Manifest, list[mpb.ManifestFile]]] = {}
+        self.list_calls = 0
+
+    def add(self, files: Sequence[mpb.ManifestFile], *, source: str = "/data/case",
+            state: int = mpb.MANIFEST_STATE_READY) -> str:
+        manifest_id = str(uuid.uuid4())
+        for f in files:
+            f.manifest_id = manifest_id
+        manifest = mpb.Manifest(manifest_id=manifest_id, case_name="Smith v. Jones", source_path=source,
+                                state=state, summary=mpb.ManifestSummary(file_count=len(files)))
+        self.manifests[manifest_id] = (manifest, list(files))
+        return manifest_id
+
+    async def GetManifest(self, request: Any, context: Any) -> Any:
+        if request.manifest_id not in self.manifests:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such manifest")
+        return mpb.GetManifestResponse(manifest=self.manifests[request.manifest_id][0])
+
+    async def ListManifestFiles(self, request: Any, context: Any) -> Any:
+        self.list_calls += 1
+        if request.manifest_id not in self.manifests:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such manifest")
+        files = self.manifests[request.manifest_id][1]
+        start = int(request.page_token or 0)
+        size = request.page_size or 100
+        page = files[start:start + size]
+        token = str(start + size) if start + size < len(files) else ""
+        return mpb.ListManifestFilesResponse(files=page, next_page_token=token, total_size=len(files))
+
+
+@dataclass
+class Harness:
+    settings: SessionSettings
+    server: SessionServer
+    store: SessionStore
+    pool: asyncpg.Pool
+    enqueuer: RecordingEnqueuer
+    manifests: FakeManifestService
+    cost_port: int
+    port: int
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+    stubs: dict[str, session_service_pb2_grpc.SessionServiceStub] = field(default_factory=dict)
+    cost: cost_service_pb2_grpc.CostServiceStub | None = None
+
+    @property
+    def operator(self) -> session_service_pb2_grpc.SessionServiceStub:
+        return self.stubs["operator"]
+
+    @property
+    def worker(self) -> session_service_pb2_grpc.SessionServiceStub:
+        return self.stubs["worker"]
+
+    def stub(self, token: str) -> session_service_pb2_grpc.SessionServiceStub:
+        channel = aio_channel(f"127.0.0.1:{self.port}", ClientSettings(), token=token)
+        self.channels.append(channel)
+        return session_service_pb2_grpc.SessionServiceStub(channel)
+
+    @property
+    def dispatcher(self):  # type: ignore[no-untyped-def]
+        return self.server.dispatcher
+
+    @property
+    def reconciler(self):  # type: ignore[no-untyped-def]
+        return self.server.reconciler
+
+    async def create(self, files: Sequence[mpb.ManifestFile] | None = None, *, manifest_id: str = "",
+                     project: str = "Smith v. Jones", start: bool = True, budget: str | None = None,
+                     max_in_flight: int = 0, priority: Sequence[str] = (), dry_run: bool = False,
+                     request_id: str | None = None) -> pb.CreateSessionResponse:
+        if not manifest_id:
+            manifest_id = self.manifests.add(files or [mfile(f"pleadings/doc{i}.pdf") for i in range(3)])
+        options = pb.SessionOptions(max_in_flight=max_in_flight, category_priority=list(priority),
+                                    dry_run=dry_run)
+        if budget is not None:
+            options.budget.CopyFrom(convert.money(budget))
+        return await self.operator.CreateSession(pb.CreateSessionRequest(
+            request_id=request_id if request_id is not None else str(uuid.uuid4()),
+            manifest_id=manifest_id, project_name=project, options=options, start=start,
+        ))
+
+    async def started(self, message: StageMessage, worker: str = "w1") -> pb.ReportStageStartedResponse:
+        p = message.payload
+        return await self.worker.ReportStageStarted(pb.ReportStageStartedRequest(
+            document_id=p.document_id, stage=convert.stage_value(p.stage), attempt=p.attempt,
+            task_id=message.task_id, worker=worker,
+        ))
+
+    async def result(self, message: StageMessage, *, ok: bool = True, error_class: int = 0,
+                     message_text: str = "", cost: str | None = "0.001", artifacts: Sequence[Any] = (),
+                     code: str = "", cache_hit: bool = False) -> pb.ReportStageResultResponse:
+        p = message.payload
+        request = pb.ReportStageResultRequest(
+            document_id=p.document_id, stage=convert.stage_value(p.stage), attempt=p.attempt,
+            task_id=message.task_id, worker="w1", succeeded=ok, error_class=error_class,
+            error_message=message_text, error_code=code, artifacts=list(artifacts), cache_hit=cache_hit,
+        )
+        if cost is not None:
+            request.cost.CopyFrom(convert.money(cost))
+        return await self.worker.ReportStageResult(request)
+
+    async def dispatch(self) -> list[StageMessage]:
+        await self.dispatcher.run_once()
+        return self.enqueuer.take()
+
+    async def run_to_end(self, session_id: str, *, rounds: int = 20) -> pb.Session:
+        """Dispatches and reports success for everything until nothing is left."""
+        for _ in range(rounds):
+            messages = await self.dispatch()
+            if not messages:
+                break
+            for m in messages:
+                await self.started(m)
+                await self.result(m)
+        return (await self.operator.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+def stage_of(value: int) -> str:
+    return common_pb2.Stage.Name(value)
+
+
+def tune(harness: Harness, **values: Any) -> None:
+    """Changes settings of a running harness (they are frozen; the services share the object)."""
+    for key, value in values.items():
+        harness.settings.__dict__[key] = value

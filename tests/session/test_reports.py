@@ -1,0 +1,198 @@
+"""Stage reports: idempotent, monotonic, and the session finishes only when everything is terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from docimport.common.v1 import common_pb2
+from docimport.session.v1 import session_service_pb2 as pb
+
+from services.session import states as st
+
+from .helpers import mfile, tune
+
+
+async def event_count(harness, session_id: str) -> int:
+    async with harness.pool.acquire() as conn:
+        return await conn.fetchval("SELECT count(*) FROM session.session_events WHERE session_id = $1",
+                                   uuid.UUID(session_id))
+
+
+async def get(harness, session_id: str) -> pb.Session:
+    return (await harness.operator.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+
+
+async def document(harness, document_id: str) -> pb.Document:
+    return (await harness.operator.GetDocument(pb.GetDocumentRequest(document_id=document_id))).document
+
+
+def test_state_machine_tables_are_monotonic():
+    for old in st.DOC_TERMINAL - {st.FAILED}:
+        assert st.DOC_TRANSITIONS[old] == frozenset()
+    assert st.FAILED not in st.DOC_TRANSITIONS[st.COMPLETED]
+    assert not st.doc_may(st.COMPLETED, st.RUNNING)
+    assert not st.doc_may(st.RUNNING, st.QUEUED)
+    for old in (st.RUN_SUCCEEDED, st.RUN_FAILED, st.RUN_EXPIRED, st.RUN_CANCELLED):
+        assert st.RUN_TRANSITIONS[old] == frozenset()
+    assert not st.session_may(st.S_COMPLETED, st.S_RUNNING)
+    assert not st.session_may(st.S_CANCELLED, st.S_RUNNING)
+
+
+async def test_a_document_goes_through_every_stage(harness):
+    session = (await harness.create([mfile("a.pdf")])).session
+    for stage in ("extract", "chunk", "entities"):
+        [m] = await harness.dispatch()
+        assert m.payload.stage == stage and m.payload.attempt == 1
+        started = await harness.started(m)
+        assert started.proceed and started.lease_expires_at.seconds > 0
+        assert (await document(harness, m.payload.document_id)).state == pb.DOCUMENT_STATE_RUNNING
+        result = await harness.result(m, cost="0.0015")
+        assert not result.replayed
+    assert result.document_state == pb.DOCUMENT_STATE_COMPLETED
+    doc = await document(harness, m.payload.document_id)
+    assert [r.stage for r in doc.stage_runs] == [common_pb2.STAGE_EXTRACT, common_pb2.STAGE_CHUNK,
+                                                 common_pb2.STAGE_ENTITIES]
+    assert all(r.state == pb.STAGE_RUN_STATE_SUCCEEDED for r in doc.stage_runs)
+    assert doc.cost.amount == "0.0045"
+    final = await get(harness, session.session_id)
+    assert final.state == pb.SESSION_STATE_COMPLETED
+    assert [(s.succeeded, s.queued) for s in final.stages] == [(1, 0)] * 3
+
+
+async def test_duplicate_and_late_reports_change_nothing(harness):
+    session = (await harness.create([mfile("a.pdf"), mfile("b.pdf")])).session
+    first = await harness.dispatch()
+    m = first[0]
+    await harness.started(m)
+    assert (await harness.result(m)).document_state == pb.DOCUMENT_STATE_PENDING  # waits for chunk
+    events = await event_count(harness, session.session_id)
+    # the same report again: a replay
+    again = await harness.result(m)
+    assert again.replayed and again.document_state == pb.DOCUMENT_STATE_PENDING
+    # a different verdict for the same attempt is a replay too: the first one stands
+    late_failure = await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="boom")
+    assert late_failure.replayed
+    # a late start of a finished run: not wanted
+    assert not (await harness.started(m)).proceed
+    assert await event_count(harness, session.session_id) == events
+    doc = await document(harness, m.payload.document_id)
+    assert doc.state == pb.DOCUMENT_STATE_PENDING and doc.stage == common_pb2.STAGE_CHUNK
+    assert doc.error_message == ""
+
+
+async def test_result_without_start_report_is_accepted(harness):
+    await harness.create([mfile("a.pdf")])
+    [m] = await harness.dispatch()
+    assert (await harness.result(m)).document_state == pb.DOCUMENT_STATE_PENDING
+
+
+async def test_session_is_never_completed_while_documents_are_queued(harness):
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(4)])).session
+    messages = await harness.dispatch()
+    assert len(messages) == 4
+    assert (await get(harness, session.session_id)).state == pb.SESSION_STATE_RUNNING
+    for m in messages[:3]:
+        await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="corrupt")
+    s = await get(harness, session.session_id)
+    assert s.state == pb.SESSION_STATE_RUNNING and s.counts.queued == 1 and s.counts.failed == 3
+    await harness.result(messages[3], ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="x")
+    s = await get(harness, session.session_id)
+    assert s.state == pb.SESSION_STATE_COMPLETED_WITH_ERRORS and s.finished_at.seconds > 0
+
+
+async def test_permanent_failure_fails_at_once_and_keeps_its_reason(harness):
+    await harness.create([mfile("a.pdf")])
+    [m] = await harness.dispatch()
+    r = await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_PERMANENT,
+                             message_text="the PDF is encrypted", code="encrypted")
+    assert r.document_state == pb.DOCUMENT_STATE_FAILED
+    doc = await document(harness, m.payload.document_id)
+    assert doc.error_class == pb.ERROR_CLASS_PERMANENT and doc.error_message == "the PDF is encrypted"
+    assert doc.stage_runs[0].error_code == "encrypted"
+    assert await harness.dispatch() == []
+
+
+async def test_retryable_failures_back_off_then_give_up(harness):
+    tune(harness, max_attempts=3)
+    session = (await harness.create([mfile("a.pdf")])).session
+    for attempt in (1, 2, 3):
+        [m] = await harness.dispatch()
+        assert m.payload.attempt == attempt and m.payload.stage == "extract"
+        await harness.started(m)
+        r = await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_RETRYABLE,
+                                 message_text="OCR engine timed out")
+    assert r.document_state == pb.DOCUMENT_STATE_FAILED
+    doc = await document(harness, m.payload.document_id)
+    assert doc.error_class == pb.ERROR_CLASS_RETRYABLE and "gave up after 3 attempts" in doc.error_message
+    assert [run.attempt for run in doc.stage_runs] == [1, 2, 3]
+    assert (await get(harness, session.session_id)).state == pb.SESSION_STATE_COMPLETED_WITH_ERRORS
+
+
+async def test_backoff_delays_the_next_attempt(harness):
+    tune(harness, retry_backoff_base=30.0)
+    await harness.create([mfile("a.pdf")])
+    [m] = await harness.dispatch()
+    r = await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_RETRYABLE, message_text="try later")
+    assert r.document_state == pb.DOCUMENT_STATE_PENDING
+    assert await harness.dispatch() == []  # not before 30 s
+    async with harness.pool.acquire() as conn:
+        delay = await conn.fetchval(
+            "SELECT extract(epoch FROM not_before - now()) FROM session.session_documents WHERE document_id = $1",
+            uuid.UUID(m.payload.document_id))
+        assert 25 < delay <= 30
+        await conn.execute("UPDATE session.session_documents SET not_before = now() - interval '1 s'")
+    [again] = await harness.dispatch()
+    assert again.payload.attempt == 2
+
+
+async def test_concurrent_reports_are_batched_and_exact(harness):
+    n = 200
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(n)], max_in_flight=n)).session
+    messages = await harness.dispatch()
+    assert len(messages) == n
+    started = await asyncio.gather(*(harness.started(m) for m in messages))
+    assert all(s.proceed for s in started)
+    results = await asyncio.gather(*(harness.result(m) for m in messages),
+                                   *(harness.result(m) for m in messages[:50]))
+    assert sum(r.replayed for r in results) == 50
+    s = await get(harness, session.session_id)
+    assert s.counts.pending == n and s.counts.running == 0
+    assert s.stages[0].succeeded == n
+    async with harness.pool.acquire() as conn:
+        seqs = await conn.fetch("SELECT seq FROM session.session_events WHERE session_id = $1 ORDER BY seq",
+                                uuid.UUID(session.session_id))
+    assert [r["seq"] for r in seqs] == list(range(1, len(seqs) + 1))
+    assert seqs[-1]["seq"] == s.last_seq
+
+
+async def test_report_errors_have_precise_codes(harness):
+    await harness.create([mfile("a.pdf")])
+    [m] = await harness.dispatch()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.worker.ReportStageResult(pb.ReportStageResultRequest(
+            document_id=m.payload.document_id, stage=common_pb2.STAGE_EXTRACT, attempt=7, succeeded=True))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.result(m, ok=False, error_class=0, message_text="")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.worker.ReportStageStarted(pb.ReportStageStartedRequest(document_id="x", attempt=0))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # a start report carrying another task id is not the live run
+    bad = await harness.worker.ReportStageStarted(pb.ReportStageStartedRequest(
+        document_id=m.payload.document_id, stage=common_pb2.STAGE_EXTRACT, attempt=1, task_id="other"))
+    assert not bad.proceed
+
+
+async def test_a_redelivered_message_may_go_on(harness):
+    await harness.create([mfile("a.pdf")])
+    [m] = await harness.dispatch()
+    first = await harness.started(m, worker="w1")
+    again = await harness.started(m, worker="w2")  # the first worker died; Celery redelivered
+    assert first.proceed and again.proceed
+    assert again.lease_expires_at.ToDatetime() >= first.lease_expires_at.ToDatetime()
+    doc = await document(harness, m.payload.document_id)
+    assert doc.stage_runs[0].worker == "w2"

@@ -1,0 +1,49 @@
+"""Worker test fixtures: the OCR engine is loaded once per session, and the
+scanned deposition is OCR'd once and shared (it is the slow part)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.worker.processors.base import Deadline, Usage
+from services.worker.processors.extract import Extractor
+from services.worker.processors.ocr import RapidOcrEngine
+from .helpers import SAMPLE_CASE
+
+
+@pytest.fixture(scope="session")
+def ocr_engine() -> RapidOcrEngine:
+    engine = RapidOcrEngine(threads=0)
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def extractor(ocr_engine: RapidOcrEngine) -> Extractor:
+    return Extractor(ocr_engine, dpi=200)
+
+
+@pytest.fixture(scope="session")
+def scanned(extractor: Extractor) -> dict[str, Any]:
+    """The extract document of the scanned deposition, with usage and timing."""
+    import time
+
+    usage = Usage()
+    started = time.monotonic()
+    document = extractor.extract_path(
+        SAMPLE_CASE / "discovery/scanned_deposition_excerpt.pdf", "ocr", extractor.context(usage, Deadline(600))
+    )
+    return {"document": document, "usage": usage, "seconds": time.monotonic() - started}
+
+
+@pytest.fixture
+def case_copy(tmp_path: Path) -> Path:
+    """A writable copy of the sample case, for tests that change files."""
+    import shutil
+
+    target = tmp_path / "case"
+    shutil.copytree(SAMPLE_CASE, target)
+    return target

@@ -1,0 +1,262 @@
+"""The run protocol (started -> cache -> stage -> costs -> result) with a recording reporter.
+
+`RecordingReporter` stands in for `services.worker.reporting.Reporter` (our
+own class, not a third-party mock); the real gRPC path is covered by
+test_worker_integration.py.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from docimport.common.v1 import common_pb2
+from docimport.cost.v1 import cost_service_pb2
+from docimport.session.v1 import session_service_pb2
+
+from services.common.artifacts import path_of, verify_artifact
+from services.worker.artifacts import LocalArtifactStore
+from services.worker.config import WorkerSettings
+from services.worker.processors.extract import Extractor
+from services.worker.reporting import Reporter
+from services.worker.runner import StageRunner
+from services.worker.stages import ChunkStage, EntitiesStage, ExtractStage
+
+from .helpers import payload
+
+RATE = Decimal("0.00001389")
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class RecordingReporter:
+    def __init__(self) -> None:
+        self.started: list[session_service_pb2.ReportStageStartedRequest] = []
+        self.costs: list[cost_service_pb2.RecordCostsRequest] = []
+        self.results: list[session_service_pb2.ReportStageResultRequest] = []
+        self.proceed = True
+        self.cost_error: grpc.StatusCode | None = None
+        self.result_error: grpc.StatusCode | None = None
+
+    def stage_started(self, request: Any) -> session_service_pb2.ReportStageStartedResponse:
+        self.started.append(request)
+        return session_service_pb2.ReportStageStartedResponse(proceed=self.proceed)
+
+    def record_costs(self, request: Any) -> cost_service_pb2.RecordCostsResponse:
+        self.costs.append(request)
+        if self.cost_error is not None:
+            raise FakeRpcError(self.cost_error, "refused")
+        total = sum((Decimal(e.units) * RATE for e in request.events
+                     if e.operation == "compute_second" and not e.cache_hit), Decimal(0))
+        return cost_service_pb2.RecordCostsResponse(total=common_pb2.Money(currency_code="USD", amount=str(total)))
+
+    def stage_result(self, request: Any) -> session_service_pb2.ReportStageResultResponse:
+        if self.result_error is not None:
+            raise FakeRpcError(self.result_error, "down")
+        self.results.append(request)
+        return session_service_pb2.ReportStageResultResponse()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalArtifactStore:
+    return LocalArtifactStore(tmp_path / "artifacts")
+
+
+@pytest.fixture
+def reporter() -> RecordingReporter:
+    return RecordingReporter()
+
+
+@pytest.fixture
+def runner(store: LocalArtifactStore, reporter: RecordingReporter) -> StageRunner:
+    extractor = Extractor(None)
+    stages = {
+        "extract": ExtractStage(extractor),
+        "chunk": ChunkStage(store, extractor, size=800, overlap=100),
+        "entities": EntitiesStage(store, extractor),
+    }
+    return StageRunner(stages=stages, store=store, reporter=reporter)  # type: ignore[arg-type]
+
+
+def run(runner: StageRunner, p: Any, stage: str | None = None) -> dict[str, Any]:
+    return runner.run(p.to_json(), task_id=f"task-{p.document_id}-{p.stage}", worker="test:1", stage=stage or p.stage)
+
+
+def test_extract_reports_start_costs_and_result(runner: StageRunner, reporter: RecordingReporter) -> None:
+    p = payload("pleadings/complaint.pdf")
+    summary = run(runner, p)
+    assert summary["succeeded"] and not summary["cache_hit"]
+    (started,) = reporter.started
+    assert (started.document_id, started.stage, started.attempt, started.worker) == (
+        p.document_id, common_pb2.STAGE_EXTRACT, 1, "test:1")
+    (costs,) = reporter.costs
+    (compute,) = costs.events
+    assert (compute.service, compute.operation, compute.kind, compute.cache_hit) == (
+        "local", "compute_second", cost_service_pb2.COST_KIND_ACTUAL, False)
+    assert (compute.session_id, compute.document_id, compute.attempt, compute.category) == (
+        p.session_id, p.document_id, 1, "pleadings")
+    assert Decimal(compute.units) > 0
+    (result,) = reporter.results
+    assert result.succeeded and result.error_class == session_service_pb2.ERROR_CLASS_UNSPECIFIED
+    assert result.stats.pages == 3 and result.stats.characters > 3000 and result.stats.ocr_pages == 0
+    assert result.cost.amount == str(Decimal(compute.units) * RATE)
+    assert result.duration.ToNanoseconds() > 0
+    (artifact,) = result.artifacts
+    assert artifact.kind == "text" and artifact.uri.startswith("file://")
+    assert verify_artifact(artifact.uri, artifact.sha256, artifact.size_bytes, deep=True).ok
+    body = json.loads(path_of(artifact.uri).read_bytes())
+    assert body["source_sha256"] == p.sha256 and body["stage"] == "extract"
+    assert body["usage"]["compute_seconds"] and "Case No. 2:24-cv-01234" in body["text"]
+
+
+def test_identical_file_in_another_session_is_a_free_cache_hit(runner: StageRunner, reporter: RecordingReporter) -> None:
+    first = payload("medical_records/er_visit_summary.pdf")
+    run(runner, first)
+    copy = payload("medical_records/er_visit_summary_copy.pdf")
+    assert copy.sha256 == first.sha256 and copy.session_id != first.session_id
+    summary = run(runner, copy)
+    assert summary["cache_hit"] and summary["succeeded"]
+    original, hit = reporter.costs
+    (saved,) = hit.events
+    assert saved.cache_hit and saved.operation == "compute_second"
+    # The units of what the work took the first time, so the cost service can compute `saved`.
+    stored = json.loads(path_of(reporter.results[0].artifacts[0].uri).read_bytes())["usage"]["compute_seconds"]
+    assert Decimal(saved.units) == Decimal(stored)
+    first_result, hit_result = reporter.results
+    assert hit_result.cache_hit and hit_result.cost.amount == "0"
+    assert hit_result.artifacts == first_result.artifacts
+    assert hit_result.stats == first_result.stats
+
+
+@pytest.mark.parametrize(
+    ("relative", "code"),
+    [("medical_records/corrupt_scan.pdf", "corrupt"), ("medical_records/sealed_records.pdf", "encrypted")],
+)
+def test_permanent_failures_are_reported_as_such(runner: StageRunner, reporter: RecordingReporter,
+                                                 relative: str, code: str) -> None:
+    summary = run(runner, payload(relative))
+    assert not summary["succeeded"] and summary["error_code"] == code
+    (result,) = reporter.results
+    assert not result.succeeded and not result.artifacts
+    assert (result.error_class, result.error_code) == (session_service_pb2.ERROR_CLASS_PERMANENT, code)
+    assert result.error_message
+    (costs,) = reporter.costs
+    assert [e.operation for e in costs.events] == ["compute_second"]  # the attempt still cost CPU
+
+
+def test_a_changed_source_is_permanent(runner: StageRunner, reporter: RecordingReporter, case_copy: Path) -> None:
+    p = payload("pleadings/answer.pdf", root=case_copy)
+    (case_copy / "pleadings/answer.pdf").write_bytes(b"%PDF-1.7 replaced")
+    run(runner, p)
+    assert reporter.results[0].error_code == "source_changed"
+
+
+def test_proceed_false_does_nothing(runner: StageRunner, reporter: RecordingReporter, store: LocalArtifactStore) -> None:
+    reporter.proceed = False
+    summary = run(runner, payload("pleadings/complaint.pdf"))
+    assert summary["proceed"] is False
+    assert len(reporter.started) == 1 and not reporter.costs and not reporter.results
+    assert not store.root.exists()
+
+
+def test_chunk_before_extract_is_retryable_then_chunk_and_entities_follow(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
+    extract = payload("pleadings/complaint.pdf")
+    chunk = payload("pleadings/complaint.pdf", "chunk", session_id=extract.session_id, document_id=extract.document_id)
+    run(runner, chunk)
+    early = reporter.results[-1]
+    assert (early.error_class, early.error_code) == (session_service_pb2.ERROR_CLASS_RETRYABLE, "input_missing")
+
+    run(runner, extract)
+    run(runner, payload("pleadings/complaint.pdf", "chunk", session_id=extract.session_id,
+                        document_id=extract.document_id, attempt=2))
+    chunked = reporter.results[-1]
+    assert chunked.succeeded and chunked.stats.chunks >= 5 and chunked.artifacts[0].kind == "chunks"
+    entities = payload("pleadings/complaint.pdf", "entities", session_id=extract.session_id,
+                       document_id=extract.document_id)
+    run(runner, entities)
+    found = reporter.results[-1]
+    assert found.succeeded and found.stats.entities >= 10 and found.artifacts[0].kind == "entities"
+    body = json.loads(path_of(found.artifacts[0].uri).read_bytes())
+    extract_ref = reporter.results[1].artifacts[0]
+    assert body["input"]["sha256"] == extract_ref.sha256
+    assert body["counts"]["case_number"] == 1
+    assert any(e["text"] == "$250,000.00" for e in body["entities"])
+
+
+def test_a_task_of_the_wrong_stage_is_a_bad_payload(runner: StageRunner, reporter: RecordingReporter) -> None:
+    run(runner, payload("pleadings/complaint.pdf"), stage="chunk")
+    assert (reporter.results[0].error_class, reporter.results[0].error_code) == (
+        session_service_pb2.ERROR_CLASS_PERMANENT, "bad_payload")
+
+
+def test_a_malformed_payload_is_dropped_without_reports(runner: StageRunner, reporter: RecordingReporter) -> None:
+    summary = runner.run({"document_id": "x"}, task_id="t", worker="w", stage="extract")
+    assert summary["error_code"] == "bad_payload" and not reporter.started
+
+
+def test_cost_refusal_still_reports_the_result_without_cost(runner: StageRunner, reporter: RecordingReporter) -> None:
+    reporter.cost_error = grpc.StatusCode.INVALID_ARGUMENT
+    run(runner, payload("correspondence/call_notes.txt"))
+    (result,) = reporter.results
+    assert result.succeeded and not result.HasField("cost")
+
+
+def test_cost_service_down_fails_the_task(runner: StageRunner, reporter: RecordingReporter) -> None:
+    reporter.cost_error = grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError):
+        run(runner, payload("correspondence/call_notes.txt"))
+    assert not reporter.results
+
+
+def test_session_service_down_fails_the_task(runner: StageRunner, reporter: RecordingReporter) -> None:
+    reporter.result_error = grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError):
+        run(runner, payload("correspondence/call_notes.txt"))
+    reporter.result_error = grpc.StatusCode.FAILED_PRECONDITION  # e.g. the run was superseded
+    assert run(runner, payload("correspondence/call_notes.txt"))["succeeded"]
+
+
+def test_reporter_retries_unavailable_with_backoff_then_gives_up() -> None:
+    settings = WorkerSettings(broker_url="memory://", report_attempts=3, report_backoff=0.5)
+    sleeps: list[float] = []
+    reporter = Reporter(settings, sleep=sleeps.append)
+    calls: list[float | None] = []
+
+    def flaky(request: Any, timeout: float | None = None) -> str:
+        calls.append(timeout)
+        if len(calls) < 3:
+            raise FakeRpcError(grpc.StatusCode.UNAVAILABLE)
+        return "ok"
+
+    assert reporter._call("test", flaky, None) == "ok"
+    assert sleeps == [0.5, 1.0] and calls == [settings.rpc_timeout] * 3
+
+    def down(request: Any, timeout: float | None = None) -> str:
+        raise FakeRpcError(grpc.StatusCode.UNAVAILABLE)
+
+    with pytest.raises(grpc.RpcError):
+        reporter._call("test", down, None)
+
+    def denied(request: Any, timeout: float | None = None) -> str:
+        raise FakeRpcError(grpc.StatusCode.PERMISSION_DENIED)
+
+    sleeps.clear()
+    with pytest.raises(grpc.RpcError):
+        reporter._call("test", denied, None)
+    assert sleeps == []  # only UNAVAILABLE and DEADLINE_EXCEEDED are tried again
