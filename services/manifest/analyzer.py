@@ -19,13 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 from services.common.errors import DomainError, InvalidArgument, Unavailable
@@ -268,12 +266,6 @@ def _check_same(manifest: Manifest, request: AnalyzeRequest) -> None:
             "request_id", f"was already used for another request (manifest {manifest.manifest_id}); "
             "use a new request_id")
 
-
-def real_source_of(manifest: Manifest) -> bytes:
-    return os.fsencode(manifest.source_path)
-
-
-ZERO = Decimal(0)
 
 
 class ImportAnalyzer:

@@ -141,22 +141,25 @@ def sniff(head: bytes) -> ContentType:
     """
     if not head:
         return ContentType("application/x-empty", "other")
-    if head.startswith(b"%PDF-") or b"%PDF-" in head[:1024]:
-        return ContentType(MIME_PDF, "pdf")
+    if head.startswith(b"%PDF-"):
+        return _PDF
     if head.startswith(b"PK\x03\x04"):
-        return ContentType(_zip_kind(head), family_of(_zip_kind(head)))
+        mime = _zip_kind(head)
+        return ContentType(mime, family_of(mime))
     if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
         if "EncryptedPackage".encode("utf-16-le") in head:
             return ContentType(MIME_OOXML_ENCRYPTED, "word")
         if "WordDocument".encode("utf-16-le") in head:
             return ContentType(MIME_DOC, "word")
         return ContentType(MIME_CFB, "other")
-    for prefix, mime in _PREFIXES:
+    for prefix, found in _BY_FIRST_BYTE.get(head[0], ()):
         if head.startswith(prefix):
-            return ContentType(mime, family_of(mime))
+            return found
     media = _media_kind(head)
     if media is not None:
         return ContentType(media, family_of(media))
+    if head.find(b"%PDF-", 0, 1024) >= 0:  # a PDF after some leading junk
+        return _PDF
     text = _text_kind(head)
     if text is not None:
         return ContentType(text, family_of(text))
@@ -164,6 +167,12 @@ def sniff(head: bytes) -> ContentType:
     if guess is not None:
         return ContentType(guess.mime, family_of(guess.mime))
     return ContentType(MIME_UNKNOWN, "other")
+
+
+_PDF = ContentType(MIME_PDF, "pdf")
+_BY_FIRST_BYTE: dict[int, list[tuple[bytes, ContentType]]] = {}
+for _prefix, _mime in _PREFIXES:
+    _BY_FIRST_BYTE.setdefault(_prefix[0], []).append((_prefix, ContentType(_mime, family_of(_mime))))
 
 
 _FTYP_BRANDS = {

@@ -57,7 +57,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -574,4 +574,3 @@ def new_tracker() -> _Tracker:
 
 
 Tracker = _Tracker
-ProgressCallback = Callable[[Progress], None]

@@ -113,6 +113,7 @@ def create_app(settings: WorkerSettings, *, runner_factory: Callable[[], StageRu
     def register(stage: str) -> None:
         @app.task(
             name=TASK_NAMES[stage],
+            shared=False,  # bound to this app only: each app has its own runner
             bind=True,
             queue=QUEUES[stage],
             acks_late=True,

@@ -106,10 +106,11 @@ async def test_a_lost_listen_connection_is_replaced(cost: CostHarness, cost_sett
     call = cost.operator.WatchCosts(pb.WatchCostsRequest(session_id=session))
     await asyncio.wait_for(call.read(), 5)
     feed = cost.store.changes
-    pid = await feed._conn.fetchval("SELECT pg_backend_pid()")  # noqa: SLF001 - the test kills it
+    old = feed._conn  # noqa: SLF001 - the test kills it
+    pid = await old.fetchval("SELECT pg_backend_pid()")
     await cost.pool.execute("SELECT pg_terminate_backend($1)", pid)
     # The stream is woken by the loss, listens again and re-reads.
-    await wait_until(lambda: feed.listening and feed._conn is not None)  # noqa: SLF001
+    await wait_until(lambda: feed.listening and feed._conn is not old)  # noqa: SLF001
     assert await feed._conn.fetchval("SELECT pg_backend_pid()") != pid  # noqa: SLF001
     await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(session)]))
     update = await asyncio.wait_for(call.read(), 5)

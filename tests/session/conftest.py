@@ -10,7 +10,9 @@ drive the dispatcher and reconciler with `run_once()`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import grpc
@@ -40,9 +42,11 @@ def session_settings(db_url: str, redis_url: str, token_env: dict[str, object]) 
     )
 
 
-@pytest.fixture
-async def harness(session_settings: SessionSettings, pool: asyncpg.Pool, db_url: str,
-                  token_env: dict[str, object]) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def open_harness(session_settings: SessionSettings, pool: asyncpg.Pool, db_url: str,
+                       token_env: dict[str, object], *, enqueuer: Any = None,
+                       background: bool = False) -> AsyncIterator[Harness]:
+    """The session service with the real cost service and a fake manifest service."""
     # the real cost service
     cost_settings = CostSettings(database_url=db_url, **token_env)
     cost_store = CostStore(pool)
@@ -58,19 +62,20 @@ async def harness(session_settings: SessionSettings, pool: asyncpg.Pool, db_url:
     manifest_channel = aio_channel(f"127.0.0.1:{manifest_port}", client, token=TOKENS["service"])
     cost_channel = aio_channel(f"127.0.0.1:{cost_server.port}", client, token=TOKENS["service"])
     store = SessionStore(pool)
-    enqueuer = RecordingEnqueuer()
+    recording = RecordingEnqueuer()
     server = await build_server(
-        session_settings, store=store, enqueuer=enqueuer,
+        session_settings, store=store, enqueuer=enqueuer or recording,
         manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
         cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
-        background=False,
+        background=background,
     )
-    h = Harness(session_settings, server, store, pool, enqueuer, manifests, cost_server.port, server.port,
-                channels=[manifest_channel, cost_channel])
+    h = Harness(session_settings, server, store, pool, recording, manifests, cost_server.port, server.port,
+                manifest_port=manifest_port, channels=[manifest_channel, cost_channel])
     for scope, token in TOKENS.items():
         h.stubs[scope] = h.stub(token)
-    h.cost = cost_service_pb2_grpc.CostServiceStub(
-        aio_channel(f"127.0.0.1:{cost_server.port}", client, token=TOKENS["operator"]))
+    operator_cost = aio_channel(f"127.0.0.1:{cost_server.port}", client, token=TOKENS["operator"])
+    h.channels.append(operator_cost)
+    h.cost = cost_service_pb2_grpc.CostServiceStub(operator_cost)
     try:
         yield h
     finally:
@@ -81,3 +86,8 @@ async def harness(session_settings: SessionSettings, pool: asyncpg.Pool, db_url:
         await cost_server.stop(0.5)
 
 
+@pytest.fixture
+async def harness(session_settings: SessionSettings, pool: asyncpg.Pool, db_url: str,
+                  token_env: dict[str, object]) -> AsyncIterator[Harness]:
+    async with open_harness(session_settings, pool, db_url, token_env) as h:
+        yield h

@@ -74,13 +74,14 @@ class FakeManifestService(manifest_service_pb2_grpc.ManifestServiceServicer):
     def __init__(self) -> None:
         self.manifests: dict[str, tuple[mpb.Manifest, list[mpb.ManifestFile]]] = {}
         self.list_calls = 0
+        self.imported: list[str] = []
 
     def add(self, files: Sequence[mpb.ManifestFile], *, source: str = "/data/case",
-            state: int = mpb.MANIFEST_STATE_READY) -> str:
+            state: int = mpb.MANIFEST_STATE_READY, case: str = "Smith v. Jones") -> str:
         manifest_id = str(uuid.uuid4())
         for f in files:
             f.manifest_id = manifest_id
-        manifest = mpb.Manifest(manifest_id=manifest_id, case_name="Smith v. Jones", source_path=source,
+        manifest = mpb.Manifest(manifest_id=manifest_id, case_name=case, source_path=source,
                                 state=state, summary=mpb.ManifestSummary(file_count=len(files)))
         self.manifests[manifest_id] = (manifest, list(files))
         return manifest_id
@@ -89,6 +90,16 @@ class FakeManifestService(manifest_service_pb2_grpc.ManifestServiceServicer):
         if request.manifest_id not in self.manifests:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such manifest")
         return mpb.GetManifestResponse(manifest=self.manifests[request.manifest_id][0])
+
+    async def ImportManifest(self, request: Any, context: Any) -> Any:
+        import json
+
+        data = json.loads(request.manifest_json)
+        files = [mfile(f["path"], category=f.get("category", "pleadings")) for f in data["files"]]
+        manifest_id = self.add(files, source=request.source_path or data["source_path"],
+                               case=data["case_name"])
+        self.imported.append(manifest_id)
+        return mpb.ImportManifestResponse(manifest=self.manifests[manifest_id][0])
 
     async def ListManifestFiles(self, request: Any, context: Any) -> Any:
         self.list_calls += 1
@@ -112,9 +123,11 @@ class Harness:
     manifests: FakeManifestService
     cost_port: int
     port: int
+    manifest_port: int = 0
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     stubs: dict[str, session_service_pb2_grpc.SessionServiceStub] = field(default_factory=dict)
     cost: cost_service_pb2_grpc.CostServiceStub | None = None
+    worker_cost: cost_service_pb2_grpc.CostServiceStub | None = None
 
     @property
     def operator(self) -> session_service_pb2_grpc.SessionServiceStub:
@@ -209,3 +222,39 @@ def tune(harness: Harness, **values: Any) -> None:
     """Changes settings of a running harness (they are frozen; the services share the object)."""
     for key, value in values.items():
         harness.settings.__dict__[key] = value
+
+
+async def work(harness: Harness, message: StageMessage, artifact_dir: Any, *, record_cost: bool = True,
+               ok: bool = True, error_class: int = 0, text: str = "") -> pb.ReportStageResultResponse:
+    """What a worker does for one message: start, write an artifact, record its cost, report."""
+    from docimport.cost.v1 import cost_service_pb2 as cpb
+
+    p = message.payload
+    await harness.started(message)
+    artifacts = []
+    cost = "0"
+    if ok:
+        path = artifact_dir / f"{p.document_id}.{p.stage}.{p.attempt}.json"
+        data = f'{{"document": "{p.document_id}", "stage": "{p.stage}"}}'.encode()
+        path.write_bytes(data)
+        artifacts.append(pb.Artifact(kind=p.stage, uri=path.resolve().as_uri(),
+                                     sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)))
+    if record_cost:
+        if harness.worker_cost is None:
+            channel = aio_channel(f"127.0.0.1:{harness.cost_port}", ClientSettings(), token="wk-test-token")
+            harness.channels.append(channel)
+            harness.worker_cost = cost_service_pb2_grpc.CostServiceStub(channel)
+        recorded = await harness.worker_cost.RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
+            session_id=p.session_id, document_id=p.document_id, stage=convert.stage_value(p.stage),
+            attempt=p.attempt, service="local", operation="compute_second", units="1.5",
+            kind=cpb.COST_KIND_ACTUAL, category=p.category)]))
+        cost = recorded.total.amount
+    return await harness.result(message, ok=ok, error_class=error_class, message_text=text, cost=cost,
+                                artifacts=artifacts)
+
+
+async def work_to_end(harness: Harness, session_id: str, artifact_dir: Any, **kw: Any) -> pb.Session:
+    while messages := await harness.dispatch():
+        for m in messages:
+            await work(harness, m, artifact_dir, **kw)
+    return (await harness.operator.GetSession(pb.GetSessionRequest(session_id=session_id))).session

@@ -101,6 +101,8 @@ async def test_pause_resume(harness):
     assert resumed.state == pb.SESSION_STATE_RUNNING
     again = await harness.dispatch()
     assert len(again) == 2 and again[0].payload.stage == "chunk"
+    for m in again:
+        await harness.result(m)
     assert (await harness.run_to_end(session.session_id)).state == pb.SESSION_STATE_COMPLETED
 
 
@@ -200,7 +202,7 @@ async def test_budget_reservations_and_exhaustion(harness):
     assert await harness.dispatch() == []
     # raising the budget resumes the session
     await harness.cost.SetBudget(cpb.SetBudgetRequest(session_id=session.session_id,
-                                                      limit=convert.money(limit * 100)))
+                                                      limit=convert.money(limit * 10**6)))
     await harness.reconciler.run_once()
     s = await get(harness, session.session_id)
     assert s.state == pb.SESSION_STATE_RUNNING and "budget raised" in s.state_reason

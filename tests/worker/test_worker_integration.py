@@ -143,30 +143,32 @@ async def stack(redis_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     cost_service_pb2_grpc.add_CostServiceServicer_to_server(cost, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-
-    settings = WorkerSettings(
-        broker_url=redis_url,
-        session_addr=f"127.0.0.1:{port}",
-        cost_addr=f"127.0.0.1:{port}",
-        token=WORKER_TOKEN,
-        artifact_dir=tmp_path / "artifacts",
-        ocr_engine="auto",
-        pool="solo",
-        rpc_timeout=10.0,
-    )
-    app = create_app(settings)
-    publisher = Celery("test-publisher", broker=redis_url, set_as_current=False)
-    publisher.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True)
-    worker = start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, loglevel="WARNING",
-                          shutdown_timeout=30.0)
-    await asyncio.to_thread(worker.__enter__)
     try:
-        yield Stack(session, cost, publisher, settings, redis_url)
+        settings = WorkerSettings(
+            broker_url=redis_url,
+            session_addr=f"127.0.0.1:{port}",
+            cost_addr=f"127.0.0.1:{port}",
+            token=WORKER_TOKEN,
+            artifact_dir=tmp_path / "artifacts",
+            ocr_engine="auto",
+            pool="solo",
+            rpc_timeout=10.0,
+        )
+        app = create_app(settings)
+        publisher = Celery("test-publisher", broker=redis_url, set_as_current=False)
+        publisher.conf.update(task_serializer="json", accept_content=["json"],
+                              broker_connection_retry_on_startup=True)
+        worker = start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, loglevel="WARNING",
+                              shutdown_timeout=30.0)
+        await asyncio.to_thread(worker.__enter__)
+        try:
+            yield Stack(session, cost, publisher, settings, redis_url)
+        finally:
+            await asyncio.to_thread(worker.__exit__, None, None, None)
+            app.docimport_runner.get().reporter.close()
+            publisher.close()
+            app.close()
     finally:
-        await asyncio.to_thread(worker.__exit__, None, None, None)
-        app.docimport_runner.get().reporter.close()
-        publisher.close()
-        app.close()
         await server.stop(0)
 
 

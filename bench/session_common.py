@@ -1,0 +1,202 @@
+"""Shared set-up of the session service benchmarks (bench/session_*.py).
+
+Owns the private resources of one benchmark run: a database it creates,
+migrates and drops (on the server of DOCIMPORT_BENCH_DATABASE_URL, else a
+private Postgres from services.common.localinfra), a Redis database of its
+own that it flushes before and after (DOCIMPORT_BENCH_REDIS_URL, default db
+12 of that server, else a private Redis), and the three services started
+in-process on ephemeral ports: the real cost service, the real manifest
+service and the session service under test (background loops off unless
+asked; the benchmark drives them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "protos"))
+
+import asyncpg  # noqa: E402
+import grpc  # noqa: E402
+from docimport.cost.v1 import cost_service_pb2_grpc  # noqa: E402
+from docimport.manifest.v1 import manifest_service_pb2_grpc  # noqa: E402
+from docimport.session.v1 import session_service_pb2_grpc  # noqa: E402
+
+from services.common import db, localinfra  # noqa: E402
+from services.common.channels import aio_channel  # noqa: E402
+from services.common.config import ClientSettings  # noqa: E402
+from services.common.migrate import migrate  # noqa: E402
+
+TOKENS = {"operator": "bench-op", "worker": "bench-wk", "service": "bench-sv"}
+
+
+def with_database(dsn: str, name: str) -> str:
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+@contextlib.asynccontextmanager
+async def private_database() -> AsyncIterator[str]:
+    """A fresh, migrated database; dropped afterwards."""
+    instance = None
+    admin = os.environ.get("DOCIMPORT_BENCH_DATABASE_URL") or os.environ.get("DOCIMPORT_TEST_DATABASE_URL")
+    tmp = None
+    if not admin:
+        tmp = tempfile.mkdtemp(prefix="di-bench-")
+        instance = localinfra.start_postgres(Path(tmp) / "pg")
+        admin = instance.dsn
+    name = f"di_bench_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(admin)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    url = with_database(admin, name)
+    try:
+        await migrate(url)
+        yield url
+    finally:
+        conn = await asyncpg.connect(admin)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+        if instance is not None:
+            localinfra.stop(instance)
+
+
+@contextlib.contextmanager
+def private_redis(db_number: int = 12) -> Any:
+    """A Redis URL on a database of this benchmark's own, flushed before and after."""
+    import redis
+
+    configured = os.environ.get("DOCIMPORT_BENCH_REDIS_URL")
+    instance = None
+    if configured:
+        url = configured
+    elif os.environ.get("DOCIMPORT_TEST_REDIS_URL"):
+        base = os.environ["DOCIMPORT_TEST_REDIS_URL"].rsplit("/", 1)[0]
+        url = f"{base}/{db_number}"
+    else:
+        instance = localinfra.start_redis(Path(tempfile.mkdtemp(prefix="di-bench-")) / "redis")
+        url = instance.url_for(db_number)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url, client
+    finally:
+        client.flushdb()
+        client.close()
+        if instance is not None:
+            localinfra.stop(instance)
+
+
+@dataclass
+class Stack:
+    db_url: str
+    pool: asyncpg.Pool
+    session_server: Any
+    session_port: int
+    cost_port: int
+    manifest_port: int
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def session_stub(self, scope: str = "operator") -> session_service_pb2_grpc.SessionServiceStub:
+        channel = aio_channel(f"127.0.0.1:{self.session_port}", ClientSettings(), token=TOKENS[scope])
+        self.channels.append(channel)
+        return session_service_pb2_grpc.SessionServiceStub(channel)
+
+
+def token_env() -> dict[str, Any]:
+    return {"operator_tokens": TOKENS["operator"], "worker_tokens": TOKENS["worker"],
+            "service_tokens": TOKENS["service"], "token": TOKENS["service"], "host": "127.0.0.1",
+            "port": 0, "shutdown_grace": 1.0, "log_level": "WARNING"}
+
+
+@contextlib.asynccontextmanager
+async def services(db_url: str, broker_url: str, *, enqueuer: Any, background: bool = False,
+                   pool_size: int = 10, **session_settings: Any) -> AsyncIterator[Stack]:
+    """The cost, manifest and session services in this process."""
+    from services.cost.config import CostSettings
+    from services.cost.server import build_server as build_cost
+    from services.cost.store import CostStore
+    from services.manifest.config import ManifestSettings
+    from services.manifest.server import build_server as build_manifest
+    from services.manifest.store import ManifestStore
+    from services.session.config import SessionSettings
+    from services.session.server import build_server as build_session
+    from services.session.store import SessionStore
+
+    pool = await db.create_pool(db_url, min_size=2, max_size=pool_size)
+    env = token_env()
+    cost_settings = CostSettings(database_url=db_url, **env)
+    cost_store = CostStore(pool)
+    await cost_store.ensure_default_price_book(cost_settings.price_book_file, cost_settings.cpu_second_rate)
+    cost = await build_cost(cost_settings, store=cost_store)
+    client = ClientSettings()
+    cost_channel = aio_channel(f"127.0.0.1:{cost.port}", client, token=TOKENS["service"])
+    manifest = await build_manifest(
+        ManifestSettings(database_url=db_url, source_roots=(Path(tempfile.gettempdir()),), **env),
+        store=ManifestStore(pool), cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel))
+    manifest_channel = aio_channel(f"127.0.0.1:{manifest.port}", client, token=TOKENS["service"])
+    settings = SessionSettings(database_url=db_url, broker_url=broker_url, **{**env, **session_settings})
+    session = await build_session(
+        settings, store=SessionStore(pool), enqueuer=enqueuer,
+        manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
+        cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel), background=background)
+    stack = Stack(db_url, pool, session, session.port, cost.port, manifest.port,
+                  channels=[cost_channel, manifest_channel])
+    try:
+        yield stack
+    finally:
+        await session.stop(0.5)
+        for channel in stack.channels:
+            await channel.close()
+        await manifest.close(0.5)
+        await cost.stop(0.5)
+        await pool.close()
+
+
+async def insert_manifest(pool: asyncpg.Pool, n: int, *, source: str = "/data/bench-case") -> str:
+    """A ready manifest of `n` importable text-layer PDFs, written straight into its tables."""
+    import hashlib
+
+    manifest_id = uuid.uuid4()
+    categories = [("pleadings", 10), ("discovery", 30), ("correspondence", 40), ("medical_records", 20)]
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO manifest.manifests (manifest_id, case_name, source_path, state, summary, "
+            "estimated_total, finished_at) VALUES ($1, 'Bench v. Mark', $2, 'ready', $3, $4, now())",
+            manifest_id, source, {"file_count": n}, 0,
+        )
+        records = []
+        for i in range(n):
+            category, priority = categories[i % len(categories)]
+            path = f"{category}/doc_{i:06d}.pdf"
+            records.append((uuid.uuid4(), manifest_id, i, path, path.encode(), 250_000 + i,
+                            hashlib.sha256(path.encode()).hexdigest(), "application/pdf", "pdf", category,
+                            priority, "text_layer", 3, 0))
+        await conn.copy_records_to_table(
+            "manifest_files", schema_name="manifest",
+            columns=("file_id", "manifest_id", "ordinal", "relative_path", "raw_path", "size_bytes", "sha256",
+                     "mime_type", "type_family", "category", "priority", "plan", "page_count",
+                     "ocr_page_count"),
+            records=records,
+        )
+    return str(manifest_id)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0

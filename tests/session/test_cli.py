@@ -1,0 +1,150 @@
+"""The session CLI against the real service: import, watch, status, documents, retry, verify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from docimport.session.v1 import session_service_pb2 as pb
+from typer.testing import CliRunner
+
+from clients.cli.app import app
+from clients.cli.commands.session import WatchState
+from clients.cli import context
+from clients.cli.context import Clients, set_clients
+from conftest import TOKENS
+from services.common.config import ClientSettings
+
+from .helpers import mfile, work, work_to_end
+
+
+@pytest.fixture
+def cli(harness):
+    settings = ClientSettings(
+        session_addr=f"127.0.0.1:{harness.port}", cost_addr=f"127.0.0.1:{harness.cost_port}",
+        manifest_addr=f"127.0.0.1:{harness.manifest_port}", token=TOKENS["operator"], rpc_timeout=10,
+    )
+    clients = Clients(settings)
+    set_clients(clients)
+    runner = CliRunner()
+    width = context.console.width
+    context.console.width = 220  # tables on one line each
+
+    async def run(*args: str) -> tuple[int, str]:
+        result = await asyncio.to_thread(runner.invoke, app, list(args), catch_exceptions=False)
+        return result.exit_code, result.output
+
+    yield run
+    context.console.width = width
+    set_clients(None)
+    clients.close()
+
+
+async def test_import_dry_run_then_real_then_status(harness, cli, tmp_path):
+    manifest_id = harness.manifests.add([mfile("a.pdf"), mfile("b.pdf", problem="corrupt"),
+                                         mfile("c.pdf", duplicate_of="a.pdf")])
+    code, out = await cli("import", "--manifest", manifest_id, "--case", "Demo", "--dry-run")
+    assert code == 0, out
+    assert "dry run" in out and "documents to process: 1" in out
+    code, out = await cli("import", "--manifest", manifest_id, "--case", "Demo", "--json")
+    assert code == 0, out
+    session = json.loads(out)["session"]
+    session_id = session["session_id"]
+    assert session["state"] == "SESSION_STATE_RUNNING"
+    code, out = await cli("status", session_id)
+    assert code == 0 and "Demo" in out and "pending 1" in out
+    code, out = await cli("sessions", "--case", "demo")
+    assert code == 0 and session_id in out
+    code, out = await cli("documents", session_id, "--state", "failed")
+    assert code == 0 and "b.pdf" in out and "a.pdf" not in out
+    code, out = await cli("documents", session_id, "--state", "nonsense")
+    assert code == 2
+    code, out = await cli("pause", session_id)
+    assert code == 0 and "paused" in out
+    code, out = await cli("resume", session_id)
+    assert code == 0 and "running" in out
+    await work_to_end(harness, session_id, tmp_path)
+    docs = (await harness.operator.ListSessionDocuments(
+        pb.ListSessionDocumentsRequest(session_id=session_id, state=pb.DOCUMENT_STATE_COMPLETED))).documents
+    code, out = await cli("document", docs[0].document_id)
+    assert code == 0 and "entities" in out and "succeeded" in out
+    code, out = await cli("verify", session_id)
+    assert code == 0 and "PASS" in out, out
+    code, out = await cli("verify", session_id, "--json")
+    assert code == 0 and json.loads(out)["verdict"] == "VERDICT_PASS"
+
+
+async def test_import_a_manifest_file(harness, cli, tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"schema": "docimport-manifest/v1", "case_name": "From File",
+                                "source_path": "/data/case", "files": [{"path": "x.pdf"}, {"path": "y.pdf"}]}))
+    code, out = await cli("import", str(path), "--json")
+    assert code == 0, out
+    session = json.loads(out)["session"]
+    assert session["project"]["name"] == "From File" and session["counts"]["total"] == "2"
+    assert len(harness.manifests.imported) == 1
+    # a file naming a manifest the service already has is not imported again
+    known = harness.manifests.imported[0]
+    path.write_text(json.dumps({"schema": "docimport-manifest/v1", "manifest_id": known, "case_name": "From File",
+                                "source_path": "/data/case", "files": []}))
+    code, out = await cli("import", str(path), "--json")
+    assert code == 0 and json.loads(out)["session"]["manifest_id"] == known
+    assert len(harness.manifests.imported) == 1
+    code, out = await cli("import", str(tmp_path / "missing.json"))
+    assert code == 2
+
+
+async def test_watch_json_until_the_end(harness, cli, tmp_path):
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(3)])).session
+    watching = asyncio.create_task(cli("watch", session.session_id, "--json"))
+    await asyncio.sleep(0.3)
+    final = await work_to_end(harness, session.session_id, tmp_path)
+    code, out = await asyncio.wait_for(watching, 10)
+    assert code == 0, out
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert "snapshot" in lines[0]
+    seqs = [int(x["seq"]) for x in lines if "document" in x or "state_change" in x]
+    assert seqs == list(range(int(lines[0]["seq"]) + 1, final.last_seq + 1))
+
+
+async def test_watch_live_view_and_verify_failure(harness, cli, tmp_path):
+    session = (await harness.create([mfile("a.pdf"), mfile("b.pdf")])).session
+    watching = asyncio.create_task(cli("watch", session.session_id))
+    await asyncio.sleep(0.3)
+    messages = await harness.dispatch()
+    await harness.result(messages[0], ok=False, error_class=pb.ERROR_CLASS_PERMANENT,
+                         message_text="cannot decode the scan")
+    await work(harness, messages[1], tmp_path)
+    await work_to_end(harness, session.session_id, tmp_path)
+    code, out = await asyncio.wait_for(watching, 10)
+    assert code == 0, out
+    assert "completed_with_errors" in out and "cannot decode the scan" in out
+    code, out = await cli("verify", session.session_id)
+    assert code == 1 and "FAIL" in out and "permanent_failure" in out  # 1 of 2 processable files
+
+
+def test_watch_state_keeps_exact_counts():
+    state = WatchState()
+    snapshot = pb.WatchSessionResponse(seq=5, snapshot=pb.Session(
+        state=pb.SESSION_STATE_RUNNING, counts=pb.DocumentCounts(total=2, pending=2)))
+    state.apply(snapshot)
+
+    def doc(seq, old, new, stage, old_stage, cost=""):
+        event = pb.DocumentEvent(document_id="d", state=new, previous_state=old, stage=stage,
+                                 previous_stage=old_stage)
+        if cost:
+            event.cost.amount = cost
+        return pb.WatchSessionResponse(seq=seq, document=event)
+
+    P, Q, R, C = (pb.DOCUMENT_STATE_PENDING, pb.DOCUMENT_STATE_QUEUED, pb.DOCUMENT_STATE_RUNNING,
+                  pb.DOCUMENT_STATE_COMPLETED)
+    for response in (doc(6, P, Q, 1, 0), doc(7, Q, R, 1, 1), doc(8, R, P, 2, 1, "0.0015"),
+                     doc(9, P, Q, 2, 2), doc(10, Q, P, 3, 2, "0.001"), doc(11, P, Q, 3, 3),
+                     doc(12, Q, C, 3, 3, "0.0005")):
+        state.apply(response)
+    assert state.counts[C] == 1 and state.counts[P] == 1 and state.active == 1
+    assert dict(state.stage_done) == {"extract": 1, "chunk": 1, "entities": 1}
+    assert str(state.cost) == "0.0030" and state.seq == 12
+    state.apply(pb.WatchSessionResponse(seq=12, heartbeat=pb.Heartbeat()))
+    assert state.seq == 12

@@ -1,0 +1,95 @@
+"""VerifySession: PASS for a clean import, FAIL for what is missing or drifted."""
+
+from __future__ import annotations
+
+import uuid
+
+from docimport.session.v1 import session_service_pb2 as pb
+
+from .helpers import mfile, work, work_to_end
+
+
+def sample_case():
+    """The shape of examples/sample-case: 11 files, a duplicate, a corrupt and an encrypted PDF."""
+    return [
+        mfile("pleadings/complaint.pdf", pages=3), mfile("pleadings/answer.pdf", pages=2),
+        mfile("discovery/interrogatories.docx", plan="docx"),
+        mfile("discovery/scanned_deposition_excerpt.pdf", plan="ocr", pages=2, ocr_pages=2),
+        mfile("discovery/site_photo.png", plan="image"),
+        mfile("correspondence/letter_to_counsel.eml", plan="email"),
+        mfile("correspondence/call_notes.txt", plan="text"),
+        mfile("medical_records/er_visit_summary.pdf", pages=2),
+        mfile("medical_records/er_visit_summary_copy.pdf", duplicate_of="medical_records/er_visit_summary.pdf"),
+        mfile("medical_records/corrupt_scan.pdf", problem="corrupt"),
+        mfile("medical_records/sealed_records.pdf", problem="encrypted"),
+    ]
+
+
+async def verify(harness, session_id: str, deep: bool = True) -> pb.VerifySessionResponse:
+    return await harness.operator.VerifySession(pb.VerifySessionRequest(session_id=session_id, deep=deep))
+
+
+async def test_a_clean_import_passes(harness, tmp_path):
+    session = (await harness.create(sample_case())).session
+    final = await work_to_end(harness, session.session_id, tmp_path)
+    assert final.state == pb.SESSION_STATE_COMPLETED_WITH_ERRORS
+    report = await verify(harness, session.session_id)
+    assert report.verdict == pb.VERDICT_PASS, report
+    c = report.counts
+    assert (c.manifest_files, c.completed, c.skipped, c.failed, c.unaccounted) == (11, 8, 1, 2, 0)
+    codes = {f.code: f for f in report.findings}
+    assert codes["input_problem"].severity == pb.SEVERITY_INFO and codes["input_problem"].count == 2
+    assert "corrupt: 1" in codes["input_problem"].message and "encrypted: 1" in codes["input_problem"].message
+    assert codes["duplicates"].count == 1
+    assert "processable_completion" in codes
+    assert round(report.completeness_percent, 2) == round(100 * 9 / 11, 2)
+    assert report.actual_cost.amount and report.actual_cost.amount != "0"
+
+
+async def test_missing_artifacts_and_costs_fail(harness, tmp_path):
+    session = (await harness.create([mfile("a.pdf"), mfile("b.pdf")])).session
+    messages = await harness.dispatch()
+    await work(harness, messages[0], tmp_path, record_cost=False)
+    await work(harness, messages[1], tmp_path)
+    await work_to_end(harness, session.session_id, tmp_path)
+    victim = next(tmp_path.glob(f"{messages[1].payload.document_id}.*"))
+    victim.write_bytes(b"tampered")
+    report = await verify(harness, session.session_id)
+    assert report.verdict == pb.VERDICT_FAIL
+    codes = {f.code: f for f in report.findings}
+    assert codes["missing_cost_events"].document_ids == [messages[0].payload.document_id]
+    assert codes["artifact_size_mismatch"].document_ids == [messages[1].payload.document_id]
+    assert any("retry" in r for r in report.recommendations)
+
+
+async def test_counter_drift_fails(harness, tmp_path):
+    session = (await harness.create([mfile("a.pdf")])).session
+    await work_to_end(harness, session.session_id, tmp_path)
+    async with harness.pool.acquire() as conn:
+        await conn.execute("UPDATE session.import_sessions SET count_completed = count_completed + 1")
+    report = await verify(harness, session.session_id)
+    assert report.verdict == pb.VERDICT_FAIL
+    assert any(f.code == "counter_drift" for f in report.findings)
+
+
+async def test_a_running_session_warns(harness, tmp_path):
+    session = (await harness.create([mfile("a.pdf"), mfile("b.pdf")])).session
+    [m, _] = await harness.dispatch()
+    await work(harness, m, tmp_path)
+    report = await verify(harness, session.session_id)
+    assert report.verdict == pb.VERDICT_FAIL  # 0 of 2 completed is below 90%
+    assert report.counts.in_progress == 2
+    assert any("verify again" in r for r in report.recommendations)
+
+
+async def test_unaccounted_manifest_files_fail(harness, tmp_path):
+    files = [mfile("a.pdf"), mfile("b.pdf")]
+    session = (await harness.create(files)).session
+    await work_to_end(harness, session.session_id, tmp_path)
+    # the manifest now lists a file the session never saw
+    harness.manifests.manifests[session.manifest_id][1].append(mfile("c.pdf"))
+    report = await verify(harness, session.session_id)
+    assert report.verdict == pb.VERDICT_FAIL and report.counts.unaccounted == 1
+    async with harness.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM session.session_documents WHERE session_id = $1",
+                                   uuid.UUID(session.session_id)) == 2
