@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from decimal import Decimal
 import sys
 import tempfile
 import uuid
@@ -121,52 +122,107 @@ def token_env() -> dict[str, Any]:
             "port": 0, "shutdown_grace": 1.0, "log_level": "WARNING"}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def wait_serving(port: int, timeout: float = 30.0) -> None:
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"service on port {port} did not start")
+            await asyncio.sleep(0.1)
+
+
+@contextlib.contextmanager
+def peer_processes(db_url: str) -> Any:
+    """The real cost and manifest services, each in its own process (as deployed)."""
+    import subprocess
+
+    cost_port, manifest_port = free_port(), free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")}
+    base.update({
+        "DOCIMPORT_DATABASE_URL": db_url, "DOCIMPORT_HOST": "127.0.0.1",
+        "DOCIMPORT_OPERATOR_TOKENS": TOKENS["operator"], "DOCIMPORT_WORKER_TOKENS": TOKENS["worker"],
+        "DOCIMPORT_SERVICE_TOKENS": TOKENS["service"], "DOCIMPORT_TOKEN": TOKENS["service"],
+        "DOCIMPORT_LOG_LEVEL": "WARNING", "PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}",
+    })
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "services.cost"], cwd=ROOT,
+                         env={**base, "DOCIMPORT_PORT": str(cost_port)}, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "services.manifest"], cwd=ROOT,
+                         env={**base, "DOCIMPORT_PORT": str(manifest_port),
+                              "DOCIMPORT_COST_ADDR": f"127.0.0.1:{cost_port}",
+                              "DOCIMPORT_SOURCE_ROOTS": tempfile.gettempdir()},
+                         stderr=subprocess.DEVNULL),
+    ]
+    try:
+        yield cost_port, manifest_port
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 @contextlib.asynccontextmanager
 async def services(db_url: str, broker_url: str, *, enqueuer: Any, background: bool = False,
                    pool_size: int = 10, **session_settings: Any) -> AsyncIterator[Stack]:
-    """The cost, manifest and session services in this process."""
-    from services.cost.config import CostSettings
-    from services.cost.server import build_server as build_cost
+    """The session service in this process; the cost and manifest services in their own."""
     from services.cost.store import CostStore
-    from services.manifest.config import ManifestSettings
-    from services.manifest.server import build_server as build_manifest
-    from services.manifest.store import ManifestStore
     from services.session.config import SessionSettings
     from services.session.server import build_server as build_session
     from services.session.store import SessionStore
 
     pool = await db.create_pool(db_url, min_size=2, max_size=pool_size)
     env = token_env()
+    from services.cost.config import CostSettings
+
     cost_settings = CostSettings(database_url=db_url, **env)
-    cost_store = CostStore(pool)
-    await cost_store.ensure_default_price_book(cost_settings.price_book_file, cost_settings.cpu_second_rate)
-    cost = await build_cost(cost_settings, store=cost_store)
-    client = ClientSettings()
-    cost_channel = aio_channel(f"127.0.0.1:{cost.port}", client, token=TOKENS["service"])
-    manifest = await build_manifest(
-        ManifestSettings(database_url=db_url, source_roots=(Path(tempfile.gettempdir()),), **env),
-        store=ManifestStore(pool), cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel))
-    manifest_channel = aio_channel(f"127.0.0.1:{manifest.port}", client, token=TOKENS["service"])
-    settings = SessionSettings(database_url=db_url, broker_url=broker_url, **{**env, **session_settings})
-    session = await build_session(
-        settings, store=SessionStore(pool), enqueuer=enqueuer,
-        manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
-        cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel), background=background)
-    stack = Stack(db_url, pool, session, session.port, cost.port, manifest.port,
-                  channels=[cost_channel, manifest_channel])
-    try:
-        yield stack
-    finally:
-        await session.stop(0.5)
-        for channel in stack.channels:
-            await channel.close()
-        await manifest.close(0.5)
-        await cost.stop(0.5)
-        await pool.close()
+    await CostStore(pool).ensure_default_price_book(cost_settings.price_book_file, cost_settings.cpu_second_rate)
+    with peer_processes(db_url) as (cost_port, manifest_port):
+        await wait_serving(cost_port)
+        await wait_serving(manifest_port)
+        client = ClientSettings()
+        cost_channel = aio_channel(f"127.0.0.1:{cost_port}", client, token=TOKENS["service"])
+        manifest_channel = aio_channel(f"127.0.0.1:{manifest_port}", client, token=TOKENS["service"])
+        settings = SessionSettings(database_url=db_url, broker_url=broker_url, **{**env, **session_settings})
+        session = await build_session(
+            settings, store=SessionStore(pool), enqueuer=enqueuer,
+            manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
+            cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel), background=background)
+        stack = Stack(db_url, pool, session, session.port, cost_port, manifest_port,
+                      channels=[cost_channel, manifest_channel])
+        try:
+            yield stack
+        finally:
+            await session.stop(0.5)
+            for channel in stack.channels:
+                await channel.close()
+            await pool.close()
 
 
 async def insert_manifest(pool: asyncpg.Pool, n: int, *, source: str = "/data/bench-case") -> str:
-    """A ready manifest of `n` importable text-layer PDFs, written straight into its tables."""
+    """A ready, priced manifest of `n` importable text-layer PDFs, written straight into its tables."""
     import hashlib
 
     manifest_id = uuid.uuid4()
@@ -175,20 +231,20 @@ async def insert_manifest(pool: asyncpg.Pool, n: int, *, source: str = "/data/be
         await conn.execute(
             "INSERT INTO manifest.manifests (manifest_id, case_name, source_path, state, summary, "
             "estimated_total, finished_at) VALUES ($1, 'Bench v. Mark', $2, 'ready', $3, $4, now())",
-            manifest_id, source, {"file_count": n}, 0,
+            manifest_id, source, {"file_count": n}, Decimal("0.00012501") * n,
         )
         records = []
         for i in range(n):
             category, priority = categories[i % len(categories)]
             path = f"{category}/doc_{i:06d}.pdf"
-            records.append((uuid.uuid4(), manifest_id, i, path, path.encode(), 250_000 + i,
+            records.append((uuid.uuid4(), manifest_id, i + 1, path, path.encode(), 250_000 + i,
                             hashlib.sha256(path.encode()).hexdigest(), "application/pdf", "pdf", category,
-                            priority, "text_layer", 3, 0))
+                            priority, "text_layer", 3, 0, Decimal("0.00012501")))
         await conn.copy_records_to_table(
             "manifest_files", schema_name="manifest",
             columns=("file_id", "manifest_id", "ordinal", "relative_path", "raw_path", "size_bytes", "sha256",
                      "mime_type", "type_family", "category", "priority", "plan", "page_count",
-                     "ocr_page_count"),
+                     "ocr_page_count", "estimated_cost"),
             records=records,
         )
     return str(manifest_id)

@@ -93,14 +93,18 @@ def _verify_file(path: Path, sha256: str, size_bytes: int | None, deep: bool) ->
     except OSError as exc:
         return ArtifactCheck(False, "unreadable", f"{path}: {os.strerror(exc.errno or 0) or exc}")
     if size_bytes is not None and size != size_bytes:
-        return ArtifactCheck(False, "size_mismatch", f"{path} has {size} bytes, {size_bytes} reported")
+        return ArtifactCheck(
+            False, "size_mismatch", f"{path} has {size} bytes, {size_bytes} reported"
+        )
     if deep:
         try:
             actual = sha256_of_file(path)
         except OSError as exc:
             return ArtifactCheck(False, "unreadable", f"{path}: {exc}")
         if actual != sha256:
-            return ArtifactCheck(False, "hash_mismatch", f"{path} hashes to {actual}, {sha256} reported")
+            return ArtifactCheck(
+                False, "hash_mismatch", f"{path} hashes to {actual}, {sha256} reported"
+            )
     return ArtifactCheck(True, "ok")
 
 
@@ -112,7 +116,9 @@ def _s3(client: Any) -> Any:
     return boto3.client("s3")
 
 
-def _verify_s3(uri: str, sha256: str, size_bytes: int | None, deep: bool, client: Any) -> ArtifactCheck:
+def _verify_s3(
+    uri: str, sha256: str, size_bytes: int | None, deep: bool, client: Any
+) -> ArtifactCheck:
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -131,10 +137,14 @@ def _verify_s3(uri: str, sha256: str, size_bytes: int | None, deep: bool, client
         return ArtifactCheck(False, "unreadable", f"{uri}: {exc}")
     size = int(head.get("ContentLength", -1))
     if size_bytes is not None and size != size_bytes:
-        return ArtifactCheck(False, "size_mismatch", f"{uri} has {size} bytes, {size_bytes} reported")
+        return ArtifactCheck(
+            False, "size_mismatch", f"{uri} has {size} bytes, {size_bytes} reported"
+        )
     stored = head.get("Metadata", {}).get(S3_SHA256_METADATA)
     if stored is not None and stored != sha256:
-        return ArtifactCheck(False, "hash_mismatch", f"{uri} was written with sha256 {stored}, {sha256} reported")
+        return ArtifactCheck(
+            False, "hash_mismatch", f"{uri} was written with sha256 {stored}, {sha256} reported"
+        )
     if deep:
         try:
             body = s3.get_object(Bucket=bucket, Key=key)["Body"]
@@ -144,5 +154,7 @@ def _verify_s3(uri: str, sha256: str, size_bytes: int | None, deep: bool, client
         except (ClientError, BotoCoreError) as exc:
             return ArtifactCheck(False, "unreadable", f"{uri}: {exc}")
         if digest.hexdigest() != sha256:
-            return ArtifactCheck(False, "hash_mismatch", f"{uri} hashes to {digest.hexdigest()}, {sha256} reported")
+            return ArtifactCheck(
+                False, "hash_mismatch", f"{uri} hashes to {digest.hexdigest()}, {sha256} reported"
+            )
     return ArtifactCheck(True, "ok")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 
 from docimport.common.v1 import common_pb2
@@ -23,6 +23,9 @@ CURRENCY = "USD"
 MAX_PLACES = 8
 # Digits of an exact ledger amount: units (8 places) x unit price (8 places).
 LEDGER_PLACES = 16
+# normalize() rounds to its context's precision (28 digits by default): a
+# ledger sum of 13 integer and 16 fractional digits would come out rounded.
+_WIDE = Context(prec=100)
 ZERO = Decimal(0)
 
 STAGES = ("extract", "chunk", "entities")
@@ -36,7 +39,7 @@ def money(amount: Decimal | int | str | None, currency: str = CURRENCY) -> commo
 
 
 def _plain(value: Decimal) -> str:
-    text = format(value.normalize(), "f") if value != 0 else "0"
+    text = format(value.normalize(_WIDE), "f") if value != 0 else "0"
     return text
 
 
@@ -63,7 +66,7 @@ def parse_decimal(text: str, field: str, *, allow_negative: bool = False,
         raise InvalidArgument.field(field, f"{text!r} is not a finite number")
     if value < 0 and not allow_negative:
         raise InvalidArgument.field(field, "must not be negative")
-    exponent = value.normalize().as_tuple().exponent
+    exponent = value.normalize(_WIDE).as_tuple().exponent
     if isinstance(exponent, int) and -exponent > places:
         raise InvalidArgument.field(field, f"has more than {places} decimal places")
     return value

@@ -27,5 +27,6 @@ class CostSettings(ServiceSettings):
     # WatchCosts: a stream re-reads its totals at least this often, seconds,
     # even without a change notification ...
     watch_poll_interval: float = 5.0
-    # ... and at most once per this many seconds (bursts are coalesced).
-    watch_min_interval: float = 0.1
+    # ... and at most once per this many seconds (bursts are coalesced; each
+    # read sums the session's ledger).
+    watch_min_interval: float = 0.5

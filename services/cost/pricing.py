@@ -491,12 +491,13 @@ def totals(lines: Iterable[PricedLine], *, by_operation: bool) -> list[Total]:
 # ---------------------------------------------------------------------- ledger
 
 
-def event_id(session_id: str, document_id: str | None, stage: str, attempt: int,
+def event_id(session_id: uuid.UUID | str, document_id: uuid.UUID | str | None, stage: str, attempt: int,
              service: str, operation: str, kind: str) -> uuid.UUID:
     """The id of a ledger event, derived from its idempotency key.
 
-    The key is (session, document, stage, attempt, service, operation, kind);
-    equal keys give equal ids, so a replay conflicts on the primary key.
+    The key is (session, document, stage, attempt, service, operation, kind),
+    ids in their canonical lower-case form; equal keys give equal ids, so a
+    replay conflicts on the primary key.
     """
     key = f"{session_id}|{document_id or ''}|{stage}|{attempt}|{service}|{operation}|{kind}"
     return uuid.uuid5(EVENT_NAMESPACE, key)

@@ -16,8 +16,8 @@ import logging
 from docimport.cost.v1 import cost_service_pb2, cost_service_pb2_grpc
 
 from services.common import db
-from services.common.grpc_server import RunningServer, build_server as build_grpc_server
-from services.common.grpc_server import serve_until_stopped, start_metrics_server
+from services.common.grpc_server import RunningServer, serve_until_stopped, start_metrics_server
+from services.common.grpc_server import build_server as build_grpc_server
 from services.cost.config import CostSettings
 from services.cost.servicer import POLICY, CostServicer
 from services.cost.store import CostStore

@@ -16,6 +16,8 @@ Decisions:
   operation): summing pages with seconds means nothing.
 - GetSessionCosts' `event_count`, `cache_hits` and `cache_savings` count
   actual events; estimates are reported separately.
+- ListCostEvents needs a session or a document: both are indexed, so a
+  page never sorts the whole ledger.
 - WatchCosts wakes on the store's change feed (LISTEN/NOTIFY), re-reads at
   least every `watch_poll_interval`, coalesces bursts to one message per
   `watch_min_interval`, sends only when something changed, and ends when
@@ -48,8 +50,8 @@ from services.cost.config import CostSettings
 from services.cost.pricing import (
     EXACT,
     FileFacts,
-    PricedLine,
     PriceBook,
+    PricedLine,
     Total,
     UnknownPrice,
     exact_sum,
@@ -105,6 +107,7 @@ _STATES = {
     "expired": pb.RESERVATION_STATE_EXPIRED,
 }
 _STAGE_VALUES = frozenset(common_pb2.Stage.values())
+_STAGE_NUMBERS = {convert.stage_name(value): value for value in _STAGE_VALUES}
 _PLAN_VALUES = frozenset(common_pb2.ProcessingPlan.values()) - {common_pb2.PROCESSING_PLAN_UNSPECIFIED}
 
 
@@ -230,26 +233,51 @@ def _group_pb(group: CostGroup) -> pb.CostTotal:
     )
 
 
-def _event_pb(event: CostEvent) -> pb.CostEvent:
-    return pb.CostEvent(
-        event_id=str(event.event_id),
-        session_id=str(event.session_id),
-        document_id=str(event.document_id) if event.document_id else "",
-        stage=convert.stage_value(event.stage),
-        attempt=event.attempt,
-        service=event.service,
-        operation=event.operation,
-        units=_text(event.units),
-        kind=_KIND_VALUES[event.kind],
-        category=event.category,
-        cache_hit=event.cache_hit,
-        unit_price=money(event.unit_price),
-        amount=money(event.amount),
-        saved=money(event.saved),
-        price_book_version=event.price_book_version,
-        occurred_at=convert.timestamp(event.occurred_at),
-        recorded_at=convert.timestamp(event.recorded_at),
-    )
+class _EventEncoder:
+    """CostEvent protos of many events; a batch repeats its ids, prices and times, so they are cached."""
+
+    def __init__(self) -> None:
+        self._money: dict[Decimal, common_pb2.Money] = {}
+        self._stamps: dict[dt.datetime | None, Any] = {}
+        self._ids: dict[uuid.UUID | None, str] = {None: ""}
+
+    def money(self, value: Decimal) -> common_pb2.Money:
+        found = self._money.get(value)
+        if found is None:
+            found = self._money[value] = money(value)
+        return found
+
+    def stamp(self, value: dt.datetime | None) -> Any:
+        if value not in self._stamps:
+            self._stamps[value] = convert.timestamp(value)
+        return self._stamps[value]
+
+    def text(self, value: uuid.UUID | None) -> str:
+        found = self._ids.get(value)
+        if found is None:
+            found = self._ids[value] = str(value)
+        return found
+
+    def __call__(self, event: CostEvent) -> pb.CostEvent:
+        return pb.CostEvent(
+            event_id=str(event.event_id),
+            session_id=self.text(event.session_id),
+            document_id=self.text(event.document_id),
+            stage=_STAGE_NUMBERS[event.stage],
+            attempt=event.attempt,
+            service=event.service,
+            operation=event.operation,
+            units=_text(event.units),
+            kind=_KIND_VALUES[event.kind],
+            category=event.category,
+            cache_hit=event.cache_hit,
+            unit_price=self.money(event.unit_price),
+            amount=self.money(event.amount),
+            saved=self.money(event.saved),
+            price_book_version=event.price_book_version,
+            occurred_at=self.stamp(event.occurred_at),
+            recorded_at=self.stamp(event.recorded_at),
+        )
 
 
 def _budget_pb(budget: Budget) -> pb.Budget:
@@ -464,25 +492,32 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
                     raise
                 books[version] = None
         events = []
+        ids: dict[str, uuid.UUID] = {}
         for i, e in enumerate(request.events):
-            event = self._event_in(e, f"events[{i}]", books, check)
+            event = self._event_in(e, f"events[{i}]", books, check, ids)
             if event is not None:
                 events.append(event)
         check.check()
         recorded = await self._store.record_costs(events)
         distinct = {e.event_id: e.amount for e in recorded.events}
+        encode = _EventEncoder()
         return pb.RecordCostsResponse(
-            events=[_event_pb(e) for e in recorded.events],
+            events=[encode(e) for e in recorded.events],
             replayed_count=recorded.replayed,
             total=money(exact_sum(distinct.values())),
         )
 
     @staticmethod
-    def _event_in(e: pb.CostEvent, where: str, books: dict[int, PriceBook | None], check: _Check
-                  ) -> CostEvent | None:
+    def _event_in(e: pb.CostEvent, where: str, books: dict[int, PriceBook | None], check: _Check,
+                  ids: dict[str, uuid.UUID]) -> CostEvent | None:
         problems = check.count
-        session_id = _uuid(e.session_id, f"{where}.session_id", check)
-        document_id = _uuid(e.document_id, f"{where}.document_id", check, required=False)
+        session_id = ids.get(e.session_id) or _uuid(e.session_id, f"{where}.session_id", check)
+        document_id = ids.get(e.document_id) or _uuid(e.document_id, f"{where}.document_id", check,
+                                                      required=False)
+        if session_id is not None:
+            ids[e.session_id] = session_id
+        if document_id is not None:
+            ids[e.document_id] = document_id
         if e.stage not in _STAGE_VALUES:
             check.add(f"{where}.stage", f"{e.stage} is not a stage")
         if e.attempt < 0:
@@ -512,8 +547,7 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         stage = convert.stage_name(e.stage)
         cost = times(units, price.unit_price)
         return CostEvent(
-            event_id=pricing.event_id(str(session_id), str(document_id) if document_id else None, stage,
-                                      e.attempt, e.service, e.operation, kind),
+            event_id=pricing.event_id(session_id, document_id, stage, e.attempt, e.service, e.operation, kind),
             session_id=session_id,
             document_id=document_id,
             stage=stage,
@@ -566,6 +600,8 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
             check.add("stage", f"{request.stage} is not a stage")
         if request.kind and request.kind not in _KINDS:
             check.add("kind", f"{request.kind} is not a cost kind")
+        if not request.session_id and not request.document_id:
+            check.add("session_id", "a session_id or a document_id is required")
         check.check()
         where = EventFilter(
             session_id=session_id,
@@ -594,7 +630,8 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
             token = convert.encode_page_token(
                 {"t": last.recorded_at.isoformat(), "id": str(last.event_id), "f": digest}
             )
-        return pb.ListCostEventsResponse(events=[_event_pb(e) for e in events], next_page_token=token)
+        encode = _EventEncoder()
+        return pb.ListCostEventsResponse(events=[encode(e) for e in events], next_page_token=token)
 
     async def WatchCosts(self, request: pb.WatchCostsRequest, context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[pb.WatchCostsResponse]:

@@ -24,9 +24,9 @@ Decisions:
   Reads take no lock: they subtract overdue reservations on the fly, so an
   expired reservation stops counting at once even before a write or the
   sweep (`expire_reservations`) marks it.
-- Change feed: triggers NOTIFY `docimport_cost` with the session id when a
-  session's ledger or budget changes; one pooled connection LISTENs while at
-  least one watcher is subscribed.
+- Change feed: NOTIFY `docimport_cost` with the session id when a session's
+  ledger (the insert statement itself) or budget (a trigger) changes; one
+  pooled connection LISTENs while at least one watcher is subscribed.
 """
 
 from __future__ import annotations
@@ -204,20 +204,27 @@ _EVENT_COLUMNS = (
     "unit_price, amount, saved, cache_hit, category, price_book_version, occurred_at, recorded_at"
 )
 
+# One round trip per batch: insert what is new, and NOTIFY the sessions that
+# changed (the scalar subquery runs once, and only when a row was inserted).
 _INSERT_EVENTS = """
-INSERT INTO cost.cost_events (event_id, session_id, document_id, stage, attempt, service,
-    operation, kind, units, unit_price, amount, saved, cache_hit, category,
-    price_book_version, occurred_at)
-SELECT e.event_id, e.session_id, e.document_id, e.stage, e.attempt, e.service, e.operation,
-    e.kind, e.units, e.unit_price, e.amount, e.saved, e.cache_hit, e.category,
-    e.price_book_version, coalesce(e.occurred_at, now())
-FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::text[],
-            $8::text[], $9::numeric[], $10::numeric[], $11::numeric[], $12::numeric[],
-            $13::bool[], $14::text[], $15::int[], $16::timestamptz[])
-    AS e(event_id, session_id, document_id, stage, attempt, service, operation, kind, units,
-         unit_price, amount, saved, cache_hit, category, price_book_version, occurred_at)
-ON CONFLICT DO NOTHING
-RETURNING event_id, occurred_at, recorded_at
+WITH ins AS (
+    INSERT INTO cost.cost_events (event_id, session_id, document_id, stage, attempt, service,
+        operation, kind, units, unit_price, amount, saved, cache_hit, category,
+        price_book_version, occurred_at)
+    SELECT e.event_id, e.session_id, e.document_id, e.stage, e.attempt, e.service, e.operation,
+        e.kind, e.units, e.unit_price, e.amount, e.saved, e.cache_hit, e.category,
+        e.price_book_version, coalesce(e.occurred_at, now())
+    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::int[], $6::text[], $7::text[],
+                $8::text[], $9::numeric[], $10::numeric[], $11::numeric[], $12::numeric[],
+                $13::bool[], $14::text[], $15::int[], $16::timestamptz[])
+        AS e(event_id, session_id, document_id, stage, attempt, service, operation, kind, units,
+             unit_price, amount, saved, cache_hit, category, price_book_version, occurred_at)
+    ON CONFLICT DO NOTHING
+    RETURNING event_id, session_id, occurred_at, recorded_at
+), notified AS (
+    SELECT pg_notify('docimport_cost', s::text) FROM (SELECT DISTINCT session_id AS s FROM ins) d
+)
+SELECT event_id, occurred_at, recorded_at, (SELECT count(*) FROM notified) AS notified FROM ins
 """
 
 _SESSION_GROUPS = """
@@ -276,6 +283,13 @@ def _event(row: asyncpg.Record) -> CostEvent:
         row["amount"], row["saved"], row["cache_hit"], row["category"],
         row["price_book_version"], row["occurred_at"], row["recorded_at"],
     )
+
+
+def _as_recorded(e: CostEvent, occurred_at: dt.datetime, recorded_at: dt.datetime) -> CostEvent:
+    """`e` with the times the database gave it (positional: twice as fast as replace())."""
+    return CostEvent(e.event_id, e.session_id, e.document_id, e.stage, e.attempt, e.service, e.operation,
+                     e.kind, e.units, e.unit_price, e.amount, e.saved, e.cache_hit, e.category,
+                     e.price_book_version, occurred_at, recorded_at)
 
 
 def _fmt(value: Decimal) -> str:
@@ -476,9 +490,7 @@ class CostStore:
                 [e.occurred_at for e in batch],
             )
             stored: dict[uuid.UUID, CostEvent] = {
-                row["event_id"]: replace(
-                    unique[row["event_id"]], occurred_at=row["occurred_at"], recorded_at=row["recorded_at"]
-                )
+                row["event_id"]: _as_recorded(unique[row["event_id"]], row["occurred_at"], row["recorded_at"])
                 for row in rows
             }
             missing = [event_id for event_id in unique if event_id not in stored]

@@ -5,12 +5,19 @@ it). Each round, for every running session with ready documents, the store
 claims a batch with FOR UPDATE SKIP LOCKED inside one transaction (so any
 number of replicas may dispatch at once without double-dispatching), caps
 it by the session's and the service's in-flight limits, reserves budget
-with the cost service for paid stages (ReserveBudget with every item of
-the batch and allow_partial; RESOURCE_EXHAUSTED or a partial grant marks
-the session budget_exhausted), creates the stage runs with their task ids
-and leases, commits, and only then publishes the batch through the
-Enqueuer. A failed publish puts the runs back (their attempt does not
+with the cost service when the session has one (ReserveBudget with every
+item of the batch and allow_partial; RESOURCE_EXHAUSTED or a partial grant
+marks the session budget_exhausted), creates the stage runs with their
+task ids and leases, commits, and only then publishes the batch through
+the Enqueuer. A failed publish puts the runs back (their attempt does not
 count). No SQL here, no Celery: the store and the Enqueuer do those.
+
+Budget: a document is admitted by reserving its whole estimate (the
+manifest's price of the file) before its first stage is enqueued; later
+stages and retries run on that reservation, which is settled with the
+document's actual cost when it completes or fails (released if cancelled).
+So a budget never strands a document half-processed: when it runs out,
+documents already started finish, and new ones wait for a raise.
 
 The loop wakes on `wake()` (a stage result, start, resume or retry in this
 process) or on any session NOTIFY (another replica), else every
@@ -44,14 +51,10 @@ MIB = 1024 * 1024
 
 def timing_for(settings: SessionSettings, size_bytes: int) -> Timing:
     """Time limits and leases of a stage run, scaled by the file's size."""
-    soft = settings.lease_base + settings.lease_per_mib * (size_bytes / MIB)
-    hard = soft + settings.time_limit_grace
-    return Timing(
-        soft_time_limit=math.ceil(soft),
-        time_limit=math.ceil(hard),
-        queued_lease=settings.queue_wait + hard + settings.time_limit_grace,
-        running_lease=hard + settings.time_limit_grace,
-    )
+    soft = math.ceil(settings.lease_base + settings.lease_per_mib * (size_bytes / MIB))
+    hard = soft + math.ceil(settings.time_limit_grace)
+    grace = settings.time_limit_grace
+    return Timing(soft, hard, settings.queue_wait + hard + grace, hard + grace)
 
 
 def message_for(d: Dispatched) -> StageMessage:
@@ -108,26 +111,38 @@ class Dispatcher:
         return timing_for(self._settings, size_bytes)
 
     async def run_once(self) -> int:
-        """One round over every dispatchable session; returns runs published."""
+        """One pass over every dispatchable session; returns the runs created.
+
+        Publishing a batch overlaps with claiming the next one (the publisher
+        has its own thread); a batch is published only after its commit, and
+        the pass returns only when everything it created is published.
+        """
         total = 0
         room_total = self._settings.max_in_flight_total - await self._store.live_runs()
         if room_total <= 0:
             return 0
-        for session_id in await self._store.dispatchable_sessions():
-            while room_total > 0 and not self._stopping:
-                limit = min(self._settings.dispatch_batch, room_total)
-                round_ = await self._store.dispatch_session(
-                    session_id, limit=limit, timing=self.timing, reserve=self._reserve,
-                )
-                if round_.dispatched:
-                    await self._publish(round_.dispatched)
-                    total += len(round_.dispatched)
-                    room_total -= len(round_.dispatched)
-                if round_.budget_exhausted:
-                    logger.info("session %s stopped by its budget", session_id,
-                                extra={"session_id": session_id})
-                if not round_.saturated or not round_.dispatched:
-                    break
+        publishing: asyncio.Task[None] | None = None
+        try:
+            for session_id in await self._store.dispatchable_sessions():
+                while room_total > 0 and not self._stopping:
+                    limit = min(self._settings.dispatch_batch, room_total)
+                    round_ = await self._store.dispatch_session(
+                        session_id, limit=limit, timing=self.timing, reserve=self._reserve,
+                    )
+                    if round_.dispatched:
+                        if publishing is not None:
+                            await publishing
+                        publishing = asyncio.create_task(self._publish(round_.dispatched))
+                        total += len(round_.dispatched)
+                        room_total -= len(round_.dispatched)
+                    if round_.budget_exhausted:
+                        logger.info("session %s stopped by its budget", session_id,
+                                    extra={"session_id": session_id})
+                    if not round_.saturated or not round_.dispatched:
+                        break
+        finally:
+            if publishing is not None:
+                await publishing
         return total
 
     async def _publish(self, dispatched: Sequence[Dispatched]) -> None:
@@ -142,13 +157,14 @@ class Dispatcher:
     # ---------------------------------------------------------------- budget
 
     async def _reserve(self, session: SessionInfo, claimed: list[Claimed]) -> Reservations:
-        """Reserves the paid stages of a batch; refused documents stay pending."""
+        """Admits the documents of a batch that need it; refused ones stay pending."""
         paid = [c for c in claimed if c.estimate > 0]
         everything = frozenset(c.document.document_id for c in paid)
         if self._cost is None:
             return Reservations(refused=everything)
         items = [(f"{c.document.document_id}/{c.stage}/{c.attempt}", c.estimate) for c in paid]
-        ttl = self.timing(max(c.document.size_bytes for c in paid)).queued_lease + 3600
+        # Held until the document is done: all its stages, retries included.
+        ttl = max(24 * 3600.0, 3 * self.timing(max(c.document.size_bytes for c in paid)).queued_lease)
         try:
             try:
                 reserved = await self._cost.reserve(session.session_id, items, ttl)
@@ -159,7 +175,7 @@ class Dispatcher:
         except BudgetRefused as exc:
             return Reservations(
                 refused=everything,
-                exhausted_reason=(f"budget exhausted: the next stage needs "
+                exhausted_reason=(f"budget exhausted: the next document needs "
                                   f"{convert.format_money(paid[0].estimate)}; raise the budget "
                                   f"to resume ({exc})"),
             )

@@ -23,7 +23,6 @@ from docimport.manifest.v1 import manifest_service_pb2
 
 from services.common import convert
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.tasks import STAGES
 
 ZERO = Decimal(0)
 
@@ -77,7 +76,8 @@ class ManifestFileInfo:
     duplicate_of_path: str
     duplicate_of_file_id: str
     exclusion_reason: str
-    estimated_cost: Decimal
+    # None when the manifest was not priced.
+    estimated_cost: Decimal | None
     importable: bool
     # Set for an attachment of an e-mail: it is processed as part of that e-mail.
     family_parent_file_id: str = ""
@@ -147,7 +147,7 @@ class ManifestPeer:
             duplicate_of_path=f.duplicate_of_path,
             duplicate_of_file_id=f.duplicate_of_file_id,
             exclusion_reason=f.exclusion_reason,
-            estimated_cost=_money(f.estimated_cost) if f.HasField("estimated_cost") else ZERO,
+            estimated_cost=_money(f.estimated_cost) if f.HasField("estimated_cost") else None,
             importable=f.importable,
             family_parent_file_id=f.family_parent_file_id,
         )
@@ -290,8 +290,8 @@ class CostPeer:
             if not token:
                 return index
 
-    async def estimate_stages(self, files: Sequence[FilePlanItem]) -> dict[str, tuple[Decimal, ...]]:
-        """Per-stage estimates (extract, chunk, entities) of each file, by key."""
+    async def estimate_files(self, files: Sequence[FilePlanItem]) -> dict[str, Decimal]:
+        """The estimated cost of processing each file by its plan, by key."""
         if not files:
             return {}
         response = await self._stub.EstimateCost(
@@ -304,14 +304,7 @@ class CostPeer:
             ]),
             timeout=self._timeout,
         )
-        result: dict[str, tuple[Decimal, ...]] = {}
-        for estimate in response.files:
-            per_stage = dict.fromkeys(STAGES, ZERO)
-            for line in estimate.lines:
-                stage = convert.stage_name(line.stage) or STAGES[0]
-                per_stage[stage] += _money(line.amount)
-            result[estimate.key] = tuple(per_stage[s] for s in STAGES)
-        return result
+        return {estimate.key: _money(estimate.amount) for estimate in response.files}
 
 
 def utcnow() -> dt.datetime:

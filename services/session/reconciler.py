@@ -4,9 +4,10 @@ Owns a background task of `server.serve` (`stop()` ends it). Every
 `reconcile_interval` seconds:
 - expires stage runs whose lease ran out (a dead worker, a broker that lost
   its queue, a message that waited too long): the run becomes `expired`,
-  its reservation is released, and the document goes back to pending so the
-  dispatcher enqueues a new attempt at once; past `max_attempts` it fails
-  (retryable class, so an operator's retry may reopen it);
+  and the document goes back to pending so the dispatcher enqueues a new
+  attempt at once (keeping its budget reservation); past `max_attempts` it
+  fails (retryable class, so an operator's retry may reopen it) and its
+  reservation is settled with what it cost;
 - records progress samples (documents per second, ETA);
 - resumes budget_exhausted sessions whose budget was raised;
 - finishes sessions left with no active document (a safety net: reports
@@ -60,7 +61,7 @@ class Reconciler:
         while True:
             result = await self._store.expire_leases(max_attempts=self._settings.max_attempts)
             expired += result.count
-            await self._dispatcher.release(result.release)
+            await self._dispatcher.settle(result.settle)
             if result.count < 1000:
                 break
         if expired:

@@ -168,6 +168,35 @@ class MicroBatcher(Generic[T, R]):
                 future.set_result(result)
 
 
+async def prefetch(source: AsyncIterator[T], depth: int = 2) -> AsyncIterator[T]:
+    """Iterates `source` in a task of its own, up to `depth` items ahead of the consumer."""
+    queue: asyncio.Queue[tuple[bool, Any]] = asyncio.Queue(maxsize=depth)
+
+    async def produce() -> None:
+        try:
+            async for item in source:
+                await queue.put((True, item))
+            await queue.put((False, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((False, exc))
+
+    task = asyncio.get_running_loop().create_task(produce())
+    try:
+        while True:
+            more, item = await queue.get()
+            if not more:
+                if isinstance(item, Exception):
+                    raise item
+                return
+            yield item
+    finally:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            pass
+
+
 # ---------------------------------------------------------------- conversion
 
 
@@ -437,8 +466,9 @@ class SessionServicer:
                 category_priority=tuple(c.strip() for c in options.category_priority),
                 estimated_cost=None, start=request.start,
             )
+            # Pages are fetched and priced ahead while the previous one is copied.
             info, created = await self._store.create_session(
-                spec, self._documents(manifest_id, order, with_stages=budget is not None)
+                spec, prefetch(self._documents(manifest_id, order, price_unpriced=budget is not None))
             )
             if created:
                 logger.info("session created", extra={"session_id": info.session_id,
@@ -447,30 +477,37 @@ class SessionServicer:
                 self._dispatcher.wake()
             return pb.CreateSessionResponse(session=await self._session_message(info.session_id))
 
-    async def _documents(self, manifest_id: str, order: dict[str, int], *, with_stages: bool
+    async def _documents(self, manifest_id: str, order: dict[str, int], *, price_unpriced: bool
                          ) -> AsyncIterator[list[NewDocument]]:
+        """The manifest's files as new documents, a page at a time (fetched ahead).
+
+        Each document carries the manifest's own estimate of the file; files
+        the manifest did not price are priced here (EstimateCost) when the
+        session has a budget to admit them against.
+        """
         assert self._manifest is not None
         ordinal = 0
-        async for page in self._manifest.iter_files(manifest_id, self._settings.manifest_page_size):
-            stages: dict[str, tuple[Decimal, ...]] = {}
-            if with_stages and self._cost is not None:
-                stages = await self._cost.estimate_stages([
+        pages = prefetch(self._manifest.iter_files(manifest_id, self._settings.manifest_page_size))
+        async for page in pages:
+            states = [classify(f) for f in page]
+            priced: dict[str, Decimal] = {}
+            unpriced = [f for f, (state, _) in zip(page, states, strict=True)
+                        if state == st.PENDING and f.estimated_cost is None]
+            if price_unpriced and unpriced and self._cost is not None:
+                priced = await self._cost.estimate_files([
                     FilePlanItem(f.file_id, f.plan, f.page_count, f.ocr_page_count, f.size_bytes)
-                    for f in page if classify(f)[0] == st.PENDING
+                    for f in unpriced
                 ])
             batch = []
-            for f in page:
-                state, reason = classify(f)
-                estimates = stages.get(f.file_id)
-                estimate = sum(estimates, Decimal(0)) if estimates else f.estimated_cost
+            for f, (state, reason) in zip(page, states, strict=True):
+                estimate = f.estimated_cost if f.estimated_cost is not None else priced.get(f.file_id)
                 batch.append(NewDocument(
                     manifest_file_id=f.file_id, ordinal=ordinal,
                     dispatch_rank=dispatch_rank(f.category, f.priority, order),
                     relative_path=f.relative_path, raw_path=f.raw_path, sha256=f.sha256 or None,
                     size_bytes=f.size_bytes, category=f.category, priority=f.priority, plan=f.plan,
                     page_count=f.page_count, ocr_page_count=f.ocr_page_count, state=state,
-                    estimated_cost=estimate if state == st.PENDING else Decimal(0),
-                    stage_estimates=estimates if state == st.PENDING else None,
+                    estimated_cost=(estimate or Decimal(0)) if state == st.PENDING else Decimal(0),
                     mime_type=f.mime_type, **reason,
                 ))
                 ordinal += 1
@@ -480,7 +517,7 @@ class SessionServicer:
         documents = skipped = problems = 0
         estimated = Decimal(0)
         categories: dict[str, list[int]] = {}
-        async for batch in self._documents(manifest_id, order, with_stages=False):
+        async for batch in self._documents(manifest_id, order, price_unpriced=budget is not None):
             for doc in batch:
                 if doc.state == st.SKIPPED:
                     skipped += 1
@@ -614,7 +651,6 @@ class SessionServicer:
             session_id, failed=request.failed, stalled=request.stalled, document_ids=ids,
             force=request.force, stall_after=self._settings.stall_after,
         )
-        await self._dispatcher.release(retried.release)
         if retried.count:
             self._dispatcher.wake()
         return pb.RetryDocumentsResponse(retried=retried.count,

@@ -30,6 +30,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -55,13 +56,13 @@ _DOC_COLUMNS = (
     "raw_path", "sha256", "size_bytes", "category", "priority", "plan", "page_count",
     "ocr_page_count", "state", "stage", "error_class", "error_code", "error_message",
     "skip_reason", "attempts", "cost", "not_before", "created_at", "updated_at", "attempt_seq",
-    "estimated_cost", "stage_estimates", "problem_kind", "mime_type",
+    "estimated_cost", "reservation_id", "reserved_amount", "problem_kind", "mime_type",
 )
 _COPY_DOC_COLUMNS = (
     "document_id", "session_id", "manifest_file_id", "ordinal", "dispatch_rank", "relative_path",
     "raw_path", "sha256", "size_bytes", "category", "priority", "plan", "page_count",
     "ocr_page_count", "state", "error_class", "error_code", "error_message", "skip_reason",
-    "estimated_cost", "stage_estimates", "problem_kind", "mime_type",
+    "estimated_cost", "problem_kind", "mime_type",
 )
 _RUN_COLUMNS = (
     "document_id", "stage", "attempt", "session_id", "state", "task_id", "worker",
@@ -182,7 +183,8 @@ class Document:
     updated_at: dt.datetime
     attempt_seq: int
     estimated_cost: Decimal
-    stage_estimates: tuple[Decimal, ...] | None
+    reservation_id: str | None
+    reserved_amount: Decimal | None
     problem_kind: str | None
     mime_type: str
     stalled: bool = False
@@ -246,7 +248,6 @@ class NewDocument:
     error_code: str | None = None
     error_message: str | None = None
     estimated_cost: Decimal = ZERO
-    stage_estimates: tuple[Decimal, ...] | None = None
     problem_kind: str | None = None
     mime_type: str = ""
 
@@ -371,15 +372,14 @@ class ResultOutcome:
 class Retried:
     count: int
     session: SessionInfo
-    release: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Expired:
-    """Runs the reconciler expired, and reservations to release."""
+    """Runs the reconciler expired, and reservations to settle (documents that failed)."""
 
     count: int
-    release: tuple[str, ...]
+    settle: tuple[tuple[str, Decimal], ...]
     sessions: frozenset[str]
 
 
@@ -431,8 +431,7 @@ def _document(row: asyncpg.Record | dict[str, Any], stalled: bool = False) -> Do
     for key in ("document_id", "session_id", "manifest_file_id"):
         values[key] = str(values[key])
     values["raw_path"] = bytes(values["raw_path"])
-    if values["stage_estimates"] is not None:
-        values["stage_estimates"] = tuple(values["stage_estimates"])
+    values["reservation_id"] = _s(values["reservation_id"])
     return Document(**values, stalled=stalled)
 
 
@@ -600,18 +599,21 @@ async def _write_docs(conn: asyncpg.Connection, docs: Sequence[dict[str, Any]]) 
             state = u.state, stage = u.stage, error_class = u.error_class,
             error_code = u.error_code, error_message = u.error_message,
             attempts = u.attempts, attempt_seq = u.attempt_seq, not_before = u.not_before,
-            cost = u.cost, updated_at = now()
+            cost = u.cost, reservation_id = u.reservation_id, reserved_amount = u.reserved_amount,
+            updated_at = now()
         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                    $7::int[], $8::int[], $9::timestamptz[], $10::numeric[])
+                    $7::int[], $8::int[], $9::timestamptz[], $10::numeric[], $11::uuid[],
+                    $12::numeric[])
              AS u(document_id, state, stage, error_class, error_code, error_message,
-                  attempts, attempt_seq, not_before, cost)
+                  attempts, attempt_seq, not_before, cost, reservation_id, reserved_amount)
         WHERE d.document_id = u.document_id
         """,
         [d["document_id"] for d in docs], [d["state"] for d in docs], [d["stage"] for d in docs],
         [d["error_class"] for d in docs], [d["error_code"] for d in docs],
         [d["error_message"] for d in docs], [d["attempts"] for d in docs],
         [d["attempt_seq"] for d in docs], [d["not_before"] for d in docs],
-        [d["cost"] for d in docs],
+        [d["cost"] for d in docs], [d["reservation_id"] for d in docs],
+        [d["reserved_amount"] for d in docs],
     )
 
 
@@ -660,6 +662,12 @@ _RUN_DOC_SELECT = """
     run_cols=", ".join(f"r.{c} AS r_{c}" for c in _RUN_COLUMNS),
     doc_cols=", ".join(f"d.{c} AS d_{c}" for c in _DOC_COLUMNS),
 )
+
+
+def _task_ids(n: int) -> list[str]:
+    """n random (version 4) UUIDs from one read of the OS's random source."""
+    raw = os.urandom(16 * n)
+    return [str(uuid.UUID(bytes=raw[i:i + 16], version=4)) for i in range(0, 16 * n, 16)]
 
 
 async def _retrying(fn: Callable[[], Awaitable[Any]], attempts: int = 4) -> Any:
@@ -767,9 +775,7 @@ class SessionStore:
                                 doc.sha256, doc.size_bytes, doc.category, doc.priority, doc.plan,
                                 doc.page_count, doc.ocr_page_count, doc.state, doc.error_class,
                                 doc.error_code, doc.error_message, doc.skip_reason,
-                                doc.estimated_cost,
-                                list(doc.stage_estimates) if doc.stage_estimates is not None else None,
-                                doc.problem_kind, doc.mime_type,
+                                doc.estimated_cost, doc.problem_kind, doc.mime_type,
                             ))
                         if records:
                             await conn.copy_records_to_table(
@@ -973,20 +979,21 @@ class SessionStore:
                 if not rows:
                     return 0
                 ids = [r["document_id"] for r in rows]
-                runs = await conn.fetch(
+                await conn.execute(
                     """
                     UPDATE session.stage_runs SET state = 'cancelled', finished_at = now()
                     WHERE document_id = ANY($1::uuid[]) AND state IN ('queued', 'running')
-                    RETURNING reservation_id
                     """,
                     ids,
                 )
-                release.extend(str(r["reservation_id"]) for r in runs if r["reservation_id"])
                 changes = _Changes()
                 docs = []
                 for row in rows:
                     doc = dict(row)
                     doc["state"] = st.CANCELLED
+                    if doc["reservation_id"]:
+                        release.append(str(doc["reservation_id"]))
+                        doc.update(reservation_id=None, reserved_amount=None)
                     changes.doc(doc, row["state"], row["stage"])
                     docs.append(doc)
                 await _write_docs(conn, docs)
@@ -1109,10 +1116,8 @@ class SessionStore:
     ) -> Retried:
         sid = _uuid(session_id, "session_id")
         ids = [_uuid(d, f"document_ids[{i}]") for i, d in enumerate(document_ids)]
-        release: list[str] = []
 
         async def run() -> int:
-            release.clear()
             async with self.pool.acquire() as conn, conn.transaction():
                 state = await conn.fetchval(
                     "SELECT state FROM session.import_sessions WHERE session_id = $1", sid
@@ -1172,17 +1177,16 @@ class SessionStore:
                     changes.doc(doc, old_state, old_stage)
                     docs.append(doc)
                 if stalled_ids:
-                    runs = await conn.fetch(
+                    # The documents go on: they keep their budget reservation.
+                    await conn.execute(
                         """
                         UPDATE session.stage_runs SET state = 'expired', finished_at = now(),
                             error_class = 'retryable', error_code = 'stalled',
                             error_message = 'retried by an operator after stalling'
                         WHERE document_id = ANY($1::uuid[]) AND state IN ('queued', 'running')
-                        RETURNING reservation_id
                         """,
                         stalled_ids,
                     )
-                    release.extend(str(r["reservation_id"]) for r in runs if r["reservation_id"])
                 await _write_docs(conn, docs)
                 if docs and state == st.S_WITH_ERRORS:
                     changes.session_state(sid, st.S_RUNNING, "documents retried")
@@ -1190,7 +1194,7 @@ class SessionStore:
                 return len(docs)
 
         count = await _retrying(run)
-        return Retried(count, await self.get_session(session_id), tuple(release))
+        return Retried(count, await self.get_session(session_id))
 
     # ------------------------------------------------------------ dispatch
 
@@ -1200,10 +1204,11 @@ class SessionStore:
             rows = await conn.fetch(
                 """
                 SELECT s.session_id FROM session.import_sessions s
-                WHERE s.state = 'running' AND EXISTS (
+                WHERE s.state IN ('running', 'budget_exhausted') AND EXISTS (
                     SELECT 1 FROM session.session_documents d
                     WHERE d.session_id = s.session_id AND d.state = 'pending'
-                      AND (d.not_before IS NULL OR d.not_before <= now()))
+                      AND (d.not_before IS NULL OR d.not_before <= now())
+                      AND (s.state = 'running' OR d.reservation_id IS NOT NULL))
                 ORDER BY s.created_at
                 """
             )
@@ -1237,7 +1242,8 @@ class SessionStore:
         sid = uuid.UUID(session_id)
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                _SESSION_SELECT + " WHERE s.session_id = $1 AND s.state = 'running' FOR UPDATE OF s SKIP LOCKED",
+                _SESSION_SELECT + " WHERE s.session_id = $1 AND s.state IN ('running', 'budget_exhausted') "
+                "FOR UPDATE OF s SKIP LOCKED",
                 sid,
             )
             if row is None:
@@ -1251,16 +1257,19 @@ class SessionStore:
             if room <= 0:
                 return DispatchRound(session_id, (), True)
             cols = ", ".join(_DOC_COLUMNS)
+            # Out of budget, only documents already admitted (reserved) go on.
+            admitted_only = session.state == st.S_BUDGET
             rows = list(await conn.fetch(
                 f"""
                 SELECT {cols} FROM session.session_documents
                 WHERE session_id = $1 AND state = 'pending' AND stage IS NOT NULL
                   AND (not_before IS NULL OR not_before <= now())
+                  AND (NOT $3 OR reservation_id IS NOT NULL)
                 ORDER BY dispatch_rank, ordinal LIMIT $2 FOR UPDATE SKIP LOCKED
                 """,
-                sid, room,
+                sid, room, admitted_only,
             ))
-            if len(rows) < room:
+            if len(rows) < room and not admitted_only:
                 rows += await conn.fetch(
                     f"""
                     SELECT {cols} FROM session.session_documents
@@ -1273,32 +1282,46 @@ class SessionStore:
             if not rows:
                 return DispatchRound(session_id, (), False)
             claimed = []
+            budgeted = session.budget_limit is not None
             for r in rows:
-                stage = r["stage"] or STAGES[0]
-                estimates = r["stage_estimates"]
-                estimate = estimates[STAGES.index(stage)] if estimates else ZERO
-                claimed.append(Claimed(_document(r), stage, r["attempt_seq"] + 1, estimate or ZERO))
-            reservations = Reservations()
-            if session.budget_limit is not None and any(c.estimate > 0 for c in claimed):
-                reservations = await reserve(session, claimed)
-            db_now = await conn.fetchval("SELECT now()")
+                # A document is admitted by reserving its whole estimate before its
+                # first stage is enqueued; it keeps that reservation to its end.
+                needs = budgeted and r["reservation_id"] is None and (r["estimated_cost"] or ZERO) > 0
+                claimed.append(Claimed(_document(r), r["stage"] or STAGES[0], r["attempt_seq"] + 1,
+                                       r["estimated_cost"] if needs else ZERO))
+            # The cost service reserves while the runs are prepared here.
+            reserving = None
+            if any(c.estimate > 0 for c in claimed):
+                reserving = asyncio.get_running_loop().create_task(reserve(session, claimed))
+            try:
+                db_now = await conn.fetchval("SELECT now()")
+                prepared = []
+                ids = _task_ids(len(claimed))
+                for c, r, task_id in zip(claimed, rows, ids, strict=True):
+                    t = timing(c.document.size_bytes)
+                    lease = db_now + dt.timedelta(seconds=t.queued_lease)
+                    doc = dict(r)
+                    doc.update(state=st.QUEUED, stage=c.stage, attempts=r["attempts"] + 1,
+                               attempt_seq=c.attempt, not_before=None)
+                    prepared.append((c, r, doc, t, task_id, lease))
+                reservations = await reserving if reserving is not None else Reservations()
+            finally:
+                if reserving is not None and not reserving.done():
+                    reserving.cancel()
             run_records, docs, dispatched = [], [], []
             changes = _Changes()
-            for c, r in zip(claimed, rows, strict=True):
-                if c.document.document_id in reservations.refused:
+            for c, r, doc, t, task_id, lease in prepared:
+                document_id = c.document.document_id
+                if document_id in reservations.refused:
                     continue
-                t = timing(c.document.size_bytes)
-                task_id = str(uuid.uuid4())
-                lease = db_now + dt.timedelta(seconds=t.queued_lease)
-                granted = reservations.granted.get(c.document.document_id)
+                granted = reservations.granted.get(document_id)
+                reservation = uuid.UUID(granted[0]) if granted else None
                 run_records.append((
                     r["document_id"], c.stage, c.attempt, sid, st.RUN_QUEUED, task_id,
-                    uuid.UUID(granted[0]) if granted else None, granted[1] if granted else None,
-                    db_now, lease,
+                    reservation, granted[1] if granted else None, db_now, lease,
                 ))
-                doc = dict(r)
-                doc.update(state=st.QUEUED, stage=c.stage, attempts=r["attempts"] + 1,
-                           attempt_seq=c.attempt, not_before=None)
+                if granted:
+                    doc.update(reservation_id=reservation, reserved_amount=granted[1])
                 changes.doc(doc, r["state"], r["stage"], attempt=c.attempt)
                 docs.append(doc)
                 dispatched.append(Dispatched(session_id, c.document, session.source_path, c.stage,
@@ -1345,9 +1368,11 @@ class SessionStore:
                                 error_class=st.RETRYABLE, error_code="publish_failed",
                                 error_message=reason)
                     runs.append(run_)
-                    if run_["reservation_id"]:
-                        release.append(str(run_["reservation_id"]))
                     if doc["state"] == st.QUEUED:
+                        if run_["reservation_id"] and doc["reservation_id"] == run_["reservation_id"]:
+                            # admitted by this very dispatch: give the budget back
+                            release.append(str(run_["reservation_id"]))
+                            doc.update(reservation_id=None, reserved_amount=None)
                         old = doc["state"]
                         doc.update(state=st.PENDING, attempts=max(0, doc["attempts"] - 1),
                                    not_before=row["db_now"] + dt.timedelta(seconds=1))
@@ -1396,18 +1421,23 @@ class SessionStore:
                         outcomes.append(StartedOutcome(found=True, proceed=False))
                         continue
                     session_state = row["s_state"]
-                    if session_state != st.S_RUNNING:
+                    admitted = session_state == st.S_BUDGET and doc["reservation_id"] is not None
+                    if session_state != st.S_RUNNING and not admitted:
                         # Paused, out of budget or cancelled: the message is not wanted now.
                         run_.update(state=st.RUN_CANCELLED, finished_at=now, error_code="refused",
                                     error_message=f"session {session_state} when the run started")
                         old = doc["state"]
+                        release = None
                         if session_state == st.S_CANCELLED:
                             doc["state"] = st.CANCELLED if old in st.DOC_ACTIVE else old
+                            if doc["state"] == st.CANCELLED and doc["reservation_id"]:
+                                release = str(doc["reservation_id"])
+                                doc.update(reservation_id=None, reserved_amount=None)
                         elif old == st.QUEUED:
                             doc.update(state=st.PENDING, attempts=max(0, doc["attempts"] - 1))
                         if doc["state"] != old:
                             changes.doc(doc, old, doc["stage"], attempt=run_["attempt"])
-                        outcomes.append(StartedOutcome(True, False, release=_s(run_["reservation_id"])))
+                        outcomes.append(StartedOutcome(True, False, release=release))
                         continue
                     run_.update(state=st.RUN_RUNNING, started_at=now, worker=report.worker or None,
                                 lease_expires_at=now + dt.timedelta(seconds=t.running_lease))
@@ -1509,8 +1539,10 @@ class SessionStore:
                     changes.doc(doc, old_state, old_stage, attempt=report.attempt,
                                 cache_hit=report.cache_hit and report.succeeded, cost=report.cost)
                     settle = None
-                    if run_["reservation_id"]:
-                        settle = (str(run_["reservation_id"]), report.cost or ZERO)
+                    if doc["state"] in st.DOC_TERMINAL and doc["reservation_id"]:
+                        # the document is done: its reservation closes with what it cost
+                        settle = (str(doc["reservation_id"]), doc["cost"] or ZERO)
+                        doc.update(reservation_id=None, reserved_amount=None)
                     outcomes.append(ResultOutcome(True, False, doc["state"], settle, sid))
                 await _write_runs(conn, list(runs.values()))
                 await _write_docs(conn, list(docs.values()))
@@ -1523,11 +1555,11 @@ class SessionStore:
 
     async def expire_leases(self, *, max_attempts: int, limit: int = 1000) -> Expired:
         """Expires live runs whose lease ran out; their documents get a new attempt."""
-        release: list[str] = []
+        settle: list[tuple[str, Decimal]] = []
         sessions: set[str] = set()
 
         async def run() -> int:
-            release.clear()
+            settle.clear()
             sessions.clear()
             async with self.pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(
@@ -1548,14 +1580,15 @@ class SessionStore:
                     run_.update(state=st.RUN_EXPIRED, finished_at=now, error_class=st.RETRYABLE,
                                 error_code="lease_expired", error_message=message)
                     runs.append(run_)
-                    if run_["reservation_id"]:
-                        release.append(str(run_["reservation_id"]))
                     old = doc["state"]
                     if old not in (st.QUEUED, st.RUNNING) or doc["stage"] != run_["stage"]:
                         continue
                     if doc["attempts"] >= max_attempts:
                         doc.update(state=st.FAILED, error_class=st.RETRYABLE, error_code="lease_expired",
                                    error_message=f"{message}; gave up after {doc['attempts']} attempts")
+                        if doc["reservation_id"]:
+                            settle.append((str(doc["reservation_id"]), doc["cost"] or ZERO))
+                            doc.update(reservation_id=None, reserved_amount=None)
                     else:
                         doc.update(state=st.PENDING, error_class=st.RETRYABLE,
                                    error_code="lease_expired", error_message=message, not_before=None)
@@ -1568,7 +1601,7 @@ class SessionStore:
                 return len(rows)
 
         count = await _retrying(run)
-        return Expired(count, tuple(release), frozenset(sessions))
+        return Expired(count, tuple(settle), frozenset(sessions))
 
     async def complete_idle_sessions(self) -> list[str]:
         """Finishes running sessions with no active document (a safety net)."""
@@ -1613,14 +1646,13 @@ class SessionStore:
         return [_session(r) for r in rows]
 
     async def next_estimate(self, session_id: str) -> Decimal | None:
-        """The smallest stage estimate a pending document of the session needs."""
+        """The smallest estimate of a pending document still to be admitted by the budget."""
         async with self.pool.acquire() as conn:
             return await conn.fetchval(
                 """
-                SELECT min(stage_estimates[coalesce(array_position(
-                           ARRAY['extract', 'chunk', 'entities'], stage), 1)])
-                FROM session.session_documents
-                WHERE session_id = $1 AND state = 'pending' AND stage_estimates IS NOT NULL
+                SELECT min(estimated_cost) FROM session.session_documents
+                WHERE session_id = $1 AND state = 'pending' AND reservation_id IS NULL
+                  AND estimated_cost > 0
                 """,
                 uuid.UUID(session_id),
             )

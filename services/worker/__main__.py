@@ -27,11 +27,16 @@ def worker_argv(settings: WorkerSettings) -> list[str]:
     """The `celery worker` arguments for these settings."""
     return [
         "worker",
-        "--queues", ",".join(settings.queues),
-        "--pool", settings.pool,
-        "--concurrency", str(1 if settings.pool == "solo" else settings.effective_concurrency),
-        "--hostname", f"docimport-{'-'.join(settings.queues)}@{socket.gethostname()}",
-        "--loglevel", settings.log_level.upper(),
+        "--queues",
+        ",".join(settings.queues),
+        "--pool",
+        settings.pool,
+        "--concurrency",
+        str(1 if settings.pool == "solo" else settings.effective_concurrency),
+        "--hostname",
+        f"docimport-{'-'.join(settings.queues)}@{socket.gethostname()}",
+        "--loglevel",
+        settings.log_level.upper(),
         "--task-events",
         "--without-gossip",
         "--without-mingle",
@@ -43,7 +48,8 @@ def main() -> int:
         settings = WorkerSettings()
     except ValidationError as exc:
         problems = "; ".join(
-            f"DOCIMPORT_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+            f"DOCIMPORT_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
         )
         print(f"docimport-worker: bad configuration: {problems}", file=sys.stderr)
         return 2

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from services.common.tasks import QUEUES, STAGES, TASK_NAMES
 from services.worker.config import WorkerSettings
@@ -53,7 +53,9 @@ def build_runner(settings: WorkerSettings) -> StageRunner:
     extractor = Extractor(engine, dpi=settings.ocr_dpi)
     stages = {
         "extract": ExtractStage(extractor),
-        "chunk": ChunkStage(store, extractor, size=settings.chunk_size, overlap=settings.chunk_overlap),
+        "chunk": ChunkStage(
+            store, extractor, size=settings.chunk_size, overlap=settings.chunk_overlap
+        ),
         "entities": EntitiesStage(store, extractor),
     }
     return StageRunner(stages=stages, store=store, reporter=Reporter(settings))
@@ -93,7 +95,10 @@ def configure(app: Celery, settings: WorkerSettings) -> None:
         task_send_sent_event=True,
         task_time_limit=settings.default_time_limit,
         task_soft_time_limit=settings.default_soft_time_limit,
-        task_queues=[Queue(QUEUES[stage], routing_key=QUEUES[stage]) for stage in STAGES],
+        task_queues=[
+            Queue(QUEUES[stage], Exchange(QUEUES[stage], type="direct"), routing_key=QUEUES[stage])
+            for stage in STAGES
+        ],
         task_routes={TASK_NAMES[stage]: {"queue": QUEUES[stage]} for stage in STAGES},
         task_default_queue=QUEUES["extract"],
         task_create_missing_queues=False,
@@ -104,7 +109,9 @@ def configure(app: Celery, settings: WorkerSettings) -> None:
     )
 
 
-def create_app(settings: WorkerSettings, *, runner_factory: Callable[[], StageRunner] | None = None) -> Celery:
+def create_app(
+    settings: WorkerSettings, *, runner_factory: Callable[[], StageRunner] | None = None
+) -> Celery:
     """A configured Celery app with the three stage tasks registered."""
     app = Celery("docimport-worker", set_as_current=False)
     configure(app, settings)

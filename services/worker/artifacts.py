@@ -12,7 +12,9 @@ every report names bytes that really are at its URI with its hash. Local
 writes go to a temporary file in the target directory, are fsynced, and are
 published with `os.link` (atomic, fails if the name exists); S3 writes are
 conditional (`If-None-Match: *`) and carry the sha256 as object metadata so
-a shallow verification can compare it without reading the body.
+a shallow verification can compare it without reading the body. The one
+exception is `replace=True`, used by the runner when a cached artifact is
+damaged (not JSON): the redone output overwrites it.
 
 Two implementations: `LocalArtifactStore` (the default, a directory) and
 `S3ArtifactStore` (boto3, optional). `open_store(url)` picks one. Checking an
@@ -56,12 +58,14 @@ class ArtifactStore(Protocol):
     url: str
 
     def take_requests(self) -> dict[tuple[str, str], int]:
-        """Billable store requests made by this thread since the last call, by (service, operation)."""
+        """Billable requests this thread made since the last call, by (service, operation)."""
         ...
 
     def get(self, sha256: str, stage: str, version: str) -> StoredArtifact | None: ...
 
-    def put(self, sha256: str, stage: str, version: str, data: bytes) -> ArtifactRef: ...
+    def put(
+        self, sha256: str, stage: str, version: str, data: bytes, *, replace: bool = False
+    ) -> ArtifactRef: ...
 
     def versions(self, sha256: str, stage: str) -> list[str]: ...
 
@@ -101,7 +105,10 @@ class LocalArtifactStore:
             return None
         return StoredArtifact(_ref(file_uri(path), data), data)
 
-    def put(self, sha256: str, stage: str, version: str, data: bytes) -> ArtifactRef:
+    def put(
+        self, sha256: str, stage: str, version: str, data: bytes, *, replace: bool = False
+    ) -> ArtifactRef:
+        """Publishes `data` unless a complete artifact is there (or `replace`: a damaged one)."""
         path = self.path(sha256, stage, version)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -111,14 +118,18 @@ class LocalArtifactStore:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(temp, 0o644)
-            try:
-                os.link(temp, path)
-            except FileExistsError:
-                existing = self.get(sha256, stage, version)
-                if existing is not None:
-                    return existing.ref
-                os.replace(temp, path)  # vanished meanwhile: publish ours
+            if replace:
+                os.replace(temp, path)
                 temp = ""
+            else:
+                try:
+                    os.link(temp, path)
+                except FileExistsError:
+                    existing = self.get(sha256, stage, version)
+                    if existing is not None:
+                        return existing.ref
+                    os.replace(temp, path)  # vanished meanwhile: publish ours
+                    temp = ""
         finally:
             if temp:
                 with contextlib.suppress(FileNotFoundError):
@@ -131,7 +142,11 @@ class LocalArtifactStore:
         folder = self.root / sha256[:2] / sha256
         prefix = f"{stage}-"
         try:
-            entries = [e for e in os.scandir(folder) if e.name.startswith(prefix) and e.name.endswith(".json")]
+            entries = [
+                e
+                for e in os.scandir(folder)
+                if e.name.startswith(prefix) and e.name.endswith(".json")
+            ]
         except FileNotFoundError:
             return []
         entries.sort(key=lambda e: e.stat().st_mtime_ns, reverse=True)
@@ -191,7 +206,10 @@ class S3ArtifactStore:
             raise
         return StoredArtifact(_ref(self._uri(key), data), data)
 
-    def put(self, sha256: str, stage: str, version: str, data: bytes) -> ArtifactRef:
+    def put(
+        self, sha256: str, stage: str, version: str, data: bytes, *, replace: bool = False
+    ) -> ArtifactRef:
+        """A conditional PUT (If-None-Match: *): the first complete object wins."""
         from botocore.exceptions import ClientError
 
         key = self._key(sha256, stage, version)
@@ -204,7 +222,7 @@ class S3ArtifactStore:
                 Body=data,
                 ContentType="application/json",
                 Metadata={S3_SHA256_METADATA: ref.sha256},
-                IfNoneMatch="*",
+                **({} if replace else {"IfNoneMatch": "*"}),
             )
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code"))

@@ -84,7 +84,9 @@ class WorkerSettings(ClientSettings):
     def _known_queues(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = [q for q in value if q not in STAGES]
         if unknown or not value:
-            raise ValueError(f"queues must be among {', '.join(STAGES)}; got {', '.join(value) or 'none'}")
+            raise ValueError(
+                f"queues must be among {', '.join(STAGES)}; got {', '.join(value) or 'none'}"
+            )
         return value
 
     @property

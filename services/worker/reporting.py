@@ -35,7 +35,9 @@ TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 class Reporter:
     """Blocking calls to SessionService and CostService with in-process retries."""
 
-    def __init__(self, settings: WorkerSettings, *, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, settings: WorkerSettings, *, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         self.settings = settings
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -43,7 +45,9 @@ class Reporter:
         self._session: session_service_pb2_grpc.SessionServiceStub | None = None
         self._cost: cost_service_pb2_grpc.CostServiceStub | None = None
 
-    def _stubs(self) -> tuple[session_service_pb2_grpc.SessionServiceStub, cost_service_pb2_grpc.CostServiceStub]:
+    def _stubs(
+        self,
+    ) -> tuple[session_service_pb2_grpc.SessionServiceStub, cost_service_pb2_grpc.CostServiceStub]:
         with self._lock:
             if self._session is None or self._cost is None:
                 session_channel = sync_channel(self.settings.session_addr, self.settings)
@@ -63,7 +67,9 @@ class Reporter:
                 if code not in TRANSIENT or attempt == attempts:
                     raise
                 delay = self.settings.report_backoff * 2 ** (attempt - 1)
-                logger.warning("%s: %s, trying again in %.1f s (%d/%d)", what, code, delay, attempt, attempts)
+                logger.warning(
+                    "%s: %s, trying again in %.1f s (%d/%d)", what, code, delay, attempt, attempts
+                )
                 self._sleep(delay)
         raise AssertionError("unreachable")
 
@@ -73,7 +79,9 @@ class Reporter:
         session, _ = self._stubs()
         return self._call("ReportStageStarted", session.ReportStageStarted, request)
 
-    def record_costs(self, request: cost_service_pb2.RecordCostsRequest) -> cost_service_pb2.RecordCostsResponse:
+    def record_costs(
+        self, request: cost_service_pb2.RecordCostsRequest
+    ) -> cost_service_pb2.RecordCostsResponse:
         _, cost = self._stubs()
         return self._call("RecordCosts", cost.RecordCosts, request)
 

@@ -16,7 +16,9 @@ Owns the protocol a run follows with the services:
    Work done before a failure is charged too. Local OCR is charged through
    its CPU seconds (the price book has no local per-page price). The
    ledger key (session, document, stage, attempt, service, operation, kind)
-   makes a replay free.
+   makes a replay free. Events of an operation the price book in force
+   does not price are dropped (logged) and the rest recorded; any other
+   refusal is logged and the result reported without a cost.
 4. `ReportStageResult`: artifacts, stats, duration, the RecordCosts total,
    and on failure the error class (PERMANENT for corrupt, encrypted,
    unsupported, empty...; RETRYABLE otherwise), code and message.
@@ -35,6 +37,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -51,8 +54,14 @@ from services.common import convert
 from services.common.logging import bind
 from services.common.tasks import StagePayload
 from services.worker.artifacts import ArtifactRef, ArtifactStore
-from services.worker.processors.base import Deadline, PermanentError, RetryableError, StageError, Usage
-from services.worker.reporting import Reporter
+from services.worker.processors.base import (
+    Deadline,
+    PermanentError,
+    RetryableError,
+    StageError,
+    Usage,
+)
+from services.worker.reporting import TRANSIENT, Reporter
 from services.worker.stages import ARTIFACT_KINDS, Stage
 
 logger = logging.getLogger(__name__)
@@ -64,12 +73,14 @@ PER_PAGE_OCR_SERVICES = frozenset({"aws_textract"})
 MAX_MESSAGE = 2000
 _MICRO = Decimal("0.000001")
 # Session-service answers to ReportStageStarted that mean "this run is not wanted".
-_NOT_WANTED = frozenset({
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.ALREADY_EXISTS,
-    grpc.StatusCode.INVALID_ARGUMENT,
-})
+_NOT_WANTED = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.INVALID_ARGUMENT,
+    }
+)
 
 
 @dataclass
@@ -96,8 +107,30 @@ class RunOutcome:
         }
 
 
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def worker_name(hostname: str | None = None) -> str:
-    return f"{hostname or socket.gethostname()}:{os.getpid()}"
+    """`celery@host:pid`, as reported in `worker` fields (at most 200 characters)."""
+    name = f"{hostname or socket.gethostname()}"[:180]
+    return f"{name}:{os.getpid()}"
+
+
+def _readable(data: bytes) -> dict[str, Any] | None:
+    """The artifact's JSON object, or None when it is damaged."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) and "stats" in body else None
 
 
 def _units(value: float | int | Decimal) -> str:
@@ -110,12 +143,16 @@ def _units(value: float | int | Decimal) -> str:
 class StageRunner:
     """Runs tasks' payloads against the stages, the store and the services."""
 
-    def __init__(self, *, stages: dict[str, Stage], store: ArtifactStore, reporter: Reporter) -> None:
+    def __init__(
+        self, *, stages: dict[str, Stage], store: ArtifactStore, reporter: Reporter
+    ) -> None:
         self.stages = stages
         self.store = store
         self.reporter = reporter
 
-    def run(self, payload_json: dict[str, Any], *, task_id: str, worker: str, stage: str) -> dict[str, Any]:
+    def run(
+        self, payload_json: dict[str, Any], *, task_id: str, worker: str, stage: str
+    ) -> dict[str, Any]:
         try:
             payload = StagePayload.from_json(payload_json)
         except (TypeError, ValueError, AttributeError) as exc:
@@ -125,21 +162,30 @@ class StageRunner:
         with bind(session_id=payload.session_id, document_id=payload.document_id):
             outcome = self._run(payload, task_id=task_id, worker=worker, task_stage=stage)
             logger.info(
-                "stage %s attempt %d %s", payload.stage, payload.attempt,
-                "skipped" if not outcome.proceed else ("succeeded" if outcome.succeeded else "failed"),
+                "stage %s attempt %d %s",
+                payload.stage,
+                payload.attempt,
+                "skipped"
+                if not outcome.proceed
+                else ("succeeded" if outcome.succeeded else "failed"),
                 extra={"stage": payload.stage, "task_id": task_id, **outcome.summary()},
             )
             return outcome.summary()
 
     # -- the protocol -------------------------------------------------------
 
-    def _run(self, payload: StagePayload, *, task_id: str, worker: str, task_stage: str) -> RunOutcome:
+    def _run(
+        self, payload: StagePayload, *, task_id: str, worker: str, task_stage: str
+    ) -> RunOutcome:
         stage_enum = convert.stage_value(payload.stage) if payload.stage in ARTIFACT_KINDS else 0
         try:
             started = self.reporter.stage_started(
                 session_service_pb2.ReportStageStartedRequest(
-                    document_id=payload.document_id, stage=stage_enum, attempt=payload.attempt,
-                    task_id=task_id, worker=worker,
+                    document_id=payload.document_id,
+                    stage=stage_enum,
+                    attempt=payload.attempt,
+                    task_id=task_id,
+                    worker=worker,
                 )
             )
         except grpc.RpcError as exc:
@@ -160,12 +206,17 @@ class StageRunner:
         error: StageError | None = None
         try:
             if task_stage != payload.stage or payload.stage not in self.stages:
-                raise PermanentError("bad_payload", f"task for stage {task_stage!r} got a payload for {payload.stage!r}")
+                raise PermanentError(
+                    "bad_payload",
+                    f"task for stage {task_stage!r} got a payload for {payload.stage!r}",
+                )
             stage = self.stages[payload.stage]
             prepared = stage.prepare(payload)
             hit = self.store.get(payload.sha256, stage.name, prepared.version)
-            if hit is not None:
-                body = json.loads(hit.data)
+            body = _readable(hit.data) if hit is not None else None
+            if hit is not None and body is None:
+                logger.error("cached artifact %s is unreadable; redoing the stage", hit.ref.uri)
+            if hit is not None and body is not None:
                 outcome.cache_hit = True
                 outcome.artifacts = [hit.ref]
                 outcome.stats = {k: int(v) for k, v in body.get("stats", {}).items()}
@@ -188,7 +239,11 @@ class StageRunner:
                     **output.body,
                 }
                 data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-                outcome.artifacts = [self.store.put(payload.sha256, stage.name, prepared.version, data)]
+                outcome.artifacts = [
+                    self.store.put(
+                        payload.sha256, stage.name, prepared.version, data, replace=hit is not None
+                    )
+                ]
                 outcome.stats = dict(output.stats)
             outcome.succeeded = True
         except StageError as exc:
@@ -199,8 +254,12 @@ class StageRunner:
             logger.warning("I/O error in stage %s", payload.stage, exc_info=True)
             error = RetryableError("io_error", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - reported as retryable, with the traceback logged
-            logger.exception("stage %s failed unexpectedly", payload.stage)
-            error = RetryableError("internal", f"{type(exc).__name__}: {exc}")
+            # Libraries may wrap the soft limit (rapidocr raises ONNXRuntimeError from it).
+            if _caused_by(exc, SoftTimeLimitExceeded):
+                error = RetryableError("time_limit", "the task hit its soft time limit")
+            else:
+                logger.exception("stage %s failed unexpectedly", payload.stage)
+                error = RetryableError("internal", f"{type(exc).__name__}: {exc}")
         if error is not None:
             outcome.error_code = error.code
             outcome.stats.setdefault("ocr_pages", usage.total_ocr_pages)
@@ -220,13 +279,19 @@ class StageRunner:
             succeeded=error is None,
             cache_hit=outcome.cache_hit,
             duration=convert.duration(Decimal(f"{duration:.6f}")),
-            stats=session_service_pb2.StageStats(**{
-                k: int(v) for k, v in outcome.stats.items()
-                if k in ("pages", "ocr_pages", "characters", "chunks", "entities")
-            }),
+            stats=session_service_pb2.StageStats(
+                **{
+                    k: int(v)
+                    for k, v in outcome.stats.items()
+                    if k in ("pages", "ocr_pages", "characters", "chunks", "entities")
+                }
+            ),
             artifacts=[
                 session_service_pb2.Artifact(
-                    kind=ARTIFACT_KINDS.get(payload.stage, ""), uri=a.uri, sha256=a.sha256, size_bytes=a.size_bytes,
+                    kind=ARTIFACT_KINDS.get(payload.stage, ""),
+                    uri=a.uri,
+                    sha256=a.sha256,
+                    size_bytes=a.size_bytes,
                 )
                 for a in outcome.artifacts
             ],
@@ -235,7 +300,9 @@ class StageRunner:
             request.cost.CopyFrom(cost)
         if error is not None:
             request.error_class = (
-                session_service_pb2.ERROR_CLASS_PERMANENT if error.permanent else session_service_pb2.ERROR_CLASS_RETRYABLE
+                session_service_pb2.ERROR_CLASS_PERMANENT
+                if error.permanent
+                else session_service_pb2.ERROR_CLASS_RETRYABLE
             )
             request.error_code = error.code
             request.error_message = error.message[:MAX_MESSAGE]
@@ -243,7 +310,9 @@ class StageRunner:
             self.reporter.stage_result(request)
         except grpc.RpcError as exc:
             if exc.code() in _NOT_WANTED:
-                logger.warning("session service refused the result: %s: %s", exc.code(), exc.details())
+                logger.warning(
+                    "session service refused the result: %s: %s", exc.code(), exc.details()
+                )
             else:
                 raise
         return outcome
@@ -251,10 +320,16 @@ class StageRunner:
     # -- helpers --------------------------------------------------------------
 
     @staticmethod
-    def _lease_left(payload: StagePayload, started: session_service_pb2.ReportStageStartedResponse) -> float:
+    def _lease_left(
+        payload: StagePayload, started: session_service_pb2.ReportStageStartedResponse
+    ) -> float:
         """Seconds the run may take: the earlier lease, less a margin for the reports."""
         left = float(payload.lease_seconds or 0) or 600.0
-        expires = convert.from_timestamp(started.lease_expires_at) if started.HasField("lease_expires_at") else None
+        expires = (
+            convert.from_timestamp(started.lease_expires_at)
+            if started.HasField("lease_expires_at")
+            else None
+        )
         if expires is not None:
             left = min(left, (expires - dt.datetime.now(dt.UTC)).total_seconds())
         return max(1.0, left - min(30.0, 0.1 * max(left, 0.0)))
@@ -270,18 +345,31 @@ class StageRunner:
         now = convert.timestamp(dt.datetime.now(dt.UTC))
         cache_hit = stored_usage is not None
 
-        def event(service: str, operation: str, units: str, hit: bool = False) -> cost_service_pb2.CostEvent:
+        def event(
+            service: str, operation: str, units: str, hit: bool = False
+        ) -> cost_service_pb2.CostEvent:
             return cost_service_pb2.CostEvent(
-                session_id=payload.session_id, document_id=payload.document_id, stage=stage_enum,
-                attempt=payload.attempt, service=service, operation=operation, units=units,
-                kind=cost_service_pb2.COST_KIND_ACTUAL, category=payload.category, cache_hit=hit,
+                session_id=payload.session_id,
+                document_id=payload.document_id,
+                stage=stage_enum,
+                attempt=payload.attempt,
+                service=service,
+                operation=operation,
+                units=units,
+                kind=cost_service_pb2.COST_KIND_ACTUAL,
+                category=payload.category,
+                cache_hit=hit,
                 occurred_at=now,
             )
 
         events: list[cost_service_pb2.CostEvent] = []
         if stored_usage is not None:
             # The work the cache saved, at what it took the first time.
-            events.append(event(*COMPUTE, _units(Decimal(str(stored_usage.get("compute_seconds", "0")))), True))
+            events.append(
+                event(
+                    *COMPUTE, _units(Decimal(str(stored_usage.get("compute_seconds", "0")))), True
+                )
+            )
             for service, pages in sorted(dict(stored_usage.get("ocr_pages", {})).items()):
                 if service in PER_PAGE_OCR_SERVICES and int(pages):
                     events.append(event(service, OCR_PAGE, _units(int(pages)), True))
@@ -302,12 +390,55 @@ class StageRunner:
         if not events:
             return None
         try:
-            response = self.reporter.record_costs(cost_service_pb2.RecordCostsRequest(events=events))
+            return self._record_batch(events)
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if exc.code() in TRANSIENT:
                 raise
-            # A refusal that no retry can fix (an operation the price book lacks, a bad
-            # token): report the stage anyway; verification flags the missing costs.
-            logger.error("cost service refused the run's cost events: %s: %s", exc.code(), exc.details())
+            unpriced = _unpriced(exc) if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else set()
+            kept = [e for i, e in enumerate(events) if i not in unpriced]
+            if not unpriced or not kept:
+                # A refusal no retry can fix (a bad token, a malformed event): report the
+                # stage anyway; the session's verification flags the missing costs.
+                logger.error(
+                    "cost service refused the run's cost events: %s: %s", exc.code(), exc.details()
+                )
+                return None
+            logger.warning(
+                "the price book has no price for %s; recording the other events",
+                ", ".join(sorted({f"{events[i].service}/{events[i].operation}" for i in unpriced})),
+            )
+        try:
+            return self._record_batch(kept)
+        except grpc.RpcError as exc:
+            if exc.code() in TRANSIENT:
+                raise
+            logger.error(
+                "cost service refused the run's cost events: %s: %s", exc.code(), exc.details()
+            )
             return None
+
+    def _record_batch(self, events: list[cost_service_pb2.CostEvent]) -> common_pb2.Money:
+        response = self.reporter.record_costs(cost_service_pb2.RecordCostsRequest(events=events))
         return response.total
+
+
+_UNPRICED_FIELD = re.compile(r"^events\[(\d+)\]\.operation$")
+
+
+def _unpriced(error: grpc.RpcError) -> set[int]:
+    """Indexes of the events an INVALID_ARGUMENT says have no price (from its BadRequest)."""
+    from google.rpc import error_details_pb2
+
+    from services.common.errors import details_of
+
+    try:
+        requests = details_of(error, error_details_pb2.BadRequest)
+    except (AttributeError, TypeError, ValueError):  # an error without status details
+        return set()
+    found = set()
+    for request in requests:
+        for violation in request.field_violations:
+            match = _UNPRICED_FIELD.match(violation.field)
+            if match and "no price" in violation.description:
+                found.add(int(match.group(1)))
+    return found

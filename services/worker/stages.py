@@ -52,7 +52,9 @@ class Stage(Protocol):
 
     def prepare(self, payload: StagePayload) -> Prepared: ...
 
-    def run(self, payload: StagePayload, prepared: Prepared, usage: Usage, deadline: Deadline) -> StageOutput: ...
+    def run(
+        self, payload: StagePayload, prepared: Prepared, usage: Usage, deadline: Deadline
+    ) -> StageOutput: ...
 
 
 class ExtractStage:
@@ -65,10 +67,14 @@ class ExtractStage:
     def prepare(self, payload: StagePayload) -> Prepared:
         return Prepared(self.extractor.version(payload.plan))
 
-    def run(self, payload: StagePayload, prepared: Prepared, usage: Usage, deadline: Deadline) -> StageOutput:
+    def run(
+        self, payload: StagePayload, prepared: Prepared, usage: Usage, deadline: Deadline
+    ) -> StageOutput:
         path = resolve_source(payload.source_path, payload.raw_path, payload.relative_path)
         check_source(path, payload.sha256, deadline)
-        body = self.extractor.extract_path(path, payload.plan, self.extractor.context(usage, deadline))
+        body = self.extractor.extract_path(
+            path, payload.plan, self.extractor.context(usage, deadline)
+        )
         stats = {
             "pages": int(body["page_count"]),
             "ocr_pages": usage.total_ocr_pages,
@@ -88,17 +94,25 @@ class _FromExtract:
 
     def _input_version(self, payload: StagePayload) -> str:
         stored = self.store.versions(payload.sha256, "extract")
-        for wanted in (self.extractor.version(payload.plan), str(payload.options.get("extract_version", ""))):
+        for wanted in (
+            self.extractor.version(payload.plan),
+            str(payload.options.get("extract_version", "")),
+        ):
             if wanted and wanted in stored:
                 return wanted
         if stored:
             return stored[0]
-        raise RetryableError("input_missing", f"no extract artifact for sha256 {payload.sha256[:12]}... in the store")
+        raise RetryableError(
+            "input_missing", f"no extract artifact for sha256 {payload.sha256[:12]}... in the store"
+        )
 
     def _load_text(self, payload: StagePayload, prepared: Prepared) -> dict[str, Any]:
         stored = self.store.get(payload.sha256, "extract", prepared.input_version)
         if stored is None:
-            raise RetryableError("input_missing", f"extract artifact {prepared.input_version} vanished from the store")
+            raise RetryableError(
+                "input_missing",
+                f"extract artifact {prepared.input_version} vanished from the store",
+            )
         body = json.loads(stored.data)
         body["_ref"] = {"uri": stored.ref.uri, "sha256": stored.ref.sha256}
         return body
@@ -112,7 +126,9 @@ class ChunkStage(_FromExtract):
     name = "chunk"
     processor = chunk_proc.NAME
 
-    def __init__(self, store: ArtifactStore, extractor: Extractor, *, size: int, overlap: int) -> None:
+    def __init__(
+        self, store: ArtifactStore, extractor: Extractor, *, size: int, overlap: int
+    ) -> None:
         super().__init__(store, extractor)
         self.size = size
         self.overlap = overlap
@@ -121,12 +137,20 @@ class ChunkStage(_FromExtract):
         source = self._input_version(payload)
         return Prepared(f"{chunk_proc.VERSION}.s{self.size}.o{self.overlap}+{source}", source)
 
-    def run(self, payload: StagePayload, prepared: Prepared, usage: Usage, deadline: Deadline) -> StageOutput:
+    def run(
+        self, payload: StagePayload, prepared: Prepared, usage: Usage, deadline: Deadline
+    ) -> StageOutput:
         source = self._load_text(payload, prepared)
         deadline.check()
-        chunks = chunk_proc.chunk_text(source["text"], source.get("pages"), size=self.size, overlap=self.overlap)
-        body = {"input": self._input(source, prepared), "size": self.size, "overlap": self.overlap,
-                "chunks": chunks}
+        chunks = chunk_proc.chunk_text(
+            source["text"], source.get("pages"), size=self.size, overlap=self.overlap
+        )
+        body = {
+            "input": self._input(source, prepared),
+            "size": self.size,
+            "overlap": self.overlap,
+            "chunks": chunks,
+        }
         return StageOutput(body, {"chunks": len(chunks), "characters": len(source["text"])})
 
 
@@ -139,7 +163,9 @@ class EntitiesStage(_FromExtract):
         own = f"{entities_proc.VERSION}.eyecite-{entities_proc.eyecite_version()}"
         return Prepared(f"{own}+{source}", source)
 
-    def run(self, payload: StagePayload, prepared: Prepared, usage: Usage, deadline: Deadline) -> StageOutput:
+    def run(
+        self, payload: StagePayload, prepared: Prepared, usage: Usage, deadline: Deadline
+    ) -> StageOutput:
         source = self._load_text(payload, prepared)
         deadline.check()
         found = entities_proc.find_entities(source["text"])

@@ -14,6 +14,7 @@ from decimal import Decimal
 import asyncpg
 import grpc
 import pytest
+from conftest import TOKENS
 from docimport.cost.v1 import cost_service_pb2_grpc
 
 from services.common.channels import aio_channel
@@ -21,7 +22,6 @@ from services.common.config import ClientSettings
 from services.cost.config import CostSettings
 from services.cost.server import build_server
 from services.cost.store import CostStore
-from conftest import TOKENS
 
 CPU_RATE = Decimal("0.00002")
 

@@ -238,7 +238,11 @@ async def test_list_cost_events_pages_through_filters(cost: CostHarness) -> None
     assert len(await all_pages(session_id=session, kind=pb.COST_KIND_ESTIMATE)) == 6
     assert len(await all_pages(session_id=session, stage=common_pb2.STAGE_CHUNK)) == 0
     assert len(await all_pages(session_id=session, service="aws_textract", stage=1)) == 30
-    assert len(await all_pages()) == 31
+    assert len(await all_pages(document_id=doc)) == 15
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await all_pages(service="aws_textract")  # would sort the whole ledger
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "session_id" in violations(caught.value)
 
     page = await cost.operator.ListCostEvents(pb.ListCostEventsRequest(session_id=session, page_size=4))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -276,3 +280,24 @@ async def test_100000_events_of_a_fifteenth_of_a_cent_sum_exactly(cost: CostHarn
         "SELECT sum(amount) FROM cost.cost_events WHERE session_id = $1", session) == Decimal("150")
     # Rounded per event to cents, the old ledger said $0.00.
     assert sum((round(Decimal("0.0015"), 2) for _ in range(100_000)), Decimal(0)) == 0
+
+
+async def test_large_amounts_keep_every_digit(cost: CostHarness) -> None:
+    # Found by the property test: 29 significant digits must survive the wire.
+    book = pb.PriceBook(name="big", prices=[pb.Price(service="x", operation="y", unit="u",
+                                                     unit_price={"currency_code": "USD", "amount": "1000"})])
+    version = (await cost.operator.PublishPriceBook(pb.PublishPriceBookRequest(price_book=book))).price_book.version
+    session = new_id()
+    reply = await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[
+        event(session, document_id=new_id(), service="x", operation="y", units="999999999.99999704",
+              price_book_version=version),
+        event(session, document_id=new_id(), service="x", operation="y", units="0.00000001",
+              price_book_version=version),
+        event(session, document_id=new_id(), service="local", operation="compute_second", units="0.12345678",
+              price_book_version=1),
+    ]))
+    expected = Decimal("999999999999.99704") + Decimal("0.00001") + Decimal("0.12345678") * CPU_RATE
+    assert dec(reply.total) == expected
+    costs = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session))
+    assert costs.actual_total.amount == "999999999999.9970524691356"
+    assert dec(costs.actual_total) == expected

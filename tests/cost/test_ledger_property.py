@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 from decimal import Decimal
 
 from docimport.cost.v1 import cost_service_pb2 as pb
@@ -26,6 +27,9 @@ entries = st.lists(
     ),
     min_size=1, max_size=60,
 )
+# The test's own sums must not round either (the default context keeps 28 digits).
+EXACT = decimal.Context(prec=100, traps=[decimal.Inexact])
+
 PROPERTY = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -53,6 +57,7 @@ async def test_ledger_totals_are_exact_decimal_sums(cost: CostHarness, unit_pric
         reply = await cost.worker.RecordCosts(pb.RecordCostsRequest(events=events[start:start + split]))
         recorded.extend(reply.events)
 
+    decimal.setcontext(EXACT)
     expected = {"actual": Decimal(0), "estimate": Decimal(0), "saved": Decimal(0)}
     by_service: dict[str, Decimal] = {}
     for (op, units, cache_hit, estimate), got in zip(rows, recorded, strict=True):
@@ -85,6 +90,7 @@ amounts = st.decimals(min_value=0, max_value=10**6, places=8, allow_nan=False, a
 @given(reserve=st.lists(st.tuples(amounts, amounts, st.booleans()), min_size=1, max_size=30))
 async def test_budget_spent_is_the_exact_sum_of_settled_actuals(cost: CostHarness, reserve) -> None:
     session = new_id()
+    decimal.setcontext(EXACT)
     total_reserved = sum((r for r, _, _ in reserve), Decimal(0))
     await cost.service.SetBudget(pb.SetBudgetRequest(session_id=session, limit=usd(total_reserved)))
     granted = await cost.service.ReserveBudget(pb.ReserveBudgetRequest(

@@ -177,41 +177,57 @@ async def budget(harness, session_id: str) -> cpb.Budget:
     return (await harness.cost.GetBudget(cpb.GetBudgetRequest(session_id=session_id))).budget
 
 
-async def test_budget_reservations_and_exhaustion(harness):
-    files = [mfile(f"{i}.pdf", pages=10) for i in range(10)]
-    # price one file's extract first, to size the budget for exactly three of them
-    estimate = await harness.cost.EstimateCost(cpb.EstimateCostRequest(files=[cpb.FilePlan(
-        key="x", plan=files[0].plan, page_count=10, size_bytes=1000)]))
-    extract = sum(Decimal(line.amount.amount) for line in estimate.files[0].lines if line.stage == 1)
-    assert extract > 0
-    limit = (extract * 3 + extract / 2).quantize(Decimal("1e-8"))
-    session = (await harness.create(files, budget=str(limit), max_in_flight=10)).session
-    b = await budget(harness, session.session_id)
-    assert Decimal(b.limit.amount) == limit
+async def test_budget_admits_documents_and_settles_them(harness):
+    files = [mfile(f"{i}.pdf", estimated="0.01") for i in range(10)]
+    session = (await harness.create(files, budget="0.035", max_in_flight=10)).session
+    assert Decimal((await budget(harness, session.session_id)).limit.amount) == Decimal("0.035")
     messages = await harness.dispatch()
-    assert len(messages) == 3
+    assert len(messages) == 3  # three documents fit; their whole estimate is reserved
     s = await get(harness, session.session_id)
     assert s.state == pb.SESSION_STATE_BUDGET_EXHAUSTED and "budget" in s.state_reason
-    assert Decimal((await budget(harness, session.session_id)).reserved.amount) == extract * 3
-    # results settle their reservations with the actual cost
-    for m in messages:
-        await harness.result(m, cost=str(extract / 2))
+    assert Decimal((await budget(harness, session.session_id)).reserved.amount) == Decimal("0.03")
+    # admitted documents go through every stage on their reservation
+    for _stage in range(3):
+        for m in messages:
+            await harness.result(m, cost="0.002")
+        messages = await harness.dispatch()
+        if _stage < 2:
+            assert len(messages) == 3 and messages[0].payload.stage != "extract"
+    assert messages == []
     await harness.server.servicer.drain()
     b = await budget(harness, session.session_id)
-    assert Decimal(b.spent.amount) == extract * 3 / 2 and Decimal(b.reserved.amount) == 0
-    assert await harness.dispatch() == []
-    # raising the budget resumes the session
-    await harness.cost.SetBudget(cpb.SetBudgetRequest(session_id=session.session_id,
-                                                      limit=convert.money(limit * 10**6)))
+    assert Decimal(b.spent.amount) == Decimal("0.018") and Decimal(b.reserved.amount) == 0
+    s = await get(harness, session.session_id)
+    assert s.counts.completed == 3 and s.counts.pending == 7
+    # the spare budget admits one more document when the reconciler looks again
     await harness.reconciler.run_once()
     s = await get(harness, session.session_id)
     assert s.state == pb.SESSION_STATE_RUNNING and "budget raised" in s.state_reason
+    [m] = await harness.dispatch()
+    assert (await get(harness, session.session_id)).state == pb.SESSION_STATE_BUDGET_EXHAUSTED
+    await harness.result(m, cost="0.002")
+    # raising the budget lets the rest through
+    await harness.cost.SetBudget(cpb.SetBudgetRequest(session_id=session.session_id,
+                                                      limit=convert.money("10")))
+    await harness.reconciler.run_once()
     final = await harness.run_to_end(session.session_id, rounds=50)
     assert final.state == pb.SESSION_STATE_COMPLETED and final.counts.completed == 10
+    await harness.server.servicer.drain()
+    b = await budget(harness, session.session_id)
+    assert Decimal(b.reserved.amount) == 0
+
+
+async def test_cancel_releases_reservations(harness):
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(4)], budget="5")).session
+    assert len(await harness.dispatch()) == 4
+    assert Decimal((await budget(harness, session.session_id)).reserved.amount) == Decimal("0.04")
+    await harness.operator.CancelSession(pb.CancelSessionRequest(session_id=session.session_id))
+    b = await budget(harness, session.session_id)
+    assert Decimal(b.reserved.amount) == 0 and Decimal(b.spent.amount) == 0
 
 
 async def test_budget_refused_outright(harness):
-    session = (await harness.create([mfile("a.pdf", pages=100)], budget="0")).session
+    session = (await harness.create([mfile("a.pdf", estimated="0.5")], budget="0.25")).session
     assert await harness.dispatch() == []
     s = await get(harness, session.session_id)
     assert s.state == pb.SESSION_STATE_BUDGET_EXHAUSTED and s.counts.pending == 1

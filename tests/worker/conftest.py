@@ -11,6 +11,7 @@ import pytest
 from services.worker.processors.base import Deadline, Usage
 from services.worker.processors.extract import Extractor
 from services.worker.processors.ocr import RapidOcrEngine
+
 from .helpers import SAMPLE_CASE
 
 
@@ -34,7 +35,9 @@ def scanned(extractor: Extractor) -> dict[str, Any]:
     usage = Usage()
     started = time.monotonic()
     document = extractor.extract_path(
-        SAMPLE_CASE / "discovery/scanned_deposition_excerpt.pdf", "ocr", extractor.context(usage, Deadline(600))
+        SAMPLE_CASE / "discovery/scanned_deposition_excerpt.pdf",
+        "ocr",
+        extractor.context(usage, Deadline(600)),
     )
     return {"document": document, "usage": usage, "seconds": time.monotonic() - started}
 

@@ -32,9 +32,17 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def payload(relative: str, stage: str = "extract", *, root: Path = SAMPLE_CASE, plan: str | None = None,
-            session_id: str | None = None, document_id: str | None = None, attempt: int = 1,
-            **extra: Any) -> StagePayload:
+def payload(
+    relative: str,
+    stage: str = "extract",
+    *,
+    root: Path = SAMPLE_CASE,
+    plan: str | None = None,
+    session_id: str | None = None,
+    document_id: str | None = None,
+    attempt: int = 1,
+    **extra: Any,
+) -> StagePayload:
     path = root / relative
     return StagePayload(
         session_id=session_id or str(uuid.uuid4()),

@@ -36,7 +36,10 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def test_key_is_content_addressed_and_refuses_unsafe_parts() -> None:
-    assert artifact_key(SHA, "extract", "1.pdf1+rapidocr-1.4.4") == f"{SHA[:2]}/{SHA}/extract-1.pdf1+rapidocr-1.4.4.json"
+    assert (
+        artifact_key(SHA, "extract", "1.pdf1+rapidocr-1.4.4")
+        == f"{SHA[:2]}/{SHA}/extract-1.pdf1+rapidocr-1.4.4.json"
+    )
     for sha, stage, version in (("ABC", "extract", "1"), (SHA, "../x", "1"), (SHA, "chunk", "a/b")):
         with pytest.raises(ValueError):
             artifact_key(sha, stage, version)
@@ -51,7 +54,9 @@ def test_local_put_get_is_a_cache_hit_with_the_same_reference(tmp_path: Path) ->
     assert ref.sha256 == hashlib.sha256(b'{"text":"hello"}').hexdigest() and ref.size_bytes == 16
     hit = store.get(SHA, "extract", "1")
     assert hit is not None and hit.ref == ref and hit.data == b'{"text":"hello"}'
-    assert [p.name for p in path.parent.iterdir()] == ["extract-1.json"], "no temporary file left behind"
+    assert [p.name for p in path.parent.iterdir()] == ["extract-1.json"], (
+        "no temporary file left behind"
+    )
     assert store.take_requests() == {}
 
 
@@ -144,4 +149,7 @@ def test_verify_s3_artifact(s3: Any) -> None:
     key = ref.uri.removeprefix("s3://docimport-artifacts/")
     s3.put_object(Bucket="docimport-artifacts", Key=key, Body=b"TEXT")
     assert verify_artifact(ref.uri, ref.sha256, ref.size_bytes, s3_client=s3).ok
-    assert verify_artifact(ref.uri, ref.sha256, ref.size_bytes, deep=True, s3_client=s3).code == "hash_mismatch"
+    assert (
+        verify_artifact(ref.uri, ref.sha256, ref.size_bytes, deep=True, s3_client=s3).code
+        == "hash_mismatch"
+    )

@@ -35,12 +35,16 @@ def textract(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(TextractBackend, "BLOCKS", [
-        {"BlockType": "PAGE", "Id": "p"},
-        {"BlockType": "LINE", "Id": "l1", "Text": "Q. Was she in the crosswalk?"},
-        {"BlockType": "WORD", "Id": "w1", "Text": "Q."},
-        {"BlockType": "LINE", "Id": "l2", "Text": "A. I think so."},
-    ])
+    monkeypatch.setattr(
+        TextractBackend,
+        "BLOCKS",
+        [
+            {"BlockType": "PAGE", "Id": "p"},
+            {"BlockType": "LINE", "Id": "l1", "Text": "Q. Was she in the crosswalk?"},
+            {"BlockType": "WORD", "Id": "w1", "Text": "Q."},
+            {"BlockType": "LINE", "Id": "l2", "Text": "A. I think so."},
+        ],
+    )
     with mock_aws():
         yield boto3.client("textract", region_name="us-east-1")
 
@@ -50,8 +54,11 @@ def test_textract_adapter_reads_lines_and_bills_pages(textract: Any) -> None:
     assert isinstance(engine, TextractEngine) and engine.service == "aws_textract"
     extractor = Extractor(engine, dpi=100)
     usage = Usage()
-    document = extractor.extract_path(SAMPLE_CASE / "discovery/scanned_deposition_excerpt.pdf", "ocr",
-                                      extractor.context(usage, Deadline(60)))
+    document = extractor.extract_path(
+        SAMPLE_CASE / "discovery/scanned_deposition_excerpt.pdf",
+        "ocr",
+        extractor.context(usage, Deadline(60)),
+    )
     assert usage.ocr_pages == {"aws_textract": 2}
     assert [p["source"] for p in document["pages"]] == ["ocr", "ocr"]
     assert document["text"].count("Q. Was she in the crosswalk?\nA. I think so.") == 2
@@ -89,7 +96,9 @@ def test_tesseract_engine_reads_a_page() -> None:
     engine = select_engine("tesseract")
     assert isinstance(engine, TesseractEngine) and engine.version != "unknown"
     image = Image.new("L", (1200, 300), 255)
-    ImageDraw.Draw(image).text((40, 100), "Officer Delgado testified", font=ImageFont.load_default(size=60), fill=0)
+    ImageDraw.Draw(image).text(
+        (40, 100), "Officer Delgado testified", font=ImageFont.load_default(size=60), fill=0
+    )
     assert "Officer Delgado" in engine.recognize(image)
 
 
@@ -97,7 +106,9 @@ def test_engine_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert select_engine("none") is None
     assert isinstance(select_engine("auto"), RapidOcrEngine)
     monkeypatch.setattr(RapidOcrEngine, "available", staticmethod(lambda: False))
-    monkeypatch.setattr(TesseractEngine, "available", staticmethod(lambda command="tesseract": False))
+    monkeypatch.setattr(
+        TesseractEngine, "available", staticmethod(lambda command="tesseract": False)
+    )
     assert select_engine("auto") is None
     with pytest.raises(RuntimeError):
         select_engine("rapidocr")

@@ -1,4 +1,4 @@
-"""Processors on the sample case (examples/make_sample_case.py EXPECTED) and on made-up edge cases."""
+"""Processors on the sample case (see examples/make_sample_case.py EXPECTED) and edge cases."""
 
 from __future__ import annotations
 
@@ -25,9 +25,13 @@ from services.worker.processors.text import decode, html_to_text
 from .helpers import PLANS, SAMPLE_CASE, sha256_of
 
 
-def extract(extractor: Extractor, relative: str, root: Path = SAMPLE_CASE, plan: str | None = None) -> tuple[dict[str, Any], Usage]:
+def extract(
+    extractor: Extractor, relative: str, root: Path = SAMPLE_CASE, plan: str | None = None
+) -> tuple[dict[str, Any], Usage]:
     usage = Usage()
-    document = extractor.extract_path(root / relative, plan or PLANS[relative], extractor.context(usage, Deadline(120)))
+    document = extractor.extract_path(
+        root / relative, plan or PLANS[relative], extractor.context(usage, Deadline(120))
+    )
     return document, usage
 
 
@@ -67,16 +71,22 @@ def test_scanned_pdf_is_ocrd_page_by_page_and_finds_known_words(scanned: dict[st
         "Page 15",
         "Officer Delgado",
         "I paid it, $150.00.",
-        "555-0166",  # the small footer font loses its spaces: "KEYSTONECOURT REPORTING(215)555-0166"
+        # The small footer font loses its spaces: "KEYSTONECOURT REPORTING(215)555-0166".
+        "555-0166",
     ):
         assert phrase in text, phrase
 
 
 @pytest.mark.parametrize(
     ("relative", "code"),
-    [("medical_records/corrupt_scan.pdf", "corrupt"), ("medical_records/sealed_records.pdf", "encrypted")],
+    [
+        ("medical_records/corrupt_scan.pdf", "corrupt"),
+        ("medical_records/sealed_records.pdf", "encrypted"),
+    ],
 )
-def test_corrupt_and_encrypted_pdfs_are_permanent_failures(extractor: Extractor, relative: str, code: str) -> None:
+def test_corrupt_and_encrypted_pdfs_are_permanent_failures(
+    extractor: Extractor, relative: str, code: str
+) -> None:
     with pytest.raises(PermanentError) as caught:
         extract(extractor, relative)
     assert caught.value.code == code
@@ -92,8 +102,11 @@ def test_pdf_pages_without_text_stay_empty_when_ocr_is_off() -> None:
 
 def test_an_expired_deadline_stops_a_pdf_between_pages(extractor: Extractor) -> None:
     with pytest.raises(RetryableError) as caught:
-        extractor.extract_path(SAMPLE_CASE / "pleadings/complaint.pdf", "text_layer",
-                               extractor.context(Usage(), Deadline(-1)))
+        extractor.extract_path(
+            SAMPLE_CASE / "pleadings/complaint.pdf",
+            "text_layer",
+            extractor.context(Usage(), Deadline(-1)),
+        )
     assert caught.value.code == "lease_expired"
 
 
@@ -107,10 +120,14 @@ def test_docx_reads_paragraphs_and_tables_in_order(extractor: Extractor) -> None
     assert "INTERROGATORY NO. 1:" in text
     table_rows = [line for line in text.splitlines() if " | " in line]
     assert table_rows, "the definitions table is read row by row"
-    assert text.index("Definitions") < text.index(table_rows[0]) < text.index("INTERROGATORY NO. 1:")
+    assert (
+        text.index("Definitions") < text.index(table_rows[0]) < text.index("INTERROGATORY NO. 1:")
+    )
 
 
-def test_docx_that_is_not_a_zip_is_corrupt_and_an_ole_one_is_encrypted(extractor: Extractor, tmp_path: Path) -> None:
+def test_docx_that_is_not_a_zip_is_corrupt_and_an_ole_one_is_encrypted(
+    extractor: Extractor, tmp_path: Path
+) -> None:
     (tmp_path / "bad.docx").write_bytes(b"PK\x03\x04 this is not really a zip file word/")
     (tmp_path / "locked.docx").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 600)
     with pytest.raises(PermanentError) as bad:
@@ -135,12 +152,16 @@ def test_eml_has_headers_body_and_the_attached_pdf_after_a_marker(extractor: Ext
     assert document["pages"][0]["part"] == "attachment 1: settlement_offer.pdf"
 
 
-def test_eml_attachments_that_cannot_be_read_do_not_fail_the_message(extractor: Extractor, tmp_path: Path) -> None:
+def test_eml_attachments_that_cannot_be_read_do_not_fail_the_message(
+    extractor: Extractor, tmp_path: Path
+) -> None:
     message = EmailMessage()
     message["From"] = "a@example.com"
     message["To"] = "b@example.com"
     message["Subject"] = "bundle"
-    message.add_alternative("<html><body><p>Hello <b>there</b></p><script>x()</script></body></html>", subtype="html")
+    message.add_alternative(
+        "<html><body><p>Hello <b>there</b></p><script>x()</script></body></html>", subtype="html"
+    )
     corrupt = (SAMPLE_CASE / "medical_records/corrupt_scan.pdf").read_bytes()
     message.add_attachment(corrupt, maintype="application", subtype="pdf", filename="broken.pdf")
     message.add_attachment("plain notes, café", filename="notes.txt")
@@ -175,7 +196,8 @@ def test_text_charset_detection(extractor: Extractor, tmp_path: Path) -> None:
 def test_html_becomes_text(extractor: Extractor, tmp_path: Path) -> None:
     html = (
         "<!DOCTYPE html><html><head><title>T</title><style>p{}</style></head><body>"
-        "<h1>Notice</h1><p>Amount:&nbsp;$1,200.00 &amp; costs</p><table><tr><td>a</td><td>b</td></tr></table>"
+        "<h1>Notice</h1><p>Amount:&nbsp;$1,200.00 &amp; costs</p>"
+        "<table><tr><td>a</td><td>b</td></tr></table>"
         "<script>alert(1)</script></body></html>"
     )
     (tmp_path / "page.html").write_text(html, encoding="utf-8")
@@ -248,7 +270,10 @@ def test_source_must_match_its_hash_and_not_be_empty(case_copy: Path) -> None:
 
 
 def test_source_never_resolves_outside_the_source_root(case_copy: Path, tmp_path: Path) -> None:
-    assert resolve_source(str(case_copy), b"pleadings/complaint.pdf", "") == (case_copy / "pleadings/complaint.pdf").resolve()
+    assert (
+        resolve_source(str(case_copy), b"pleadings/complaint.pdf", "")
+        == (case_copy / "pleadings/complaint.pdf").resolve()
+    )
     outside = tmp_path / "secret.txt"
     outside.write_text("secret")
     os.symlink(outside, case_copy / "link.txt")
@@ -260,7 +285,10 @@ def test_source_never_resolves_outside_the_source_root(case_copy: Path, tmp_path
     odd = os.fsencode(case_copy) + b"/caf\xe9.txt"
     with open(odd, "wb") as handle:
         handle.write(b"latin-1 name")
-    assert resolve_source(str(case_copy), b"caf\xe9.txt", "caf\ufffd.txt").read_bytes() == b"latin-1 name"
+    assert (
+        resolve_source(str(case_copy), b"caf\xe9.txt", "caf\ufffd.txt").read_bytes()
+        == b"latin-1 name"
+    )
 
 
 # -- chunking and entities ---------------------------------------------------------
@@ -271,7 +299,7 @@ def test_chunks_have_exact_offsets_overlap_and_pages(extractor: Extractor) -> No
     text = document["text"]
     chunks = chunk_proc.chunk_text(text, document["pages"], size=700, overlap=100)
     assert len(chunks) >= 5
-    for previous, chunk in zip(chunks, chunks[1:]):
+    for previous, chunk in zip(chunks, chunks[1:], strict=False):
         assert chunk["start"] < previous["end"], "consecutive chunks overlap"
         assert chunk["start"] > previous["start"]
     for chunk in chunks:
@@ -312,9 +340,15 @@ def test_entities_of_the_complaint(extractor: Extractor) -> None:
 
     brown = next(e for e in by_type["citation"] if e.get("plaintiff") == "Brown")
     assert brown["text"] == "Brown v. Board of Education, 347 U.S. 483 (1954)"
-    assert (brown["normalized"], brown["defendant"], brown["year"]) == ("347 U.S. 483", "Board of Education", "1954")
+    assert (brown["normalized"], brown["defendant"], brown["year"]) == (
+        "347 U.S. 483",
+        "Board of Education",
+        "1954",
+    )
     erie = next(e for e in by_type["citation"] if e.get("normalized") == "304 U.S. 64")
-    assert words(erie["text"]) == "Erie R.R. Co. v. Tompkins, 304 U.S. 64 (1938)"  # broken across lines
+    assert (
+        words(erie["text"]) == "Erie R.R. Co. v. Tompkins, 304 U.S. 64 (1938)"
+    )  # broken across lines
     statutes = {e["normalized"] for e in by_type["citation"] if e["subtype"] == "fulllaw"}
     assert {"28 U.S.C. § 1332", "28 U.S.C. § 1391"} <= statutes
 
@@ -324,7 +358,9 @@ def test_entities_of_the_complaint(extractor: Extractor) -> None:
     assert {"$75,000.00", "$48,612.37", "$21,400.00"} <= set(money)
 
     assert [e["text"] for e in by_type["email"]] == ["apatel@patelinjurylaw.example"]
-    assert [(e["text"], e["normalized"]) for e in by_type["phone"]] == [("(215) 555-0143", "2155550143")]
+    assert [(e["text"], e["normalized"]) for e in by_type["phone"]] == [
+        ("(215) 555-0143", "2155550143")
+    ]
     dates = {e["normalized"] for e in by_type["date"]}
     assert {"2024-03-14", "2024-05-01", "2024-05-06"} <= dates
     # A citation keeps its year: no date entity inside it.
@@ -369,12 +405,39 @@ def test_image_bytes_in_memory_work_too(extractor: Extractor) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     image = Image.new("L", (900, 200), 255)
-    ImageDraw.Draw(image).text((30, 60), "SETTLEMENT 2024", font=ImageFont.load_default(size=60), fill=0)
+    ImageDraw.Draw(image).text(
+        (30, 60), "SETTLEMENT 2024", font=ImageFont.load_default(size=60), fill=0
+    )
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     from services.worker.processors.base import TextBuilder
 
     out = TextBuilder()
     usage = Usage()
-    assert extractor.extract_into(buffer.getvalue(), "image", extractor.context(usage, Deadline(60)), out) == 1
+    assert (
+        extractor.extract_into(
+            buffer.getvalue(), "image", extractor.context(usage, Deadline(60)), out
+        )
+        == 1
+    )
     assert "SETTLEMENT" in out.text.replace(" ", "")
+
+
+def test_eml_with_an_unknown_charset_still_yields_its_body(
+    extractor: Extractor, tmp_path: Path
+) -> None:
+    raw = (
+        b"From: a@example.com\r\nTo: b@example.com\r\nSubject: odd\r\n"
+        b'Content-Type: text/plain; charset="x-no-such-charset"\r\n\r\n'
+        b"Settlement of $5,000.00 agreed.\r\n"
+    )
+    (tmp_path / "odd.eml").write_bytes(raw)
+    document, _ = extract(extractor, "odd.eml", tmp_path, "email")
+    assert "Settlement of $5,000.00 agreed." in document["text"]
+
+
+def test_a_message_without_headers_is_corrupt(extractor: Extractor, tmp_path: Path) -> None:
+    (tmp_path / "not-mail.eml").write_bytes(b"just some words\nand more\n")
+    with pytest.raises(PermanentError) as caught:
+        extract(extractor, "not-mail.eml", tmp_path, "email")
+    assert caught.value.code == "corrupt"

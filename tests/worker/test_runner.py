@@ -32,15 +32,31 @@ RATE = Decimal("0.00001389")
 
 
 class FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
+    """An error as a gRPC call raises it, optionally with google.rpc details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "", *extra: Any) -> None:
         super().__init__(details)
-        self._code, self._details = code, details
+        self._code, self._details, self._extra = code, details, extra
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
         return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        if not self._extra:
+            return ()
+        from google.protobuf import any_pb2
+        from google.rpc import status_pb2
+
+        packed = []
+        for message in self._extra:
+            item = any_pb2.Any()
+            item.Pack(message)
+            packed.append(item)
+        status = status_pb2.Status(code=self._code.value[0], message=self._details, details=packed)
+        return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
 class RecordingReporter:
@@ -50,6 +66,7 @@ class RecordingReporter:
         self.results: list[session_service_pb2.ReportStageResultRequest] = []
         self.proceed = True
         self.cost_error: grpc.StatusCode | None = None
+        self.unpriced: set[tuple[str, str]] = set()
         self.result_error: grpc.StatusCode | None = None
 
     def stage_started(self, request: Any) -> session_service_pb2.ReportStageStartedResponse:
@@ -60,9 +77,35 @@ class RecordingReporter:
         self.costs.append(request)
         if self.cost_error is not None:
             raise FakeRpcError(self.cost_error, "refused")
-        total = sum((Decimal(e.units) * RATE for e in request.events
-                     if e.operation == "compute_second" and not e.cache_hit), Decimal(0))
-        return cost_service_pb2.RecordCostsResponse(total=common_pb2.Money(currency_code="USD", amount=str(total)))
+        unpriced = [
+            i for i, e in enumerate(request.events) if (e.service, e.operation) in self.unpriced
+        ]
+        if unpriced:
+            from google.rpc import error_details_pb2
+
+            violations = [
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=f"events[{i}].operation",
+                    description="price book version 1 has no price for it",
+                )
+                for i in unpriced
+            ]
+            raise FakeRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid",
+                error_details_pb2.BadRequest(field_violations=violations),
+            )
+        total = sum(
+            (
+                Decimal(e.units) * RATE
+                for e in request.events
+                if e.operation == "compute_second" and not e.cache_hit
+            ),
+            Decimal(0),
+        )
+        return cost_service_pb2.RecordCostsResponse(
+            total=common_pb2.Money(currency_code="USD", amount=str(total))
+        )
 
     def stage_result(self, request: Any) -> session_service_pb2.ReportStageResultResponse:
         if self.result_error is not None:
@@ -93,26 +136,47 @@ def runner(store: LocalArtifactStore, reporter: RecordingReporter) -> StageRunne
 
 
 def run(runner: StageRunner, p: Any, stage: str | None = None) -> dict[str, Any]:
-    return runner.run(p.to_json(), task_id=f"task-{p.document_id}-{p.stage}", worker="test:1", stage=stage or p.stage)
+    return runner.run(
+        p.to_json(),
+        task_id=f"task-{p.document_id}-{p.stage}",
+        worker="test:1",
+        stage=stage or p.stage,
+    )
 
 
-def test_extract_reports_start_costs_and_result(runner: StageRunner, reporter: RecordingReporter) -> None:
+def test_extract_reports_start_costs_and_result(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
     p = payload("pleadings/complaint.pdf")
     summary = run(runner, p)
     assert summary["succeeded"] and not summary["cache_hit"]
     (started,) = reporter.started
     assert (started.document_id, started.stage, started.attempt, started.worker) == (
-        p.document_id, common_pb2.STAGE_EXTRACT, 1, "test:1")
+        p.document_id,
+        common_pb2.STAGE_EXTRACT,
+        1,
+        "test:1",
+    )
     (costs,) = reporter.costs
     (compute,) = costs.events
     assert (compute.service, compute.operation, compute.kind, compute.cache_hit) == (
-        "local", "compute_second", cost_service_pb2.COST_KIND_ACTUAL, False)
+        "local",
+        "compute_second",
+        cost_service_pb2.COST_KIND_ACTUAL,
+        False,
+    )
     assert (compute.session_id, compute.document_id, compute.attempt, compute.category) == (
-        p.session_id, p.document_id, 1, "pleadings")
+        p.session_id,
+        p.document_id,
+        1,
+        "pleadings",
+    )
     assert Decimal(compute.units) > 0
     (result,) = reporter.results
     assert result.succeeded and result.error_class == session_service_pb2.ERROR_CLASS_UNSPECIFIED
-    assert result.stats.pages == 3 and result.stats.characters > 3000 and result.stats.ocr_pages == 0
+    assert (
+        result.stats.pages == 3 and result.stats.characters > 3000 and result.stats.ocr_pages == 0
+    )
     assert result.cost.amount == str(Decimal(compute.units) * RATE)
     assert result.duration.ToNanoseconds() > 0
     (artifact,) = result.artifacts
@@ -123,7 +187,9 @@ def test_extract_reports_start_costs_and_result(runner: StageRunner, reporter: R
     assert body["usage"]["compute_seconds"] and "Case No. 2:24-cv-01234" in body["text"]
 
 
-def test_identical_file_in_another_session_is_a_free_cache_hit(runner: StageRunner, reporter: RecordingReporter) -> None:
+def test_identical_file_in_another_session_is_a_free_cache_hit(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
     first = payload("medical_records/er_visit_summary.pdf")
     run(runner, first)
     copy = payload("medical_records/er_visit_summary_copy.pdf")
@@ -134,7 +200,9 @@ def test_identical_file_in_another_session_is_a_free_cache_hit(runner: StageRunn
     (saved,) = hit.events
     assert saved.cache_hit and saved.operation == "compute_second"
     # The units of what the work took the first time, so the cost service can compute `saved`.
-    stored = json.loads(path_of(reporter.results[0].artifacts[0].uri).read_bytes())["usage"]["compute_seconds"]
+    stored = json.loads(path_of(reporter.results[0].artifacts[0].uri).read_bytes())["usage"][
+        "compute_seconds"
+    ]
     assert Decimal(saved.units) == Decimal(stored)
     first_result, hit_result = reporter.results
     assert hit_result.cache_hit and hit_result.cost.amount == "0"
@@ -142,30 +210,56 @@ def test_identical_file_in_another_session_is_a_free_cache_hit(runner: StageRunn
     assert hit_result.stats == first_result.stats
 
 
+def test_a_damaged_cached_artifact_is_redone_and_replaced(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
+    first = payload("correspondence/call_notes.txt")
+    run(runner, first)
+    damaged = path_of(reporter.results[0].artifacts[0].uri)
+    damaged.write_bytes(b'{"text": "trunc')
+    summary = run(runner, payload("correspondence/call_notes.txt"))
+    assert summary["succeeded"] and not summary["cache_hit"]
+    redone = reporter.results[1].artifacts[0]
+    assert path_of(redone.uri) == damaged
+    assert verify_artifact(redone.uri, redone.sha256, redone.size_bytes, deep=True).ok
+    assert "café" in json.loads(damaged.read_bytes())["text"]
+
+
 @pytest.mark.parametrize(
     ("relative", "code"),
-    [("medical_records/corrupt_scan.pdf", "corrupt"), ("medical_records/sealed_records.pdf", "encrypted")],
+    [
+        ("medical_records/corrupt_scan.pdf", "corrupt"),
+        ("medical_records/sealed_records.pdf", "encrypted"),
+    ],
 )
-def test_permanent_failures_are_reported_as_such(runner: StageRunner, reporter: RecordingReporter,
-                                                 relative: str, code: str) -> None:
+def test_permanent_failures_are_reported_as_such(
+    runner: StageRunner, reporter: RecordingReporter, relative: str, code: str
+) -> None:
     summary = run(runner, payload(relative))
     assert not summary["succeeded"] and summary["error_code"] == code
     (result,) = reporter.results
     assert not result.succeeded and not result.artifacts
-    assert (result.error_class, result.error_code) == (session_service_pb2.ERROR_CLASS_PERMANENT, code)
+    assert (result.error_class, result.error_code) == (
+        session_service_pb2.ERROR_CLASS_PERMANENT,
+        code,
+    )
     assert result.error_message
     (costs,) = reporter.costs
     assert [e.operation for e in costs.events] == ["compute_second"]  # the attempt still cost CPU
 
 
-def test_a_changed_source_is_permanent(runner: StageRunner, reporter: RecordingReporter, case_copy: Path) -> None:
+def test_a_changed_source_is_permanent(
+    runner: StageRunner, reporter: RecordingReporter, case_copy: Path
+) -> None:
     p = payload("pleadings/answer.pdf", root=case_copy)
     (case_copy / "pleadings/answer.pdf").write_bytes(b"%PDF-1.7 replaced")
     run(runner, p)
     assert reporter.results[0].error_code == "source_changed"
 
 
-def test_proceed_false_does_nothing(runner: StageRunner, reporter: RecordingReporter, store: LocalArtifactStore) -> None:
+def test_proceed_false_does_nothing(
+    runner: StageRunner, reporter: RecordingReporter, store: LocalArtifactStore
+) -> None:
     reporter.proceed = False
     summary = run(runner, payload("pleadings/complaint.pdf"))
     assert summary["proceed"] is False
@@ -177,18 +271,38 @@ def test_chunk_before_extract_is_retryable_then_chunk_and_entities_follow(
     runner: StageRunner, reporter: RecordingReporter
 ) -> None:
     extract = payload("pleadings/complaint.pdf")
-    chunk = payload("pleadings/complaint.pdf", "chunk", session_id=extract.session_id, document_id=extract.document_id)
+    chunk = payload(
+        "pleadings/complaint.pdf",
+        "chunk",
+        session_id=extract.session_id,
+        document_id=extract.document_id,
+    )
     run(runner, chunk)
     early = reporter.results[-1]
-    assert (early.error_class, early.error_code) == (session_service_pb2.ERROR_CLASS_RETRYABLE, "input_missing")
+    assert (early.error_class, early.error_code) == (
+        session_service_pb2.ERROR_CLASS_RETRYABLE,
+        "input_missing",
+    )
 
     run(runner, extract)
-    run(runner, payload("pleadings/complaint.pdf", "chunk", session_id=extract.session_id,
-                        document_id=extract.document_id, attempt=2))
+    run(
+        runner,
+        payload(
+            "pleadings/complaint.pdf",
+            "chunk",
+            session_id=extract.session_id,
+            document_id=extract.document_id,
+            attempt=2,
+        ),
+    )
     chunked = reporter.results[-1]
     assert chunked.succeeded and chunked.stats.chunks >= 5 and chunked.artifacts[0].kind == "chunks"
-    entities = payload("pleadings/complaint.pdf", "entities", session_id=extract.session_id,
-                       document_id=extract.document_id)
+    entities = payload(
+        "pleadings/complaint.pdf",
+        "entities",
+        session_id=extract.session_id,
+        document_id=extract.document_id,
+    )
     run(runner, entities)
     found = reporter.results[-1]
     assert found.succeeded and found.stats.entities >= 10 and found.artifacts[0].kind == "entities"
@@ -199,22 +313,43 @@ def test_chunk_before_extract_is_retryable_then_chunk_and_entities_follow(
     assert any(e["text"] == "$250,000.00" for e in body["entities"])
 
 
-def test_a_task_of_the_wrong_stage_is_a_bad_payload(runner: StageRunner, reporter: RecordingReporter) -> None:
+def test_a_task_of_the_wrong_stage_is_a_bad_payload(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
     run(runner, payload("pleadings/complaint.pdf"), stage="chunk")
     assert (reporter.results[0].error_class, reporter.results[0].error_code) == (
-        session_service_pb2.ERROR_CLASS_PERMANENT, "bad_payload")
+        session_service_pb2.ERROR_CLASS_PERMANENT,
+        "bad_payload",
+    )
 
 
-def test_a_malformed_payload_is_dropped_without_reports(runner: StageRunner, reporter: RecordingReporter) -> None:
+def test_a_malformed_payload_is_dropped_without_reports(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
     summary = runner.run({"document_id": "x"}, task_id="t", worker="w", stage="extract")
     assert summary["error_code"] == "bad_payload" and not reporter.started
 
 
-def test_cost_refusal_still_reports_the_result_without_cost(runner: StageRunner, reporter: RecordingReporter) -> None:
+def test_cost_refusal_still_reports_the_result_without_cost(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
     reporter.cost_error = grpc.StatusCode.INVALID_ARGUMENT
     run(runner, payload("correspondence/call_notes.txt"))
     (result,) = reporter.results
     assert result.succeeded and not result.HasField("cost")
+
+
+def test_events_the_price_book_does_not_price_are_dropped_not_the_rest(
+    runner: StageRunner, reporter: RecordingReporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner.store, "take_requests", lambda: {("s3", "get_request"): 2})
+    reporter.unpriced = {("s3", "get_request")}
+    run(runner, payload("correspondence/call_notes.txt"))
+    refused, recorded = reporter.costs
+    assert [e.operation for e in refused.events] == ["compute_second", "get_request"]
+    assert [e.operation for e in recorded.events] == ["compute_second"]
+    (result,) = reporter.results
+    assert result.succeeded and result.HasField("cost")
 
 
 def test_cost_service_down_fails_the_task(runner: StageRunner, reporter: RecordingReporter) -> None:
@@ -224,7 +359,9 @@ def test_cost_service_down_fails_the_task(runner: StageRunner, reporter: Recordi
     assert not reporter.results
 
 
-def test_session_service_down_fails_the_task(runner: StageRunner, reporter: RecordingReporter) -> None:
+def test_session_service_down_fails_the_task(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
     reporter.result_error = grpc.StatusCode.UNAVAILABLE
     with pytest.raises(grpc.RpcError):
         run(runner, payload("correspondence/call_notes.txt"))

@@ -41,7 +41,10 @@ from .helpers import payload
 pytestmark = pytest.mark.integration
 
 WORKER_TOKEN = "wk-test-token"
-PRICES = {("local", "compute_second"): Decimal("0.00001389"), ("aws_textract", "ocr_page"): Decimal("0.0015")}
+PRICES = {
+    ("local", "compute_second"): Decimal("0.00001389"),
+    ("aws_textract", "ocr_page"): Decimal("0.0015"),
+}
 
 
 class RecordingSession(session_service_pb2_grpc.SessionServiceServicer):
@@ -58,7 +61,8 @@ class RecordingSession(session_service_pb2_grpc.SessionServiceServicer):
         self.tokens.append(dict(context.invocation_metadata() or ()).get("authorization", ""))
         lease = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
         return session_service_pb2.ReportStageStartedResponse(
-            proceed=request.document_id not in self.unwanted, lease_expires_at=convert.timestamp(lease)
+            proceed=request.document_id not in self.unwanted,
+            lease_expires_at=convert.timestamp(lease),
         )
 
     async def ReportStageResult(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -67,8 +71,12 @@ class RecordingSession(session_service_pb2_grpc.SessionServiceServicer):
             document_state=session_service_pb2.DOCUMENT_STATE_RUNNING
         )
 
-    def result_for(self, document_id: str, stage: int) -> session_service_pb2.ReportStageResultRequest | None:
-        return next((r for r in self.results if r.document_id == document_id and r.stage == stage), None)
+    def result_for(
+        self, document_id: str, stage: int
+    ) -> session_service_pb2.ReportStageResultRequest | None:
+        return next(
+            (r for r in self.results if r.document_id == document_id and r.stage == stage), None
+        )
 
 
 class RecordingCost(cost_service_pb2_grpc.CostServiceServicer):
@@ -103,7 +111,9 @@ class Stack:
     def send(self, p: StagePayload) -> str:
         """As the session service would with `send_task` (the task id is chosen first)."""
         task_id = str(uuid.uuid4())
-        self.publisher.send_task(TASK_NAMES[p.stage], args=[p.to_json()], queue=QUEUES[p.stage], task_id=task_id)
+        self.publisher.send_task(
+            TASK_NAMES[p.stage], args=[p.to_json()], queue=QUEUES[p.stage], task_id=task_id
+        )
         self.sent.append(task_id)
         return task_id
 
@@ -111,13 +121,23 @@ class Stack:
         """As services/session/queue.py publishes: protocol 2 on the default exchange."""
         task_id = str(uuid.uuid4())
         headers, properties, body, _ = self.publisher.amqp.as_task_v2(
-            task_id, TASK_NAMES[p.stage], args=(p.to_json(),), time_limit=time_limit,
+            task_id,
+            TASK_NAMES[p.stage],
+            args=(p.to_json(),),
+            time_limit=time_limit,
             soft_time_limit=soft_time_limit,
             expires=(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).isoformat(),
         )
         with self.publisher.producer_or_acquire() as producer:
-            producer.publish(body, exchange="", routing_key=QUEUES[p.stage], headers=headers,
-                             serializer="json", delivery_mode=2, **properties)
+            producer.publish(
+                body,
+                exchange="",
+                routing_key=QUEUES[p.stage],
+                headers=headers,
+                serializer="json",
+                delivery_mode=2,
+                **properties,
+            )
         self.sent.append(task_id)
         return task_id
 
@@ -133,10 +153,15 @@ async def until(condition: Callable[[], Any], timeout: float = 60.0) -> Any:
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def stack(redis_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
-    from celery.contrib.testing.worker import start_worker
+@dataclass
+class Servers:
+    session: RecordingSession
+    cost: RecordingCost
+    address: str
 
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Servers]:
     session, cost = RecordingSession(), RecordingCost()
     server = grpc.aio.server()
     session_service_pb2_grpc.add_SessionServiceServicer_to_server(session, server)
@@ -144,32 +169,52 @@ async def stack(redis_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        settings = WorkerSettings(
-            broker_url=redis_url,
-            session_addr=f"127.0.0.1:{port}",
-            cost_addr=f"127.0.0.1:{port}",
-            token=WORKER_TOKEN,
-            artifact_dir=tmp_path / "artifacts",
-            ocr_engine="auto",
-            pool="solo",
-            rpc_timeout=10.0,
-        )
-        app = create_app(settings)
-        publisher = Celery("test-publisher", broker=redis_url, set_as_current=False)
-        publisher.conf.update(task_serializer="json", accept_content=["json"],
-                              broker_connection_retry_on_startup=True)
-        worker = start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, loglevel="WARNING",
-                              shutdown_timeout=30.0)
-        await asyncio.to_thread(worker.__enter__)
-        try:
-            yield Stack(session, cost, publisher, settings, redis_url)
-        finally:
-            await asyncio.to_thread(worker.__exit__, None, None, None)
-            app.docimport_runner.get().reporter.close()
-            publisher.close()
-            app.close()
+        yield Servers(session, cost, f"127.0.0.1:{port}")
     finally:
         await server.stop(0)
+
+
+def make_publisher(redis_url: str) -> Celery:
+    publisher = Celery("test-publisher", broker=redis_url, set_as_current=False)
+    publisher.conf.update(
+        task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True
+    )
+    return publisher
+
+
+@pytest.fixture
+async def stack(servers: Servers, redis_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    """A worker thread (solo pool) on all three queues."""
+    from celery.contrib.testing.worker import start_worker
+
+    settings = WorkerSettings(
+        broker_url=redis_url,
+        session_addr=servers.address,
+        cost_addr=servers.address,
+        token=WORKER_TOKEN,
+        artifact_dir=tmp_path / "artifacts",
+        ocr_engine="auto",
+        pool="solo",
+        rpc_timeout=10.0,
+    )
+    app = create_app(settings)
+    publisher = make_publisher(redis_url)
+    worker = start_worker(
+        app,
+        pool="solo",
+        concurrency=1,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30.0,
+    )
+    await asyncio.to_thread(worker.__enter__)
+    try:
+        yield Stack(servers.session, servers.cost, publisher, settings, redis_url)
+    finally:
+        await asyncio.to_thread(worker.__exit__, None, None, None)
+        app.docimport_runner.get().reporter.close()
+        publisher.close()
+        app.close()
 
 
 async def test_stages_run_through_a_real_worker_and_report_over_grpc(stack: Stack) -> None:
@@ -185,15 +230,25 @@ async def test_stages_run_through_a_real_worker_and_report_over_grpc(stack: Stac
     assert ok is not None and ok.succeeded and ok.stats.pages == 3
     assert ok.task_id in stack.sent and ok.worker
     (text,) = ok.artifacts
-    assert text.kind == "text" and verify_artifact(text.uri, text.sha256, text.size_bytes, deep=True).ok
+    assert (
+        text.kind == "text"
+        and verify_artifact(text.uri, text.sha256, text.size_bytes, deep=True).ok
+    )
     assert path_of(text.uri).is_relative_to(stack.settings.artifact_dir.resolve())
     (compute,) = stack.cost.events_for(extract.document_id)
-    assert (compute.service, compute.operation, compute.kind) == ("local", "compute_second", cost_service_pb2.COST_KIND_ACTUAL)
+    assert (compute.service, compute.operation, compute.kind) == (
+        "local",
+        "compute_second",
+        cost_service_pb2.COST_KIND_ACTUAL,
+    )
     assert Decimal(ok.cost.amount) == Decimal(compute.units) * PRICES[("local", "compute_second")]
 
     bad = stack.session.result_for(corrupt.document_id, common_pb2.STAGE_EXTRACT)
     assert bad is not None and not bad.succeeded
-    assert (bad.error_class, bad.error_code) == (session_service_pb2.ERROR_CLASS_PERMANENT, "corrupt")
+    assert (bad.error_class, bad.error_code) == (
+        session_service_pb2.ERROR_CLASS_PERMANENT,
+        "corrupt",
+    )
 
     ocr = stack.session.result_for(photo.document_id, common_pb2.STAGE_EXTRACT)
     assert ocr is not None and ocr.succeeded and ocr.stats.ocr_pages == 1
@@ -201,8 +256,14 @@ async def test_stages_run_through_a_real_worker_and_report_over_grpc(stack: Stac
 
     # The next stages read the extract artifact by the file's sha256.
     for stage in ("chunk", "entities"):
-        stack.send(payload("pleadings/complaint.pdf", stage, session_id=extract.session_id,
-                           document_id=extract.document_id))
+        stack.send(
+            payload(
+                "pleadings/complaint.pdf",
+                stage,
+                session_id=extract.session_id,
+                document_id=extract.document_id,
+            )
+        )
     await until(lambda: stack.session.result_for(extract.document_id, common_pb2.STAGE_ENTITIES))
     chunks = stack.session.result_for(extract.document_id, common_pb2.STAGE_CHUNK)
     assert chunks is not None and chunks.succeeded and chunks.stats.chunks > 0
@@ -210,9 +271,13 @@ async def test_stages_run_through_a_real_worker_and_report_over_grpc(stack: Stac
     assert entities is not None and entities.succeeded
     found = json.loads(path_of(entities.artifacts[0].uri).read_bytes())["entities"]
     texts = {(e["type"], e["text"]) for e in found}
-    assert {("case_number", "2:24-cv-01234"), ("money", "$250,000.00"),
-            ("citation", "Brown v. Board of Education, 347 U.S. 483 (1954)"),
-            ("email", "apatel@patelinjurylaw.example"), ("phone", "(215) 555-0143")} <= texts
+    assert {
+        ("case_number", "2:24-cv-01234"),
+        ("money", "$250,000.00"),
+        ("citation", "Brown v. Board of Education, 347 U.S. 483 (1954)"),
+        ("email", "apatel@patelinjurylaw.example"),
+        ("phone", "(215) 555-0143"),
+    } <= texts
 
     # Every call carried the worker's token; nothing was enqueued by the worker.
     assert stack.session.tokens and set(stack.session.tokens) == {f"Bearer {WORKER_TOKEN}"}
@@ -254,3 +319,71 @@ async def test_a_run_the_session_no_longer_wants_does_nothing(stack: Stack) -> N
     assert stack.session.result_for(unwanted.document_id, common_pb2.STAGE_EXTRACT) is None
     assert stack.cost.events_for(unwanted.document_id) == []
     assert not (stack.settings.artifact_dir / unwanted.sha256[:2]).exists()
+
+
+async def test_docimport_worker_prefork_process_honours_the_soft_time_limit(
+    servers: Servers, redis_url: str, tmp_path: Path
+) -> None:
+    """The console script itself: env-only config, prefork child, per-message time limits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    artifacts = tmp_path / "artifacts"
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DOCIMPORT_BROKER_URL": redis_url,
+        "DOCIMPORT_SESSION_ADDR": servers.address,
+        "DOCIMPORT_COST_ADDR": servers.address,
+        "DOCIMPORT_TOKEN": WORKER_TOKEN,
+        "DOCIMPORT_ARTIFACT_DIR": str(artifacts),
+        "DOCIMPORT_QUEUES": "extract",
+        "DOCIMPORT_POOL": "prefork",
+        "DOCIMPORT_CONCURRENCY": "1",
+        "DOCIMPORT_LOG_LEVEL": "INFO",
+    }
+    log = (tmp_path / "worker.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.worker"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    publisher = make_publisher(redis_url)
+    stack = Stack(
+        servers.session, servers.cost, publisher, WorkerSettings(broker_url=redis_url), redis_url
+    )
+    try:
+        quick = payload("pleadings/answer.pdf")
+        slow = payload("discovery/scanned_deposition_excerpt.pdf")  # OCR of 2 pages takes seconds
+        stack.send_raw(quick, time_limit=60, soft_time_limit=50)
+        stack.send_raw(slow, time_limit=60, soft_time_limit=1.5)
+        done = await until(
+            lambda: len(servers.session.results) >= 2 and servers.session.results, timeout=90
+        )
+        ok = stack.session.result_for(quick.document_id, common_pb2.STAGE_EXTRACT)
+        assert ok is not None and ok.succeeded, done
+        assert ok.worker.startswith("docimport-extract@") and ok.worker.rsplit(":", 1)[1] != str(
+            process.pid
+        )
+        assert path_of(ok.artifacts[0].uri).is_relative_to(artifacts.resolve())
+        cut = stack.session.result_for(slow.document_id, common_pb2.STAGE_EXTRACT)
+        assert cut is not None and not cut.succeeded
+        assert (cut.error_class, cut.error_code) == (
+            session_service_pb2.ERROR_CLASS_RETRYABLE,
+            "time_limit",
+        )
+        (compute,) = stack.cost.events_for(slow.document_id)
+        assert Decimal(compute.units) >= Decimal("1")  # the OCR done before the limit is charged
+    finally:
+        publisher.close()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+    assert process.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]

@@ -36,8 +36,9 @@ def usd(amount: str | Decimal) -> str:
     if abs(value) >= Decimal("0.01"):
         return convert.format_money(value)
     quantized = value.quantize(Decimal("1e-8"))
-    text = format(quantized.normalize(), "f") if quantized else "0.00000000"
-    return f"${text}" if value >= Decimal("1e-8") else f"<$0.00000001 ({format(value, 'f')})"
+    if not quantized:
+        return "<$0.00000001"
+    return f"${format(quantized.normalize(), 'f')}"
 
 
 def _number(text: str) -> str:
@@ -56,12 +57,12 @@ def _book_tables(book: pb.PriceBook, *, rules: bool) -> None:
     console.print(f"[bold]Price book v{book.version}[/] — {book.name}  (published {published})")
     if book.description:
         console.print(book.description)
-    table = Table(show_lines=False)
-    table.add_column("service")
-    table.add_column("operation")
-    table.add_column("unit")
-    table.add_column("unit price (USD)", justify="right")
-    table.add_column("description", overflow="fold")
+    table = Table()
+    table.add_column("service", no_wrap=True)
+    table.add_column("operation", no_wrap=True)
+    table.add_column("unit", no_wrap=True)
+    table.add_column("unit price", justify="right", no_wrap=True)
+    table.add_column("description", ratio=1)
     for price in book.prices:
         table.add_row(price.service, price.operation, price.unit, f"${price.unit_price.amount}",
                       price.description)
@@ -138,32 +139,32 @@ def _totals_table(title: str, totals, *, key: str, units: bool = False) -> Table
     return table
 
 
+@handle_errors
+def costs(
+    session: str = typer.Argument(..., help="The session id."),
+    top: int = typer.Option(10, "--top", help="How many of the most expensive documents to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print the costs (and budget) as JSON."),
+) -> None:
+    """What a session cost: by service, operation and stage, against the estimate, with cache savings."""
+    c = clients()
+    reply = c.cost.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session, top_documents=top),
+                                   timeout=c.timeout)
+    budget = None
+    try:
+        budget = c.cost.GetBudget(pb.GetBudgetRequest(session_id=session), timeout=c.timeout).budget
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+            raise
+    if as_json:
+        print_json({"costs": _dict(reply), "budget": _dict(budget) if budget is not None else None})
+        return
+    _show_costs(reply, budget)
+
+
 def register(app: typer.Typer) -> None:
     """Adds this group's commands to the app."""
     app.add_typer(prices_app, name="prices")
-
-    @app.command("costs")
-    @handle_errors
-    def costs(
-        session: str = typer.Argument(..., help="The session id."),
-        top: int = typer.Option(10, "--top", help="How many of the most expensive documents to list."),
-        as_json: bool = typer.Option(False, "--json", help="Print the costs (and budget) as JSON."),
-    ) -> None:
-        """What a session cost: by service and operation, by stage, estimate against actual,
-        cache savings, the most expensive documents and the budget."""
-        c = clients()
-        reply = c.cost.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session, top_documents=top),
-                                       timeout=c.timeout)
-        budget = None
-        try:
-            budget = c.cost.GetBudget(pb.GetBudgetRequest(session_id=session), timeout=c.timeout).budget
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-                raise
-        if as_json:
-            print_json({"costs": _dict(reply), "budget": _dict(budget) if budget is not None else None})
-            return
-        _show_costs(reply, budget)
+    app.command("costs")(costs)
 
 
 def _show_costs(reply: pb.GetSessionCostsResponse, budget: pb.Budget | None) -> None:

@@ -62,14 +62,24 @@ class Deadline:
 
     def check(self) -> None:
         if self.expires is not None and time.monotonic() > self.expires:
-            raise RetryableError("lease_expired", "the run outlived its lease and stopped; a new attempt will redo it")
+            raise RetryableError(
+                "lease_expired",
+                "the run outlived its lease and stopped; a new attempt will redo it",
+            )
 
 
 NO_DEADLINE = Deadline(None)
 
 # Kinds a file can be (what the extract processors dispatch on).
 PDF, DOCX, EMAIL, IMAGE, TEXT, HTML, OLE, UNKNOWN = (
-    "pdf", "docx", "email", "image", "text", "html", "ole", "unknown",
+    "pdf",
+    "docx",
+    "email",
+    "image",
+    "text",
+    "html",
+    "ole",
+    "unknown",
 )
 
 _IMAGE_MAGIC = (
@@ -83,8 +93,18 @@ _IMAGE_MAGIC = (
 )
 
 _EMAIL_HEADERS = (
-    b"from:", b"to:", b"subject:", b"date:", b"received:", b"return-path:",
-    b"message-id:", b"mime-version:", b"delivered-to:", b"x-", b"cc:", b"reply-to:",
+    b"from:",
+    b"to:",
+    b"subject:",
+    b"date:",
+    b"received:",
+    b"return-path:",
+    b"message-id:",
+    b"mime-version:",
+    b"delivered-to:",
+    b"x-",
+    b"cc:",
+    b"reply-to:",
 )
 
 
@@ -162,12 +182,14 @@ class TextBuilder:
     def add_page(self, text: str, source: str, **extra: object) -> None:
         self.separate()
         start, end = self.write(text.strip("\n"))
-        self.pages.append({"number": len(self.pages) + 1, "start": start, "end": end,
-                           "source": source, **extra})
+        self.pages.append(
+            {"number": len(self.pages) + 1, "start": start, "end": end, "source": source, **extra}
+        )
 
     def add_part(self, label: str, media_type: str, start: int, **extra: object) -> None:
-        self.parts.append({"label": label, "media_type": media_type, "start": start,
-                           "end": self.length, **extra})
+        self.parts.append(
+            {"label": label, "media_type": media_type, "start": start, "end": self.length, **extra}
+        )
 
     @property
     def text(self) -> str:

@@ -37,8 +37,9 @@ def _break_at(text: str, start: int, limit: int) -> int:
     return at + 1 if at != -1 else limit
 
 
-def chunk_text(text: str, pages: list[dict[str, Any]] | None = None, *, size: int = 2000,
-               overlap: int = 200) -> list[dict[str, Any]]:
+def chunk_text(
+    text: str, pages: list[dict[str, Any]] | None = None, *, size: int = 2000, overlap: int = 200
+) -> list[dict[str, Any]]:
     """The chunks of `text`; empty text gives no chunks."""
     if size <= 0 or overlap < 0 or overlap >= size:
         raise ValueError("need size > 0 and 0 <= overlap < size")
@@ -54,7 +55,12 @@ def chunk_text(text: str, pages: list[dict[str, Any]] | None = None, *, size: in
         while hi > lo and text[hi - 1].isspace():
             hi -= 1
         if hi > lo:
-            chunk: dict[str, Any] = {"index": len(chunks), "start": lo, "end": hi, "text": text[lo:hi]}
+            chunk: dict[str, Any] = {
+                "index": len(chunks),
+                "start": lo,
+                "end": hi,
+                "text": text[lo:hi],
+            }
             last = bisect.bisect_right(starts, hi - 1) - 1
             if pages and last >= 0:  # text before the first page (an e-mail body) has none
                 first = max(0, bisect.bisect_right(starts, lo) - 1)
@@ -65,7 +71,11 @@ def chunk_text(text: str, pages: list[dict[str, Any]] | None = None, *, size: in
         if overlap:
             following = max(end - overlap, position + 1)
             # Start the overlap at a word boundary, never past the chunk's end.
-            breaks = [b for b in (text.find(" ", following, end), text.find("\n", following, end)) if b != -1]
+            breaks = [
+                b
+                for b in (text.find(" ", following, end), text.find("\n", following, end))
+                if b != -1
+            ]
             following = min(breaks) + 1 if breaks else following
         else:
             following = end

@@ -39,15 +39,28 @@ PRIORITY = ("citation", "case_number", "email", "money", "date", "phone")
 _MONTHS = {
     name: number
     for number, names in enumerate(
-        [("january", "jan"), ("february", "feb"), ("march", "mar"), ("april", "apr"),
-         ("may",), ("june", "jun"), ("july", "jul"), ("august", "aug"),
-         ("september", "sep", "sept"), ("october", "oct"), ("november", "nov"),
-         ("december", "dec")],
+        [
+            ("january", "jan"),
+            ("february", "feb"),
+            ("march", "mar"),
+            ("april", "apr"),
+            ("may",),
+            ("june", "jun"),
+            ("july", "jul"),
+            ("august", "aug"),
+            ("september", "sep", "sept"),
+            ("october", "oct"),
+            ("november", "nov"),
+            ("december", "dec"),
+        ],
         start=1,
     )
     for name in names
 }
-_MONTH = r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
+_MONTH = (
+    r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?"
+    r"|Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
+)
 
 _PATTERNS: dict[str, re.Pattern[str]] = {
     "case_number": re.compile(
@@ -55,7 +68,9 @@ _PATTERNS: dict[str, re.Pattern[str]] = {
         r"|\b(?:Case|Docket|Civil Action|Index) No\.?\s*(?P<w>[A-Z0-9][A-Z0-9:-]*\d)\b",
         re.IGNORECASE,
     ),
-    "email": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+\b"),
+    "email": re.compile(
+        r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+\b"
+    ),
     "money": re.compile(
         r"(?:\$|USD\s?|US\$)\s?\d{1,3}(?:,\d{3})+(?:\.\d{1,2})?(?!\d)"
         r"|(?:\$|USD\s?|US\$)\s?\d+(?:\.\d{1,2})?(?![\d,])"
@@ -63,7 +78,9 @@ _PATTERNS: dict[str, re.Pattern[str]] = {
     "date_mdy": re.compile(rf"\b{_MONTH}\.?\s+\d{{1,2}}(?:st|nd|rd|th)?,\s*\d{{4}}\b"),
     "date_dmy": re.compile(rf"\b\d{{1,2}}\s+{_MONTH}\.?,?\s+\d{{4}}\b"),
     "date_num": re.compile(r"\b(?:\d{1,2}/\d{1,2}/\d{4}|\d{4}-\d{2}-\d{2})\b"),
-    "phone": re.compile(r"(?<![\d/-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\d-])"),
+    "phone": re.compile(
+        r"(?<![\d/-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\d-])"
+    ),
 }
 
 
@@ -106,7 +123,9 @@ def _citations(flat: str) -> list[dict[str, Any]]:
     for citation in get_citations(flat):
         if isinstance(citation, UnknownCitation):
             continue
-        start, end = citation.full_span() if isinstance(citation, FullCaseCitation) else citation.span()
+        start, end = (
+            citation.full_span() if isinstance(citation, FullCaseCitation) else citation.span()
+        )
         entity: dict[str, Any] = {
             "type": "citation",
             "subtype": type(citation).__name__.removesuffix("Citation").lower() or "citation",
@@ -156,5 +175,13 @@ def find_entities(text: str) -> list[dict[str, Any]]:
             entity.pop("normalized", None)
         kept.append(entity)
     kept.sort(key=lambda e: (e["start"], e["end"]))
-    return [{"type": e.pop("type"), "text": e.pop("text"), "start": e.pop("start"),
-             "end": e.pop("end"), **e} for e in kept]
+    return [
+        {
+            "type": e.pop("type"),
+            "text": e.pop("text"),
+            "start": e.pop("start"),
+            "end": e.pop("end"),
+            **e,
+        }
+        for e in kept
+    ]

@@ -29,8 +29,20 @@ from services.worker.processors import pdf as pdf_proc
 from services.worker.processors import text as text_proc
 from services.worker.processors import word as word_proc
 from services.worker.processors.base import (
-    DOCX, EMAIL, HTML, IMAGE, OLE, PDF, TEXT, NO_DEADLINE, Deadline, PermanentError,
-    RetryableError, TextBuilder, Usage, sniff,
+    DOCX,
+    EMAIL,
+    HTML,
+    IMAGE,
+    NO_DEADLINE,
+    OLE,
+    PDF,
+    TEXT,
+    Deadline,
+    PermanentError,
+    RetryableError,
+    TextBuilder,
+    Usage,
+    sniff,
 )
 from services.worker.processors.ocr import OcrEngine
 
@@ -76,8 +88,10 @@ class Extractor:
     def __init__(self, ocr: OcrEngine | None, dpi: int = 200) -> None:
         self.ocr = ocr
         self.dpi = dpi
-        self._code = (f"{VERSION}.pdf{pdf_proc.VERSION}.docx{word_proc.VERSION}"
-                      f".eml{mail_proc.VERSION}.txt{text_proc.VERSION}.img{image_proc.VERSION}")
+        self._code = (
+            f"{VERSION}.pdf{pdf_proc.VERSION}.docx{word_proc.VERSION}"
+            f".eml{mail_proc.VERSION}.txt{text_proc.VERSION}.img{image_proc.VERSION}"
+        )
 
     def version(self, plan: str) -> str:
         """The processor version of a plan (file-name safe)."""
@@ -96,7 +110,9 @@ class Extractor:
             head = handle.read(8192)
         sniffed, media = sniff(head, path.name)
         if plan == "unsupported":
-            raise PermanentError("unsupported", f"the manifest marked this file unsupported ({media})")
+            raise PermanentError(
+                "unsupported", f"the manifest marked this file unsupported ({media})"
+            )
         kind = PLAN_KINDS.get(plan, sniffed)
         if kind == TEXT and sniffed == HTML:
             kind, media = HTML, "text/html"
@@ -115,8 +131,9 @@ class Extractor:
             "page_count": pages,
         }
 
-    def _extract(self, source: Path, kind: str, sniffed: str, ctx: ExtractContext,
-                 out: TextBuilder) -> tuple[int, str]:
+    def _extract(
+        self, source: Path, kind: str, sniffed: str, ctx: ExtractContext, out: TextBuilder
+    ) -> tuple[int, str]:
         if kind in (TEXT, HTML, EMAIL):
             data = source.read_bytes()
             if kind == EMAIL:
@@ -125,11 +142,20 @@ class Extractor:
             out.write(text)
             return 0, encoding
         if kind == DOCX and sniffed == OLE:
-            raise PermanentError("encrypted", "the Word document is encrypted (an OLE container, not OOXML)")
+            raise PermanentError(
+                "encrypted", "the Word document is encrypted (an OLE container, not OOXML)"
+            )
         return self.extract_into(source, kind, ctx, out), ""
 
-    def extract_into(self, source: Path | bytes, kind: str, ctx: ExtractContext, out: TextBuilder,
-                     *, part: str = "") -> int:
+    def extract_into(
+        self,
+        source: Path | bytes,
+        kind: str,
+        ctx: ExtractContext,
+        out: TextBuilder,
+        *,
+        part: str = "",
+    ) -> int:
         """Appends the text of `source` (of `kind`) to `out`; returns pages read."""
         if kind == PDF:
             return pdf_proc.extract_pdf(source, ctx, out, part=part)
@@ -140,7 +166,9 @@ class Extractor:
             return 0
         data = source if isinstance(source, bytes) else source.read_bytes()
         if kind == EMAIL:
-            return mail_proc.extract_message(mail_proc.parse(data), ctx, out, self, prefix=f"{part} > " if part else "")
+            return mail_proc.extract_message(
+                mail_proc.parse(data), ctx, out, self, prefix=f"{part} > " if part else ""
+            )
         if kind in (TEXT, HTML):
             text, _ = text_proc.extract_text(data, html=kind == HTML)
             out.write(text)
@@ -161,7 +189,9 @@ def resolve_source(source_path: str, raw_path: bytes, relative_path: str) -> Pat
     joined = rel if os.path.isabs(rel) else os.path.join(root, rel)
     real = os.path.realpath(joined)
     if os.path.commonpath([root, real]) != root or real == root:
-        raise PermanentError("outside_source", f"{relative_path!r} resolves outside the source directory")
+        raise PermanentError(
+            "outside_source", f"{relative_path!r} resolves outside the source directory"
+        )
     return Path(os.fsdecode(real))
 
 
@@ -170,7 +200,9 @@ def check_source(path: Path, sha256: str, deadline: Deadline = NO_DEADLINE) -> i
     try:
         stat = path.stat()
     except FileNotFoundError as exc:
-        raise RetryableError("source_missing", f"{path.name} is not in the source directory (moved or unmounted?)") from exc
+        raise RetryableError(
+            "source_missing", f"{path.name} is not in the source directory (moved or unmounted?)"
+        ) from exc
     except OSError as exc:
         raise RetryableError("unreadable", f"{path.name} cannot be read: {exc.strerror}") from exc
     if not path.is_file():
@@ -185,7 +217,9 @@ def check_source(path: Path, sha256: str, deadline: Deadline = NO_DEADLINE) -> i
                     digest.update(block)
                     deadline.check()
         except OSError as exc:
-            raise RetryableError("unreadable", f"{path.name} cannot be read: {exc.strerror}") from exc
+            raise RetryableError(
+                "unreadable", f"{path.name} cannot be read: {exc.strerror}"
+            ) from exc
         if digest.hexdigest() != sha256:
             raise PermanentError(
                 "source_changed",

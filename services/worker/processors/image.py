@@ -21,12 +21,16 @@ if TYPE_CHECKING:
 VERSION = "1"
 
 
-def extract_image(source: Path | bytes, ctx: ExtractContext, out: TextBuilder, *, part: str = "") -> int:
+def extract_image(
+    source: Path | bytes, ctx: ExtractContext, out: TextBuilder, *, part: str = ""
+) -> int:
     """Appends each frame's OCR text to `out` as a page; returns the frame count."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
     if ctx.ocr is None:
-        raise PermanentError("ocr_unavailable", "an image needs OCR and no OCR engine is configured")
+        raise PermanentError(
+            "ocr_unavailable", "an image needs OCR and no OCR engine is configured"
+        )
     try:
         image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except UnidentifiedImageError as exc:
@@ -42,7 +46,9 @@ def extract_image(source: Path | bytes, ctx: ExtractContext, out: TextBuilder, *
             try:
                 page = frame.convert("RGB")
             except (OSError, SyntaxError) as exc:
-                raise PermanentError("corrupt", f"frame {frames + 1} cannot be decoded ({exc})") from exc
+                raise PermanentError(
+                    "corrupt", f"frame {frames + 1} cannot be decoded ({exc})"
+                ) from exc
             text = ctx.ocr.recognize(page)
             ctx.usage.add_ocr_page(ctx.ocr.service)
             frames += 1

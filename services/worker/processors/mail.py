@@ -51,18 +51,23 @@ def _body_text(message: EmailMessage) -> str:
         return ""
     try:
         content = body.get_content()
-    except (LookupError, ValueError, AssertionError) as exc:  # unknown charset, bad encoding
+    except (LookupError, ValueError, AssertionError):  # an unknown charset, a bad encoding
         raw = body.get_payload(decode=True) or b""
         content = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-        del exc
     if not isinstance(content, str):
         return ""
     content = normalize_newlines(content)
     return html_to_text(content) if body.get_content_subtype() == "html" else content.strip("\n")
 
 
-def extract_message(message: EmailMessage, ctx: ExtractContext, out: TextBuilder,
-                    extractor: Extractor, *, prefix: str = "") -> int:
+def extract_message(
+    message: EmailMessage,
+    ctx: ExtractContext,
+    out: TextBuilder,
+    extractor: Extractor,
+    *,
+    prefix: str = "",
+) -> int:
     """Appends headers, body and attachments to `out`; returns pages read in attachments."""
     start = out.length
     headers = [f"{name}: {message[name]}" for name in HEADERS if message.get(name)]

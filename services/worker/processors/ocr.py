@@ -57,9 +57,10 @@ def _boxes_to_text(items: list[tuple[float, float, float, str]]) -> str:
             line_top = min(b[0] for b in line)
             line_bottom = max(b[1] for b in line)
             height = max(1.0, line_bottom - line_top)
-            if line_top - 0.25 * height <= middle <= line_bottom + 0.25 * height and abs(
-                middle - (line_top + line_bottom) / 2
-            ) < 0.5 * height:
+            if (
+                line_top - 0.25 * height <= middle <= line_bottom + 0.25 * height
+                and abs(middle - (line_top + line_bottom) / 2) < 0.5 * height
+            ):
                 line.append(box)
                 continue
         lines.append([box])
@@ -110,7 +111,9 @@ class RapidOcrEngine:
         if 0 < longest < self.MIN_SIDE:
             # Small pictures carry small text, which the recogniser reads without spaces.
             factor = min(4.0, self.MIN_SIDE / longest)
-            image = image.resize((round(image.width * factor), round(image.height * factor)), Image.LANCZOS)
+            image = image.resize(
+                (round(image.width * factor), round(image.height * factor)), Image.LANCZOS
+            )
         array = np.asarray(image)
         result, _ = engine(array)
         items = []
@@ -127,8 +130,9 @@ class TesseractEngine:
     name = "tesseract"
     service = "local"
 
-    def __init__(self, command: str = "tesseract", lang: str = "eng", dpi: int = 200,
-                 timeout: float = 300.0) -> None:
+    def __init__(
+        self, command: str = "tesseract", lang: str = "eng", dpi: int = 200, timeout: float = 300.0
+    ) -> None:
         self.command = command
         self.lang = lang
         self.dpi = dpi
@@ -141,7 +145,9 @@ class TesseractEngine:
 
     def _version(self) -> str:
         try:
-            out = subprocess.run([self.command, "--version"], capture_output=True, timeout=30, check=False)
+            out = subprocess.run(
+                [self.command, "--version"], capture_output=True, timeout=30, check=False
+            )
         except OSError:
             return "unknown"
         first = (out.stdout or out.stderr).decode(errors="replace").splitlines()
@@ -161,8 +167,11 @@ class TesseractEngine:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise RetryableError("ocr_failed", f"tesseract did not run: {exc}") from exc
         if out.returncode != 0:
-            raise RetryableError("ocr_failed", f"tesseract exited {out.returncode}: "
-                                 f"{out.stderr.decode(errors='replace').strip()[:500]}")
+            raise RetryableError(
+                "ocr_failed",
+                f"tesseract exited {out.returncode}: "
+                f"{out.stderr.decode(errors='replace').strip()[:500]}",
+            )
         text = out.stdout.decode("utf-8", errors="replace")
         return "\n".join(line.rstrip() for line in text.splitlines() if line.strip())
 
@@ -199,7 +208,8 @@ class TextractEngine:
             response = self.client.detect_document_text(Document={"Bytes": data})
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            message = f"Textract refused the page: {code}: {exc.response.get('Error', {}).get('Message', '')}"
+            detail = exc.response.get("Error", {}).get("Message", "")
+            message = f"Textract refused the page: {code}: {detail}"
             if code in _TEXTRACT_PERMANENT:
                 raise PermanentError("ocr_rejected", message) from exc
             raise RetryableError("ocr_failed", message) from exc
@@ -227,9 +237,16 @@ def _encode_for_textract(image: Image.Image) -> bytes:
     raise PermanentError("too_large", "the page image is too large for Textract even as JPEG")
 
 
-def select_engine(name: str, *, threads: int = 0, tesseract_cmd: str = "tesseract",
-                  tesseract_lang: str = "eng", dpi: int = 200,
-                  textract_region: str = "us-east-1", textract_client: Any = None) -> OcrEngine | None:
+def select_engine(
+    name: str,
+    *,
+    threads: int = 0,
+    tesseract_cmd: str = "tesseract",
+    tesseract_lang: str = "eng",
+    dpi: int = 200,
+    textract_region: str = "us-east-1",
+    textract_client: Any = None,
+) -> OcrEngine | None:
     """The configured engine; `auto` prefers rapidocr, then tesseract, else None."""
     if name == "none":
         return None

@@ -45,7 +45,9 @@ def open_pdf(source: Path | bytes) -> pdfium.PdfDocument:
     except pdfium.PdfiumError as exc:
         code = getattr(exc, "err_code", None)
         if code == _ERR_FORMAT:
-            raise PermanentError("corrupt", f"the PDF is corrupt and cannot be opened ({exc})") from exc
+            raise PermanentError(
+                "corrupt", f"the PDF is corrupt and cannot be opened ({exc})"
+            ) from exc
         if code in (_ERR_PASSWORD, _ERR_SECURITY):
             raise PermanentError("encrypted", f"the PDF is password-protected ({exc})") from exc
         raise RetryableError("unreadable", f"pdfium could not load the PDF ({exc})") from exc
@@ -56,7 +58,10 @@ def _visible_chars(text: str) -> int:
 
 
 def _has_image(page: pdfium.PdfPage) -> bool:
-    return next(iter(page.get_objects(filter=(pdfium_c.FPDF_PAGEOBJ_IMAGE,), max_depth=4)), None) is not None
+    return (
+        next(iter(page.get_objects(filter=(pdfium_c.FPDF_PAGEOBJ_IMAGE,), max_depth=4)), None)
+        is not None
+    )
 
 
 def render(page: pdfium.PdfPage, dpi: int):  # type: ignore[no-untyped-def]
@@ -73,7 +78,9 @@ def render(page: pdfium.PdfPage, dpi: int):  # type: ignore[no-untyped-def]
         bitmap.close()
 
 
-def extract_pdf(source: Path | bytes, ctx: ExtractContext, out: TextBuilder, *, part: str = "") -> int:
+def extract_pdf(
+    source: Path | bytes, ctx: ExtractContext, out: TextBuilder, *, part: str = ""
+) -> int:
     """Appends every page's text to `out`; returns the page count."""
     document = open_pdf(source)
     try:
@@ -91,12 +98,16 @@ def extract_pdf(source: Path | bytes, ctx: ExtractContext, out: TextBuilder, *, 
                 if _visible_chars(text) < MIN_TEXT_CHARS and _has_image(page):
                     if ctx.ocr is None:
                         source_kind = "no_ocr"
-                        out.warnings.append(f"{part or 'document'} page {index + 1}: no text layer and OCR is off")
+                        out.warnings.append(
+                            f"{part or 'document'} page {index + 1}: no text layer and OCR is off"
+                        )
                     else:
                         image = render(page, ctx.dpi)
                         ocr_text = ctx.ocr.recognize(image)
                         ctx.usage.add_ocr_page(ctx.ocr.service)
-                        text = ocr_text if _visible_chars(ocr_text) >= _visible_chars(text) else text
+                        text = (
+                            ocr_text if _visible_chars(ocr_text) >= _visible_chars(text) else text
+                        )
                         source_kind = "ocr"
                 extra = {"part": part} if part else {}
                 out.add_page(text, source_kind, **extra)

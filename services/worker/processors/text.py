@@ -22,11 +22,48 @@ WESTERN = "cp1252"
 NEAR_TIE = 0.1
 
 _BLOCK = {
-    "p", "div", "br", "li", "ul", "ol", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6",
-    "section", "article", "header", "footer", "blockquote", "pre", "hr", "title", "dl", "dt",
-    "dd", "address", "figure", "figcaption", "main", "nav", "aside", "form", "fieldset",
+    "p",
+    "div",
+    "br",
+    "li",
+    "ul",
+    "ol",
+    "tr",
+    "table",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "section",
+    "article",
+    "header",
+    "footer",
+    "blockquote",
+    "pre",
+    "hr",
+    "title",
+    "dl",
+    "dt",
+    "dd",
+    "address",
+    "figure",
+    "figcaption",
+    "main",
+    "nav",
+    "aside",
+    "form",
+    "fieldset",
 }
-_SKIP = {"script", "style", "noscript", "template", "svg", "head"}  # head: its title repeats the body
+_SKIP = {
+    "script",
+    "style",
+    "noscript",
+    "template",
+    "svg",
+    "head",
+}  # head: its title repeats the body
 
 
 def decode(data: bytes) -> tuple[str, str]:
@@ -41,12 +78,18 @@ def decode(data: bytes) -> tuple[str, str]:
 
     matches = list(from_bytes(data[:SAMPLE]))
     if not matches:
-        raise PermanentError("unsupported", "the file is not text in any encoding charset-normalizer knows")
+        raise PermanentError(
+            "unsupported", "the file is not text in any encoding charset-normalizer knows"
+        )
     best = matches[0]
     # Short Western text often fits a Baltic or Central European code page as well
     # as cp1252; US and EU legal files are far more often cp1252, so it wins near-ties.
     western = next((m for m in matches if m.encoding == WESTERN), None)
-    if western is not None and western.chaos <= best.chaos + NEAR_TIE and western.coherence >= best.coherence - NEAR_TIE:
+    if (
+        western is not None
+        and western.chaos <= best.chaos + NEAR_TIE
+        and western.coherence >= best.coherence - NEAR_TIE
+    ):
         best = western
     return data.decode(best.encoding, errors="replace"), best.encoding
 

@@ -44,7 +44,9 @@ def extract_docx(source: Path | bytes, out: TextBuilder) -> None:
 
     head = source[:8] if isinstance(source, bytes) else source.open("rb").read(8)
     if head == OLE_MAGIC:
-        raise PermanentError("encrypted", "the Word document is encrypted (an OLE container, not OOXML)")
+        raise PermanentError(
+            "encrypted", "the Word document is encrypted (an OLE container, not OOXML)"
+        )
     stream = io.BytesIO(source) if isinstance(source, bytes) else str(source)
     try:
         document = docx.Document(stream)
@@ -55,5 +57,7 @@ def extract_docx(source: Path | bytes, out: TextBuilder) -> None:
             else:
                 lines.append(block.text)
     except (PackageNotFoundError, zipfile.BadZipFile, KeyError, XMLSyntaxError, ValueError) as exc:
-        raise PermanentError("corrupt", f"the Word document cannot be read ({type(exc).__name__}: {exc})") from exc
+        raise PermanentError(
+            "corrupt", f"the Word document cannot be read ({type(exc).__name__}: {exc})"
+        ) from exc
     out.write(normalize_newlines("\n".join(lines)).strip("\n"))

@@ -24,10 +24,13 @@ ALTER TABLE session.import_sessions
 ALTER TABLE session.session_documents
     -- Highest attempt number used for the current stage (the next run is +1).
     ADD COLUMN attempt_seq     integer        NOT NULL DEFAULT 0,
-    -- The manifest's estimate for the whole file, and per stage (extract,
-    -- chunk, entities) when the session has a budget to reserve against.
+    -- The estimate of the whole file (the manifest's pricing). With a
+    -- budget, a document is admitted by reserving it before its first stage
+    -- is enqueued; the reservation stays open until the document is
+    -- completed, failed or cancelled, then is settled with what it cost.
     ADD COLUMN estimated_cost  numeric(38, 16) NOT NULL DEFAULT 0,
-    ADD COLUMN stage_estimates numeric(38, 16)[],
+    ADD COLUMN reservation_id  uuid,
+    ADD COLUMN reserved_amount numeric(38, 16),
     -- What the manifest scan found wrong with the file, if anything.
     ADD COLUMN problem_kind    text,
     ADD COLUMN mime_type       text           NOT NULL DEFAULT '',
