@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/session_dispatch.py [--documents 100000] [--baseline 10000]
-        [--batch 2000] [--no-budget]
+        [--batch 5000] [--no-budget]
 
 Prints, in one run on the same machine and the same Redis: the rate of a
 bare Celery `apply_async` loop publishing the same payload the session
@@ -99,7 +99,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--documents", type=int, default=100_000)
     parser.add_argument("--baseline", type=int, default=10_000)
-    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--no-budget", action="store_true")
     args = parser.parse_args()
     with private_redis(12) as (broker_url, client):

@@ -107,7 +107,8 @@ _STATES = {
     "expired": pb.RESERVATION_STATE_EXPIRED,
 }
 _STAGE_VALUES = frozenset(common_pb2.Stage.values())
-_STAGE_NUMBERS = {convert.stage_name(value): value for value in _STAGE_VALUES}
+_STAGE_NAMES = {value: convert.stage_name(value) for value in _STAGE_VALUES}
+_STAGE_NUMBERS = {name: value for value, name in _STAGE_NAMES.items()}
 _PLAN_VALUES = frozenset(common_pb2.ProcessingPlan.values()) - {common_pb2.PROCESSING_PLAN_UNSPECIFIED}
 
 
@@ -128,10 +129,6 @@ class _Check(Validator):
     def merge(self, error: InvalidArgument) -> None:
         for violation in error.violations:
             self.add(violation.field, violation.description)
-
-    @property
-    def ok(self) -> bool:
-        return self.count == 0
 
     def check(self) -> None:
         if self.count > self.LIMIT:
@@ -492,7 +489,7 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
                     raise
                 books[version] = None
         events = []
-        ids: dict[str, uuid.UUID] = {}
+        ids: dict[str, tuple[uuid.UUID, str]] = {}
         for i, e in enumerate(request.events):
             event = self._event_in(e, f"events[{i}]", books, check, ids)
             if event is not None:
@@ -509,16 +506,25 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
 
     @staticmethod
     def _event_in(e: pb.CostEvent, where: str, books: dict[int, PriceBook | None], check: _Check,
-                  ids: dict[str, uuid.UUID]) -> CostEvent | None:
+                  ids: dict[str, tuple[uuid.UUID, str]]) -> CostEvent | None:
+        """One validated, priced event (None when it has problems, which `check` holds).
+
+        `ids` caches parsed ids and their canonical text across a batch, which
+        repeats its session and documents.
+        """
         problems = check.count
-        session_id = ids.get(e.session_id) or _uuid(e.session_id, f"{where}.session_id", check)
-        document_id = ids.get(e.document_id) or _uuid(e.document_id, f"{where}.document_id", check,
-                                                      required=False)
-        if session_id is not None:
-            ids[e.session_id] = session_id
-        if document_id is not None:
-            ids[e.document_id] = document_id
-        if e.stage not in _STAGE_VALUES:
+        session = ids.get(e.session_id)
+        if session is None:
+            parsed = _uuid(e.session_id, f"{where}.session_id", check)
+            if parsed is not None:
+                session = ids[e.session_id] = (parsed, str(parsed))
+        document = ids.get(e.document_id) if e.document_id else None
+        if document is None and e.document_id:
+            parsed = _uuid(e.document_id, f"{where}.document_id", check)
+            if parsed is not None:
+                document = ids[e.document_id] = (parsed, str(parsed))
+        stage = _STAGE_NAMES.get(e.stage)
+        if stage is None:
             check.add(f"{where}.stage", f"{e.stage} is not a stage")
         if e.attempt < 0:
             check.add(f"{where}.attempt", "must not be negative")
@@ -543,13 +549,13 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
                           f"price book version {book.version} has no price for {e.service}/{e.operation}")
         if check.count != problems or price is None or units is None or book is None:
             return None
-        assert session_id is not None and kind is not None
-        stage = convert.stage_name(e.stage)
+        assert session is not None and kind is not None and stage is not None
         cost = times(units, price.unit_price)
         return CostEvent(
-            event_id=pricing.event_id(session_id, document_id, stage, e.attempt, e.service, e.operation, kind),
-            session_id=session_id,
-            document_id=document_id,
+            event_id=pricing.event_id(session[1], document[1] if document else None, stage, e.attempt,
+                                      e.service, e.operation, kind),
+            session_id=session[0],
+            document_id=document[0] if document else None,
             stage=stage,
             attempt=e.attempt,
             service=e.service,

@@ -44,8 +44,10 @@ class SessionSettings(ServiceSettings):
     # A watcher further behind than this many events (a slow client, or a
     # resume from long ago) gets one snapshot instead of the backlog.
     watch_coalesce_after: int = 5000
-    # Stage reports applied per database transaction at most.
+    # Stage reports applied per database transaction at most, and how many
+    # such batches (of each kind) may be in flight at once.
     report_batch: int = 256
+    report_concurrency: int = 1
     # Deadline of calls to the manifest and cost services, seconds.
     dependency_timeout: float = 30.0
     # Files per ListManifestFiles page when a session is created.

@@ -125,12 +125,14 @@ class MicroBatcher(Generic[T, R]):
 
     While `concurrency` batches are in flight, new submissions wait and are
     applied together in the next one, up to `max_batch`; an idle batcher
-    applies a lone submission at once, so nothing waits on a timer.
+    first lets the event loop turn `gather_turns` times (calls already
+    received join the batch), never waiting on a timer.
     """
 
     def __init__(self, apply: Callable[[list[T]], Awaitable[list[R]]], *, max_batch: int,
-                 concurrency: int = 2) -> None:
+                 concurrency: int = 2, gather_turns: int = 2) -> None:
         self._apply = apply
+        self._gather_turns = gather_turns
         self._max = max(1, max_batch)
         self._slots = max(1, concurrency)
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
@@ -146,6 +148,9 @@ class MicroBatcher(Generic[T, R]):
 
     async def _drain(self) -> None:
         try:
+            # Let the calls that already arrived (the next loop turns) join this batch.
+            for _ in range(self._gather_turns):
+                await asyncio.sleep(0)
             while self._queue:
                 batch, self._queue = self._queue[: self._max], self._queue[self._max:]
                 await self._run(batch)
@@ -386,8 +391,10 @@ class SessionServicer:
         self._manifest = manifest
         self._cost = cost
         self._verifier = Verifier(store, manifest, cost, page_size=settings.manifest_page_size)
-        self._started = MicroBatcher(self._apply_started, max_batch=settings.report_batch)
-        self._results = MicroBatcher(self._apply_results, max_batch=settings.report_batch)
+        self._started = MicroBatcher(self._apply_started, max_batch=settings.report_batch,
+                                     concurrency=settings.report_concurrency)
+        self._results = MicroBatcher(self._apply_results, max_batch=settings.report_batch,
+                                     concurrency=settings.report_concurrency)
         self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ create

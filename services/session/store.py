@@ -40,7 +40,7 @@ from typing import Any
 
 import asyncpg
 
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.tasks import STAGES, next_stage
 from services.session import states as st
 
@@ -649,8 +649,14 @@ async def _write_runs(conn: asyncpg.Connection, runs: Sequence[dict[str, Any]]) 
     )
 
 
-def _mutable(row: asyncpg.Record, prefix: str, names: Iterable[str]) -> dict[str, Any]:
-    return {name: row[prefix + name] for name in names}
+_PREFIXED: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, str], ...]] = {}
+
+
+def _mutable(row: asyncpg.Record, prefix: str, names: tuple[str, ...]) -> dict[str, Any]:
+    keys = _PREFIXED.get((prefix, names))
+    if keys is None:
+        keys = _PREFIXED[(prefix, names)] = tuple((prefix + n, n) for n in names)
+    return {name: row[key] for key, name in keys}
 
 
 _RUN_DOC_SELECT = """
@@ -661,6 +667,20 @@ _RUN_DOC_SELECT = """
 """.format(
     run_cols=", ".join(f"r.{c} AS r_{c}" for c in _RUN_COLUMNS),
     doc_cols=", ".join(f"d.{c} AS d_{c}" for c in _DOC_COLUMNS),
+)
+# What the stage-report path reads of a document: its state and what may change.
+_REPORT_DOC_COLUMNS = (
+    "document_id", "session_id", "state", "stage", "error_class", "error_code", "error_message",
+    "attempts", "attempt_seq", "not_before", "cost", "reservation_id", "reserved_amount", "size_bytes",
+)
+_REPORT_SELECT = """
+    SELECT {run_cols}, {doc_cols}, s.state AS s_state, now() AS db_now
+    FROM session.stage_runs r
+    JOIN session.session_documents d ON d.document_id = r.document_id
+    JOIN session.import_sessions s ON s.session_id = d.session_id
+""".format(
+    run_cols=", ".join(f"r.{c} AS r_{c}" for c in _RUN_COLUMNS),
+    doc_cols=", ".join(f"d.{c} AS d_{c}" for c in _REPORT_DOC_COLUMNS),
 )
 
 
@@ -681,6 +701,198 @@ async def _retrying(fn: Callable[[], Awaitable[Any]], attempts: int = 4) -> Any:
             logger.info("transaction conflicted; retrying (attempt %d)", attempt)
             await asyncio.sleep(0.01 * attempt)
     raise AssertionError("unreachable")
+
+
+def _event_payload(doc: dict[str, Any], old_state: str, old_stage: str | None, *, attempt: int = 0,
+                   cache_hit: bool = False, cost: Decimal | None = None) -> dict[str, Any]:
+    """The payload of a document event; checks the transition first."""
+    new_state = doc["state"]
+    if not st.doc_may(old_state, new_state):
+        raise AssertionError(f"illegal document transition {old_state} -> {new_state}")
+    payload: dict[str, Any] = {"state": new_state, "prev": old_state, "stage": doc["stage"] or "",
+                               "prev_stage": old_stage or "", "attempt": attempt}
+    if doc.get("error_class") and new_state in (st.FAILED, st.PENDING):
+        payload["error_class"] = doc["error_class"]
+        payload["error_message"] = doc.get("error_message") or ""
+    if cache_hit:
+        payload["cache_hit"] = True
+    if cost:
+        payload["cost"] = _cost_text(cost)
+    return payload
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One guarded change of a stage run and its document, from the state they were read in."""
+
+    document_id: uuid.UUID
+    stage: str
+    attempt: int
+    session_id: uuid.UUID
+    run_old: str
+    doc_old_state: str
+    doc_old_stage: str
+    doc_old_seq: int
+    run: dict[str, Any] = field(default_factory=dict)
+    doc: dict[str, Any] = field(default_factory=dict)
+    payload: dict[str, Any] | None = None
+    cost: Decimal = ZERO
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> _Write:
+        return cls(row["r_document_id"], row["r_stage"], row["r_attempt"], row["d_session_id"],
+                   row["r_state"], row["d_state"], row["d_stage"] or "", row["d_attempt_seq"])
+
+    def with_(self, run: dict[str, Any], doc: dict[str, Any], payload: dict[str, Any] | None = None,
+              *, cost: Decimal = ZERO) -> _Write:
+        return replace(self, run=dict(run), doc=dict(doc), payload=payload if payload is not None else self.payload,
+                       cost=self.cost + cost)
+
+
+_GUARDED_WRITE = """
+WITH u AS (
+    SELECT * FROM unnest(
+        $1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::text[], $6::text[], $7::text[], $8::int[],
+        $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[],
+        $14::numeric[], $15::text[], $16::text[], $17::text[], $18::text[], $19::bool[],
+        $20::numeric[], $21::text[],
+        $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::int[], $28::int[],
+        $29::timestamptz[], $30::numeric[], $31::uuid[], $32::numeric[],
+        $33::text[], $34::numeric[]
+    ) WITH ORDINALITY AS u(
+        document_id, stage, attempt, session_id, run_old, doc_old_state, doc_old_stage, doc_old_seq,
+        r_state, r_worker, r_started_at, r_finished_at, r_lease, r_duration, r_error_class,
+        r_error_code, r_error_message, r_artifacts, r_cache_hit, r_cost, r_stats,
+        d_state, d_stage, d_error_class, d_error_code, d_error_message, d_attempts, d_attempt_seq,
+        d_not_before, d_cost, d_reservation_id, d_reserved_amount,
+        payload, cost_add, ord)
+),
+locked AS (
+    SELECT u.ord FROM u
+    JOIN session.stage_runs r
+      ON r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
+    JOIN session.session_documents d ON d.document_id = u.document_id
+    WHERE r.state = u.run_old AND d.state = u.doc_old_state AND d.attempt_seq = u.doc_old_seq
+      AND coalesce(d.stage, '') = u.doc_old_stage
+    ORDER BY u.document_id
+    FOR UPDATE OF r, d
+),
+ok AS (SELECT u.* FROM u JOIN locked USING (ord)),
+runs AS (
+    UPDATE session.stage_runs r SET
+        state = ok.r_state, worker = ok.r_worker, started_at = ok.r_started_at,
+        finished_at = ok.r_finished_at, lease_expires_at = ok.r_lease,
+        duration_seconds = ok.r_duration, error_class = ok.r_error_class,
+        error_code = ok.r_error_code, error_message = ok.r_error_message,
+        artifacts = ok.r_artifacts::jsonb, cache_hit = ok.r_cache_hit, cost = ok.r_cost,
+        stats = ok.r_stats::jsonb
+    FROM ok WHERE r.document_id = ok.document_id AND r.stage = ok.stage AND r.attempt = ok.attempt
+    RETURNING 1
+),
+docs AS (
+    UPDATE session.session_documents d SET
+        state = ok.d_state, stage = ok.d_stage, error_class = ok.d_error_class,
+        error_code = ok.d_error_code, error_message = ok.d_error_message, attempts = ok.d_attempts,
+        attempt_seq = ok.d_attempt_seq, not_before = ok.d_not_before, cost = ok.d_cost,
+        reservation_id = ok.d_reservation_id, reserved_amount = ok.d_reserved_amount,
+        updated_at = now()
+    FROM ok WHERE d.document_id = ok.document_id
+    RETURNING 1
+),
+agg AS (
+    SELECT session_id, count(payload) AS n,
+        sum((d_state = 'pending')::int - (doc_old_state = 'pending')::int) AS dp,
+        sum((d_state = 'queued')::int - (doc_old_state = 'queued')::int) AS dq,
+        sum((d_state = 'running')::int - (doc_old_state = 'running')::int) AS dr,
+        sum((d_state = 'completed')::int - (doc_old_state = 'completed')::int) AS dco,
+        sum((d_state = 'failed')::int - (doc_old_state = 'failed')::int) AS df,
+        sum((d_state = 'skipped')::int - (doc_old_state = 'skipped')::int) AS ds,
+        sum((d_state = 'cancelled')::int - (doc_old_state = 'cancelled')::int) AS dca,
+        coalesce(sum(cost_add), 0) AS cost
+    FROM ok GROUP BY session_id
+),
+slock AS (
+    SELECT s.session_id FROM session.import_sessions s
+    WHERE s.session_id IN (SELECT session_id FROM agg) ORDER BY s.session_id FOR UPDATE
+),
+sess AS (
+    -- SET expressions read the locked, latest version of the row (not the
+    -- statement's snapshot), so the completion test sees every earlier commit.
+    UPDATE session.import_sessions s SET
+        count_pending = s.count_pending + agg.dp, count_queued = s.count_queued + agg.dq,
+        count_running = s.count_running + agg.dr, count_completed = s.count_completed + agg.dco,
+        count_failed = s.count_failed + agg.df, count_skipped = s.count_skipped + agg.ds,
+        count_cancelled = s.count_cancelled + agg.dca, reported_cost = s.reported_cost + agg.cost,
+        updated_at = now(),
+        last_seq = s.last_seq + agg.n + (($35 AND s.state IN ('running', 'paused', 'budget_exhausted') AND s.count_pending + agg.dp + s.count_queued + agg.dq + s.count_running + agg.dr = 0))::int,
+        state = CASE WHEN ($35 AND s.state IN ('running', 'paused', 'budget_exhausted') AND s.count_pending + agg.dp + s.count_queued + agg.dq + s.count_running + agg.dr = 0) THEN
+                     CASE WHEN s.count_failed + agg.df + s.count_cancelled + agg.dca > 0
+                          THEN 'completed_with_errors' ELSE 'completed' END
+                ELSE s.state END,
+        state_reason = CASE WHEN ($35 AND s.state IN ('running', 'paused', 'budget_exhausted') AND s.count_pending + agg.dp + s.count_queued + agg.dq + s.count_running + agg.dr = 0) THEN 'every document is completed, failed or skipped'
+                            ELSE s.state_reason END,
+        finished_at = CASE WHEN ($35 AND s.state IN ('running', 'paused', 'budget_exhausted') AND s.count_pending + agg.dp + s.count_queued + agg.dq + s.count_running + agg.dr = 0) THEN now() ELSE s.finished_at END
+    FROM agg
+    WHERE s.session_id = agg.session_id AND s.session_id IN (SELECT session_id FROM slock)
+    RETURNING s.session_id, s.last_seq, agg.n, s.state,
+              -- finished by this statement (now() is this transaction's start)
+              (s.state IN ('completed', 'completed_with_errors') AND s.finished_at = now()
+               AND agg.n > 0) AS done
+),
+ev AS (
+    INSERT INTO session.session_events (session_id, seq, event_time, kind, document_id, payload)
+    SELECT ok.session_id,
+           sess.last_seq - sess.n - sess.done::int
+             + row_number() OVER (PARTITION BY ok.session_id ORDER BY ok.ord),
+           now(), 'document', ok.document_id, ok.payload::jsonb
+    FROM ok JOIN sess USING (session_id) WHERE ok.payload IS NOT NULL
+    UNION ALL
+    SELECT sess.session_id, sess.last_seq, now(), 'state_change', NULL,
+           jsonb_build_object('state', sess.state,
+                              'reason', 'every document is completed, failed or skipped')
+    FROM sess WHERE sess.done
+    RETURNING 1
+),
+nt AS (
+    SELECT pg_notify($36, sess.session_id::text || ':' || sess.last_seq || ':' || $37) FROM sess
+)
+SELECT (SELECT count(*) FROM ok) AS applied, (SELECT count(*) FROM nt) AS notified
+"""
+
+
+async def _guarded_write(conn: asyncpg.Connection, writes: Sequence[_Write], *, complete: bool) -> int:
+    """Applies the writes whose rows are still as read, with counters, events and NOTIFY.
+
+    One statement, so one implicit transaction and one round trip: it locks
+    the runs and documents still in the state they were read in (FOR UPDATE
+    re-checks that against the latest version), rewrites them, adds the
+    counter deltas to their sessions, assigns the events their seqs, finishes
+    sessions left with nothing active (when `complete`) and NOTIFYs. Returns
+    how many writes applied; the others found their rows changed.
+    """
+    w = writes
+    runs = [x.run for x in w]
+    docs = [x.doc for x in w]
+    row = await conn.fetchrow(
+        _GUARDED_WRITE,
+        [x.document_id for x in w], [x.stage for x in w], [x.attempt for x in w], [x.session_id for x in w],
+        [x.run_old for x in w], [x.doc_old_state for x in w], [x.doc_old_stage for x in w],
+        [x.doc_old_seq for x in w],
+        [r["state"] for r in runs], [r["worker"] for r in runs], [r["started_at"] for r in runs],
+        [r["finished_at"] for r in runs], [r["lease_expires_at"] for r in runs],
+        [r["duration_seconds"] for r in runs], [r["error_class"] for r in runs],
+        [r["error_code"] for r in runs], [r["error_message"] for r in runs],
+        [json.dumps(list(r["artifacts"] or [])) for r in runs], [r["cache_hit"] for r in runs],
+        [r["cost"] for r in runs], [json.dumps(dict(r["stats"] or {})) for r in runs],
+        [d["state"] for d in docs], [d["stage"] for d in docs], [d["error_class"] for d in docs],
+        [d["error_code"] for d in docs], [d["error_message"] for d in docs], [d["attempts"] for d in docs],
+        [d["attempt_seq"] for d in docs], [d["not_before"] for d in docs], [d["cost"] for d in docs],
+        [d["reservation_id"] for d in docs], [d["reserved_amount"] for d in docs],
+        [json.dumps(x.payload, separators=(",", ":")) if x.payload is not None else None for x in w],
+        [x.cost for x in w],
+        complete, NOTIFY_CHANNEL, ORIGIN,
+    )
+    return row["applied"]
 
 
 # ---------------------------------------------------------------- the store
@@ -1389,167 +1601,180 @@ class SessionStore:
 
     async def apply_started(self, reports: Sequence[StartedReport], *, timing: Callable[[int], Timing]
                             ) -> list[StartedOutcome]:
-        """Applies ReportStageStarted calls in one transaction; one outcome per report."""
+        """Applies ReportStageStarted calls together; one outcome per report.
 
-        async def run() -> list[StartedOutcome]:
-            async with self.pool.acquire() as conn, conn.transaction():
-                rows = await self._lock_runs(conn, [(r.document_id, r.stage, r.attempt) for r in reports])
-                changes = _Changes()
-                runs: dict[tuple[str, str, int], dict[str, Any]] = {}
-                docs: dict[str, dict[str, Any]] = {}
-                outcomes = []
-                for report in reports:
-                    key = (report.document_id, report.stage, report.attempt)
-                    row = rows.get(key)
-                    if row is None:
-                        outcomes.append(StartedOutcome(found=False))
-                        continue
-                    run_ = runs.setdefault(key, _mutable(row, "r_", _RUN_COLUMNS))
-                    doc = docs.setdefault(report.document_id, _mutable(row, "d_", _DOC_COLUMNS))
-                    now = row["db_now"]
-                    if report.task_id and report.task_id != run_["task_id"]:
-                        outcomes.append(StartedOutcome(found=True, proceed=False))
-                        continue
-                    t = timing(doc["size_bytes"])
-                    if run_["state"] == st.RUN_RUNNING:
-                        # A redelivery (the first worker died) or a duplicate: let it go on.
-                        run_["lease_expires_at"] = now + dt.timedelta(seconds=t.running_lease)
-                        run_["worker"] = report.worker or run_["worker"]
-                        outcomes.append(StartedOutcome(True, True, run_["lease_expires_at"]))
-                        continue
-                    if run_["state"] != st.RUN_QUEUED:
-                        outcomes.append(StartedOutcome(found=True, proceed=False))
-                        continue
-                    session_state = row["s_state"]
-                    admitted = session_state == st.S_BUDGET and doc["reservation_id"] is not None
-                    if session_state != st.S_RUNNING and not admitted:
-                        # Paused, out of budget or cancelled: the message is not wanted now.
-                        run_.update(state=st.RUN_CANCELLED, finished_at=now, error_code="refused",
-                                    error_message=f"session {session_state} when the run started")
-                        old = doc["state"]
-                        release = None
-                        if session_state == st.S_CANCELLED:
-                            doc["state"] = st.CANCELLED if old in st.DOC_ACTIVE else old
-                            if doc["state"] == st.CANCELLED and doc["reservation_id"]:
-                                release = str(doc["reservation_id"])
-                                doc.update(reservation_id=None, reserved_amount=None)
-                        elif old == st.QUEUED:
-                            doc.update(state=st.PENDING, attempts=max(0, doc["attempts"] - 1))
-                        if doc["state"] != old:
-                            changes.doc(doc, old, doc["stage"], attempt=run_["attempt"])
-                        outcomes.append(StartedOutcome(True, False, release=release))
-                        continue
-                    run_.update(state=st.RUN_RUNNING, started_at=now, worker=report.worker or None,
-                                lease_expires_at=now + dt.timedelta(seconds=t.running_lease))
-                    old = doc["state"]
-                    doc["state"] = st.RUNNING
-                    changes.doc(doc, old, doc["stage"], attempt=run_["attempt"])
+        Optimistic: reads the runs without locks, decides here, then writes in
+        one guarded statement (see `_guarded_write`); reports whose rows moved
+        meanwhile are decided again.
+        """
+
+        def decide(rows: dict[tuple[str, str, int], asyncpg.Record]) -> tuple[list[Any], list[_Write]]:
+            runs: dict[tuple[str, str, int], dict[str, Any]] = {}
+            docs: dict[str, dict[str, Any]] = {}
+            writes: dict[tuple[str, str, int], _Write] = {}
+            outcomes: list[Any] = []
+            for report in reports:
+                key = (report.document_id, report.stage, report.attempt)
+                row = rows.get(key)
+                if row is None:
+                    outcomes.append(StartedOutcome(found=False))
+                    continue
+                run_ = runs.setdefault(key, _mutable(row, "r_", _RUN_COLUMNS))
+                doc = docs.setdefault(report.document_id, _mutable(row, "d_", _REPORT_DOC_COLUMNS))
+                now = row["db_now"]
+                if report.task_id and report.task_id != run_["task_id"]:
+                    outcomes.append(StartedOutcome(found=True, proceed=False))
+                    continue
+                t = timing(doc["size_bytes"])
+                write = writes.get(key) or _Write.of(row)
+                if run_["state"] == st.RUN_RUNNING:
+                    # A redelivery (the first worker died) or a duplicate: let it go on.
+                    run_["lease_expires_at"] = now + dt.timedelta(seconds=t.running_lease)
+                    run_["worker"] = report.worker or run_["worker"]
+                    writes[key] = write.with_(run_, doc)
                     outcomes.append(StartedOutcome(True, True, run_["lease_expires_at"]))
-                await _write_runs(conn, list(runs.values()))
-                await _write_docs(conn, [d for d in docs.values()])
-                await changes.flush(conn, complete=False)
-                return outcomes
+                    continue
+                if run_["state"] != st.RUN_QUEUED:
+                    outcomes.append(StartedOutcome(found=True, proceed=False))
+                    continue
+                session_state = row["s_state"]
+                admitted = session_state == st.S_BUDGET and doc["reservation_id"] is not None
+                if session_state != st.S_RUNNING and not admitted:
+                    # Paused, out of budget or cancelled: the message is not wanted now.
+                    run_.update(state=st.RUN_CANCELLED, finished_at=now, error_code="refused",
+                                error_message=f"session {session_state} when the run started")
+                    old = doc["state"]
+                    release = None
+                    if session_state == st.S_CANCELLED:
+                        doc["state"] = st.CANCELLED if old in st.DOC_ACTIVE else old
+                        if doc["state"] == st.CANCELLED and doc["reservation_id"]:
+                            release = str(doc["reservation_id"])
+                            doc.update(reservation_id=None, reserved_amount=None)
+                    elif old == st.QUEUED:
+                        doc.update(state=st.PENDING, attempts=max(0, doc["attempts"] - 1))
+                    payload = (_event_payload(doc, old, doc["stage"], attempt=run_["attempt"])
+                               if doc["state"] != old else None)
+                    writes[key] = write.with_(run_, doc, payload)
+                    outcomes.append(StartedOutcome(True, False, release=release))
+                    continue
+                run_.update(state=st.RUN_RUNNING, started_at=now, worker=report.worker or None,
+                            lease_expires_at=now + dt.timedelta(seconds=t.running_lease))
+                old = doc["state"]
+                doc["state"] = st.RUNNING
+                writes[key] = write.with_(run_, doc, _event_payload(doc, old, doc["stage"],
+                                                                    attempt=run_["attempt"]))
+                outcomes.append(StartedOutcome(True, True, run_["lease_expires_at"]))
+            return outcomes, list(writes.values())
 
-        return await _retrying(run)
-
-    async def _lock_runs(self, conn: asyncpg.Connection, keys: Sequence[tuple[str, str, int]]
-                         ) -> dict[tuple[str, str, int], asyncpg.Record]:
-        rows = await conn.fetch(
-            _RUN_DOC_SELECT + """
-            WHERE (r.document_id, r.stage, r.attempt) IN
-                  (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[]))
-            ORDER BY r.document_id, r.stage, r.attempt
-            FOR UPDATE OF r, d
-            """,
-            [uuid.UUID(k[0]) for k in keys], [k[1] for k in keys], [k[2] for k in keys],
-        )
-        return {(str(r["r_document_id"]), r["r_stage"], r["r_attempt"]): r for r in rows}
+        return await self._optimistic(reports, decide, complete=False)
 
     async def apply_results(
         self, reports: Sequence[ResultReport], *, max_attempts: int, backoff: Callable[[int], float],
     ) -> list[ResultOutcome]:
-        """Applies ReportStageResult calls in one transaction; one outcome per report.
+        """Applies ReportStageResult calls together; one outcome per report.
 
         Idempotent by (document, stage, attempt): a report about a run already
         succeeded or failed is a replay and changes nothing; a report about a
         run that is no longer live (expired, cancelled) changes nothing either.
         """
 
-        async def run() -> list[ResultOutcome]:
-            async with self.pool.acquire() as conn, conn.transaction():
-                rows = await self._lock_runs(conn, [(r.document_id, r.stage, r.attempt) for r in reports])
-                changes = _Changes()
-                runs: dict[tuple[str, str, int], dict[str, Any]] = {}
-                docs: dict[str, dict[str, Any]] = {}
-                outcomes = []
-                for report in reports:
-                    key = (report.document_id, report.stage, report.attempt)
-                    row = rows.get(key)
-                    if row is None:
-                        outcomes.append(ResultOutcome(found=False))
-                        continue
-                    run_ = runs.setdefault(key, _mutable(row, "r_", _RUN_COLUMNS))
-                    doc = docs.setdefault(report.document_id, _mutable(row, "d_", _DOC_COLUMNS))
-                    sid = str(doc["session_id"])
-                    if run_["state"] in (st.RUN_SUCCEEDED, st.RUN_FAILED):
-                        outcomes.append(ResultOutcome(True, True, doc["state"], session_id=sid))
-                        continue
-                    if run_["state"] not in st.RUN_LIVE:
-                        logger.info(
-                            "stale result for %s/%s attempt %d (run %s); ignored",
-                            report.document_id, report.stage, report.attempt, run_["state"],
-                        )
-                        outcomes.append(ResultOutcome(True, False, doc["state"], session_id=sid))
-                        continue
-                    now = row["db_now"]
-                    run_.update(
-                        state=st.RUN_SUCCEEDED if report.succeeded else st.RUN_FAILED,
-                        finished_at=now, worker=report.worker or run_["worker"],
-                        started_at=run_["started_at"] or now,
-                        duration_seconds=(Decimal(str(round(report.duration_seconds, 6)))
-                                          if report.duration_seconds is not None else None),
-                        error_class=None if report.succeeded else report.error_class,
-                        error_code=None if report.succeeded else (report.error_code or None),
-                        error_message=None if report.succeeded else report.error_message,
-                        artifacts=list(report.artifacts), cache_hit=report.cache_hit,
-                        cost=report.cost, stats=report.stats,
+        def decide(rows: dict[tuple[str, str, int], asyncpg.Record]) -> tuple[list[Any], list[_Write]]:
+            runs: dict[tuple[str, str, int], dict[str, Any]] = {}
+            docs: dict[str, dict[str, Any]] = {}
+            writes: dict[tuple[str, str, int], _Write] = {}
+            outcomes: list[Any] = []
+            for report in reports:
+                key = (report.document_id, report.stage, report.attempt)
+                row = rows.get(key)
+                if row is None:
+                    outcomes.append(ResultOutcome(found=False))
+                    continue
+                run_ = runs.setdefault(key, _mutable(row, "r_", _RUN_COLUMNS))
+                doc = docs.setdefault(report.document_id, _mutable(row, "d_", _REPORT_DOC_COLUMNS))
+                sid = str(doc["session_id"])
+                if run_["state"] in (st.RUN_SUCCEEDED, st.RUN_FAILED):
+                    outcomes.append(ResultOutcome(True, True, doc["state"], session_id=sid))
+                    continue
+                if run_["state"] not in st.RUN_LIVE:
+                    logger.info(
+                        "stale result for %s/%s attempt %d (run %s); ignored",
+                        report.document_id, report.stage, report.attempt, run_["state"],
                     )
-                    old_state, old_stage = doc["state"], doc["stage"]
-                    doc["cost"] = (doc["cost"] or ZERO) + (report.cost or ZERO)
-                    if report.succeeded:
-                        following = next_stage(report.stage)
-                        doc.update(error_class=None, error_code=None, error_message=None,
-                                   not_before=None)
-                        if following is None:
-                            doc["state"] = st.COMPLETED
-                        else:
-                            doc.update(state=st.PENDING, stage=following, attempts=0, attempt_seq=0)
-                    elif report.error_class == st.PERMANENT or doc["attempts"] >= max_attempts:
-                        message = report.error_message
-                        if report.error_class != st.PERMANENT:
-                            message = f"{message} (gave up after {doc['attempts']} attempts)"
-                        doc.update(state=st.FAILED, error_class=report.error_class,
-                                   error_code=report.error_code or None, error_message=message)
+                    outcomes.append(ResultOutcome(True, False, doc["state"], session_id=sid))
+                    continue
+                now = row["db_now"]
+                run_.update(
+                    state=st.RUN_SUCCEEDED if report.succeeded else st.RUN_FAILED,
+                    finished_at=now, worker=report.worker or run_["worker"],
+                    started_at=run_["started_at"] or now,
+                    duration_seconds=(Decimal(str(round(report.duration_seconds, 6)))
+                                      if report.duration_seconds is not None else None),
+                    error_class=None if report.succeeded else report.error_class,
+                    error_code=None if report.succeeded else (report.error_code or None),
+                    error_message=None if report.succeeded else report.error_message,
+                    artifacts=list(report.artifacts), cache_hit=report.cache_hit,
+                    cost=report.cost, stats=report.stats,
+                )
+                old_state, old_stage = doc["state"], doc["stage"]
+                doc["cost"] = (doc["cost"] or ZERO) + (report.cost or ZERO)
+                if report.succeeded:
+                    following = next_stage(report.stage)
+                    doc.update(error_class=None, error_code=None, error_message=None, not_before=None)
+                    if following is None:
+                        doc["state"] = st.COMPLETED
                     else:
-                        delay = backoff(doc["attempts"])
-                        doc.update(state=st.PENDING, error_class=report.error_class,
-                                   error_code=report.error_code or None,
-                                   error_message=report.error_message,
-                                   not_before=now + dt.timedelta(seconds=delay))
-                    changes.doc(doc, old_state, old_stage, attempt=report.attempt,
-                                cache_hit=report.cache_hit and report.succeeded, cost=report.cost)
-                    settle = None
-                    if doc["state"] in st.DOC_TERMINAL and doc["reservation_id"]:
-                        # the document is done: its reservation closes with what it cost
-                        settle = (str(doc["reservation_id"]), doc["cost"] or ZERO)
-                        doc.update(reservation_id=None, reserved_amount=None)
-                    outcomes.append(ResultOutcome(True, False, doc["state"], settle, sid))
-                await _write_runs(conn, list(runs.values()))
-                await _write_docs(conn, list(docs.values()))
-                await changes.flush(conn)
-                return outcomes
+                        doc.update(state=st.PENDING, stage=following, attempts=0, attempt_seq=0)
+                elif report.error_class == st.PERMANENT or doc["attempts"] >= max_attempts:
+                    message = report.error_message
+                    if report.error_class != st.PERMANENT:
+                        message = f"{message} (gave up after {doc['attempts']} attempts)"
+                    doc.update(state=st.FAILED, error_class=report.error_class,
+                               error_code=report.error_code or None, error_message=message)
+                else:
+                    doc.update(state=st.PENDING, error_class=report.error_class,
+                               error_code=report.error_code or None, error_message=report.error_message,
+                               not_before=now + dt.timedelta(seconds=backoff(doc["attempts"])))
+                settle = None
+                if doc["state"] in st.DOC_TERMINAL and doc["reservation_id"]:
+                    # the document is done: its reservation closes with what it cost
+                    settle = (str(doc["reservation_id"]), doc["cost"] or ZERO)
+                    doc.update(reservation_id=None, reserved_amount=None)
+                payload = _event_payload(doc, old_state, old_stage, attempt=report.attempt,
+                                         cache_hit=report.cache_hit and report.succeeded, cost=report.cost)
+                writes[key] = (writes.get(key) or _Write.of(row)).with_(run_, doc, payload,
+                                                                        cost=report.cost or ZERO)
+                outcomes.append(ResultOutcome(True, False, doc["state"], settle, sid))
+            return outcomes, list(writes.values())
 
-        return await _retrying(run)
+        return await self._optimistic(reports, decide, complete=True)
+
+    async def _optimistic(self, reports: Sequence[Any], decide: Callable[..., tuple[list[Any], list[_Write]]],
+                          *, complete: bool, attempts: int = 5) -> list[Any]:
+        """Read, decide, guarded write; decide again for rows that changed meanwhile."""
+        keys = [(r.document_id, r.stage, r.attempt) for r in reports]
+        for attempt in range(attempts):
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    _REPORT_SELECT + """
+                    WHERE (r.document_id, r.stage, r.attempt) IN
+                          (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[]))
+                    """,
+                    [uuid.UUID(k[0]) for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+                )
+                found = {(str(r["r_document_id"]), r["r_stage"], r["r_attempt"]): r for r in rows}
+                outcomes, writes = decide(found)
+                if not writes:
+                    return outcomes
+                try:
+                    applied = await _guarded_write(conn, writes, complete=complete)
+                except (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError):
+                    applied = 0
+            if applied == len(writes):
+                return outcomes
+            logger.info("stage reports raced with another change; deciding again (%d/%d applied)",
+                        applied, len(writes))
+            await asyncio.sleep(0.005 * (attempt + 1))
+        raise Aborted("the stage runs kept changing; report again")
 
     # ------------------------------------------------------------ reconciler
 

@@ -301,3 +301,15 @@ async def test_large_amounts_keep_every_digit(cost: CostHarness) -> None:
     costs = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session))
     assert costs.actual_total.amount == "999999999999.9970524691356"
     assert dec(costs.actual_total) == expected
+
+
+async def test_session_costs_validate_their_request(cost: CostHarness) -> None:
+    for request_, field in [
+        (pb.GetSessionCostsRequest(session_id="x"), "session_id"),
+        (pb.GetSessionCostsRequest(session_id=new_id(), top_documents=-1), "top_documents"),
+        (pb.GetSessionCostsRequest(session_id=new_id(), top_documents=1001), "top_documents"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await cost.operator.GetSessionCosts(request_)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in violations(caught.value)

@@ -167,3 +167,10 @@ async def test_list_price_books_paginates_newest_first(cost: CostHarness) -> Non
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await cost.service.ListPriceBooks(pb.ListPriceBooksRequest(page_token="garbage!"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("rate", ["-1", "0.000000001", "NaN"])
+async def test_a_bad_configured_cpu_rate_fails_at_start(pool, rate: str) -> None:
+    with pytest.raises(ValueError, match="CPU_SECOND_RATE"):
+        await CostStore(pool).ensure_default_price_book(DEFAULT_PRICE_BOOK, Decimal(rate))
+    assert await pool.fetchval("SELECT count(*) FROM cost.price_books") == 0
