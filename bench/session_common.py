@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from decimal import Decimal
 import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,18 @@ def with_database(dsn: str, name: str) -> str:
     import urllib.parse
 
     parts = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+    return urllib.parse.urlunsplit(
+        (parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment)
+    )
 
 
 @contextlib.asynccontextmanager
 async def private_database() -> AsyncIterator[str]:
     """A fresh, migrated database; dropped afterwards."""
     instance = None
-    admin = os.environ.get("DOCIMPORT_BENCH_DATABASE_URL") or os.environ.get("DOCIMPORT_TEST_DATABASE_URL")
+    admin = os.environ.get("DOCIMPORT_BENCH_DATABASE_URL") or os.environ.get(
+        "DOCIMPORT_TEST_DATABASE_URL"
+    )
     tmp = None
     if not admin:
         tmp = tempfile.mkdtemp(prefix="di-bench-")
@@ -111,15 +115,24 @@ class Stack:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
     def session_stub(self, scope: str = "operator") -> session_service_pb2_grpc.SessionServiceStub:
-        channel = aio_channel(f"127.0.0.1:{self.session_port}", ClientSettings(), token=TOKENS[scope])
+        channel = aio_channel(
+            f"127.0.0.1:{self.session_port}", ClientSettings(), token=TOKENS[scope]
+        )
         self.channels.append(channel)
         return session_service_pb2_grpc.SessionServiceStub(channel)
 
 
 def token_env() -> dict[str, Any]:
-    return {"operator_tokens": TOKENS["operator"], "worker_tokens": TOKENS["worker"],
-            "service_tokens": TOKENS["service"], "token": TOKENS["service"], "host": "127.0.0.1",
-            "port": 0, "shutdown_grace": 1.0, "log_level": "WARNING"}
+    return {
+        "operator_tokens": TOKENS["operator"],
+        "worker_tokens": TOKENS["worker"],
+        "service_tokens": TOKENS["service"],
+        "token": TOKENS["service"],
+        "host": "127.0.0.1",
+        "port": 0,
+        "shutdown_grace": 1.0,
+        "log_level": "WARNING",
+    }
 
 
 def free_port() -> int:
@@ -157,20 +170,36 @@ def peer_processes(db_url: str) -> Any:
 
     cost_port, manifest_port = free_port(), free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")}
-    base.update({
-        "DOCIMPORT_DATABASE_URL": db_url, "DOCIMPORT_HOST": "127.0.0.1",
-        "DOCIMPORT_OPERATOR_TOKENS": TOKENS["operator"], "DOCIMPORT_WORKER_TOKENS": TOKENS["worker"],
-        "DOCIMPORT_SERVICE_TOKENS": TOKENS["service"], "DOCIMPORT_TOKEN": TOKENS["service"],
-        "DOCIMPORT_LOG_LEVEL": "WARNING", "PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}",
-    })
+    base.update(
+        {
+            "DOCIMPORT_DATABASE_URL": db_url,
+            "DOCIMPORT_HOST": "127.0.0.1",
+            "DOCIMPORT_OPERATOR_TOKENS": TOKENS["operator"],
+            "DOCIMPORT_WORKER_TOKENS": TOKENS["worker"],
+            "DOCIMPORT_SERVICE_TOKENS": TOKENS["service"],
+            "DOCIMPORT_TOKEN": TOKENS["service"],
+            "DOCIMPORT_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}",
+        }
+    )
     procs = [
-        subprocess.Popen([sys.executable, "-m", "services.cost"], cwd=ROOT,
-                         env={**base, "DOCIMPORT_PORT": str(cost_port)}, stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "services.manifest"], cwd=ROOT,
-                         env={**base, "DOCIMPORT_PORT": str(manifest_port),
-                              "DOCIMPORT_COST_ADDR": f"127.0.0.1:{cost_port}",
-                              "DOCIMPORT_SOURCE_ROOTS": tempfile.gettempdir()},
-                         stderr=subprocess.DEVNULL),
+        subprocess.Popen(
+            [sys.executable, "-m", "services.cost"],
+            cwd=ROOT,
+            env={**base, "DOCIMPORT_PORT": str(cost_port)},
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "services.manifest"],
+            cwd=ROOT,
+            env={
+                **base,
+                "DOCIMPORT_PORT": str(manifest_port),
+                "DOCIMPORT_COST_ADDR": f"127.0.0.1:{cost_port}",
+                "DOCIMPORT_SOURCE_ROOTS": tempfile.gettempdir(),
+            },
+            stderr=subprocess.DEVNULL,
+        ),
     ]
     try:
         yield cost_port, manifest_port
@@ -185,8 +214,15 @@ def peer_processes(db_url: str) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def services(db_url: str, broker_url: str, *, enqueuer: Any, background: bool = False,
-                   pool_size: int = 10, **session_settings: Any) -> AsyncIterator[Stack]:
+async def services(
+    db_url: str,
+    broker_url: str,
+    *,
+    enqueuer: Any,
+    background: bool = False,
+    pool_size: int = 10,
+    **session_settings: Any,
+) -> AsyncIterator[Stack]:
     """The session service in this process; the cost and manifest services in their own."""
     from services.cost.store import CostStore
     from services.session.config import SessionSettings
@@ -198,20 +234,37 @@ async def services(db_url: str, broker_url: str, *, enqueuer: Any, background: b
     from services.cost.config import CostSettings
 
     cost_settings = CostSettings(database_url=db_url, **env)
-    await CostStore(pool).ensure_default_price_book(cost_settings.price_book_file, cost_settings.cpu_second_rate)
+    await CostStore(pool).ensure_default_price_book(
+        cost_settings.price_book_file, cost_settings.cpu_second_rate
+    )
     with peer_processes(db_url) as (cost_port, manifest_port):
         await wait_serving(cost_port)
         await wait_serving(manifest_port)
         client = ClientSettings()
         cost_channel = aio_channel(f"127.0.0.1:{cost_port}", client, token=TOKENS["service"])
-        manifest_channel = aio_channel(f"127.0.0.1:{manifest_port}", client, token=TOKENS["service"])
-        settings = SessionSettings(database_url=db_url, broker_url=broker_url, **{**env, **session_settings})
+        manifest_channel = aio_channel(
+            f"127.0.0.1:{manifest_port}", client, token=TOKENS["service"]
+        )
+        settings = SessionSettings(
+            database_url=db_url, broker_url=broker_url, **{**env, **session_settings}
+        )
         session = await build_session(
-            settings, store=SessionStore(pool), enqueuer=enqueuer,
+            settings,
+            store=SessionStore(pool),
+            enqueuer=enqueuer,
             manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
-            cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel), background=background)
-        stack = Stack(db_url, pool, session, session.port, cost_port, manifest_port,
-                      channels=[cost_channel, manifest_channel])
+            cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
+            background=background,
+        )
+        stack = Stack(
+            db_url,
+            pool,
+            session,
+            session.port,
+            cost_port,
+            manifest_port,
+            channels=[cost_channel, manifest_channel],
+        )
         try:
             yield stack
         finally:
@@ -226,25 +279,64 @@ async def insert_manifest(pool: asyncpg.Pool, n: int, *, source: str = "/data/be
     import hashlib
 
     manifest_id = uuid.uuid4()
-    categories = [("pleadings", 10), ("discovery", 30), ("correspondence", 40), ("medical_records", 20)]
+    categories = [
+        ("pleadings", 10),
+        ("discovery", 30),
+        ("correspondence", 40),
+        ("medical_records", 20),
+    ]
     async with pool.acquire() as conn:
         await conn.execute(
             "INSERT INTO manifest.manifests (manifest_id, case_name, source_path, state, summary, "
             "estimated_total, finished_at) VALUES ($1, 'Bench v. Mark', $2, 'ready', $3, $4, now())",
-            manifest_id, source, {"file_count": n}, Decimal("0.00012501") * n,
+            manifest_id,
+            source,
+            {"file_count": n},
+            Decimal("0.00012501") * n,
         )
         records = []
         for i in range(n):
             category, priority = categories[i % len(categories)]
             path = f"{category}/doc_{i:06d}.pdf"
-            records.append((uuid.uuid4(), manifest_id, i + 1, path, path.encode(), 250_000 + i,
-                            hashlib.sha256(path.encode()).hexdigest(), "application/pdf", "pdf", category,
-                            priority, "text_layer", 3, 0, Decimal("0.00012501")))
+            records.append(
+                (
+                    uuid.uuid4(),
+                    manifest_id,
+                    i + 1,
+                    path,
+                    path.encode(),
+                    250_000 + i,
+                    hashlib.sha256(path.encode()).hexdigest(),
+                    "application/pdf",
+                    "pdf",
+                    category,
+                    priority,
+                    "text_layer",
+                    3,
+                    0,
+                    Decimal("0.00012501"),
+                )
+            )
         await conn.copy_records_to_table(
-            "manifest_files", schema_name="manifest",
-            columns=("file_id", "manifest_id", "ordinal", "relative_path", "raw_path", "size_bytes", "sha256",
-                     "mime_type", "type_family", "category", "priority", "plan", "page_count",
-                     "ocr_page_count", "estimated_cost"),
+            "manifest_files",
+            schema_name="manifest",
+            columns=(
+                "file_id",
+                "manifest_id",
+                "ordinal",
+                "relative_path",
+                "raw_path",
+                "size_bytes",
+                "sha256",
+                "mime_type",
+                "type_family",
+                "category",
+                "priority",
+                "plan",
+                "page_count",
+                "ocr_page_count",
+                "estimated_cost",
+            ),
             records=records,
         )
     return str(manifest_id)

@@ -27,13 +27,12 @@ import datetime as dt
 import time
 import uuid
 
+from docimport.session.v1 import session_service_pb2 as pb
 from session_common import ROOT, insert_manifest, private_database, private_redis, rss_mib, services  # noqa: F401
 
-from docimport.session.v1 import session_service_pb2 as pb  # noqa: E402
-
-from services.common import convert  # noqa: E402
-from services.common.tasks import QUEUES, TASK_NAMES, StagePayload  # noqa: E402
-from services.session.queue import CeleryEnqueuer  # noqa: E402
+from services.common import convert
+from services.common.tasks import QUEUES, TASK_NAMES, StagePayload
+from services.session.queue import CeleryEnqueuer
 
 
 def bare_loop(broker_url: str, n: int) -> float:
@@ -47,28 +46,55 @@ def bare_loop(broker_url: str, n: int) -> float:
     def extract(payload: dict) -> None:  # pragma: no cover - never run here
         pass
 
-    payloads = [StagePayload(
-        session_id=str(uuid.uuid4()), document_id=str(uuid.uuid4()), stage="extract", attempt=1,
-        source_path="/data/bench-case", relative_path=f"pleadings/doc_{i:06d}.pdf",
-        raw_path_b64="cGxlYWRpbmdzL2RvY18wMDAwMDAucGRm", sha256="0" * 64, size_bytes=250_000 + i,
-        plan="text_layer", category="pleadings", page_count=3, lease_seconds=360.0,
-        options={"task_id": "", "mime_type": "application/pdf"}).to_json() for i in range(n)]
+    payloads = [
+        StagePayload(
+            session_id=str(uuid.uuid4()),
+            document_id=str(uuid.uuid4()),
+            stage="extract",
+            attempt=1,
+            source_path="/data/bench-case",
+            relative_path=f"pleadings/doc_{i:06d}.pdf",
+            raw_path_b64="cGxlYWRpbmdzL2RvY18wMDAwMDAucGRm",
+            sha256="0" * 64,
+            size_bytes=250_000 + i,
+            plan="text_layer",
+            category="pleadings",
+            page_count=3,
+            lease_seconds=360.0,
+            options={"task_id": "", "mime_type": "application/pdf"},
+        ).to_json()
+        for i in range(n)
+    ]
     expires = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=20)).isoformat()
     extract.apply_async(args=[payloads[0]], task_id=str(uuid.uuid4()))  # connect first
     start = time.perf_counter()
     for p in payloads:
-        extract.apply_async(args=[p], task_id=str(uuid.uuid4()), queue=QUEUES["extract"],
-                            time_limit=331, soft_time_limit=301, expires=expires)
+        extract.apply_async(
+            args=[p],
+            task_id=str(uuid.uuid4()),
+            queue=QUEUES["extract"],
+            time_limit=331,
+            soft_time_limit=301,
+            expires=expires,
+        )
     elapsed = time.perf_counter() - start
     app.close()
     return n / elapsed
 
 
-async def session_run(db_url: str, broker_url: str, n: int, batch: int, budget: bool) -> dict[str, float]:
+async def session_run(
+    db_url: str, broker_url: str, n: int, batch: int, budget: bool
+) -> dict[str, float]:
     enqueuer = CeleryEnqueuer(broker_url, batch_size=1000)
     try:
-        async with services(db_url, broker_url, enqueuer=enqueuer, max_in_flight_total=n,
-                            dispatch_batch=batch, pool_size=12) as stack:
+        async with services(
+            db_url,
+            broker_url,
+            enqueuer=enqueuer,
+            max_in_flight_total=n,
+            dispatch_batch=batch,
+            pool_size=12,
+        ) as stack:
             manifest_id = await insert_manifest(stack.pool, n)
             stub = stack.session_stub()
             rss0 = rss_mib()
@@ -76,9 +102,16 @@ async def session_run(db_url: str, broker_url: str, n: int, batch: int, budget: 
             if budget:
                 options.budget.CopyFrom(convert.money("100000"))
             t0 = time.perf_counter()
-            created = await stub.CreateSession(pb.CreateSessionRequest(
-                request_id=str(uuid.uuid4()), manifest_id=manifest_id, project_name="Bench v. Mark",
-                options=options, start=True), timeout=600)
+            created = await stub.CreateSession(
+                pb.CreateSessionRequest(
+                    request_id=str(uuid.uuid4()),
+                    manifest_id=manifest_id,
+                    project_name="Bench v. Mark",
+                    options=options,
+                    start=True,
+                ),
+                timeout=600,
+            )
             t1 = time.perf_counter()
             dispatcher = stack.session_server.dispatcher
             dispatched = 0
@@ -90,7 +123,12 @@ async def session_run(db_url: str, broker_url: str, n: int, batch: int, budget: 
             t2 = time.perf_counter()
             rss1 = rss_mib()
             assert created.session.counts.total == n, created.session.counts
-            return {"create": t1 - t0, "dispatch": t2 - t1, "dispatched": dispatched, "rss": rss1 - rss0}
+            return {
+                "create": t1 - t0,
+                "dispatch": t2 - t1,
+                "dispatched": dispatched,
+                "rss": rss1 - rss0,
+            }
     finally:
         await enqueuer.close()
 
@@ -106,19 +144,27 @@ async def main() -> None:
         bare = await asyncio.to_thread(bare_loop, broker_url, args.baseline)
         client.flushdb()
         async with private_database() as db_url:
-            result = await session_run(db_url, broker_url, args.documents, args.batch, not args.no_budget)
+            result = await session_run(
+                db_url, broker_url, args.documents, args.batch, not args.no_budget
+            )
         on_queue = client.llen(QUEUES["extract"])
     n = args.documents
     total = result["create"] + result["dispatch"]
     print(f"bare apply_async loop ({args.baseline:,} messages): {bare:,.0f} tasks/s")
-    print(f"session of {n:,} documents{'' if args.no_budget else ' with a budget'}: "
-          f"create {result['create']:.2f}s, dispatch {result['dispatch']:.2f}s "
-          f"({result['dispatched']:,} runs; {on_queue:,} messages on the queue)")
-    print(f"  dispatch rate        {n / result['dispatch']:,.0f} documents/s = "
-          f"{n / result['dispatch'] / bare:.2f}x bare")
-    print(f"  create + dispatch    {n / total:,.0f} documents/s = {n / total / bare:.2f}x bare "
-          f"(target >= 1.0x, stretch >= 3x)")
-    print(f"  process RSS growth   {result['rss']:,.0f} MiB (all three services in this process)")
+    print(
+        f"session of {n:,} documents{'' if args.no_budget else ' with a budget'}: "
+        f"create {result['create']:.2f}s, dispatch {result['dispatch']:.2f}s "
+        f"({result['dispatched']:,} runs; {on_queue:,} messages on the queue)"
+    )
+    print(
+        f"  dispatch rate        {n / result['dispatch']:,.0f} documents/s = "
+        f"{n / result['dispatch'] / bare:.2f}x bare"
+    )
+    print(
+        f"  create + dispatch    {n / total:,.0f} documents/s = {n / total / bare:.2f}x bare "
+        f"(target >= 1.0x, stretch >= 3x)"
+    )
+    print(f"  RSS growth           {result['rss']:,.0f} MiB (the session service's process)")
     assert on_queue == n, "every dispatched run must be on its queue"
 
 

@@ -29,13 +29,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from docimport.common.v1 import common_pb2
+from docimport.session.v1 import session_service_pb2 as pb
 from session_common import TOKENS, private_database, private_redis, services
 
-from docimport.common.v1 import common_pb2  # noqa: E402
-from docimport.session.v1 import session_service_pb2 as pb  # noqa: E402
-
-from services.common import convert  # noqa: E402
-
+from services.common import convert
 
 LAST: dict[str, list[float]] = {}
 
@@ -74,14 +72,21 @@ async def echo_server() -> AsyncIterator[Any]:
         return request
 
     handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     payload = pb.ReportStageResultRequest(
-        document_id=str(uuid.uuid4()), stage=common_pb2.STAGE_EXTRACT, attempt=1, task_id=str(uuid.uuid4()),
-        worker="bench-worker@host", succeeded=True, cost=convert.money("0.00012501")).SerializeToString()
+        document_id=str(uuid.uuid4()),
+        stage=common_pb2.STAGE_EXTRACT,
+        attempt=1,
+        task_id=str(uuid.uuid4()),
+        worker="bench-worker@host",
+        succeeded=True,
+        cost=convert.money("0.00012501"),
+    ).SerializeToString()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary("/bench.Echo/Echo")
         await call(payload)
@@ -89,17 +94,32 @@ async def echo_server() -> AsyncIterator[Any]:
     await server.stop(0)
 
 
-async def ingest(db_url: str, broker_url: str, runs: int, concurrency: int, rounds: int) -> dict[str, list[float]]:
+async def ingest(
+    db_url: str, broker_url: str, runs: int, concurrency: int, rounds: int
+) -> dict[str, list[float]]:
     recorder = Recorder()
-    async with services(db_url, broker_url, enqueuer=recorder, max_in_flight_total=runs + 1,
-                        dispatch_batch=5000, pool_size=12) as stack:
+    async with services(
+        db_url,
+        broker_url,
+        enqueuer=recorder,
+        max_in_flight_total=runs + 1,
+        dispatch_batch=5000,
+        pool_size=12,
+    ) as stack:
         from session_common import insert_manifest
 
         manifest_id = await insert_manifest(stack.pool, runs)
         operator = stack.session_stub("operator")
-        await operator.CreateSession(pb.CreateSessionRequest(
-            request_id=str(uuid.uuid4()), manifest_id=manifest_id, project_name="Bench v. Mark",
-            options=pb.SessionOptions(max_in_flight=runs), start=True), timeout=600)
+        await operator.CreateSession(
+            pb.CreateSessionRequest(
+                request_id=str(uuid.uuid4()),
+                manifest_id=manifest_id,
+                project_name="Bench v. Mark",
+                options=pb.SessionOptions(max_in_flight=runs),
+                start=True,
+            ),
+            timeout=600,
+        )
         while await stack.session_server.dispatcher.run_once():
             pass
         messages = recorder.messages
@@ -125,16 +145,29 @@ async def ingest(db_url: str, broker_url: str, runs: int, concurrency: int, roun
 
         def started(m):  # type: ignore[no-untyped-def]
             p = m.payload
-            return lambda: worker.ReportStageStarted(pb.ReportStageStartedRequest(
-                document_id=p.document_id, stage=common_pb2.STAGE_EXTRACT, attempt=p.attempt,
-                task_id=m.task_id, worker="bench-worker@host"))
+            return lambda: worker.ReportStageStarted(
+                pb.ReportStageStartedRequest(
+                    document_id=p.document_id,
+                    stage=common_pb2.STAGE_EXTRACT,
+                    attempt=p.attempt,
+                    task_id=m.task_id,
+                    worker="bench-worker@host",
+                )
+            )
 
         def result(m):  # type: ignore[no-untyped-def]
             p = m.payload
-            return lambda: worker.ReportStageResult(pb.ReportStageResultRequest(
-                document_id=p.document_id, stage=common_pb2.STAGE_EXTRACT, attempt=p.attempt,
-                task_id=m.task_id, worker="bench-worker@host", succeeded=True,
-                cost=convert.money("0.00012501")))
+            return lambda: worker.ReportStageResult(
+                pb.ReportStageResultRequest(
+                    document_id=p.document_id,
+                    stage=common_pb2.STAGE_EXTRACT,
+                    attempt=p.attempt,
+                    task_id=m.task_id,
+                    worker="bench-worker@host",
+                    succeeded=True,
+                    cost=convert.money("0.00012501"),
+                )
+            )
 
         await started(messages[0])()
         rest = messages[1:]
@@ -143,17 +176,21 @@ async def ingest(db_url: str, broker_url: str, runs: int, concurrency: int, roun
         async with echo_server() as echo_call:
             for i in range(rounds):
                 # alternate, so that a load spike on the machine hits all three alike
-                part = rest[i * size:(i + 1) * size]
+                part = rest[i * size : (i + 1) * size]
                 rates["echo"].append(await drive([echo_call for _ in part], concurrency))
                 rates["started"].append(await drive([started(m) for m in part], concurrency))
                 rates["result"].append(await drive([result(m) for m in part], concurrency))
         LAST.clear()
         LAST.update(rates)
-        for m in rest[rounds * size:]:
+        for m in rest[rounds * size :]:
             await started(m)()
             await result(m)()
         await result(messages[0])()
-        s = (await operator.GetSession(pb.GetSessionRequest(session_id=messages[0].payload.session_id))).session
+        s = (
+            await operator.GetSession(
+                pb.GetSessionRequest(session_id=messages[0].payload.session_id)
+            )
+        ).session
         assert s.counts.running == 0 and s.stages[0].succeeded == runs, s
     return rates
 
@@ -170,12 +207,16 @@ async def main() -> None:
     best = {k: max(v) for k, v in rates.items()}
     median = {k: statistics.median(v) for k, v in rates.items()}
     per = (args.runs - 1) // args.rounds
-    print(f"{args.rounds} alternating rounds of {per:,} calls each, {args.concurrency} in flight "
-          f"(best / median of the rounds):")
+    print(
+        f"{args.rounds} alternating rounds of {per:,} calls each, {args.concurrency} in flight "
+        f"(best / median of the rounds):"
+    )
     print(f"  bare grpc.aio unary echo  {best['echo']:7,.0f} / {median['echo']:7,.0f} calls/s")
     for name, label in (("started", "ReportStageStarted"), ("result", "ReportStageResult")):
-        print(f"  {label:24}  {best[name]:7,.0f} / {median[name]:7,.0f} reports/s = "
-              f"{best[name] / best['echo']:.2f}x / {median[name] / median['echo']:.2f}x echo")
+        print(
+            f"  {label:24}  {best[name]:7,.0f} / {median[name]:7,.0f} reports/s = "
+            f"{best[name] / best['echo']:.2f}x / {median[name] / median['echo']:.2f}x echo"
+        )
     print("  target: >= 0.5x")
 
 

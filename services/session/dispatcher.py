@@ -34,6 +34,7 @@ import logging
 import math
 from collections.abc import Sequence
 from decimal import Decimal
+
 import grpc
 
 from services.common import convert
@@ -42,7 +43,14 @@ from services.common.tasks import StagePayload, encode_raw_path
 from services.session.config import SessionSettings
 from services.session.peers import BudgetRefused, CostPeer
 from services.session.queue import Enqueuer, PublishError, StageMessage
-from services.session.store import Claimed, Dispatched, Reservations, SessionInfo, SessionStore, Timing
+from services.session.store import (
+    Claimed,
+    Dispatched,
+    Reservations,
+    SessionInfo,
+    SessionStore,
+    Timing,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +58,11 @@ MIB = 1024 * 1024
 
 
 def timing_for(settings: SessionSettings, size_bytes: int) -> Timing:
-    """Time limits and leases of a stage run, scaled by the file's size."""
+    """Time limits and leases of a stage run, scaled by the file's size.
+
+    The running lease is computed the same way in the store's
+    ReportStageStarted statement (`lease_seconds` there).
+    """
     soft = math.ceil(settings.lease_base + settings.lease_per_mib * (size_bytes / MIB))
     hard = soft + math.ceil(settings.time_limit_grace)
     grace = settings.time_limit_grace
@@ -127,7 +139,10 @@ class Dispatcher:
                 while room_total > 0 and not self._stopping:
                     limit = min(self._settings.dispatch_batch, room_total)
                     round_ = await self._store.dispatch_session(
-                        session_id, limit=limit, timing=self.timing, reserve=self._reserve,
+                        session_id,
+                        limit=limit,
+                        timing=self.timing,
+                        reserve=self._reserve,
                     )
                     if round_.dispatched:
                         if publishing is not None:
@@ -136,8 +151,11 @@ class Dispatcher:
                         total += len(round_.dispatched)
                         room_total -= len(round_.dispatched)
                     if round_.budget_exhausted:
-                        logger.info("session %s stopped by its budget", session_id,
-                                    extra={"session_id": session_id})
+                        logger.info(
+                            "session %s stopped by its budget",
+                            session_id,
+                            extra={"session_id": session_id},
+                        )
                     if not round_.saturated or not round_.dispatched:
                         break
         finally:
@@ -164,7 +182,9 @@ class Dispatcher:
             return Reservations(refused=everything)
         items = [(f"{c.document.document_id}/{c.stage}/{c.attempt}", c.estimate) for c in paid]
         # Held until the document is done: all its stages, retries included.
-        ttl = max(24 * 3600.0, 3 * self.timing(max(c.document.size_bytes for c in paid)).queued_lease)
+        ttl = max(
+            24 * 3600.0, 3 * self.timing(max(c.document.size_bytes for c in paid)).queued_lease
+        )
         try:
             try:
                 reserved = await self._cost.reserve(session.session_id, items, ttl)
@@ -175,22 +195,30 @@ class Dispatcher:
         except BudgetRefused as exc:
             return Reservations(
                 refused=everything,
-                exhausted_reason=(f"budget exhausted: the next document needs "
-                                  f"{convert.format_money(paid[0].estimate)}; raise the budget "
-                                  f"to resume ({exc})"),
+                exhausted_reason=(
+                    f"budget exhausted: the next document needs "
+                    f"{convert.format_money(paid[0].estimate)}; raise the budget "
+                    f"to resume ({exc})"
+                ),
             )
         except grpc.aio.AioRpcError as exc:
-            logger.warning("cannot reserve budget for session %s: %s %s; will retry",
-                           session.session_id, exc.code().name, exc.details())
+            logger.warning(
+                "cannot reserve budget for session %s: %s %s; will retry",
+                session.session_id,
+                exc.code().name,
+                exc.details(),
+            )
             return Reservations(refused=everything)
         granted = {c.document.document_id: g for c, g in zip(paid, reserved.granted, strict=False)}
-        refused = frozenset(c.document.document_id for c in paid[len(reserved.granted):])
+        refused = frozenset(c.document.document_id for c in paid[len(reserved.granted) :])
         reason = None
         if reserved.exhausted or refused:
             left = reserved.budget.remaining if reserved.budget else Decimal(0)
             limit = reserved.budget.limit if reserved.budget else session.budget_limit or Decimal(0)
-            reason = (f"budget exhausted: {convert.format_money(left)} left of "
-                      f"{convert.format_money(limit)}; raise the budget to resume")
+            reason = (
+                f"budget exhausted: {convert.format_money(left)} left of "
+                f"{convert.format_money(limit)}; raise the budget to resume"
+            )
         return Reservations(granted=granted, refused=refused, exhausted_reason=reason)
 
     async def release(self, reservation_ids: Sequence[str]) -> None:
@@ -201,7 +229,9 @@ class Dispatcher:
             await self._cost.release(reservation_ids)
         except grpc.aio.AioRpcError as exc:
             # They expire on their own (their TTL); nothing is lost.
-            logger.warning("releasing %d reservations failed: %s", len(reservation_ids), exc.details())
+            logger.warning(
+                "releasing %d reservations failed: %s", len(reservation_ids), exc.details()
+            )
 
     async def settle(self, settlements: Sequence[tuple[str, Decimal]]) -> None:
         """Settles reservations with the actual costs workers reported."""
@@ -210,8 +240,12 @@ class Dispatcher:
         try:
             await self._cost.settle(settlements)
         except grpc.aio.AioRpcError as exc:
-            logger.warning("settling %d reservations failed: %s %s", len(settlements),
-                           exc.code().name, exc.details())
+            logger.warning(
+                "settling %d reservations failed: %s %s",
+                len(settlements),
+                exc.code().name,
+                exc.details(),
+            )
 
     # ---------------------------------------------------------------- loop
 

@@ -54,8 +54,7 @@ class Tail:
         self._fetching: asyncio.Task[None] | None = None
 
     def notify(self, seq: int) -> None:
-        if seq > self.known_seq:
-            self.known_seq = seq
+        self.known_seq = max(self.known_seq, seq)
         if self.known_seq > self.last_seq and (self._fetching is None or self._fetching.done()):
             self._fetching = asyncio.get_running_loop().create_task(self._fetch())
 
@@ -150,7 +149,7 @@ class EventHub:
         for tail in list(self._tails.values()):
             try:
                 found = await self._store.last_seq(tail.session_id)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the next heartbeat polls again
                 continue
             if found:
                 tail.notify(found[0])
@@ -167,7 +166,7 @@ class EventHub:
         if self._conn is not None and not self._conn.is_closed():
             try:
                 await self._conn.close(timeout=2)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - closing anyway
                 self._conn.terminate()
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:

@@ -91,7 +91,8 @@ class ManifestPeer:
     async def get_manifest(self, manifest_id: str) -> ManifestInfo:
         try:
             response = await self._stub.GetManifest(
-                manifest_service_pb2.GetManifestRequest(manifest_id=manifest_id), timeout=self._timeout
+                manifest_service_pb2.GetManifestRequest(manifest_id=manifest_id),
+                timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as exc:
             raise _domain_error(exc, "manifest", manifest_id) from None
@@ -102,12 +103,15 @@ class ManifestPeer:
             source_path=m.source_path,
             ready=m.state == manifest_service_pb2.MANIFEST_STATE_READY,
             state_name=manifest_service_pb2.ManifestState.Name(m.state)
-            .removeprefix("MANIFEST_STATE_").lower(),
+            .removeprefix("MANIFEST_STATE_")
+            .lower(),
             file_count=m.summary.file_count,
             estimated_total=_money(m.summary.estimated_total),
         )
 
-    async def iter_files(self, manifest_id: str, page_size: int) -> AsyncIterator[list[ManifestFileInfo]]:
+    async def iter_files(
+        self, manifest_id: str, page_size: int
+    ) -> AsyncIterator[list[ManifestFileInfo]]:
         token = ""
         while True:
             try:
@@ -128,8 +132,11 @@ class ManifestPeer:
     def _file(f: Any) -> ManifestFileInfo:
         problem_kind = ""
         if f.HasField("problem") and f.problem.kind:
-            problem_kind = manifest_service_pb2.ProblemKind.Name(f.problem.kind).removeprefix(
-                "PROBLEM_KIND_").lower()
+            problem_kind = (
+                manifest_service_pb2.ProblemKind.Name(f.problem.kind)
+                .removeprefix("PROBLEM_KIND_")
+                .lower()
+            )
         return ManifestFileInfo(
             file_id=f.file_id,
             relative_path=f.relative_path,
@@ -201,8 +208,12 @@ class CostEventIndex:
 
 
 def _budget(message: Any) -> Budget:
-    return Budget(_money(message.limit), _money(message.remaining), _money(message.reserved),
-                  _money(message.spent))
+    return Budget(
+        _money(message.limit),
+        _money(message.remaining),
+        _money(message.reserved),
+        _money(message.spent),
+    )
 
 
 class CostPeer:
@@ -227,11 +238,14 @@ class CostPeer:
             raise
         return _budget(response.budget)
 
-    async def reserve(self, session_id: str, items: Sequence[tuple[str, Decimal]],
-                      ttl_seconds: float) -> Reserved:
+    async def reserve(
+        self, session_id: str, items: Sequence[tuple[str, Decimal]], ttl_seconds: float
+    ) -> Reserved:
         request = cost_service_pb2.ReserveBudgetRequest(
             session_id=session_id,
-            items=[cost_service_pb2.ReservationItem(key=k, amount=convert.money(a)) for k, a in items],
+            items=[
+                cost_service_pb2.ReservationItem(key=k, amount=convert.money(a)) for k, a in items
+            ],
             ttl=convert.duration(ttl_seconds),
             allow_partial=True,
         )
@@ -257,10 +271,12 @@ class CostPeer:
 
     async def settle(self, settlements: Sequence[tuple[str, Decimal]]) -> None:
         await self._stub.SettleReservation(
-            cost_service_pb2.SettleReservationRequest(settlements=[
-                cost_service_pb2.Settlement(reservation_id=rid, actual=convert.money(amount))
-                for rid, amount in settlements
-            ]),
+            cost_service_pb2.SettleReservationRequest(
+                settlements=[
+                    cost_service_pb2.Settlement(reservation_id=rid, actual=convert.money(amount))
+                    for rid, amount in settlements
+                ]
+            ),
             timeout=self._timeout,
         )
 
@@ -268,8 +284,9 @@ class CostPeer:
         response = await self._stub.GetSessionCosts(
             cost_service_pb2.GetSessionCostsRequest(session_id=session_id), timeout=self._timeout
         )
-        return SessionCosts(_money(response.actual_total), _money(response.estimate_total),
-                            response.event_count)
+        return SessionCosts(
+            _money(response.actual_total), _money(response.estimate_total), response.event_count
+        )
 
     async def actual_events(self, session_id: str, page_size: int = 1000) -> CostEventIndex:
         index = CostEventIndex()
@@ -277,8 +294,10 @@ class CostPeer:
         while True:
             response = await self._stub.ListCostEvents(
                 cost_service_pb2.ListCostEventsRequest(
-                    session_id=session_id, kind=cost_service_pb2.COST_KIND_ACTUAL,
-                    page_size=page_size, page_token=token,
+                    session_id=session_id,
+                    kind=cost_service_pb2.COST_KIND_ACTUAL,
+                    page_size=page_size,
+                    page_token=token,
                 ),
                 timeout=self._timeout,
             )
@@ -295,13 +314,18 @@ class CostPeer:
         if not files:
             return {}
         response = await self._stub.EstimateCost(
-            cost_service_pb2.EstimateCostRequest(files=[
-                cost_service_pb2.FilePlan(
-                    key=f.key, plan=convert.plan_value(f.plan), page_count=f.page_count,
-                    ocr_page_count=f.ocr_page_count, size_bytes=f.size_bytes,
-                )
-                for f in files
-            ]),
+            cost_service_pb2.EstimateCostRequest(
+                files=[
+                    cost_service_pb2.FilePlan(
+                        key=f.key,
+                        plan=convert.plan_value(f.plan),
+                        page_count=f.page_count,
+                        ocr_page_count=f.ocr_page_count,
+                        size_bytes=f.size_bytes,
+                    )
+                    for f in files
+                ]
+            ),
             timeout=self._timeout,
         )
         return {estimate.key: _money(estimate.amount) for estimate in response.files}

@@ -68,7 +68,9 @@ class Enqueuer(Protocol):
 class CeleryEnqueuer:
     """Publishes Celery protocol-2 messages in pipelined batches."""
 
-    def __init__(self, broker_url: str, *, batch_size: int = 1000, origin: str | None = None) -> None:
+    def __init__(
+        self, broker_url: str, *, batch_size: int = 1000, origin: str | None = None
+    ) -> None:
         from celery import Celery
 
         self._app = Celery("docimport-session", broker=broker_url, set_as_current=False)

@@ -12,8 +12,10 @@ Owns a background task of `server.serve` (`stop()` ends it). Every
 - resumes budget_exhausted sessions whose budget was raised;
 - finishes sessions left with no active document (a safety net: reports
   already finish them in the same transaction).
-Retryable errors reported by workers back off exponentially; that delay is
-computed by `backoff()` and applied by the store when the report lands.
+Retryable errors reported by workers back off exponentially
+(`retry_backoff_base` * 2**(attempt-1), capped by `retry_backoff_max`): the
+store sets the document's `not_before` when the report lands, and the
+dispatcher does not claim it before then.
 Stalled documents (queued or running with no progress for `stall_after`)
 are computed when read, not written. No SQL here.
 """
@@ -34,11 +36,6 @@ from services.session.peers import CostPeer
 from services.session.store import SessionStore
 
 logger = logging.getLogger(__name__)
-
-
-def backoff(settings: SessionSettings, attempt: int) -> float:
-    """Seconds before attempt `attempt + 1` after a retryable failure of `attempt`."""
-    return min(settings.retry_backoff_base * 2 ** max(0, attempt - 1), settings.retry_backoff_max)
 
 
 class Reconciler:
@@ -79,7 +76,9 @@ class Reconciler:
             try:
                 budget = await self._cost.get_budget(session.session_id)
             except grpc.aio.AioRpcError as exc:
-                logger.warning("cannot read the budget of %s: %s", session.session_id, exc.details())
+                logger.warning(
+                    "cannot read the budget of %s: %s", session.session_id, exc.details()
+                )
                 continue
             if budget is None:
                 continue

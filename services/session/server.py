@@ -73,14 +73,18 @@ async def build_server(
     dispatcher = Dispatcher(store, enqueuer, settings, cost)
     reconciler = Reconciler(store, dispatcher, settings, cost)
     hub = EventHub(
-        settings.database_url.get_secret_value(), store, capacity=settings.watch_buffer,
+        settings.database_url.get_secret_value(),
+        store,
+        capacity=settings.watch_buffer,
         on_foreign_change=lambda _session_id: dispatcher.wake(),
     )
     await hub.start()
     servicer = SessionServicer(store, settings, dispatcher, hub, manifest, cost)
     running = await build_grpc_server(
         settings,
-        register=lambda server: session_service_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server),
+        register=lambda server: session_service_pb2_grpc.add_SessionServiceServicer_to_server(
+            servicer, server
+        ),
         service_names=[SERVICE_NAME],
         policy=POLICY,
     )
@@ -88,8 +92,14 @@ async def build_server(
         dispatcher.start()
         reconciler.start()
     return SessionServer(
-        running.server, running.port, running.health, running.service_names,
-        servicer=servicer, dispatcher=dispatcher, reconciler=reconciler, hub=hub,
+        running.server,
+        running.port,
+        running.health,
+        running.service_names,
+        servicer=servicer,
+        dispatcher=dispatcher,
+        reconciler=reconciler,
+        hub=hub,
     )
 
 

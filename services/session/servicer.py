@@ -54,7 +54,6 @@ from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
 from services.session.events import EventHub, WatchItem, watch
 from services.session.peers import CostPeer, FilePlanItem, ManifestFileInfo, ManifestPeer
-from services.session.reconciler import backoff
 from services.session.store import (
     Document,
     Event,
@@ -73,16 +72,19 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
 _READ = {Scope.OPERATOR, Scope.SERVICE}
-POLICY = policy_for(SERVICE_NAME, {
-    "ReportStageStarted": {Scope.WORKER},
-    "ReportStageResult": {Scope.WORKER},
-    "GetSession": _READ,
-    "ListSessions": _READ,
-    "ListSessionDocuments": _READ,
-    "GetDocument": _READ,
-    "WatchSession": _READ,
-    "VerifySession": _READ,
-})
+POLICY = policy_for(
+    SERVICE_NAME,
+    {
+        "ReportStageStarted": {Scope.WORKER},
+        "ReportStageResult": {Scope.WORKER},
+        "GetSession": _READ,
+        "ListSessions": _READ,
+        "ListSessionDocuments": _READ,
+        "GetDocument": _READ,
+        "WatchSession": _READ,
+        "VerifySession": _READ,
+    },
+)
 
 # Session ids derived from request ids live in their own namespace.
 REQUEST_NAMESPACE = uuid.UUID("5d0c7a47-6f0e-4b6f-9a53-64f0d2a1c3b7")
@@ -129,8 +131,14 @@ class MicroBatcher(Generic[T, R]):
     received join the batch), never waiting on a timer.
     """
 
-    def __init__(self, apply: Callable[[list[T]], Awaitable[list[R]]], *, max_batch: int,
-                 concurrency: int = 2, gather_turns: int = 2) -> None:
+    def __init__(
+        self,
+        apply: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        max_batch: int,
+        concurrency: int = 2,
+        gather_turns: int = 2,
+    ) -> None:
         self._apply = apply
         self._gather_turns = gather_turns
         self._max = max(1, max_batch)
@@ -152,7 +160,7 @@ class MicroBatcher(Generic[T, R]):
             for _ in range(self._gather_turns):
                 await asyncio.sleep(0)
             while self._queue:
-                batch, self._queue = self._queue[: self._max], self._queue[self._max:]
+                batch, self._queue = self._queue[: self._max], self._queue[self._max :]
                 await self._run(batch)
         finally:
             self._running -= 1
@@ -198,7 +206,7 @@ async def prefetch(source: AsyncIterator[T], depth: int = 2) -> AsyncIterator[T]
         task.cancel()
         try:
             await task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the producer is being discarded
             pass
 
 
@@ -221,23 +229,34 @@ def rate_and_eta(snapshot: Snapshot) -> tuple[float, float | None]:
     return rate, eta
 
 
-def session_proto(info: SessionInfo, *, snapshot: Snapshot | None = None,
-                  cost_so_far: Decimal | None = None) -> pb.Session:
+def session_proto(
+    info: SessionInfo, *, snapshot: Snapshot | None = None, cost_so_far: Decimal | None = None
+) -> pb.Session:
     c = info.counts
-    options = pb.SessionOptions(max_in_flight=info.max_in_flight,
-                                category_priority=list(info.category_priority))
+    options = pb.SessionOptions(
+        max_in_flight=info.max_in_flight, category_priority=list(info.category_priority)
+    )
     if info.budget_limit is not None:
         options.budget.CopyFrom(convert.money(info.budget_limit))
     message = pb.Session(
         session_id=info.session_id,
-        project=pb.Project(project_id=info.project.project_id, name=info.project.name,
-                           created_at=convert.timestamp(info.project.created_at)),
+        project=pb.Project(
+            project_id=info.project.project_id,
+            name=info.project.name,
+            created_at=convert.timestamp(info.project.created_at),
+        ),
         manifest_id=info.manifest_id,
         state=_session_state(info.state),
         options=options,
         counts=pb.DocumentCounts(
-            total=c.total, pending=c.pending, queued=c.queued, running=c.running,
-            completed=c.completed, failed=c.failed, skipped=c.skipped, cancelled=c.cancelled,
+            total=c.total,
+            pending=c.pending,
+            queued=c.queued,
+            running=c.running,
+            completed=c.completed,
+            failed=c.failed,
+            skipped=c.skipped,
+            cancelled=c.cancelled,
             stalled=c.stalled,
         ),
         cost_so_far=convert.money(cost_so_far if cost_so_far is not None else info.reported_cost),
@@ -252,9 +271,14 @@ def session_proto(info: SessionInfo, *, snapshot: Snapshot | None = None,
         message.estimated_cost.CopyFrom(convert.money(info.estimated_cost))
     if snapshot is not None:
         for s in snapshot.stages:
-            message.stages.add(stage=convert.stage_value(s.stage), queued=s.queued,
-                               running=s.running, succeeded=s.succeeded, failed=s.failed,
-                               cache_hits=s.cache_hits)
+            message.stages.add(
+                stage=convert.stage_value(s.stage),
+                queued=s.queued,
+                running=s.running,
+                succeeded=s.succeeded,
+                failed=s.failed,
+                cache_hits=s.cache_hits,
+            )
         rate, eta = rate_and_eta(snapshot)
         message.documents_per_second = rate
         if eta is not None:
@@ -264,69 +288,113 @@ def session_proto(info: SessionInfo, *, snapshot: Snapshot | None = None,
 
 def document_proto(doc: Document, runs: Sequence[StageRun] = ()) -> pb.Document:
     message = pb.Document(
-        document_id=doc.document_id, session_id=doc.session_id,
-        manifest_file_id=doc.manifest_file_id, relative_path=doc.relative_path,
-        sha256=doc.sha256 or "", size_bytes=doc.size_bytes, category=doc.category,
-        priority=doc.priority, plan=convert.plan_value(doc.plan), state=_doc_state(doc.state),
-        stage=convert.stage_value(doc.stage), error_class=_error_class(doc.error_class),
-        error_message=doc.error_message or "", skip_reason=doc.skip_reason or "",
-        attempts=doc.attempts, stalled=doc.stalled, cost=convert.money(doc.cost),
-        updated_at=convert.timestamp(doc.updated_at), page_count=doc.page_count,
+        document_id=doc.document_id,
+        session_id=doc.session_id,
+        manifest_file_id=doc.manifest_file_id,
+        relative_path=doc.relative_path,
+        sha256=doc.sha256 or "",
+        size_bytes=doc.size_bytes,
+        category=doc.category,
+        priority=doc.priority,
+        plan=convert.plan_value(doc.plan),
+        state=_doc_state(doc.state),
+        stage=convert.stage_value(doc.stage),
+        error_class=_error_class(doc.error_class),
+        error_message=doc.error_message or "",
+        skip_reason=doc.skip_reason or "",
+        attempts=doc.attempts,
+        stalled=doc.stalled,
+        cost=convert.money(doc.cost),
+        updated_at=convert.timestamp(doc.updated_at),
+        page_count=doc.page_count,
     )
     for run in runs:
         r = message.stage_runs.add(
-            stage=convert.stage_value(run.stage), attempt=run.attempt,
+            stage=convert.stage_value(run.stage),
+            attempt=run.attempt,
             state=convert.enum_value(pb.StageRunState, run.state, "STAGE_RUN_STATE_"),
-            task_id=run.task_id, worker=run.worker or "",
-            queued_at=convert.timestamp(run.queued_at), started_at=convert.timestamp(run.started_at),
+            task_id=run.task_id,
+            worker=run.worker or "",
+            queued_at=convert.timestamp(run.queued_at),
+            started_at=convert.timestamp(run.started_at),
             finished_at=convert.timestamp(run.finished_at),
             lease_expires_at=convert.timestamp(run.lease_expires_at),
-            error_class=_error_class(run.error_class), error_code=run.error_code or "",
-            error_message=run.error_message or "", cache_hit=run.cache_hit,
+            error_class=_error_class(run.error_class),
+            error_code=run.error_code or "",
+            error_message=run.error_message or "",
+            cache_hit=run.cache_hit,
         )
         if run.duration_seconds is not None:
             r.duration.CopyFrom(convert.duration(run.duration_seconds))
         if run.cost is not None:
             r.cost.CopyFrom(convert.money(run.cost))
         for a in run.artifacts:
-            r.artifacts.add(kind=str(a.get("kind", "")), uri=str(a.get("uri", "")),
-                            sha256=str(a.get("sha256", "")), size_bytes=int(a.get("size_bytes") or 0))
+            r.artifacts.add(
+                kind=str(a.get("kind", "")),
+                uri=str(a.get("uri", "")),
+                sha256=str(a.get("sha256", "")),
+                size_bytes=int(a.get("size_bytes") or 0),
+            )
     return message
 
 
 def event_proto(event: Event) -> pb.WatchSessionResponse:
-    response = pb.WatchSessionResponse(seq=event.seq, event_time=convert.timestamp(event.event_time))
+    response = pb.WatchSessionResponse(
+        seq=event.seq, event_time=convert.timestamp(event.event_time)
+    )
     p = event.payload
     if event.kind == "state_change":
         response.state_change.CopyFrom(
-            pb.SessionStateChange(state=_session_state(p.get("state", "")), reason=p.get("reason", ""))
+            pb.SessionStateChange(
+                state=_session_state(p.get("state", "")), reason=p.get("reason", "")
+            )
         )
         return response
-    response.document.CopyFrom(pb.DocumentEvent(
-        document_id=event.document_id or "", relative_path=event.relative_path,
-        state=_doc_state(p.get("state")), stage=convert.stage_value(p.get("stage")),
-        error_class=_error_class(p.get("error_class")), error_message=p.get("error_message", ""),
-        cache_hit=bool(p.get("cache_hit")), previous_state=_doc_state(p.get("prev")),
-        previous_stage=convert.stage_value(p.get("prev_stage")), attempt=int(p.get("attempt") or 0),
-    ))
+    response.document.CopyFrom(
+        pb.DocumentEvent(
+            document_id=event.document_id or "",
+            relative_path=event.relative_path,
+            state=_doc_state(p.get("state")),
+            stage=convert.stage_value(p.get("stage")),
+            error_class=_error_class(p.get("error_class")),
+            error_message=p.get("error_message", ""),
+            cache_hit=bool(p.get("cache_hit")),
+            previous_state=_doc_state(p.get("prev")),
+            previous_stage=convert.stage_value(p.get("prev_stage")),
+            attempt=int(p.get("attempt") or 0),
+        )
+    )
     if "cost" in p:
         response.document.cost.CopyFrom(convert.money(p["cost"]))
     return response
 
 
 def verify_proto(report: VerifyReport) -> pb.VerifySessionResponse:
-    severity = {"info": pb.SEVERITY_INFO, "warning": pb.SEVERITY_WARNING, "error": pb.SEVERITY_ERROR}
+    severity = {
+        "info": pb.SEVERITY_INFO,
+        "warning": pb.SEVERITY_WARNING,
+        "error": pb.SEVERITY_ERROR,
+    }
     verdict = {"pass": pb.VERDICT_PASS, "warn": pb.VERDICT_WARN, "fail": pb.VERDICT_FAIL}
     message = pb.VerifySessionResponse(
-        session_id=report.session_id, verdict=verdict[report.verdict],
+        session_id=report.session_id,
+        verdict=verdict[report.verdict],
         counts=pb.VerifyCounts(
-            manifest_files=report.manifest_files, completed=report.completed,
-            skipped=report.skipped, failed=report.failed, unaccounted=report.unaccounted,
+            manifest_files=report.manifest_files,
+            completed=report.completed,
+            skipped=report.skipped,
+            failed=report.failed,
+            unaccounted=report.unaccounted,
             in_progress=report.in_progress,
         ),
         findings=[
-            pb.Finding(severity=severity[f.severity], code=f.code, message=f.message, count=f.count,
-                       document_ids=list(f.document_ids))
+            pb.Finding(
+                severity=severity[f.severity],
+                code=f.code,
+                message=f.message,
+                count=f.count,
+                document_ids=list(f.document_ids),
+            )
             for f in report.findings
         ],
         recommendations=list(report.recommendations),
@@ -349,17 +417,25 @@ def classify(f: ManifestFileInfo) -> tuple[str, dict[str, Any]]:
     if f.family_parent_file_id:
         return st.SKIPPED, {"skip_reason": "e-mail attachment: processed with its e-mail"}
     if f.duplicate_of_file_id or f.duplicate_of_path:
-        return st.SKIPPED, {"skip_reason": f"duplicate of {f.duplicate_of_path or f.duplicate_of_file_id}"}
+        return st.SKIPPED, {
+            "skip_reason": f"duplicate of {f.duplicate_of_path or f.duplicate_of_file_id}"
+        }
     if f.problem_kind:
         reason = f.problem_message or f.problem_kind.replace("_", " ")
-        return st.FAILED, {"error_class": st.PERMANENT, "error_code": f.problem_kind,
-                           "error_message": f"{reason} (found by the manifest scan)",
-                           "problem_kind": f.problem_kind}
+        return st.FAILED, {
+            "error_class": st.PERMANENT,
+            "error_code": f.problem_kind,
+            "error_message": f"{reason} (found by the manifest scan)",
+            "problem_kind": f.problem_kind,
+        }
     if f.plan == "unsupported":
-        return st.FAILED, {"error_class": st.PERMANENT, "error_code": "unsupported",
-                           "error_message": f"unsupported file type {f.mime_type or 'unknown'} "
-                                            "(found by the manifest scan)",
-                           "problem_kind": "unsupported"}
+        return st.FAILED, {
+            "error_class": st.PERMANENT,
+            "error_code": "unsupported",
+            "error_message": f"unsupported file type {f.mime_type or 'unknown'} "
+            "(found by the manifest scan)",
+            "problem_kind": "unsupported",
+        }
     return st.PENDING, {}
 
 
@@ -391,20 +467,30 @@ class SessionServicer:
         self._manifest = manifest
         self._cost = cost
         self._verifier = Verifier(store, manifest, cost, page_size=settings.manifest_page_size)
-        self._started = MicroBatcher(self._apply_started, max_batch=settings.report_batch,
-                                     concurrency=settings.report_concurrency)
-        self._results = MicroBatcher(self._apply_results, max_batch=settings.report_batch,
-                                     concurrency=settings.report_concurrency)
+        self._started = MicroBatcher(
+            self._apply_started,
+            max_batch=settings.report_batch,
+            concurrency=settings.report_concurrency,
+        )
+        self._results = MicroBatcher(
+            self._apply_results,
+            max_batch=settings.report_batch,
+            concurrency=settings.report_concurrency,
+        )
         self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ create
 
-    async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.CreateSessionResponse:
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: Any
+    ) -> pb.CreateSessionResponse:
         v = Validator()
         if len(request.request_id) > MAX_NAME:
             v.add("request_id", f"must be at most {MAX_NAME} characters")
         v.require(request.manifest_id, "manifest_id")
-        manifest_id = _uuid_text(request.manifest_id, "manifest_id", v) if request.manifest_id else ""
+        manifest_id = (
+            _uuid_text(request.manifest_id, "manifest_id", v) if request.manifest_id else ""
+        )
         which = request.WhichOneof("project")
         project_name = request.project_name.strip() if which == "project_name" else None
         project_id = None
@@ -445,7 +531,9 @@ class SessionServicer:
                             f"request_id {request.request_id!r} already created session "
                             f"{existing.session_id} from another manifest"
                         )
-                    return pb.CreateSessionResponse(session=await self._session_message(existing.session_id))
+                    return pb.CreateSessionResponse(
+                        session=await self._session_message(existing.session_id)
+                    )
             if self._manifest is None:
                 raise FailedPrecondition("no manifest service is configured")
             manifest = await self._manifest.get_manifest(manifest_id)
@@ -460,32 +548,44 @@ class SessionServicer:
                 raise NotFound("project", project_id)
             if dry_run:
                 return pb.CreateSessionResponse(plan=await self._plan(manifest_id, order, budget))
-            session_id = (str(uuid.uuid5(REQUEST_NAMESPACE, request.request_id))
-                          if request.request_id else str(uuid.uuid4()))
+            session_id = (
+                str(uuid.uuid5(REQUEST_NAMESPACE, request.request_id))
+                if request.request_id
+                else str(uuid.uuid4())
+            )
             if budget is not None:
                 assert self._cost is not None
                 await self._cost.set_budget(session_id, budget)
             spec = NewSession(
-                session_id=session_id, request_id=request.request_id or None, manifest_id=manifest_id,
-                source_path=manifest.source_path, project_id=project_id, project_name=project_name,
+                session_id=session_id,
+                request_id=request.request_id or None,
+                manifest_id=manifest_id,
+                source_path=manifest.source_path,
+                project_id=project_id,
+                project_name=project_name,
                 budget_limit=budget,
                 max_in_flight=options.max_in_flight or DEFAULT_MAX_IN_FLIGHT,
                 category_priority=tuple(c.strip() for c in options.category_priority),
-                estimated_cost=None, start=request.start,
+                estimated_cost=None,
+                start=request.start,
             )
             # Pages are fetched and priced ahead while the previous one is copied.
             info, created = await self._store.create_session(
-                spec, prefetch(self._documents(manifest_id, order, price_unpriced=budget is not None))
+                spec,
+                prefetch(self._documents(manifest_id, order, price_unpriced=budget is not None)),
             )
             if created:
-                logger.info("session created", extra={"session_id": info.session_id,
-                                                      "documents": info.total_documents})
+                logger.info(
+                    "session created",
+                    extra={"session_id": info.session_id, "documents": info.total_documents},
+                )
             if request.start:
                 self._dispatcher.wake()
             return pb.CreateSessionResponse(session=await self._session_message(info.session_id))
 
-    async def _documents(self, manifest_id: str, order: dict[str, int], *, price_unpriced: bool
-                         ) -> AsyncIterator[list[NewDocument]]:
+    async def _documents(
+        self, manifest_id: str, order: dict[str, int], *, price_unpriced: bool
+    ) -> AsyncIterator[list[NewDocument]]:
         """The manifest's files as new documents, a page at a time (fetched ahead).
 
         Each document carries the manifest's own estimate of the file; files
@@ -498,29 +598,53 @@ class SessionServicer:
         async for page in pages:
             states = [classify(f) for f in page]
             priced: dict[str, Decimal] = {}
-            unpriced = [f for f, (state, _) in zip(page, states, strict=True)
-                        if state == st.PENDING and f.estimated_cost is None]
+            unpriced = [
+                f
+                for f, (state, _) in zip(page, states, strict=True)
+                if state == st.PENDING and f.estimated_cost is None
+            ]
             if price_unpriced and unpriced and self._cost is not None:
-                priced = await self._cost.estimate_files([
-                    FilePlanItem(f.file_id, f.plan, f.page_count, f.ocr_page_count, f.size_bytes)
-                    for f in unpriced
-                ])
+                priced = await self._cost.estimate_files(
+                    [
+                        FilePlanItem(
+                            f.file_id, f.plan, f.page_count, f.ocr_page_count, f.size_bytes
+                        )
+                        for f in unpriced
+                    ]
+                )
             batch = []
             for f, (state, reason) in zip(page, states, strict=True):
-                estimate = f.estimated_cost if f.estimated_cost is not None else priced.get(f.file_id)
-                batch.append(NewDocument(
-                    manifest_file_id=f.file_id, ordinal=ordinal,
-                    dispatch_rank=dispatch_rank(f.category, f.priority, order),
-                    relative_path=f.relative_path, raw_path=f.raw_path, sha256=f.sha256 or None,
-                    size_bytes=f.size_bytes, category=f.category, priority=f.priority, plan=f.plan,
-                    page_count=f.page_count, ocr_page_count=f.ocr_page_count, state=state,
-                    estimated_cost=(estimate or Decimal(0)) if state == st.PENDING else Decimal(0),
-                    mime_type=f.mime_type, **reason,
-                ))
+                estimate = (
+                    f.estimated_cost if f.estimated_cost is not None else priced.get(f.file_id)
+                )
+                batch.append(
+                    NewDocument(
+                        manifest_file_id=f.file_id,
+                        ordinal=ordinal,
+                        dispatch_rank=dispatch_rank(f.category, f.priority, order),
+                        relative_path=f.relative_path,
+                        raw_path=f.raw_path,
+                        sha256=f.sha256 or None,
+                        size_bytes=f.size_bytes,
+                        category=f.category,
+                        priority=f.priority,
+                        plan=f.plan,
+                        page_count=f.page_count,
+                        ocr_page_count=f.ocr_page_count,
+                        state=state,
+                        estimated_cost=(estimate or Decimal(0))
+                        if state == st.PENDING
+                        else Decimal(0),
+                        mime_type=f.mime_type,
+                        **reason,
+                    )
+                )
                 ordinal += 1
             yield batch
 
-    async def _plan(self, manifest_id: str, order: dict[str, int], budget: Decimal | None) -> pb.DryRunPlan:
+    async def _plan(
+        self, manifest_id: str, order: dict[str, int], budget: Decimal | None
+    ) -> pb.DryRunPlan:
         documents = skipped = problems = 0
         estimated = Decimal(0)
         categories: dict[str, list[int]] = {}
@@ -538,7 +662,9 @@ class SessionServicer:
                     entry[1] += 1
         ordered = sorted(categories.items(), key=lambda item: (item[1][0], item[0]))
         return pb.DryRunPlan(
-            documents=documents, skipped=skipped, problem_files=problems,
+            documents=documents,
+            skipped=skipped,
+            problem_files=problems,
             estimated_cost=convert.money(estimated),
             categories=[pb.CategoryPlan(category=name, documents=n) for name, (_, n) in ordered],
             within_budget=budget is None or estimated <= budget,
@@ -546,24 +672,32 @@ class SessionServicer:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def StartSession(self, request: pb.StartSessionRequest, context: Any) -> pb.StartSessionResponse:
+    async def StartSession(
+        self, request: pb.StartSessionRequest, context: Any
+    ) -> pb.StartSessionResponse:
         session_id = self._session_id(request.session_id)
         await self._store.start_session(session_id)
         self._dispatcher.wake()
         return pb.StartSessionResponse(session=await self._session_message(session_id))
 
-    async def PauseSession(self, request: pb.PauseSessionRequest, context: Any) -> pb.PauseSessionResponse:
+    async def PauseSession(
+        self, request: pb.PauseSessionRequest, context: Any
+    ) -> pb.PauseSessionResponse:
         session_id = self._session_id(request.session_id)
         await self._store.pause_session(session_id)
         return pb.PauseSessionResponse(session=await self._session_message(session_id))
 
-    async def ResumeSession(self, request: pb.ResumeSessionRequest, context: Any) -> pb.ResumeSessionResponse:
+    async def ResumeSession(
+        self, request: pb.ResumeSessionRequest, context: Any
+    ) -> pb.ResumeSessionResponse:
         session_id = self._session_id(request.session_id)
         await self._store.resume_session(session_id)
         self._dispatcher.wake()
         return pb.ResumeSessionResponse(session=await self._session_message(session_id))
 
-    async def CancelSession(self, request: pb.CancelSessionRequest, context: Any) -> pb.CancelSessionResponse:
+    async def CancelSession(
+        self, request: pb.CancelSessionRequest, context: Any
+    ) -> pb.CancelSessionResponse:
         session_id = self._session_id(request.session_id)
         _, release = await self._store.cancel_session(session_id)
         await self._dispatcher.release(release)
@@ -588,28 +722,44 @@ class SessionServicer:
 
     async def _session_message(self, session_id: str) -> pb.Session:
         snap = await self._store.snapshot(session_id, stall_after=self._settings.stall_after)
-        return session_proto(snap.session, snapshot=snap, cost_so_far=await self._cost_so_far(snap.session))
+        return session_proto(
+            snap.session, snapshot=snap, cost_so_far=await self._cost_so_far(snap.session)
+        )
 
-    async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.GetSessionResponse:
-        return pb.GetSessionResponse(session=await self._session_message(self._session_id(request.session_id)))
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: Any
+    ) -> pb.GetSessionResponse:
+        return pb.GetSessionResponse(
+            session=await self._session_message(self._session_id(request.session_id))
+        )
 
-    async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Any
+    ) -> pb.ListSessionsResponse:
         size = convert.page_size(request.page_size)
         if request.state and request.state not in pb.SessionState.values():
             raise InvalidArgument.field("state", "is not a session state")
         state = convert.enum_name(pb.SessionState, request.state, SESSION_PREFIX) or None
-        after = convert.from_timestamp(request.created_after) if request.HasField("created_after") else None
+        after = (
+            convert.from_timestamp(request.created_after)
+            if request.HasField("created_after")
+            else None
+        )
         sessions, cursor = await self._store.list_sessions(
-            state=state, project_name=request.project_name.strip() or None, created_after=after,
-            limit=size, cursor=convert.decode_page_token(request.page_token),
+            state=state,
+            project_name=request.project_name.strip() or None,
+            created_after=after,
+            limit=size,
+            cursor=convert.decode_page_token(request.page_token),
         )
         return pb.ListSessionsResponse(
             sessions=[session_proto(s) for s in sessions],
             next_page_token=convert.encode_page_token(cursor) if cursor else "",
         )
 
-    async def ListSessionDocuments(self, request: pb.ListSessionDocumentsRequest, context: Any
-                                   ) -> pb.ListSessionDocumentsResponse:
+    async def ListSessionDocuments(
+        self, request: pb.ListSessionDocumentsRequest, context: Any
+    ) -> pb.ListSessionDocumentsResponse:
         session_id = self._session_id(request.session_id)
         size = convert.page_size(request.page_size)
         cursor = convert.decode_page_token(request.page_token)
@@ -633,40 +783,58 @@ class SessionServicer:
             error_class=convert.enum_name(pb.ErrorClass, request.error_class, CLASS_PREFIX) or None,
             category=request.category.strip() or None,
             stalled=request.stalled if request.HasField("stalled") else None,
-            stall_after=self._settings.stall_after, limit=size, after_ordinal=after,
+            stall_after=self._settings.stall_after,
+            limit=size,
+            after_ordinal=after,
         )
         return pb.ListSessionDocumentsResponse(
             documents=[document_proto(d) for d in docs],
-            next_page_token=convert.encode_page_token({"o": next_ordinal}) if next_ordinal is not None else "",
+            next_page_token=convert.encode_page_token({"o": next_ordinal})
+            if next_ordinal is not None
+            else "",
         )
 
-    async def GetDocument(self, request: pb.GetDocumentRequest, context: Any) -> pb.GetDocumentResponse:
+    async def GetDocument(
+        self, request: pb.GetDocumentRequest, context: Any
+    ) -> pb.GetDocumentResponse:
         if not request.document_id:
             raise InvalidArgument.field("document_id", "is required")
         document_id = _uuid_text(request.document_id, "document_id")
-        doc, runs = await self._store.get_document(document_id, stall_after=self._settings.stall_after)
+        doc, runs = await self._store.get_document(
+            document_id, stall_after=self._settings.stall_after
+        )
         return pb.GetDocumentResponse(document=document_proto(doc, runs))
 
-    async def RetryDocuments(self, request: pb.RetryDocumentsRequest, context: Any) -> pb.RetryDocumentsResponse:
+    async def RetryDocuments(
+        self, request: pb.RetryDocumentsRequest, context: Any
+    ) -> pb.RetryDocumentsResponse:
         session_id = self._session_id(request.session_id)
         if not (request.failed or request.stalled or request.document_ids):
-            raise InvalidArgument.field("failed", "say what to retry: failed, stalled or document_ids")
+            raise InvalidArgument.field(
+                "failed", "say what to retry: failed, stalled or document_ids"
+            )
         v = Validator()
         ids = [_uuid_text(d, f"document_ids[{i}]", v) for i, d in enumerate(request.document_ids)]
         v.check()
         retried = await self._store.retry_documents(
-            session_id, failed=request.failed, stalled=request.stalled, document_ids=ids,
-            force=request.force, stall_after=self._settings.stall_after,
+            session_id,
+            failed=request.failed,
+            stalled=request.stalled,
+            document_ids=ids,
+            force=request.force,
+            stall_after=self._settings.stall_after,
         )
         if retried.count:
             self._dispatcher.wake()
-        return pb.RetryDocumentsResponse(retried=retried.count,
-                                         session=await self._session_message(session_id))
+        return pb.RetryDocumentsResponse(
+            retried=retried.count, session=await self._session_message(session_id)
+        )
 
     # ------------------------------------------------------------ watch
 
-    async def WatchSession(self, request: pb.WatchSessionRequest, context: Any
-                           ) -> AsyncIterator[pb.WatchSessionResponse]:
+    async def WatchSession(
+        self, request: pb.WatchSessionRequest, context: Any
+    ) -> AsyncIterator[pb.WatchSessionResponse]:
         session_id = self._session_id(request.session_id)
         if request.resume_after_seq < 0:
             raise InvalidArgument.field("resume_after_seq", "must not be negative")
@@ -676,8 +844,12 @@ class SessionServicer:
             if not 0.1 <= heartbeat <= 300:
                 raise InvalidArgument.field("heartbeat_interval", "must be between 0.1 s and 300 s")
         items = watch(
-            self._hub, self._store, session_id, resume_after_seq=request.resume_after_seq,
-            heartbeat=heartbeat, coalesce_after=self._settings.watch_coalesce_after,
+            self._hub,
+            self._store,
+            session_id,
+            resume_after_seq=request.resume_after_seq,
+            heartbeat=heartbeat,
+            coalesce_after=self._settings.watch_coalesce_after,
             stall_after=self._settings.stall_after,
         )
         async for item in items:
@@ -691,7 +863,9 @@ class SessionServicer:
         if item.kind == "snapshot":
             assert item.snapshot is not None
             info = item.snapshot.session
-            session = session_proto(info, snapshot=item.snapshot, cost_so_far=await self._cost_so_far(info))
+            session = session_proto(
+                info, snapshot=item.snapshot, cost_so_far=await self._cost_so_far(info)
+            )
             return pb.WatchSessionResponse(seq=item.seq, event_time=now, snapshot=session)
         return pb.WatchSessionResponse(seq=item.seq, event_time=now, heartbeat=pb.Heartbeat())
 
@@ -713,13 +887,15 @@ class SessionServicer:
             v.add("worker", f"must be at most {MAX_NAME} characters")
         return document_id, stage
 
-    async def ReportStageStarted(self, request: pb.ReportStageStartedRequest, context: Any
-                                 ) -> pb.ReportStageStartedResponse:
+    async def ReportStageStarted(
+        self, request: pb.ReportStageStartedRequest, context: Any
+    ) -> pb.ReportStageStartedResponse:
         v = Validator()
         document_id, stage = self._run_key(request, v)
         v.check()
-        outcome = await self._started.submit(StartedReport(
-            document_id, stage, request.attempt, request.task_id, request.worker))
+        outcome = await self._started.submit(
+            StartedReport(document_id, stage, request.attempt, request.task_id, request.worker)
+        )
         if not outcome.found:
             raise NotFound("stage run", f"{document_id}/{stage}/{request.attempt}")
         if outcome.release:
@@ -730,10 +906,14 @@ class SessionServicer:
         return response
 
     async def _apply_started(self, reports: list[StartedReport]) -> list[Any]:
-        return await self._store.apply_started(reports, timing=self._dispatcher.timing)
+        settings = self._settings
+        return await self._store.apply_started(
+            reports, lease=(settings.lease_base, settings.lease_per_mib, settings.time_limit_grace)
+        )
 
-    async def ReportStageResult(self, request: pb.ReportStageResultRequest, context: Any
-                                ) -> pb.ReportStageResultResponse:
+    async def ReportStageResult(
+        self, request: pb.ReportStageResultRequest, context: Any
+    ) -> pb.ReportStageResultResponse:
         v = Validator()
         document_id, stage = self._run_key(request, v)
         error_class = None
@@ -762,27 +942,42 @@ class SessionServicer:
         v.check()
         stats = request.stats
         report = ResultReport(
-            document_id=document_id, stage=stage, attempt=request.attempt, task_id=request.task_id,
-            worker=request.worker, succeeded=request.succeeded, error_class=error_class,
-            error_code=request.error_code[:MAX_NAME], error_message=request.error_message[:4000],
+            document_id=document_id,
+            stage=stage,
+            attempt=request.attempt,
+            task_id=request.task_id,
+            worker=request.worker,
+            succeeded=request.succeeded,
+            error_class=error_class,
+            error_code=request.error_code[:MAX_NAME],
+            error_message=request.error_message[:4000],
             artifacts=tuple(
                 {"kind": a.kind, "uri": a.uri, "sha256": a.sha256, "size_bytes": a.size_bytes}
                 for a in request.artifacts
             ),
-            cache_hit=request.cache_hit, duration_seconds=duration, cost=cost,
-            stats={"pages": stats.pages, "ocr_pages": stats.ocr_pages, "characters": stats.characters,
-                   "chunks": stats.chunks, "entities": stats.entities},
+            cache_hit=request.cache_hit,
+            duration_seconds=duration,
+            cost=cost,
+            stats={
+                "pages": stats.pages,
+                "ocr_pages": stats.ocr_pages,
+                "characters": stats.characters,
+                "chunks": stats.chunks,
+                "entities": stats.entities,
+            },
         )
         outcome = await self._results.submit(report)
         if not outcome.found:
             raise NotFound("stage run", f"{document_id}/{stage}/{request.attempt}")
-        return pb.ReportStageResultResponse(replayed=outcome.replayed,
-                                            document_state=_doc_state(outcome.document_state))
+        return pb.ReportStageResultResponse(
+            replayed=outcome.replayed, document_state=_doc_state(outcome.document_state)
+        )
 
     async def _apply_results(self, reports: list[ResultReport]) -> list[Any]:
         outcomes = await self._store.apply_results(
-            reports, max_attempts=self._settings.max_attempts,
-            backoff=lambda attempt: backoff(self._settings, attempt),
+            reports,
+            max_attempts=self._settings.max_attempts,
+            backoff=(self._settings.retry_backoff_base, self._settings.retry_backoff_max),
         )
         settlements = [o.settle for o in outcomes if o.settle is not None]
         if settlements:
@@ -800,7 +995,9 @@ class SessionServicer:
 
     # ------------------------------------------------------------ verify
 
-    async def VerifySession(self, request: pb.VerifySessionRequest, context: Any) -> pb.VerifySessionResponse:
+    async def VerifySession(
+        self, request: pb.VerifySessionRequest, context: Any
+    ) -> pb.VerifySessionResponse:
         session_id = self._session_id(request.session_id)
         with bind(session_id=session_id):
             report = await self._verifier.verify(session_id, deep=request.deep)

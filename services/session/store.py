@@ -20,7 +20,11 @@ Consistency rules kept here:
   a document (SKIP LOCKED again), so it cannot close a cycle.
 - Reports change a document only through its live run (at most one per
   document, a unique index); runs never leave a terminal state; transitions
-  are checked against `states` (monotonic, DESIGN invariant 2).
+  follow `states` (monotonic, DESIGN invariant 2): the Python paths check
+  each change there; the two stage-report statements (the hot path: one
+  statement per batch of reports, no round trip per row) encode the same
+  transitions in SQL, and a test checks every event they write against
+  `states`.
 - A session completes only when no document is pending, queued or running.
 """
 
@@ -40,8 +44,13 @@ from typing import Any
 
 import asyncpg
 
-from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from services.common.tasks import STAGES, next_stage
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from services.common.tasks import STAGES
 from services.session import states as st
 
 logger = logging.getLogger(__name__)
@@ -52,23 +61,84 @@ ORIGIN = uuid.uuid4().hex[:12]
 ZERO = Decimal(0)
 
 _DOC_COLUMNS = (
-    "document_id", "session_id", "manifest_file_id", "ordinal", "dispatch_rank", "relative_path",
-    "raw_path", "sha256", "size_bytes", "category", "priority", "plan", "page_count",
-    "ocr_page_count", "state", "stage", "error_class", "error_code", "error_message",
-    "skip_reason", "attempts", "cost", "not_before", "created_at", "updated_at", "attempt_seq",
-    "estimated_cost", "reservation_id", "reserved_amount", "problem_kind", "mime_type",
+    "document_id",
+    "session_id",
+    "manifest_file_id",
+    "ordinal",
+    "dispatch_rank",
+    "relative_path",
+    "raw_path",
+    "sha256",
+    "size_bytes",
+    "category",
+    "priority",
+    "plan",
+    "page_count",
+    "ocr_page_count",
+    "state",
+    "stage",
+    "error_class",
+    "error_code",
+    "error_message",
+    "skip_reason",
+    "attempts",
+    "cost",
+    "not_before",
+    "created_at",
+    "updated_at",
+    "attempt_seq",
+    "estimated_cost",
+    "reservation_id",
+    "reserved_amount",
+    "problem_kind",
+    "mime_type",
 )
 _COPY_DOC_COLUMNS = (
-    "document_id", "session_id", "manifest_file_id", "ordinal", "dispatch_rank", "relative_path",
-    "raw_path", "sha256", "size_bytes", "category", "priority", "plan", "page_count",
-    "ocr_page_count", "state", "error_class", "error_code", "error_message", "skip_reason",
-    "estimated_cost", "problem_kind", "mime_type",
+    "document_id",
+    "session_id",
+    "manifest_file_id",
+    "ordinal",
+    "dispatch_rank",
+    "relative_path",
+    "raw_path",
+    "sha256",
+    "size_bytes",
+    "category",
+    "priority",
+    "plan",
+    "page_count",
+    "ocr_page_count",
+    "state",
+    "error_class",
+    "error_code",
+    "error_message",
+    "skip_reason",
+    "estimated_cost",
+    "problem_kind",
+    "mime_type",
 )
 _RUN_COLUMNS = (
-    "document_id", "stage", "attempt", "session_id", "state", "task_id", "worker",
-    "reservation_id", "reserved_amount", "queued_at", "started_at", "finished_at",
-    "lease_expires_at", "duration_seconds", "error_class", "error_code", "error_message",
-    "artifacts", "cache_hit", "cost", "stats",
+    "document_id",
+    "stage",
+    "attempt",
+    "session_id",
+    "state",
+    "task_id",
+    "worker",
+    "reservation_id",
+    "reserved_amount",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "lease_expires_at",
+    "duration_seconds",
+    "error_class",
+    "error_code",
+    "error_message",
+    "artifacts",
+    "cache_hit",
+    "cost",
+    "stats",
 )
 _SESSION_SELECT = """
     SELECT s.*, p.name AS project_name, p.created_at AS project_created_at
@@ -99,8 +169,15 @@ class DocumentCounts:
 
     @property
     def total(self) -> int:
-        return (self.pending + self.queued + self.running + self.completed + self.failed
-                + self.skipped + self.cancelled)
+        return (
+            self.pending
+            + self.queued
+            + self.running
+            + self.completed
+            + self.failed
+            + self.skipped
+            + self.cancelled
+        )
 
     @property
     def active(self) -> int:
@@ -279,10 +356,32 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class DispatchDoc:
+    """What a stage run's message needs of its document."""
+
+    document_id: str
+    relative_path: str
+    raw_path: bytes
+    sha256: str | None
+    size_bytes: int
+    plan: str
+    category: str
+    page_count: int
+    ocr_page_count: int
+    mime_type: str
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> DispatchDoc:
+        return cls(str(row["document_id"]), row["relative_path"], bytes(row["raw_path"]), row["sha256"],
+                   row["size_bytes"], row["plan"], row["category"], row["page_count"],
+                   row["ocr_page_count"], row["mime_type"])
+
+
+@dataclass(frozen=True)
 class Claimed:
     """A document claimed by a dispatch round, with the run it will get."""
 
-    document: Document
+    document: DispatchDoc
     stage: str
     attempt: int
     estimate: Decimal
@@ -304,7 +403,7 @@ class Dispatched:
     """A stage run created by a dispatch round, ready to publish."""
 
     session_id: str
-    document: Document
+    document: DispatchDoc
     source_path: str
     stage: str
     attempt: int
@@ -399,9 +498,14 @@ def _s(value: Any) -> str | None:
 
 def _session(row: asyncpg.Record, stalled: int = 0) -> SessionInfo:
     counts = DocumentCounts(
-        pending=row["count_pending"], queued=row["count_queued"], running=row["count_running"],
-        completed=row["count_completed"], failed=row["count_failed"],
-        skipped=row["count_skipped"], cancelled=row["count_cancelled"], stalled=stalled,
+        pending=row["count_pending"],
+        queued=row["count_queued"],
+        running=row["count_running"],
+        completed=row["count_completed"],
+        failed=row["count_failed"],
+        skipped=row["count_skipped"],
+        cancelled=row["count_cancelled"],
+        stalled=stalled,
     )
     return SessionInfo(
         session_id=str(row["session_id"]),
@@ -461,14 +565,24 @@ class _Changes:
     """
 
     def __init__(self) -> None:
-        self.events: dict[uuid.UUID, list[tuple[str, uuid.UUID | None, dict[str, Any]]]] = defaultdict(list)
+        self.events: dict[uuid.UUID, list[tuple[str, uuid.UUID | None, dict[str, Any]]]] = (
+            defaultdict(list)
+        )
         self.deltas: dict[uuid.UUID, Counter[str]] = defaultdict(Counter)
         self.cost: dict[uuid.UUID, Decimal] = defaultdict(Decimal)
         self.session_states: dict[uuid.UUID, list[tuple[str, str]]] = defaultdict(list)
         self.last_seq: dict[str, int] = {}
 
-    def doc(self, doc: dict[str, Any], old_state: str, old_stage: str | None, *,
-            attempt: int = 0, cache_hit: bool = False, cost: Decimal | None = None) -> None:
+    def doc(
+        self,
+        doc: dict[str, Any],
+        old_state: str,
+        old_stage: str | None,
+        *,
+        attempt: int = 0,
+        cache_hit: bool = False,
+        cost: Decimal | None = None,
+    ) -> None:
         new_state = doc["state"]
         if not st.doc_may(old_state, new_state):
             raise AssertionError(f"illegal document transition {old_state} -> {new_state}")
@@ -527,8 +641,15 @@ class _Changes:
                 RETURNING state, last_seq, count_pending + count_queued + count_running AS active,
                           count_failed, count_cancelled, now() AS db_now
                 """,
-                session_id, len(events), delta[st.PENDING], delta[st.QUEUED], delta[st.RUNNING],
-                delta[st.COMPLETED], delta[st.FAILED], delta[st.SKIPPED], delta[st.CANCELLED],
+                session_id,
+                len(events),
+                delta[st.PENDING],
+                delta[st.QUEUED],
+                delta[st.RUNNING],
+                delta[st.COMPLETED],
+                delta[st.FAILED],
+                delta[st.SKIPPED],
+                delta[st.CANCELLED],
                 self.cost.get(session_id, ZERO),
             )
             if row is None:
@@ -541,8 +662,11 @@ class _Changes:
             state = row["state"]
             wanted = list(self.session_states.get(session_id, []))
             final_state = [s for s, _ in wanted][-1] if wanted else state
-            if (complete and row["active"] == 0
-                    and final_state in (st.S_RUNNING, st.S_PAUSED, st.S_BUDGET)):
+            if (
+                complete
+                and row["active"] == 0
+                and final_state in (st.S_RUNNING, st.S_PAUSED, st.S_BUDGET)
+            ):
                 final = st.finished_state(row["count_failed"], row["count_cancelled"])
                 wanted.append((final, "every document is completed, failed or skipped"))
             for new_state, reason in wanted:
@@ -564,10 +688,20 @@ class _Changes:
                     WHERE session_id = $1
                     RETURNING last_seq
                     """,
-                    session_id, new_state, reason,
+                    session_id,
+                    new_state,
+                    reason,
                 )
-                rows.append((session_id, changed["last_seq"], now, "state_change", None,
-                             {"state": new_state, "reason": reason, "prev": state}))
+                rows.append(
+                    (
+                        session_id,
+                        changed["last_seq"],
+                        now,
+                        "state_change",
+                        None,
+                        {"state": new_state, "reason": reason, "prev": state},
+                    )
+                )
                 state = new_state
                 seq = changed["last_seq"]
             self.last_seq[str(session_id)] = seq
@@ -580,13 +714,17 @@ class _Changes:
                 FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[], $4::text[], $5::uuid[], $6::text[])
                      AS u(s, q, t, k, d, p)
                 """,
-                [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                [r[3] for r in rows], [r[4] for r in rows],
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+                [r[4] for r in rows],
                 [json.dumps(r[5], separators=(",", ":")) for r in rows],
             )
             for session_id, last in self.last_seq.items():
-                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL,
-                                   f"{session_id}:{last}:{ORIGIN}")
+                await conn.execute(
+                    "SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, f"{session_id}:{last}:{ORIGIN}"
+                )
 
 
 async def _write_docs(conn: asyncpg.Connection, docs: Sequence[dict[str, Any]]) -> None:
@@ -608,11 +746,17 @@ async def _write_docs(conn: asyncpg.Connection, docs: Sequence[dict[str, Any]]) 
                   attempts, attempt_seq, not_before, cost, reservation_id, reserved_amount)
         WHERE d.document_id = u.document_id
         """,
-        [d["document_id"] for d in docs], [d["state"] for d in docs], [d["stage"] for d in docs],
-        [d["error_class"] for d in docs], [d["error_code"] for d in docs],
-        [d["error_message"] for d in docs], [d["attempts"] for d in docs],
-        [d["attempt_seq"] for d in docs], [d["not_before"] for d in docs],
-        [d["cost"] for d in docs], [d["reservation_id"] for d in docs],
+        [d["document_id"] for d in docs],
+        [d["state"] for d in docs],
+        [d["stage"] for d in docs],
+        [d["error_class"] for d in docs],
+        [d["error_code"] for d in docs],
+        [d["error_message"] for d in docs],
+        [d["attempts"] for d in docs],
+        [d["attempt_seq"] for d in docs],
+        [d["not_before"] for d in docs],
+        [d["cost"] for d in docs],
+        [d["reservation_id"] for d in docs],
         [d["reserved_amount"] for d in docs],
     )
 
@@ -639,13 +783,22 @@ async def _write_runs(conn: asyncpg.Connection, runs: Sequence[dict[str, Any]]) 
                   artifacts, cache_hit, cost, stats)
         WHERE r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
         """,
-        [r["document_id"] for r in runs], [r["stage"] for r in runs], [r["attempt"] for r in runs],
-        [r["state"] for r in runs], [r["worker"] for r in runs], [r["started_at"] for r in runs],
-        [r["finished_at"] for r in runs], [r["lease_expires_at"] for r in runs],
-        [r["duration_seconds"] for r in runs], [r["error_class"] for r in runs],
-        [r["error_code"] for r in runs], [r["error_message"] for r in runs],
-        [json.dumps(list(r["artifacts"] or [])) for r in runs], [r["cache_hit"] for r in runs],
-        [r["cost"] for r in runs], [json.dumps(dict(r["stats"] or {})) for r in runs],
+        [r["document_id"] for r in runs],
+        [r["stage"] for r in runs],
+        [r["attempt"] for r in runs],
+        [r["state"] for r in runs],
+        [r["worker"] for r in runs],
+        [r["started_at"] for r in runs],
+        [r["finished_at"] for r in runs],
+        [r["lease_expires_at"] for r in runs],
+        [r["duration_seconds"] for r in runs],
+        [r["error_class"] for r in runs],
+        [r["error_code"] for r in runs],
+        [r["error_message"] for r in runs],
+        [json.dumps(list(r["artifacts"] or [])) for r in runs],
+        [r["cache_hit"] for r in runs],
+        [r["cost"] for r in runs],
+        [json.dumps(dict(r["stats"] or {})) for r in runs],
     )
 
 
@@ -668,26 +821,25 @@ _RUN_DOC_SELECT = """
     run_cols=", ".join(f"r.{c} AS r_{c}" for c in _RUN_COLUMNS),
     doc_cols=", ".join(f"d.{c} AS d_{c}" for c in _DOC_COLUMNS),
 )
-# What the stage-report path reads of a document: its state and what may change.
-_REPORT_DOC_COLUMNS = (
-    "document_id", "session_id", "state", "stage", "error_class", "error_code", "error_message",
-    "attempts", "attempt_seq", "not_before", "cost", "reservation_id", "reserved_amount", "size_bytes",
-)
-_REPORT_SELECT = """
-    SELECT {run_cols}, {doc_cols}, s.state AS s_state, now() AS db_now
-    FROM session.stage_runs r
-    JOIN session.session_documents d ON d.document_id = r.document_id
-    JOIN session.import_sessions s ON s.session_id = d.session_id
-""".format(
-    run_cols=", ".join(f"r.{c} AS r_{c}" for c in _RUN_COLUMNS),
-    doc_cols=", ".join(f"d.{c} AS d_{c}" for c in _REPORT_DOC_COLUMNS),
-)
 
 
 def _task_ids(n: int) -> list[str]:
     """n random (version 4) UUIDs from one read of the OS's random source."""
     raw = os.urandom(16 * n)
-    return [str(uuid.UUID(bytes=raw[i:i + 16], version=4)) for i in range(0, 16 * n, 16)]
+    return [str(uuid.UUID(bytes=raw[i : i + 16], version=4)) for i in range(0, 16 * n, 16)]
+
+
+def _dedupe(keys: Sequence[Any]) -> tuple[list[int], list[int]]:
+    """(positions of the first occurrence of each key, index into those for every position)."""
+    first: dict[Any, int] = {}
+    unique: list[int] = []
+    index: list[int] = []
+    for position, key in enumerate(keys):
+        if key not in first:
+            first[key] = len(unique)
+            unique.append(position)
+        index.append(first[key])
+    return unique, index
 
 
 async def _retrying(fn: Callable[[], Awaitable[Any]], attempts: int = 4) -> Any:
@@ -703,102 +855,13 @@ async def _retrying(fn: Callable[[], Awaitable[Any]], attempts: int = 4) -> Any:
     raise AssertionError("unreachable")
 
 
-def _event_payload(doc: dict[str, Any], old_state: str, old_stage: str | None, *, attempt: int = 0,
-                   cache_hit: bool = False, cost: Decimal | None = None) -> dict[str, Any]:
-    """The payload of a document event; checks the transition first."""
-    new_state = doc["state"]
-    if not st.doc_may(old_state, new_state):
-        raise AssertionError(f"illegal document transition {old_state} -> {new_state}")
-    payload: dict[str, Any] = {"state": new_state, "prev": old_state, "stage": doc["stage"] or "",
-                               "prev_stage": old_stage or "", "attempt": attempt}
-    if doc.get("error_class") and new_state in (st.FAILED, st.PENDING):
-        payload["error_class"] = doc["error_class"]
-        payload["error_message"] = doc.get("error_message") or ""
-    if cache_hit:
-        payload["cache_hit"] = True
-    if cost:
-        payload["cost"] = _cost_text(cost)
-    return payload
-
-
-@dataclass(frozen=True)
-class _Write:
-    """One guarded change of a stage run and its document, from the state they were read in."""
-
-    document_id: uuid.UUID
-    stage: str
-    attempt: int
-    session_id: uuid.UUID
-    run_old: str
-    doc_old_state: str
-    doc_old_stage: str
-    doc_old_seq: int
-    run: dict[str, Any] = field(default_factory=dict)
-    doc: dict[str, Any] = field(default_factory=dict)
-    payload: dict[str, Any] | None = None
-    cost: Decimal = ZERO
-
-    @classmethod
-    def of(cls, row: asyncpg.Record) -> _Write:
-        return cls(row["r_document_id"], row["r_stage"], row["r_attempt"], row["d_session_id"],
-                   row["r_state"], row["d_state"], row["d_stage"] or "", row["d_attempt_seq"])
-
-    def with_(self, run: dict[str, Any], doc: dict[str, Any], payload: dict[str, Any] | None = None,
-              *, cost: Decimal = ZERO) -> _Write:
-        return replace(self, run=dict(run), doc=dict(doc), payload=payload if payload is not None else self.payload,
-                       cost=self.cost + cost)
-
-
-_GUARDED_WRITE = """
-WITH u AS (
-    SELECT * FROM unnest(
-        $1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::text[], $6::text[], $7::text[], $8::int[],
-        $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[],
-        $14::numeric[], $15::text[], $16::text[], $17::text[], $18::text[], $19::bool[],
-        $20::numeric[], $21::text[],
-        $22::text[], $23::text[], $24::text[], $25::text[], $26::text[], $27::int[], $28::int[],
-        $29::timestamptz[], $30::numeric[], $31::uuid[], $32::numeric[],
-        $33::text[], $34::numeric[]
-    ) WITH ORDINALITY AS u(
-        document_id, stage, attempt, session_id, run_old, doc_old_state, doc_old_stage, doc_old_seq,
-        r_state, r_worker, r_started_at, r_finished_at, r_lease, r_duration, r_error_class,
-        r_error_code, r_error_message, r_artifacts, r_cache_hit, r_cost, r_stats,
-        d_state, d_stage, d_error_class, d_error_code, d_error_message, d_attempts, d_attempt_seq,
-        d_not_before, d_cost, d_reservation_id, d_reserved_amount,
-        payload, cost_add, ord)
-),
-locked AS (
-    SELECT u.ord FROM u
-    JOIN session.stage_runs r
-      ON r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
-    JOIN session.session_documents d ON d.document_id = u.document_id
-    WHERE r.state = u.run_old AND d.state = u.doc_old_state AND d.attempt_seq = u.doc_old_seq
-      AND coalesce(d.stage, '') = u.doc_old_stage
-    ORDER BY u.document_id
-    FOR UPDATE OF r, d
-),
-ok AS (SELECT u.* FROM u JOIN locked USING (ord)),
-runs AS (
-    UPDATE session.stage_runs r SET
-        state = ok.r_state, worker = ok.r_worker, started_at = ok.r_started_at,
-        finished_at = ok.r_finished_at, lease_expires_at = ok.r_lease,
-        duration_seconds = ok.r_duration, error_class = ok.r_error_class,
-        error_code = ok.r_error_code, error_message = ok.r_error_message,
-        artifacts = ok.r_artifacts::jsonb, cache_hit = ok.r_cache_hit, cost = ok.r_cost,
-        stats = ok.r_stats::jsonb
-    FROM ok WHERE r.document_id = ok.document_id AND r.stage = ok.stage AND r.attempt = ok.attempt
-    RETURNING 1
-),
-docs AS (
-    UPDATE session.session_documents d SET
-        state = ok.d_state, stage = ok.d_stage, error_class = ok.d_error_class,
-        error_code = ok.d_error_code, error_message = ok.d_error_message, attempts = ok.d_attempts,
-        attempt_seq = ok.d_attempt_seq, not_before = ok.d_not_before, cost = ok.d_cost,
-        reservation_id = ok.d_reservation_id, reserved_amount = ok.d_reserved_amount,
-        updated_at = now()
-    FROM ok WHERE d.document_id = ok.document_id
-    RETURNING 1
-),
+# The end of both report statements: given `nd` (one row per document that
+# changes: session_id, document_id, ord, doc_old_state, d_state, payload,
+# cost_add), add the counter deltas to the sessions, finish sessions left
+# with nothing active (when $complete), assign the events their seqs, NOTIFY.
+# SET expressions read the locked, latest version of a session row (not the
+# statement's snapshot), so the completion test sees every earlier commit.
+_REPORT_TAIL = """
 agg AS (
     SELECT session_id, count(payload) AS n,
         sum((d_state = 'pending')::int - (doc_old_state = 'pending')::int) AS dp,
@@ -809,29 +872,27 @@ agg AS (
         sum((d_state = 'skipped')::int - (doc_old_state = 'skipped')::int) AS ds,
         sum((d_state = 'cancelled')::int - (doc_old_state = 'cancelled')::int) AS dca,
         coalesce(sum(cost_add), 0) AS cost
-    FROM ok GROUP BY session_id
+    FROM nd GROUP BY session_id
 ),
 slock AS (
     SELECT s.session_id FROM session.import_sessions s
     WHERE s.session_id IN (SELECT session_id FROM agg) ORDER BY s.session_id FOR UPDATE
 ),
 sess AS (
-    -- SET expressions read the locked, latest version of the row (not the
-    -- statement's snapshot), so the completion test sees every earlier commit.
     UPDATE session.import_sessions s SET
         count_pending = s.count_pending + agg.dp, count_queued = s.count_queued + agg.dq,
         count_running = s.count_running + agg.dr, count_completed = s.count_completed + agg.dco,
         count_failed = s.count_failed + agg.df, count_skipped = s.count_skipped + agg.ds,
         count_cancelled = s.count_cancelled + agg.dca, reported_cost = s.reported_cost + agg.cost,
         updated_at = now(),
-        last_seq = s.last_seq + agg.n + (($35 AND s.state IN ('running', 'paused', 'budget_exhausted') AND s.count_pending + agg.dp + s.count_queued + agg.dq + s.count_running + agg.dr = 0))::int,
-        state = CASE WHEN ($35 AND s.state IN ('running', 'paused', 'budget_exhausted') AND s.count_pending + agg.dp + s.count_queued + agg.dq + s.count_running + agg.dr = 0) THEN
+        last_seq = s.last_seq + agg.n + (DONE)::int,
+        state = CASE WHEN DONE THEN
                      CASE WHEN s.count_failed + agg.df + s.count_cancelled + agg.dca > 0
                           THEN 'completed_with_errors' ELSE 'completed' END
                 ELSE s.state END,
-        state_reason = CASE WHEN ($35 AND s.state IN ('running', 'paused', 'budget_exhausted') AND s.count_pending + agg.dp + s.count_queued + agg.dq + s.count_running + agg.dr = 0) THEN 'every document is completed, failed or skipped'
+        state_reason = CASE WHEN DONE THEN 'every document is completed, failed or skipped'
                             ELSE s.state_reason END,
-        finished_at = CASE WHEN ($35 AND s.state IN ('running', 'paused', 'budget_exhausted') AND s.count_pending + agg.dp + s.count_queued + agg.dq + s.count_running + agg.dr = 0) THEN now() ELSE s.finished_at END
+        finished_at = CASE WHEN DONE THEN now() ELSE s.finished_at END
     FROM agg
     WHERE s.session_id = agg.session_id AND s.session_id IN (SELECT session_id FROM slock)
     RETURNING s.session_id, s.last_seq, agg.n, s.state,
@@ -841,11 +902,11 @@ sess AS (
 ),
 ev AS (
     INSERT INTO session.session_events (session_id, seq, event_time, kind, document_id, payload)
-    SELECT ok.session_id,
+    SELECT nd.session_id,
            sess.last_seq - sess.n - sess.done::int
-             + row_number() OVER (PARTITION BY ok.session_id ORDER BY ok.ord),
-           now(), 'document', ok.document_id, ok.payload::jsonb
-    FROM ok JOIN sess USING (session_id) WHERE ok.payload IS NOT NULL
+             + row_number() OVER (PARTITION BY nd.session_id ORDER BY nd.ord),
+           now(), 'document', nd.document_id, nd.payload
+    FROM nd JOIN sess USING (session_id) WHERE nd.payload IS NOT NULL
     UNION ALL
     SELECT sess.session_id, sess.last_seq, now(), 'state_change', NULL,
            jsonb_build_object('state', sess.state,
@@ -854,45 +915,229 @@ ev AS (
     RETURNING 1
 ),
 nt AS (
-    SELECT pg_notify($36, sess.session_id::text || ':' || sess.last_seq || ':' || $37) FROM sess
+    SELECT pg_notify($NOTIFY_CHANNEL, sess.session_id::text || ':' || sess.last_seq || ':' || $ORIGIN)
+    FROM sess
 )
-SELECT (SELECT count(*) FROM ok) AS applied, (SELECT count(*) FROM nt) AS notified
-"""
+""".replace(
+    "DONE",
+    "($COMPLETE AND s.state IN ('running', 'paused', 'budget_exhausted') "
+    "AND s.count_pending + agg.dp + s.count_queued + agg.dq "
+    "+ s.count_running + agg.dr = 0)",
+)
 
 
-async def _guarded_write(conn: asyncpg.Connection, writes: Sequence[_Write], *, complete: bool) -> int:
-    """Applies the writes whose rows are still as read, with counters, events and NOTIFY.
+def _numbered(sql: str, first: int, names: Sequence[str]) -> str:
+    for i, name in enumerate(names):
+        sql = sql.replace(f"${name}", f"${first + i}")
+    return sql
 
-    One statement, so one implicit transaction and one round trip: it locks
-    the runs and documents still in the state they were read in (FOR UPDATE
-    re-checks that against the latest version), rewrites them, adds the
-    counter deltas to their sessions, assigns the events their seqs, finishes
-    sessions left with nothing active (when `complete`) and NOTIFYs. Returns
-    how many writes applied; the others found their rows changed.
+
+_TAIL_PARAMS = ("COMPLETE", "NOTIFY_CHANNEL", "ORIGIN")
+
+# ReportStageResult for a batch, in one statement (one implicit transaction):
+# lock the reported runs and their documents, decide - replay (the run
+# already finished), stale (no longer live: nothing changes) or apply - and
+# apply: the run finishes; the document goes on to the next stage (pending),
+# completes, retries after a backoff (pending, not_before) or fails
+# (permanent, or out of attempts); its reservation is closed when it is done.
+# These are the transitions of `states` (a test checks every event against
+# them). Then the tail: counters, completion, events, NOTIFY.
+_RESULTS_SQL = _numbered(
     """
-    w = writes
-    runs = [x.run for x in w]
-    docs = [x.doc for x in w]
-    row = await conn.fetchrow(
-        _GUARDED_WRITE,
-        [x.document_id for x in w], [x.stage for x in w], [x.attempt for x in w], [x.session_id for x in w],
-        [x.run_old for x in w], [x.doc_old_state for x in w], [x.doc_old_stage for x in w],
-        [x.doc_old_seq for x in w],
-        [r["state"] for r in runs], [r["worker"] for r in runs], [r["started_at"] for r in runs],
-        [r["finished_at"] for r in runs], [r["lease_expires_at"] for r in runs],
-        [r["duration_seconds"] for r in runs], [r["error_class"] for r in runs],
-        [r["error_code"] for r in runs], [r["error_message"] for r in runs],
-        [json.dumps(list(r["artifacts"] or [])) for r in runs], [r["cache_hit"] for r in runs],
-        [r["cost"] for r in runs], [json.dumps(dict(r["stats"] or {})) for r in runs],
-        [d["state"] for d in docs], [d["stage"] for d in docs], [d["error_class"] for d in docs],
-        [d["error_code"] for d in docs], [d["error_message"] for d in docs], [d["attempts"] for d in docs],
-        [d["attempt_seq"] for d in docs], [d["not_before"] for d in docs], [d["cost"] for d in docs],
-        [d["reservation_id"] for d in docs], [d["reserved_amount"] for d in docs],
-        [json.dumps(x.payload, separators=(",", ":")) if x.payload is not None else None for x in w],
-        [x.cost for x in w],
-        complete, NOTIFY_CHANNEL, ORIGIN,
-    )
-    return row["applied"]
+WITH u AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::bool[], $6::text[],
+                         $7::text[], $8::text[], $9::text[], $10::bool[], $11::numeric[],
+                         $12::numeric[], $13::text[])
+      WITH ORDINALITY AS u(document_id, stage, attempt, worker, ok, error_class, error_code,
+                           error_message, artifacts, cache_hit, duration, cost, stats, ord)
+),
+cur AS (
+    SELECT u.ord, r.state AS r_state, d.session_id, d.state AS d_state, d.stage AS d_stage,
+           d.attempts, d.attempt_seq, d.cost AS d_cost, d.reservation_id, d.reserved_amount
+    FROM u
+    JOIN session.stage_runs r
+      ON r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
+    JOIN session.session_documents d ON d.document_id = u.document_id
+    ORDER BY u.document_id
+    FOR UPDATE OF r, d
+),
+dec AS (
+    SELECT u.*, c.session_id, c.d_state AS doc_old_state, c.d_stage AS old_stage, c.attempts,
+           c.attempt_seq, c.d_cost, c.reservation_id, c.reserved_amount,
+           CASE WHEN u.ok THEN CASE u.stage WHEN 'extract' THEN 'chunk' WHEN 'chunk' THEN 'entities' END
+           END AS next_stage,
+           (NOT u.ok AND (u.error_class = 'permanent' OR c.attempts >= $14)) AS gives_up
+    FROM u JOIN cur c USING (ord)
+    WHERE c.r_state IN ('queued', 'running')
+),
+nd0 AS (
+    SELECT dec.*,
+        CASE WHEN ok THEN CASE WHEN next_stage IS NULL THEN 'completed' ELSE 'pending' END
+             WHEN gives_up THEN 'failed' ELSE 'pending' END AS d_state,
+        coalesce(next_stage, old_stage) AS d_stage,
+        CASE WHEN ok THEN NULL ELSE error_class END AS d_error_class,
+        CASE WHEN ok THEN NULL ELSE nullif(error_code, '') END AS d_error_code,
+        CASE WHEN ok THEN NULL
+             WHEN gives_up AND error_class <> 'permanent'
+                  THEN error_message || ' (gave up after ' || attempts || ' attempts)'
+             ELSE error_message END AS d_error_message,
+        CASE WHEN next_stage IS NOT NULL THEN 0 ELSE attempts END AS d_attempts,
+        CASE WHEN next_stage IS NOT NULL THEN 0 ELSE attempt_seq END AS d_attempt_seq,
+        CASE WHEN NOT ok AND NOT gives_up
+             THEN now() + make_interval(secs => least($15 * power(2, greatest(attempts - 1, 0)), $16))
+        END AS d_not_before,
+        d_cost + coalesce(cost, 0) AS d_new_cost,
+        coalesce(cost, 0) AS cost_add,
+        ((ok AND next_stage IS NULL) OR gives_up) AND reservation_id IS NOT NULL AS settle
+    FROM dec
+),
+nd AS (
+    SELECT nd0.*,
+        jsonb_strip_nulls(jsonb_build_object(
+            'state', d_state, 'prev', doc_old_state, 'stage', coalesce(d_stage, ''),
+            'prev_stage', coalesce(old_stage, ''), 'attempt', attempt,
+            'error_class', CASE WHEN d_state IN ('failed', 'pending') THEN d_error_class END,
+            'error_message', CASE WHEN d_state IN ('failed', 'pending') AND d_error_class IS NOT NULL
+                                  THEN coalesce(d_error_message, '') END,
+            'cache_hit', CASE WHEN cache_hit AND ok THEN true END,
+            'cost', CASE WHEN coalesce(cost, 0) <> 0 THEN trim_scale(cost)::text END)) AS payload
+    FROM nd0
+),
+runs AS (
+    UPDATE session.stage_runs r SET
+        state = CASE WHEN nd.ok THEN 'succeeded' ELSE 'failed' END, finished_at = now(),
+        worker = coalesce(nullif(nd.worker, ''), r.worker), started_at = coalesce(r.started_at, now()),
+        duration_seconds = round(nd.duration, 6), error_class = nd.d_error_class,
+        error_code = nd.d_error_code,
+        error_message = CASE WHEN nd.ok THEN NULL ELSE nd.error_message END,
+        artifacts = nd.artifacts::jsonb, cache_hit = nd.cache_hit, cost = nd.cost,
+        stats = nd.stats::jsonb
+    FROM nd WHERE r.document_id = nd.document_id AND r.stage = nd.stage AND r.attempt = nd.attempt
+    RETURNING 1
+),
+docs AS (
+    UPDATE session.session_documents d SET
+        state = nd.d_state, stage = nd.d_stage, error_class = nd.d_error_class,
+        error_code = nd.d_error_code, error_message = nd.d_error_message, attempts = nd.d_attempts,
+        attempt_seq = nd.d_attempt_seq, not_before = nd.d_not_before, cost = nd.d_new_cost,
+        reservation_id = CASE WHEN nd.settle THEN NULL ELSE nd.reservation_id END,
+        reserved_amount = CASE WHEN nd.settle THEN NULL ELSE nd.reserved_amount END,
+        updated_at = now()
+    FROM nd WHERE d.document_id = nd.document_id
+    RETURNING 1
+),
+"""
+    + _REPORT_TAIL
+    + """
+SELECT u.ord, c.r_state, c.d_state AS old_doc_state, nd.d_state AS new_doc_state, c.session_id,
+       CASE WHEN nd.settle THEN nd.reservation_id END AS settle_id, nd.d_new_cost AS settle_amount,
+       (SELECT count(*) FROM nt) AS notified
+FROM u LEFT JOIN cur c USING (ord) LEFT JOIN nd USING (ord)
+ORDER BY u.ord
+""",
+    17,
+    _TAIL_PARAMS,
+)
+
+# ReportStageStarted for a batch, in one statement: a queued run of a running
+# session starts (run and document running, lease extended); a run already
+# running is a redelivery or a duplicate and goes on (its lease extended); a
+# queued run of a paused, out-of-budget (unless its document was admitted)
+# or cancelled session is refused: the run is cancelled and its document
+# goes back to pending (the attempt does not count), or is cancelled with
+# its session. Anything else (another task id, a finished run) is refused
+# without a change.
+_STARTED_SQL = _numbered(
+    """
+WITH u AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[])
+      WITH ORDINALITY AS u(document_id, stage, attempt, task_id, worker, ord)
+),
+cur AS (
+    SELECT u.ord, r.state AS r_state, r.task_id AS r_task, d.session_id, d.state AS d_state,
+           d.stage AS d_stage, d.attempts, d.reservation_id, d.size_bytes, s.state AS s_state
+    FROM u
+    JOIN session.stage_runs r
+      ON r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
+    JOIN session.session_documents d ON d.document_id = u.document_id
+    JOIN session.import_sessions s ON s.session_id = d.session_id
+    ORDER BY u.document_id
+    FOR UPDATE OF r, d
+),
+act AS (
+    SELECT u.*, c.r_state, c.r_task, c.session_id, c.d_state, c.d_stage, c.attempts, c.reservation_id,
+           c.size_bytes, c.s_state,
+        CASE WHEN u.task_id <> '' AND u.task_id <> c.r_task THEN 'none'
+             WHEN c.r_state = 'running' THEN 'extend'
+             WHEN c.r_state <> 'queued' THEN 'none'
+             WHEN c.s_state = 'running'
+                  OR (c.s_state = 'budget_exhausted' AND c.reservation_id IS NOT NULL) THEN 'start'
+             ELSE 'refuse' END AS action,
+        -- the running lease: time limit (scaled by size) plus grace
+        ceil($6 + $7 * c.size_bytes / 1048576.0) + ceil($8) + $8 AS lease_seconds
+    FROM u JOIN cur c USING (ord)
+),
+nd0 AS (
+    SELECT act.ord, act.session_id, act.document_id, act.d_state AS doc_old_state, act.d_stage,
+           act.attempt, act.attempts, act.reservation_id, act.action,
+        CASE WHEN action = 'start' THEN 'running'
+             WHEN s_state = 'cancelled' AND d_state IN ('pending', 'queued', 'running') THEN 'cancelled'
+             WHEN d_state = 'queued' THEN 'pending'
+             ELSE d_state END AS d_state,
+        0 AS cost_add
+    FROM act WHERE action IN ('start', 'refuse')
+),
+nd AS (
+    SELECT nd0.*,
+        CASE WHEN d_state <> doc_old_state THEN jsonb_build_object(
+            'state', d_state, 'prev', doc_old_state, 'stage', coalesce(d_stage, ''),
+            'prev_stage', coalesce(d_stage, ''), 'attempt', attempt) END AS payload,
+        (d_state = 'cancelled' AND reservation_id IS NOT NULL) AS release
+    FROM nd0
+),
+runs AS (
+    UPDATE session.stage_runs r SET
+        state = CASE a.action WHEN 'start' THEN 'running' WHEN 'refuse' THEN 'cancelled'
+                ELSE r.state END,
+        started_at = CASE WHEN a.action = 'start' THEN now() ELSE r.started_at END,
+        finished_at = CASE WHEN a.action = 'refuse' THEN now() ELSE r.finished_at END,
+        worker = CASE WHEN a.action = 'refuse' THEN r.worker
+                      ELSE coalesce(nullif(a.worker, ''), r.worker) END,
+        lease_expires_at = CASE WHEN a.action = 'refuse' THEN r.lease_expires_at
+                                ELSE now() + make_interval(secs => a.lease_seconds) END,
+        error_code = CASE WHEN a.action = 'refuse' THEN 'refused' ELSE r.error_code END,
+        error_message = CASE WHEN a.action = 'refuse'
+                             THEN 'session ' || a.s_state || ' when the run started'
+                             ELSE r.error_message END
+    FROM act a
+    WHERE r.document_id = a.document_id AND r.stage = a.stage AND r.attempt = a.attempt
+      AND a.action IN ('start', 'extend', 'refuse')
+    RETURNING r.document_id, r.stage, r.attempt, r.lease_expires_at
+),
+docs AS (
+    UPDATE session.session_documents d SET
+        state = nd.d_state,
+        attempts = CASE WHEN nd.doc_old_state = 'queued' AND nd.d_state = 'pending'
+                        THEN greatest(nd.attempts - 1, 0) ELSE nd.attempts END,
+        reservation_id = CASE WHEN nd.release THEN NULL ELSE d.reservation_id END,
+        reserved_amount = CASE WHEN nd.release THEN NULL ELSE d.reserved_amount END,
+        updated_at = now()
+    FROM nd WHERE d.document_id = nd.document_id AND nd.d_state <> nd.doc_old_state
+    RETURNING 1
+),
+"""
+    + _REPORT_TAIL
+    + """
+SELECT u.ord, c.ord IS NOT NULL AS found, a.action, runs.lease_expires_at,
+       CASE WHEN nd.release THEN nd.reservation_id END AS release_id,
+       (SELECT count(*) FROM nt) AS notified
+FROM u LEFT JOIN cur c USING (ord) LEFT JOIN act a USING (ord) LEFT JOIN nd USING (ord)
+LEFT JOIN runs ON runs.document_id = u.document_id AND runs.stage = u.stage AND runs.attempt = u.attempt
+ORDER BY u.ord
+""",
+    9,
+    _TAIL_PARAMS,
+)
 
 
 # ---------------------------------------------------------------- the store
@@ -906,12 +1151,15 @@ class SessionStore:
 
     # ------------------------------------------------------------ projects
 
-    async def find_project(self, *, project_id: str | None = None, name: str | None = None) -> Project | None:
+    async def find_project(
+        self, *, project_id: str | None = None, name: str | None = None
+    ) -> Project | None:
         async with self.pool.acquire() as conn:
             return await self._find_project(conn, project_id=project_id, name=name)
 
-    async def _find_project(self, conn: asyncpg.Connection, *, project_id: str | None,
-                            name: str | None) -> Project | None:
+    async def _find_project(
+        self, conn: asyncpg.Connection, *, project_id: str | None, name: str | None
+    ) -> Project | None:
         if project_id:
             row = await conn.fetchrow(
                 "SELECT * FROM session.projects WHERE project_id = $1",
@@ -921,7 +1169,9 @@ class SessionStore:
             row = await conn.fetchrow(
                 "SELECT * FROM session.projects WHERE lower(btrim(name)) = lower(btrim($1))", name
             )
-        return None if row is None else Project(str(row["project_id"]), row["name"], row["created_at"])
+        return (
+            None if row is None else Project(str(row["project_id"]), row["name"], row["created_at"])
+        )
 
     async def _ensure_project(self, conn: asyncpg.Connection, spec: NewSession) -> Project:
         if spec.project_id:
@@ -937,7 +1187,8 @@ class SessionStore:
             ON CONFLICT ((lower(btrim(name)))) DO UPDATE SET name = session.projects.name
             RETURNING *
             """,
-            uuid.uuid4(), name,
+            uuid.uuid4(),
+            name,
         )
         return Project(str(row["project_id"]), row["name"], row["created_at"])
 
@@ -969,9 +1220,15 @@ class SessionStore:
                              budget_limit, max_in_flight, category_priority, estimated_cost)
                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                         """,
-                        session_id, spec.request_id, uuid.UUID(project.project_id),
-                        uuid.UUID(spec.manifest_id), spec.source_path, spec.budget_limit,
-                        spec.max_in_flight, list(spec.category_priority), spec.estimated_cost,
+                        session_id,
+                        spec.request_id,
+                        uuid.UUID(project.project_id),
+                        uuid.UUID(spec.manifest_id),
+                        spec.source_path,
+                        spec.budget_limit,
+                        spec.max_in_flight,
+                        list(spec.category_priority),
+                        spec.estimated_cost,
                     )
                     counts: Counter[str] = Counter()
                     estimated = ZERO
@@ -981,18 +1238,38 @@ class SessionStore:
                             counts[doc.state] += 1
                             if doc.state == st.PENDING:
                                 estimated += doc.estimated_cost
-                            records.append((
-                                uuid.uuid4(), session_id, uuid.UUID(doc.manifest_file_id),
-                                doc.ordinal, doc.dispatch_rank, doc.relative_path, doc.raw_path,
-                                doc.sha256, doc.size_bytes, doc.category, doc.priority, doc.plan,
-                                doc.page_count, doc.ocr_page_count, doc.state, doc.error_class,
-                                doc.error_code, doc.error_message, doc.skip_reason,
-                                doc.estimated_cost, doc.problem_kind, doc.mime_type,
-                            ))
+                            records.append(
+                                (
+                                    uuid.uuid4(),
+                                    session_id,
+                                    uuid.UUID(doc.manifest_file_id),
+                                    doc.ordinal,
+                                    doc.dispatch_rank,
+                                    doc.relative_path,
+                                    doc.raw_path,
+                                    doc.sha256,
+                                    doc.size_bytes,
+                                    doc.category,
+                                    doc.priority,
+                                    doc.plan,
+                                    doc.page_count,
+                                    doc.ocr_page_count,
+                                    doc.state,
+                                    doc.error_class,
+                                    doc.error_code,
+                                    doc.error_message,
+                                    doc.skip_reason,
+                                    doc.estimated_cost,
+                                    doc.problem_kind,
+                                    doc.mime_type,
+                                )
+                            )
                         if records:
                             await conn.copy_records_to_table(
-                                "session_documents", schema_name="session",
-                                columns=_COPY_DOC_COLUMNS, records=records,
+                                "session_documents",
+                                schema_name="session",
+                                columns=_COPY_DOC_COLUMNS,
+                                records=records,
                             )
                     await conn.execute(
                         """
@@ -1001,12 +1278,19 @@ class SessionStore:
                             count_failed = $5, estimated_cost = coalesce(estimated_cost, $6)
                         WHERE session_id = $1
                         """,
-                        session_id, sum(counts.values()), counts[st.PENDING],
-                        counts[st.SKIPPED], counts[st.FAILED], estimated,
+                        session_id,
+                        sum(counts.values()),
+                        counts[st.PENDING],
+                        counts[st.SKIPPED],
+                        counts[st.FAILED],
+                        estimated,
                     )
                     changes = _Changes()
-                    changes.note(session_id, "state_change",
-                                 {"state": st.S_CREATED, "reason": "created", "prev": ""})
+                    changes.note(
+                        session_id,
+                        "state_change",
+                        {"state": st.S_CREATED, "reason": "created", "prev": ""},
+                    )
                     if spec.start:
                         changes.session_state(session_id, st.S_RUNNING, "started")
                     await changes.flush(conn)
@@ -1022,7 +1306,9 @@ class SessionStore:
                 raise
         return await self.get_session(spec.session_id), True
 
-    async def get_session(self, session_id: str, *, stall_after: float | None = None) -> SessionInfo:
+    async def get_session(
+        self, session_id: str, *, stall_after: float | None = None
+    ) -> SessionInfo:
         sid = _uuid(session_id, "session_id")
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(_SESSION_SELECT + " WHERE s.session_id = $1", sid)
@@ -1033,14 +1319,17 @@ class SessionStore:
                 stalled = await self._stalled_count(conn, sid, stall_after)
         return _session(row, stalled)
 
-    async def _stalled_count(self, conn: asyncpg.Connection, sid: uuid.UUID, stall_after: float) -> int:
+    async def _stalled_count(
+        self, conn: asyncpg.Connection, sid: uuid.UUID, stall_after: float
+    ) -> int:
         return await conn.fetchval(
             """
             SELECT count(*) FROM session.session_documents
             WHERE session_id = $1 AND state IN ('queued', 'running')
               AND updated_at < now() - make_interval(secs => $2)
             """,
-            sid, stall_after,
+            sid,
+            stall_after,
         )
 
     async def snapshot(self, session_id: str, *, stall_after: float) -> Snapshot:
@@ -1066,21 +1355,38 @@ class SessionStore:
                 )
                 samples = await conn.fetch(
                     "SELECT sampled_at, finished FROM session.progress_samples "
-                    "WHERE session_id = $1 ORDER BY sampled_at", sid,
+                    "WHERE session_id = $1 ORDER BY sampled_at",
+                    sid,
                 )
                 db_now = await conn.fetchval("SELECT now()")
         by_stage = {r["stage"]: r for r in stage_rows}
         stages = tuple(
-            StageCount(stage, *(by_stage[stage][k] for k in ("queued", "running", "succeeded", "failed", "cache_hits")))
-            if stage in by_stage else StageCount(stage)
+            StageCount(
+                stage,
+                *(
+                    by_stage[stage][k]
+                    for k in ("queued", "running", "succeeded", "failed", "cache_hits")
+                ),
+            )
+            if stage in by_stage
+            else StageCount(stage)
             for stage in STAGES
         )
-        return Snapshot(_session(row, stalled), stages,
-                        tuple((r["sampled_at"], r["finished"]) for r in samples), db_now)
+        return Snapshot(
+            _session(row, stalled),
+            stages,
+            tuple((r["sampled_at"], r["finished"]) for r in samples),
+            db_now,
+        )
 
     async def list_sessions(
-        self, *, state: str | None, project_name: str | None, created_after: dt.datetime | None,
-        limit: int, cursor: dict[str, Any] | None,
+        self,
+        *,
+        state: str | None,
+        project_name: str | None,
+        created_after: dt.datetime | None,
+        limit: int,
+        cursor: dict[str, Any] | None,
     ) -> tuple[list[SessionInfo], dict[str, Any] | None]:
         conditions, args = [], []
         if state:
@@ -1097,14 +1403,18 @@ class SessionStore:
                 at = dt.datetime.fromisoformat(cursor["c"])
                 after_id = uuid.UUID(cursor["i"])
             except (KeyError, ValueError, TypeError):
-                raise InvalidArgument.field("page_token", "is not a token this service issued") from None
+                raise InvalidArgument.field(
+                    "page_token", "is not a token this service issued"
+                ) from None
             args.extend([at, after_id])
             conditions.append(f"(s.created_at, s.session_id) < (${len(args) - 1}, ${len(args)})")
         where = (" WHERE " + " AND ".join(conditions)) if conditions else ""
         args.append(limit + 1)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                _SESSION_SELECT + where + f" ORDER BY s.created_at DESC, s.session_id DESC LIMIT ${len(args)}",
+                _SESSION_SELECT
+                + where
+                + f" ORDER BY s.created_at DESC, s.session_id DESC LIMIT ${len(args)}",
                 *args,
             )
         sessions = [_session(r) for r in rows[:limit]]
@@ -1115,15 +1425,21 @@ class SessionStore:
         return sessions, next_cursor
 
     async def _set_session_state(
-        self, session_id: str, allowed_from: Iterable[str], new_state: str, reason: str,
-        *, noop_states: Iterable[str] = (),
+        self,
+        session_id: str,
+        allowed_from: Iterable[str],
+        new_state: str,
+        reason: str,
+        *,
+        noop_states: Iterable[str] = (),
     ) -> SessionInfo:
         sid = _uuid(session_id, "session_id")
 
         async def run() -> None:
             async with self.pool.acquire() as conn, conn.transaction():
                 current = await conn.fetchval(
-                    "SELECT state FROM session.import_sessions WHERE session_id = $1 FOR UPDATE", sid
+                    "SELECT state FROM session.import_sessions WHERE session_id = $1 FOR UPDATE",
+                    sid,
                 )
                 if current is None:
                     raise NotFound("session", session_id)
@@ -1144,36 +1460,48 @@ class SessionStore:
 
     async def start_session(self, session_id: str) -> SessionInfo:
         return await self._set_session_state(
-            session_id, (st.S_CREATED,), st.S_RUNNING, "started",
+            session_id,
+            (st.S_CREATED,),
+            st.S_RUNNING,
+            "started",
             noop_states=(st.S_RUNNING, *st.SESSION_TERMINAL - {st.S_CANCELLED}),
         )
 
-    async def pause_session(self, session_id: str, reason: str = "paused by an operator") -> SessionInfo:
+    async def pause_session(
+        self, session_id: str, reason: str = "paused by an operator"
+    ) -> SessionInfo:
         return await self._set_session_state(
-            session_id, (st.S_RUNNING, st.S_BUDGET), st.S_PAUSED, reason, noop_states=(st.S_PAUSED,),
+            session_id,
+            (st.S_RUNNING, st.S_BUDGET),
+            st.S_PAUSED,
+            reason,
+            noop_states=(st.S_PAUSED,),
         )
 
-    async def resume_session(self, session_id: str, reason: str = "resumed by an operator") -> SessionInfo:
+    async def resume_session(
+        self, session_id: str, reason: str = "resumed by an operator"
+    ) -> SessionInfo:
         return await self._set_session_state(
-            session_id, (st.S_PAUSED, st.S_BUDGET, st.S_CREATED), st.S_RUNNING, reason,
+            session_id,
+            (st.S_PAUSED, st.S_BUDGET, st.S_CREATED),
+            st.S_RUNNING,
+            reason,
             noop_states=(st.S_RUNNING,),
         )
 
-    async def mark_budget_exhausted(self, session_id: str, reason: str) -> None:
-        try:
-            await self._set_session_state(session_id, (st.S_RUNNING,), st.S_BUDGET, reason,
-                                          noop_states=(st.S_BUDGET,))
-        except FailedPrecondition:
-            pass  # paused, cancelled or finished meanwhile: nothing to stop
-
-    async def cancel_session(self, session_id: str, *, batch: int = 5000) -> tuple[SessionInfo, list[str]]:
+    async def cancel_session(
+        self, session_id: str, *, batch: int = 5000
+    ) -> tuple[SessionInfo, list[str]]:
         """Cancels the session, then its active documents and live runs in batches.
 
         Returns the session and the reservations of cancelled runs to release.
         """
         await self._set_session_state(
-            session_id, (st.S_CREATED, st.S_RUNNING, st.S_PAUSED, st.S_BUDGET), st.S_CANCELLED,
-            "cancelled by an operator", noop_states=(st.S_CANCELLED,),
+            session_id,
+            (st.S_CREATED, st.S_RUNNING, st.S_PAUSED, st.S_BUDGET),
+            st.S_CANCELLED,
+            "cancelled by an operator",
+            noop_states=(st.S_CANCELLED,),
         )
         sid = uuid.UUID(session_id)
         release: list[str] = []
@@ -1186,7 +1514,8 @@ class SessionStore:
                     WHERE session_id = $1 AND state IN ('pending', 'queued', 'running')
                     ORDER BY document_id LIMIT $2 FOR UPDATE
                     """,
-                    sid, batch,
+                    sid,
+                    batch,
                 )
                 if not rows:
                     return 0
@@ -1219,20 +1548,34 @@ class SessionStore:
     # ------------------------------------------------------------ documents
 
     async def list_documents(
-        self, session_id: str, *, state: str | None, stage: str | None, error_class: str | None,
-        category: str | None, stalled: bool | None, stall_after: float, limit: int,
+        self,
+        session_id: str,
+        *,
+        state: str | None,
+        stage: str | None,
+        error_class: str | None,
+        category: str | None,
+        stalled: bool | None,
+        stall_after: float,
+        limit: int,
         after_ordinal: int | None,
     ) -> tuple[list[Document], int | None]:
         sid = _uuid(session_id, "session_id")
         args: list[Any] = [sid, stall_after]
         conditions = ["d.session_id = $1"]
-        for column, value in (("state", state), ("stage", stage), ("error_class", error_class),
-                              ("category", category)):
+        for column, value in (
+            ("state", state),
+            ("stage", stage),
+            ("error_class", error_class),
+            ("category", category),
+        ):
             if value:
                 args.append(value)
                 conditions.append(f"d.{column} = ${len(args)}")
-        stalled_expr = ("(d.state IN ('queued', 'running') "
-                        "AND d.updated_at < now() - make_interval(secs => $2))")
+        stalled_expr = (
+            "(d.state IN ('queued', 'running') "
+            "AND d.updated_at < now() - make_interval(secs => $2))"
+        )
         if stalled is True:
             conditions.append(stalled_expr)
         elif stalled is False:
@@ -1242,7 +1585,9 @@ class SessionStore:
             conditions.append(f"d.ordinal > ${len(args)}")
         args.append(limit + 1)
         async with self.pool.acquire() as conn:
-            exists = await conn.fetchval("SELECT 1 FROM session.import_sessions WHERE session_id = $1", sid)
+            exists = await conn.fetchval(
+                "SELECT 1 FROM session.import_sessions WHERE session_id = $1", sid
+            )
             if not exists:
                 raise NotFound("session", session_id)
             rows = await conn.fetch(
@@ -1255,7 +1600,9 @@ class SessionStore:
         docs = [_document(r, r["is_stalled"]) for r in rows[:limit]]
         return docs, (docs[-1].ordinal if len(rows) > limit else None)
 
-    async def get_document(self, document_id: str, *, stall_after: float) -> tuple[Document, list[StageRun]]:
+    async def get_document(
+        self, document_id: str, *, stall_after: float
+    ) -> tuple[Document, list[StageRun]]:
         did = _uuid(document_id, "document_id")
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
@@ -1264,7 +1611,8 @@ class SessionStore:
                              AND d.updated_at < now() - make_interval(secs => $2)) AS is_stalled
                 FROM session.session_documents d WHERE d.document_id = $1
                 """,
-                did, stall_after,
+                did,
+                stall_after,
             )
             if row is None:
                 raise NotFound("document", document_id)
@@ -1277,7 +1625,9 @@ class SessionStore:
             )
         return _document(row, row["is_stalled"]), [_run(r) for r in runs]
 
-    async def iter_documents(self, session_id: str, *, page: int = 5000) -> AsyncIterator[list[Document]]:
+    async def iter_documents(
+        self, session_id: str, *, page: int = 5000
+    ) -> AsyncIterator[list[Document]]:
         """Every document of a session in ordinal order, a page at a time."""
         sid = _uuid(session_id, "session_id")
         after = -1
@@ -1285,15 +1635,19 @@ class SessionStore:
             async with self.pool.acquire() as conn:
                 rows = await conn.fetch(
                     "SELECT * FROM session.session_documents WHERE session_id = $1 AND ordinal > $2 "
-                    "ORDER BY ordinal LIMIT $3", sid, after, page,
+                    "ORDER BY ordinal LIMIT $3",
+                    sid,
+                    after,
+                    page,
                 )
             if not rows:
                 return
             yield [_document(r) for r in rows]
             after = rows[-1]["ordinal"]
 
-    async def iter_runs(self, session_id: str, *, states: Sequence[str] = (),
-                        page: int = 5000) -> AsyncIterator[list[StageRun]]:
+    async def iter_runs(
+        self, session_id: str, *, states: Sequence[str] = (), page: int = 5000
+    ) -> AsyncIterator[list[StageRun]]:
         sid = _uuid(session_id, "session_id")
         after: tuple[uuid.UUID, str, int] = (uuid.UUID(int=0), "", 0)
         while True:
@@ -1305,7 +1659,10 @@ class SessionStore:
                       AND (document_id, stage, attempt) > ($3, $4, $5)
                     ORDER BY document_id, stage, attempt LIMIT $6
                     """,
-                    sid, list(states), *after, page,
+                    sid,
+                    list(states),
+                    *after,
+                    page,
                 )
             if not rows:
                 return
@@ -1318,13 +1675,20 @@ class SessionStore:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT state, count(*) AS n FROM session.session_documents WHERE session_id = $1 "
-                "GROUP BY state", sid,
+                "GROUP BY state",
+                sid,
             )
         return DocumentCounts(**{r["state"]: r["n"] for r in rows})
 
     async def retry_documents(
-        self, session_id: str, *, failed: bool, stalled: bool, document_ids: Sequence[str],
-        force: bool, stall_after: float,
+        self,
+        session_id: str,
+        *,
+        failed: bool,
+        stalled: bool,
+        document_ids: Sequence[str],
+        force: bool,
+        stall_after: float,
     ) -> Retried:
         sid = _uuid(session_id, "session_id")
         ids = [_uuid(d, f"document_ids[{i}]") for i, d in enumerate(document_ids)]
@@ -1337,8 +1701,10 @@ class SessionStore:
                 if state is None:
                     raise NotFound("session", session_id)
                 if state == st.S_CANCELLED:
-                    raise FailedPrecondition("the session is cancelled; nothing can be retried",
-                                             subject=f"sessions/{session_id}")
+                    raise FailedPrecondition(
+                        "the session is cancelled; nothing can be retried",
+                        subject=f"sessions/{session_id}",
+                    )
                 rows = await conn.fetch(
                     f"""
                     SELECT {", ".join(_DOC_COLUMNS)},
@@ -1352,13 +1718,21 @@ class SessionStore:
                      OR document_id = ANY($5::uuid[]))
                     ORDER BY document_id FOR UPDATE
                     """,
-                    sid, failed, stalled, force, ids, stall_after,
+                    sid,
+                    failed,
+                    stalled,
+                    force,
+                    ids,
+                    stall_after,
                 )
                 found = {r["document_id"] for r in rows}
                 missing = [str(i) for i in ids if i not in found]
                 if missing:
-                    raise NotFound("document", missing[0],
-                                   f"document {missing[0]} is not in session {session_id}")
+                    raise NotFound(
+                        "document",
+                        missing[0],
+                        f"document {missing[0]} is not in session {session_id}",
+                    )
                 explicit = set(ids)
                 changes = _Changes()
                 docs: list[dict[str, Any]] = []
@@ -1384,8 +1758,14 @@ class SessionStore:
                         )
                     else:
                         continue
-                    doc.update(state=st.PENDING, attempts=0, not_before=None, error_class=None,
-                               error_code=None, error_message=None)
+                    doc.update(
+                        state=st.PENDING,
+                        attempts=0,
+                        not_before=None,
+                        error_class=None,
+                        error_code=None,
+                        error_message=None,
+                    )
                     changes.doc(doc, old_state, old_stage)
                     docs.append(doc)
                 if stalled_ids:
@@ -1454,7 +1834,8 @@ class SessionStore:
         sid = uuid.UUID(session_id)
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                _SESSION_SELECT + " WHERE s.session_id = $1 AND s.state IN ('running', 'budget_exhausted') "
+                _SESSION_SELECT
+                + " WHERE s.session_id = $1 AND s.state IN ('running', 'budget_exhausted') "
                 "FOR UPDATE OF s SKIP LOCKED",
                 sid,
             )
@@ -1463,7 +1844,8 @@ class SessionStore:
             session = _session(row)
             live = await conn.fetchval(
                 "SELECT count(*) FROM session.stage_runs WHERE session_id = $1 "
-                "AND state IN ('queued', 'running')", sid,
+                "AND state IN ('queued', 'running')",
+                sid,
             )
             room = min(limit, session.max_in_flight - live)
             if room <= 0:
@@ -1471,16 +1853,20 @@ class SessionStore:
             cols = ", ".join(_DOC_COLUMNS)
             # Out of budget, only documents already admitted (reserved) go on.
             admitted_only = session.state == st.S_BUDGET
-            rows = list(await conn.fetch(
-                f"""
+            rows = list(
+                await conn.fetch(
+                    f"""
                 SELECT {cols} FROM session.session_documents
                 WHERE session_id = $1 AND state = 'pending' AND stage IS NOT NULL
                   AND (not_before IS NULL OR not_before <= now())
                   AND (NOT $3 OR reservation_id IS NOT NULL)
                 ORDER BY dispatch_rank, ordinal LIMIT $2 FOR UPDATE SKIP LOCKED
                 """,
-                sid, room, admitted_only,
-            ))
+                    sid,
+                    room,
+                    admitted_only,
+                )
+            )
             if len(rows) < room and not admitted_only:
                 rows += await conn.fetch(
                     f"""
@@ -1489,7 +1875,8 @@ class SessionStore:
                       AND (not_before IS NULL OR not_before <= now())
                     ORDER BY dispatch_rank, ordinal LIMIT $2 FOR UPDATE SKIP LOCKED
                     """,
-                    sid, room - len(rows),
+                    sid,
+                    room - len(rows),
                 )
             if not rows:
                 return DispatchRound(session_id, (), False)
@@ -1498,9 +1885,17 @@ class SessionStore:
             for r in rows:
                 # A document is admitted by reserving its whole estimate before its
                 # first stage is enqueued; it keeps that reservation to its end.
-                needs = budgeted and r["reservation_id"] is None and (r["estimated_cost"] or ZERO) > 0
-                claimed.append(Claimed(_document(r), r["stage"] or STAGES[0], r["attempt_seq"] + 1,
-                                       r["estimated_cost"] if needs else ZERO))
+                needs = (
+                    budgeted and r["reservation_id"] is None and (r["estimated_cost"] or ZERO) > 0
+                )
+                claimed.append(
+                    Claimed(
+                        DispatchDoc.of(r),
+                        r["stage"] or STAGES[0],
+                        r["attempt_seq"] + 1,
+                        r["estimated_cost"] if needs else ZERO,
+                    )
+                )
             # The cost service reserves while the runs are prepared here.
             reserving = None
             if any(c.estimate > 0 for c in claimed):
@@ -1513,8 +1908,13 @@ class SessionStore:
                     t = timing(c.document.size_bytes)
                     lease = db_now + dt.timedelta(seconds=t.queued_lease)
                     doc = dict(r)
-                    doc.update(state=st.QUEUED, stage=c.stage, attempts=r["attempts"] + 1,
-                               attempt_seq=c.attempt, not_before=None)
+                    doc.update(
+                        state=st.QUEUED,
+                        stage=c.stage,
+                        attempts=r["attempts"] + 1,
+                        attempt_seq=c.attempt,
+                        not_before=None,
+                    )
                     prepared.append((c, r, doc, t, task_id, lease))
                 reservations = await reserving if reserving is not None else Reservations()
             finally:
@@ -1528,21 +1928,52 @@ class SessionStore:
                     continue
                 granted = reservations.granted.get(document_id)
                 reservation = uuid.UUID(granted[0]) if granted else None
-                run_records.append((
-                    r["document_id"], c.stage, c.attempt, sid, st.RUN_QUEUED, task_id,
-                    reservation, granted[1] if granted else None, db_now, lease,
-                ))
+                run_records.append(
+                    (
+                        r["document_id"],
+                        c.stage,
+                        c.attempt,
+                        sid,
+                        st.RUN_QUEUED,
+                        task_id,
+                        reservation,
+                        granted[1] if granted else None,
+                        db_now,
+                        lease,
+                    )
+                )
                 if granted:
                     doc.update(reservation_id=reservation, reserved_amount=granted[1])
                 changes.doc(doc, r["state"], r["stage"], attempt=c.attempt)
                 docs.append(doc)
-                dispatched.append(Dispatched(session_id, c.document, session.source_path, c.stage,
-                                             c.attempt, task_id, t, lease))
+                dispatched.append(
+                    Dispatched(
+                        session_id,
+                        c.document,
+                        session.source_path,
+                        c.stage,
+                        c.attempt,
+                        task_id,
+                        t,
+                        lease,
+                    )
+                )
             if run_records:
                 await conn.copy_records_to_table(
-                    "stage_runs", schema_name="session",
-                    columns=("document_id", "stage", "attempt", "session_id", "state", "task_id",
-                             "reservation_id", "reserved_amount", "queued_at", "lease_expires_at"),
+                    "stage_runs",
+                    schema_name="session",
+                    columns=(
+                        "document_id",
+                        "stage",
+                        "attempt",
+                        "session_id",
+                        "state",
+                        "task_id",
+                        "reservation_id",
+                        "reserved_amount",
+                        "queued_at",
+                        "lease_expires_at",
+                    ),
                     records=run_records,
                 )
                 await _write_docs(conn, docs)
@@ -1550,7 +1981,8 @@ class SessionStore:
                 changes.session_state(sid, st.S_BUDGET, reservations.exhausted_reason)
             await changes.flush(conn, complete=False)
         return DispatchRound(
-            session_id, tuple(dispatched),
+            session_id,
+            tuple(dispatched),
             saturated=len(rows) >= room and not reservations.exhausted_reason,
             budget_exhausted=reservations.exhausted_reason is not None,
         )
@@ -1566,7 +1998,8 @@ class SessionStore:
             release.clear()
             async with self.pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(
-                    _RUN_DOC_SELECT + """
+                    _RUN_DOC_SELECT
+                    + """
                     WHERE r.task_id = ANY($1::text[]) AND r.state = 'queued'
                     ORDER BY r.document_id FOR UPDATE OF r, d
                     """,
@@ -1576,18 +2009,28 @@ class SessionStore:
                 for row in rows:
                     run_ = _mutable(row, "r_", _RUN_COLUMNS)
                     doc = _mutable(row, "d_", _DOC_COLUMNS)
-                    run_.update(state=st.RUN_EXPIRED, finished_at=row["db_now"],
-                                error_class=st.RETRYABLE, error_code="publish_failed",
-                                error_message=reason)
+                    run_.update(
+                        state=st.RUN_EXPIRED,
+                        finished_at=row["db_now"],
+                        error_class=st.RETRYABLE,
+                        error_code="publish_failed",
+                        error_message=reason,
+                    )
                     runs.append(run_)
                     if doc["state"] == st.QUEUED:
-                        if run_["reservation_id"] and doc["reservation_id"] == run_["reservation_id"]:
+                        if (
+                            run_["reservation_id"]
+                            and doc["reservation_id"] == run_["reservation_id"]
+                        ):
                             # admitted by this very dispatch: give the budget back
                             release.append(str(run_["reservation_id"]))
                             doc.update(reservation_id=None, reserved_amount=None)
                         old = doc["state"]
-                        doc.update(state=st.PENDING, attempts=max(0, doc["attempts"] - 1),
-                                   not_before=row["db_now"] + dt.timedelta(seconds=1))
+                        doc.update(
+                            state=st.PENDING,
+                            attempts=max(0, doc["attempts"] - 1),
+                            not_before=row["db_now"] + dt.timedelta(seconds=1),
+                        )
                         changes.doc(doc, old, doc["stage"], attempt=run_["attempt"])
                         docs.append(doc)
                 await _write_runs(conn, runs)
@@ -1599,182 +2042,130 @@ class SessionStore:
 
     # ------------------------------------------------------------ reports
 
-    async def apply_started(self, reports: Sequence[StartedReport], *, timing: Callable[[int], Timing]
-                            ) -> list[StartedOutcome]:
-        """Applies ReportStageStarted calls together; one outcome per report.
+    async def apply_started(
+        self, reports: Sequence[StartedReport], *, lease: tuple[float, float, float]
+    ) -> list[StartedOutcome]:
+        """Applies ReportStageStarted calls in one statement; one outcome per report.
 
-        Optimistic: reads the runs without locks, decides here, then writes in
-        one guarded statement (see `_guarded_write`); reports whose rows moved
-        meanwhile are decided again.
+        `lease` is (base seconds, seconds per MiB, grace) of the running lease.
         """
+        unique, index = _dedupe([(r.document_id, r.stage, r.attempt) for r in reports])
+        first = [reports[i] for i in unique]
 
-        def decide(rows: dict[tuple[str, str, int], asyncpg.Record]) -> tuple[list[Any], list[_Write]]:
-            runs: dict[tuple[str, str, int], dict[str, Any]] = {}
-            docs: dict[str, dict[str, Any]] = {}
-            writes: dict[tuple[str, str, int], _Write] = {}
-            outcomes: list[Any] = []
-            for report in reports:
-                key = (report.document_id, report.stage, report.attempt)
-                row = rows.get(key)
-                if row is None:
-                    outcomes.append(StartedOutcome(found=False))
-                    continue
-                run_ = runs.setdefault(key, _mutable(row, "r_", _RUN_COLUMNS))
-                doc = docs.setdefault(report.document_id, _mutable(row, "d_", _REPORT_DOC_COLUMNS))
-                now = row["db_now"]
-                if report.task_id and report.task_id != run_["task_id"]:
-                    outcomes.append(StartedOutcome(found=True, proceed=False))
-                    continue
-                t = timing(doc["size_bytes"])
-                write = writes.get(key) or _Write.of(row)
-                if run_["state"] == st.RUN_RUNNING:
-                    # A redelivery (the first worker died) or a duplicate: let it go on.
-                    run_["lease_expires_at"] = now + dt.timedelta(seconds=t.running_lease)
-                    run_["worker"] = report.worker or run_["worker"]
-                    writes[key] = write.with_(run_, doc)
-                    outcomes.append(StartedOutcome(True, True, run_["lease_expires_at"]))
-                    continue
-                if run_["state"] != st.RUN_QUEUED:
-                    outcomes.append(StartedOutcome(found=True, proceed=False))
-                    continue
-                session_state = row["s_state"]
-                admitted = session_state == st.S_BUDGET and doc["reservation_id"] is not None
-                if session_state != st.S_RUNNING and not admitted:
-                    # Paused, out of budget or cancelled: the message is not wanted now.
-                    run_.update(state=st.RUN_CANCELLED, finished_at=now, error_code="refused",
-                                error_message=f"session {session_state} when the run started")
-                    old = doc["state"]
-                    release = None
-                    if session_state == st.S_CANCELLED:
-                        doc["state"] = st.CANCELLED if old in st.DOC_ACTIVE else old
-                        if doc["state"] == st.CANCELLED and doc["reservation_id"]:
-                            release = str(doc["reservation_id"])
-                            doc.update(reservation_id=None, reserved_amount=None)
-                    elif old == st.QUEUED:
-                        doc.update(state=st.PENDING, attempts=max(0, doc["attempts"] - 1))
-                    payload = (_event_payload(doc, old, doc["stage"], attempt=run_["attempt"])
-                               if doc["state"] != old else None)
-                    writes[key] = write.with_(run_, doc, payload)
-                    outcomes.append(StartedOutcome(True, False, release=release))
-                    continue
-                run_.update(state=st.RUN_RUNNING, started_at=now, worker=report.worker or None,
-                            lease_expires_at=now + dt.timedelta(seconds=t.running_lease))
-                old = doc["state"]
-                doc["state"] = st.RUNNING
-                writes[key] = write.with_(run_, doc, _event_payload(doc, old, doc["stage"],
-                                                                    attempt=run_["attempt"]))
-                outcomes.append(StartedOutcome(True, True, run_["lease_expires_at"]))
-            return outcomes, list(writes.values())
+        async def run() -> list[asyncpg.Record]:
+            async with self.pool.acquire() as conn:
+                return await conn.fetch(
+                    _STARTED_SQL,
+                    [uuid.UUID(r.document_id) for r in first],
+                    [r.stage for r in first],
+                    [r.attempt for r in first],
+                    [r.task_id for r in first],
+                    [r.worker for r in first],
+                    lease[0],
+                    lease[1],
+                    lease[2],
+                    False,
+                    NOTIFY_CHANNEL,
+                    ORIGIN,
+                )
 
-        return await self._optimistic(reports, decide, complete=False)
+        rows = await _retrying(run)
+        outcomes = []
+        for row in rows:
+            if not row["found"]:
+                outcomes.append(StartedOutcome(found=False))
+            else:
+                proceed = row["action"] in ("start", "extend")
+                outcomes.append(
+                    StartedOutcome(
+                        True,
+                        proceed,
+                        row["lease_expires_at"] if proceed else None,
+                        release=_s(row["release_id"]),
+                    )
+                )
+        # a duplicate in the same batch: the first one started the run, this one is a redelivery
+        return [outcomes[i] for i in index]
 
     async def apply_results(
-        self, reports: Sequence[ResultReport], *, max_attempts: int, backoff: Callable[[int], float],
+        self,
+        reports: Sequence[ResultReport],
+        *,
+        max_attempts: int,
+        backoff: tuple[float, float],
     ) -> list[ResultOutcome]:
-        """Applies ReportStageResult calls together; one outcome per report.
+        """Applies ReportStageResult calls in one statement; one outcome per report.
 
         Idempotent by (document, stage, attempt): a report about a run already
         succeeded or failed is a replay and changes nothing; a report about a
         run that is no longer live (expired, cancelled) changes nothing either.
+        `backoff` is (base, cap) seconds of the retry delay.
         """
-
-        def decide(rows: dict[tuple[str, str, int], asyncpg.Record]) -> tuple[list[Any], list[_Write]]:
-            runs: dict[tuple[str, str, int], dict[str, Any]] = {}
-            docs: dict[str, dict[str, Any]] = {}
-            writes: dict[tuple[str, str, int], _Write] = {}
-            outcomes: list[Any] = []
-            for report in reports:
-                key = (report.document_id, report.stage, report.attempt)
-                row = rows.get(key)
-                if row is None:
-                    outcomes.append(ResultOutcome(found=False))
-                    continue
-                run_ = runs.setdefault(key, _mutable(row, "r_", _RUN_COLUMNS))
-                doc = docs.setdefault(report.document_id, _mutable(row, "d_", _REPORT_DOC_COLUMNS))
-                sid = str(doc["session_id"])
-                if run_["state"] in (st.RUN_SUCCEEDED, st.RUN_FAILED):
-                    outcomes.append(ResultOutcome(True, True, doc["state"], session_id=sid))
-                    continue
-                if run_["state"] not in st.RUN_LIVE:
-                    logger.info(
-                        "stale result for %s/%s attempt %d (run %s); ignored",
-                        report.document_id, report.stage, report.attempt, run_["state"],
-                    )
-                    outcomes.append(ResultOutcome(True, False, doc["state"], session_id=sid))
-                    continue
-                now = row["db_now"]
-                run_.update(
-                    state=st.RUN_SUCCEEDED if report.succeeded else st.RUN_FAILED,
-                    finished_at=now, worker=report.worker or run_["worker"],
-                    started_at=run_["started_at"] or now,
-                    duration_seconds=(Decimal(str(round(report.duration_seconds, 6)))
-                                      if report.duration_seconds is not None else None),
-                    error_class=None if report.succeeded else report.error_class,
-                    error_code=None if report.succeeded else (report.error_code or None),
-                    error_message=None if report.succeeded else report.error_message,
-                    artifacts=list(report.artifacts), cache_hit=report.cache_hit,
-                    cost=report.cost, stats=report.stats,
-                )
-                old_state, old_stage = doc["state"], doc["stage"]
-                doc["cost"] = (doc["cost"] or ZERO) + (report.cost or ZERO)
-                if report.succeeded:
-                    following = next_stage(report.stage)
-                    doc.update(error_class=None, error_code=None, error_message=None, not_before=None)
-                    if following is None:
-                        doc["state"] = st.COMPLETED
-                    else:
-                        doc.update(state=st.PENDING, stage=following, attempts=0, attempt_seq=0)
-                elif report.error_class == st.PERMANENT or doc["attempts"] >= max_attempts:
-                    message = report.error_message
-                    if report.error_class != st.PERMANENT:
-                        message = f"{message} (gave up after {doc['attempts']} attempts)"
-                    doc.update(state=st.FAILED, error_class=report.error_class,
-                               error_code=report.error_code or None, error_message=message)
-                else:
-                    doc.update(state=st.PENDING, error_class=report.error_class,
-                               error_code=report.error_code or None, error_message=report.error_message,
-                               not_before=now + dt.timedelta(seconds=backoff(doc["attempts"])))
-                settle = None
-                if doc["state"] in st.DOC_TERMINAL and doc["reservation_id"]:
-                    # the document is done: its reservation closes with what it cost
-                    settle = (str(doc["reservation_id"]), doc["cost"] or ZERO)
-                    doc.update(reservation_id=None, reserved_amount=None)
-                payload = _event_payload(doc, old_state, old_stage, attempt=report.attempt,
-                                         cache_hit=report.cache_hit and report.succeeded, cost=report.cost)
-                writes[key] = (writes.get(key) or _Write.of(row)).with_(run_, doc, payload,
-                                                                        cost=report.cost or ZERO)
-                outcomes.append(ResultOutcome(True, False, doc["state"], settle, sid))
-            return outcomes, list(writes.values())
-
-        return await self._optimistic(reports, decide, complete=True)
-
-    async def _optimistic(self, reports: Sequence[Any], decide: Callable[..., tuple[list[Any], list[_Write]]],
-                          *, complete: bool, attempts: int = 5) -> list[Any]:
-        """Read, decide, guarded write; decide again for rows that changed meanwhile."""
         keys = [(r.document_id, r.stage, r.attempt) for r in reports]
-        for attempt in range(attempts):
+        unique, index = _dedupe(keys)
+        first = [reports[i] for i in unique]
+
+        async def run() -> list[asyncpg.Record]:
             async with self.pool.acquire() as conn:
-                rows = await conn.fetch(
-                    _REPORT_SELECT + """
-                    WHERE (r.document_id, r.stage, r.attempt) IN
-                          (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[]))
-                    """,
-                    [uuid.UUID(k[0]) for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+                return await conn.fetch(
+                    _RESULTS_SQL,
+                    [uuid.UUID(r.document_id) for r in first],
+                    [r.stage for r in first],
+                    [r.attempt for r in first],
+                    [r.worker for r in first],
+                    [r.succeeded for r in first],
+                    [None if r.succeeded else r.error_class for r in first],
+                    [r.error_code for r in first],
+                    [r.error_message for r in first],
+                    [json.dumps(list(r.artifacts)) for r in first],
+                    [r.cache_hit for r in first],
+                    [
+                        Decimal(str(r.duration_seconds)) if r.duration_seconds is not None else None
+                        for r in first
+                    ],
+                    [r.cost for r in first],
+                    [json.dumps(r.stats) for r in first],
+                    max_attempts,
+                    backoff[0],
+                    backoff[1],
+                    True,
+                    NOTIFY_CHANNEL,
+                    ORIGIN,
                 )
-                found = {(str(r["r_document_id"]), r["r_stage"], r["r_attempt"]): r for r in rows}
-                outcomes, writes = decide(found)
-                if not writes:
-                    return outcomes
-                try:
-                    applied = await _guarded_write(conn, writes, complete=complete)
-                except (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError):
-                    applied = 0
-            if applied == len(writes):
-                return outcomes
-            logger.info("stage reports raced with another change; deciding again (%d/%d applied)",
-                        applied, len(writes))
-            await asyncio.sleep(0.005 * (attempt + 1))
-        raise Aborted("the stage runs kept changing; report again")
+
+        rows = await _retrying(run)
+        outcomes = []
+        for report, row in zip(first, rows, strict=True):
+            if row["r_state"] is None:
+                outcomes.append(ResultOutcome(found=False))
+                continue
+            sid = str(row["session_id"])
+            if row["new_doc_state"] is not None:
+                settle = (
+                    (str(row["settle_id"]), row["settle_amount"] or ZERO)
+                    if row["settle_id"]
+                    else None
+                )
+                outcomes.append(ResultOutcome(True, False, row["new_doc_state"], settle, sid))
+            elif row["r_state"] in (st.RUN_SUCCEEDED, st.RUN_FAILED):
+                outcomes.append(ResultOutcome(True, True, row["old_doc_state"], session_id=sid))
+            else:
+                logger.info(
+                    "stale result for %s/%s attempt %d (run %s); ignored",
+                    report.document_id,
+                    report.stage,
+                    report.attempt,
+                    row["r_state"],
+                )
+                outcomes.append(ResultOutcome(True, False, row["old_doc_state"], session_id=sid))
+        result = []
+        for position, i in enumerate(index):
+            outcome = outcomes[i]
+            if position != unique[i] and outcome.found and not outcome.replayed:
+                # the same report twice in one batch: the second is a replay of the first
+                outcome = replace(outcome, replayed=True, settle=None)
+            result.append(outcome)
+        return result
 
     # ------------------------------------------------------------ reconciler
 
@@ -1788,7 +2179,8 @@ class SessionStore:
             sessions.clear()
             async with self.pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(
-                    _RUN_DOC_SELECT + """
+                    _RUN_DOC_SELECT
+                    + """
                     WHERE r.state IN ('queued', 'running') AND r.lease_expires_at < now()
                     ORDER BY r.document_id LIMIT $1 FOR UPDATE OF r, d SKIP LOCKED
                     """,
@@ -1800,23 +2192,39 @@ class SessionStore:
                     doc = _mutable(row, "d_", _DOC_COLUMNS)
                     now = row["db_now"]
                     where = run_["state"]
-                    message = (f"lease expired while {where} (a lost message or a dead worker); "
-                               f"attempt {run_['attempt']}")
-                    run_.update(state=st.RUN_EXPIRED, finished_at=now, error_class=st.RETRYABLE,
-                                error_code="lease_expired", error_message=message)
+                    message = (
+                        f"lease expired while {where} (a lost message or a dead worker); "
+                        f"attempt {run_['attempt']}"
+                    )
+                    run_.update(
+                        state=st.RUN_EXPIRED,
+                        finished_at=now,
+                        error_class=st.RETRYABLE,
+                        error_code="lease_expired",
+                        error_message=message,
+                    )
                     runs.append(run_)
                     old = doc["state"]
                     if old not in (st.QUEUED, st.RUNNING) or doc["stage"] != run_["stage"]:
                         continue
                     if doc["attempts"] >= max_attempts:
-                        doc.update(state=st.FAILED, error_class=st.RETRYABLE, error_code="lease_expired",
-                                   error_message=f"{message}; gave up after {doc['attempts']} attempts")
+                        doc.update(
+                            state=st.FAILED,
+                            error_class=st.RETRYABLE,
+                            error_code="lease_expired",
+                            error_message=f"{message}; gave up after {doc['attempts']} attempts",
+                        )
                         if doc["reservation_id"]:
                             settle.append((str(doc["reservation_id"]), doc["cost"] or ZERO))
                             doc.update(reservation_id=None, reserved_amount=None)
                     else:
-                        doc.update(state=st.PENDING, error_class=st.RETRYABLE,
-                                   error_code="lease_expired", error_message=message, not_before=None)
+                        doc.update(
+                            state=st.PENDING,
+                            error_class=st.RETRYABLE,
+                            error_code="lease_expired",
+                            error_message=message,
+                            not_before=None,
+                        )
                     changes.doc(doc, old, doc["stage"], attempt=run_["attempt"])
                     docs.append(doc)
                     sessions.add(str(doc["session_id"]))
@@ -1838,11 +2246,13 @@ class SessionStore:
             )
         done = []
         for row in ids:
+
             async def run(sid: uuid.UUID = row["session_id"]) -> None:
                 async with self.pool.acquire() as conn, conn.transaction():
                     changes = _Changes()
                     changes.touch(sid)
                     await changes.flush(conn)
+
             await _retrying(run)
             done.append(str(row["session_id"]))
         return done
@@ -1867,7 +2277,9 @@ class SessionStore:
 
     async def sessions_in_state(self, state: str) -> list[SessionInfo]:
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(_SESSION_SELECT + " WHERE s.state = $1 ORDER BY s.created_at", state)
+            rows = await conn.fetch(
+                _SESSION_SELECT + " WHERE s.state = $1 ORDER BY s.created_at", state
+            )
         return [_session(r) for r in rows]
 
     async def next_estimate(self, session_id: str) -> Decimal | None:
@@ -1892,11 +2304,20 @@ class SessionStore:
                 LEFT JOIN session.session_documents d ON d.document_id = e.document_id
                 WHERE e.session_id = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3
                 """,
-                uuid.UUID(session_id), after_seq, limit,
+                uuid.UUID(session_id),
+                after_seq,
+                limit,
             )
         return [
-            Event(str(r["session_id"]), r["seq"], r["event_time"], r["kind"], _s(r["document_id"]),
-                  r["payload"], r["relative_path"] or "")
+            Event(
+                str(r["session_id"]),
+                r["seq"],
+                r["event_time"],
+                r["kind"],
+                _s(r["document_id"]),
+                r["payload"],
+                r["relative_path"] or "",
+            )
             for r in rows
         ]
 
@@ -1907,11 +2328,3 @@ class SessionStore:
                 _uuid(session_id, "session_id"),
             )
         return None if row is None else (row["last_seq"], row["state"])
-
-
-def replace_counts(info: SessionInfo, counts: DocumentCounts) -> SessionInfo:
-    return replace(info, counts=counts)
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=str)

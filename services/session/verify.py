@@ -87,8 +87,15 @@ class _Bucket:
 
 
 class Verifier:
-    def __init__(self, store: SessionStore, manifest: ManifestPeer | None, cost: CostPeer | None,
-                 *, page_size: int = 1000, artifact_concurrency: int = 8) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        manifest: ManifestPeer | None,
+        cost: CostPeer | None,
+        *,
+        page_size: int = 1000,
+        artifact_concurrency: int = 8,
+    ) -> None:
         self._store = store
         self._manifest = manifest
         self._cost = cost
@@ -110,9 +117,14 @@ class Verifier:
                     manifest_ids.update(f.file_id for f in page)
             except (NotFound, grpc.aio.AioRpcError) as exc:
                 manifest_ids = None
-                findings.append(Finding(WARNING, "manifest_unavailable",
-                                        f"the manifest's file list could not be read ({exc}); "
-                                        "documents were checked against the session only"))
+                findings.append(
+                    Finding(
+                        WARNING,
+                        "manifest_unavailable",
+                        f"the manifest's file list could not be read ({exc}); "
+                        "documents were checked against the session only",
+                    )
+                )
         # -- documents
         counts: Counter[str] = Counter()
         completed_ids: set[str] = set()
@@ -135,7 +147,9 @@ class Verifier:
                     else:
                         buckets["excluded"].add(doc.document_id)
                 elif doc.state == st.FAILED:
-                    failure_patterns[(doc.error_class or "", doc.error_code or "", doc.mime_type)] += 1
+                    failure_patterns[
+                        (doc.error_class or "", doc.error_code or "", doc.mime_type)
+                    ] += 1
                     if not doc.error_message:
                         buckets["failed_without_reason"].add(doc.document_id)
                     elif doc.problem_kind and doc.error_class == st.PERMANENT:
@@ -150,8 +164,11 @@ class Verifier:
                 else:
                     buckets["in_progress"].add(doc.document_id)
         manifest_total = len(manifest_ids) if manifest_ids is not None else session.total_documents
-        unaccounted = (len(manifest_ids - seen_files) if manifest_ids is not None
-                       else max(0, session.total_documents - sum(counts.values())))
+        unaccounted = (
+            len(manifest_ids - seen_files)
+            if manifest_ids is not None
+            else max(0, session.total_documents - sum(counts.values()))
+        )
 
         # -- stage runs and artifacts of completed documents
         stages_done: dict[str, Counter[str]] = defaultdict(Counter)
@@ -192,16 +209,26 @@ class Verifier:
                 actual_cost = ledger.total
                 for document_id, stage, attempt, cache_hit in succeeded_runs:
                     if ledger.runs.get((document_id, stage, attempt), 0) == 0:
-                        buckets["missing_cost_cache_hit" if cache_hit else "missing_cost_events"].add(document_id)
+                        buckets[
+                            "missing_cost_cache_hit" if cache_hit else "missing_cost_events"
+                        ].add(document_id)
                 if ledger.total != session.reported_cost:
-                    findings.append(Finding(
-                        WARNING, "cost_mismatch",
-                        f"workers reported ${session.reported_cost} but the ledger holds "
-                        f"${ledger.total} for this session",
-                    ))
+                    findings.append(
+                        Finding(
+                            WARNING,
+                            "cost_mismatch",
+                            f"workers reported ${session.reported_cost} but the ledger holds "
+                            f"${ledger.total} for this session",
+                        )
+                    )
             except grpc.aio.AioRpcError as exc:
-                findings.append(Finding(WARNING, "costs_unverified",
-                                        f"the cost ledger could not be read: {exc.details()}"))
+                findings.append(
+                    Finding(
+                        WARNING,
+                        "costs_unverified",
+                        f"the cost ledger could not be read: {exc.details()}",
+                    )
+                )
                 recommendations.append("Run verify again when the cost service is reachable.")
         else:
             findings.append(Finding(WARNING, "costs_unverified", "no cost service configured"))
@@ -210,46 +237,119 @@ class Verifier:
         def add(code: str, severity: str, message: str) -> None:
             bucket = buckets.get(code)
             if bucket and bucket.count:
-                findings.append(Finding(severity, code, message.format(n=bucket.count),
-                                        bucket.count, tuple(bucket.ids)))
+                findings.append(
+                    Finding(
+                        severity,
+                        code,
+                        message.format(n=bucket.count),
+                        bucket.count,
+                        tuple(bucket.ids),
+                    )
+                )
 
         if unaccounted:
-            findings.append(Finding(ERROR, "unaccounted_files",
-                                    f"{unaccounted} manifest files have no document in the session",
-                                    unaccounted))
+            findings.append(
+                Finding(
+                    ERROR,
+                    "unaccounted_files",
+                    f"{unaccounted} manifest files have no document in the session",
+                    unaccounted,
+                )
+            )
             recommendations.append("Create a new session from the manifest for the missing files.")
         add("unknown_file", ERROR, "{n} documents are not files of the session's manifest")
         add("failed_without_reason", ERROR, "{n} documents failed without an error message")
         add("skipped_without_reason", ERROR, "{n} documents were skipped without a reason")
-        add("missing_stage_run", ERROR, "{n} completed documents lack a succeeded run of some stage")
-        add("duplicate_stage_run", ERROR, "{n} completed documents have two succeeded runs of one stage")
-        add("artifact_missing", ERROR, "{n} completed documents have an artifact that does not exist")
-        add("artifact_size_mismatch", ERROR, "{n} completed documents have an artifact of the wrong size")
-        add("artifact_hash_mismatch", ERROR, "{n} completed documents have an artifact whose SHA-256 differs")
-        add("artifact_unreadable", ERROR, "{n} completed documents have an artifact that cannot be read")
-        add("artifact_unsupported_uri", WARNING, "{n} completed documents have artifacts this service cannot check")
+        add(
+            "missing_stage_run", ERROR, "{n} completed documents lack a succeeded run of some stage"
+        )
+        add(
+            "duplicate_stage_run",
+            ERROR,
+            "{n} completed documents have two succeeded runs of one stage",
+        )
+        add(
+            "artifact_missing",
+            ERROR,
+            "{n} completed documents have an artifact that does not exist",
+        )
+        add(
+            "artifact_size_mismatch",
+            ERROR,
+            "{n} completed documents have an artifact of the wrong size",
+        )
+        add(
+            "artifact_hash_mismatch",
+            ERROR,
+            "{n} completed documents have an artifact whose SHA-256 differs",
+        )
+        add(
+            "artifact_unreadable",
+            ERROR,
+            "{n} completed documents have an artifact that cannot be read",
+        )
+        add(
+            "artifact_unsupported_uri",
+            WARNING,
+            "{n} completed documents have artifacts this service cannot check",
+        )
         add("no_artifacts", WARNING, "{n} completed documents reported no artifact at all")
-        add("missing_cost_events", ERROR, "{n} documents have a succeeded stage with no cost event in the ledger")
-        add("missing_cost_cache_hit", WARNING, "{n} documents have a cache-hit stage with no (zero-cost) event")
+        add(
+            "missing_cost_events",
+            ERROR,
+            "{n} documents have a succeeded stage with no cost event in the ledger",
+        )
+        add(
+            "missing_cost_cache_hit",
+            WARNING,
+            "{n} documents have a cache-hit stage with no (zero-cost) event",
+        )
         if drift:
             text = ", ".join(f"{k}: stored {a}, recounted {b}" for k, (a, b) in drift.items())
-            findings.append(Finding(ERROR, "counter_drift", f"session counters drifted ({text})",
-                                    sum(abs(a - b) for a, b in drift.values())))
-        add("retryable_failure", WARNING, "{n} documents failed with retryable errors after every attempt")
-        add("permanent_failure", WARNING, "{n} documents failed permanently although the scan found no problem")
+            findings.append(
+                Finding(
+                    ERROR,
+                    "counter_drift",
+                    f"session counters drifted ({text})",
+                    sum(abs(a - b) for a, b in drift.values()),
+                )
+            )
+        add(
+            "retryable_failure",
+            WARNING,
+            "{n} documents failed with retryable errors after every attempt",
+        )
+        add(
+            "permanent_failure",
+            WARNING,
+            "{n} documents failed permanently although the scan found no problem",
+        )
         add("cancelled", WARNING, "{n} documents were cancelled")
         add("in_progress", WARNING, "{n} documents are still pending, queued or running")
         if input_problems:
             kinds = ", ".join(f"{k}: {v}" for k, v in sorted(input_problems.items()))
-            add("input_problem", INFO,
-                "{n} files the scan found broken failed permanently with the scan's reason (" + kinds + ")")
+            add(
+                "input_problem",
+                INFO,
+                "{n} files the scan found broken failed permanently with the scan's reason ("
+                + kinds
+                + ")",
+            )
         add("duplicates", INFO, "{n} duplicate files were skipped")
         add("excluded", INFO, "{n} files were excluded by the manifest")
         if failure_patterns:
-            top = ", ".join(f"{code or cls or 'error'} ({mime or 'unknown type'}): {n}"
-                            for (cls, code, mime), n in failure_patterns.most_common(5))
-            findings.append(Finding(INFO, "failure_patterns", f"failures by error and type: {top}",
-                                    sum(failure_patterns.values())))
+            top = ", ".join(
+                f"{code or cls or 'error'} ({mime or 'unknown type'}): {n}"
+                for (cls, code, mime), n in failure_patterns.most_common(5)
+            )
+            findings.append(
+                Finding(
+                    INFO,
+                    "failure_patterns",
+                    f"failures by error and type: {top}",
+                    sum(failure_patterns.values()),
+                )
+            )
 
         # -- verdict
         completed, skipped, failed = counts[st.COMPLETED], counts[st.SKIPPED], counts[st.FAILED]
@@ -257,9 +357,14 @@ class Verifier:
         processable = manifest_total - skipped - expected_failures
         rate = 100.0 * completed / processable if processable > 0 else 100.0
         completeness = 100.0 * (completed + skipped) / manifest_total if manifest_total else 100.0
-        findings.append(Finding(INFO, "processable_completion",
-                                f"{completed} of {processable} processable files completed ({rate:.1f}%)",
-                                completed))
+        findings.append(
+            Finding(
+                INFO,
+                "processable_completion",
+                f"{completed} of {processable} processable files completed ({rate:.1f}%)",
+                completed,
+            )
+        )
         errors = any(f.severity == ERROR for f in findings)
         warnings = any(f.severity == WARNING for f in findings)
         if errors or rate < WARN_AT:
@@ -274,35 +379,58 @@ class Verifier:
         if "in_progress" in codes and session.state not in st.SESSION_TERMINAL:
             recommendations.append(
                 f"The session is {session.state}; verify again when it has finished "
-                f"(docimport watch {session_id}).")
+                f"(docimport watch {session_id})."
+            )
         if "retryable_failure" in codes:
-            recommendations.append(f"Retry the retryable failures: docimport retry {session_id} --failed")
+            recommendations.append(
+                f"Retry the retryable failures: docimport retry {session_id} --failed"
+            )
         if "permanent_failure" in codes:
-            recommendations.append("Inspect the permanent failures (docimport documents "
-                                   f"{session_id} --state failed); fix the files and retry with --force.")
-        if codes & {"artifact_missing", "artifact_size_mismatch", "artifact_hash_mismatch",
-                    "missing_stage_run"}:
-            recommendations.append("Re-process the affected documents: docimport retry "
-                                   f"{session_id} --document ID --force")
+            recommendations.append(
+                "Inspect the permanent failures (docimport documents "
+                f"{session_id} --state failed); fix the files and retry with --force."
+            )
+        if codes & {
+            "artifact_missing",
+            "artifact_size_mismatch",
+            "artifact_hash_mismatch",
+            "missing_stage_run",
+        }:
+            recommendations.append(
+                "Re-process the affected documents: docimport retry "
+                f"{session_id} --document ID --force"
+            )
         if "missing_cost_events" in codes:
-            recommendations.append("Check the workers' cost reporting; the affected runs were not charged.")
+            recommendations.append(
+                "Check the workers' cost reporting; the affected runs were not charged."
+            )
         if "counter_drift" in codes:
-            recommendations.append("Counter drift is a bug in the session service; report it with this output.")
+            recommendations.append(
+                "Counter drift is a bug in the session service; report it with this output."
+            )
         if not deep and artifacts:
             recommendations.append("Run with --deep to re-hash every artifact.")
         severity_rank = {ERROR: 0, WARNING: 1, INFO: 2}
         findings.sort(key=lambda f: severity_rank[f.severity])
         return VerifyReport(
-            session_id=session_id, verdict=verdict, manifest_files=manifest_total,
-            completed=completed, skipped=skipped, failed=failed, unaccounted=unaccounted,
+            session_id=session_id,
+            verdict=verdict,
+            manifest_files=manifest_total,
+            completed=completed,
+            skipped=skipped,
+            failed=failed,
+            unaccounted=unaccounted,
             in_progress=counts[st.PENDING] + counts[st.QUEUED] + counts[st.RUNNING],
-            findings=tuple(findings), recommendations=tuple(dict.fromkeys(recommendations)),
-            completeness_percent=round(completeness, 2), actual_cost=actual_cost,
+            findings=tuple(findings),
+            recommendations=tuple(dict.fromkeys(recommendations)),
+            completeness_percent=round(completeness, 2),
+            actual_cost=actual_cost,
             estimated_cost=session.estimated_cost,
         )
 
-    async def _check_artifacts(self, artifacts: list[tuple[str, dict]], deep: bool
-                               ) -> list[tuple[str, artifact_store.ArtifactCheck]]:
+    async def _check_artifacts(
+        self, artifacts: list[tuple[str, dict]], deep: bool
+    ) -> list[tuple[str, artifact_store.ArtifactCheck]]:
         """Failed checks as (document id, check); runs the blocking checks in threads."""
         semaphore = asyncio.Semaphore(self._concurrency)
         failures: list[tuple[str, artifact_store.ArtifactCheck]] = []
@@ -310,12 +438,15 @@ class Verifier:
         async def one(document_id: str, artifact: dict) -> None:
             async with semaphore:
                 check = await asyncio.to_thread(
-                    artifact_store.verify_artifact, artifact.get("uri", ""),
-                    artifact.get("sha256", ""), artifact.get("size_bytes"), deep=deep,
+                    artifact_store.verify_artifact,
+                    artifact.get("uri", ""),
+                    artifact.get("sha256", ""),
+                    artifact.get("size_bytes") or None,
+                    deep=deep,
                 )
             if not check.ok:
                 failures.append((document_id, check))
 
         for start in range(0, len(artifacts), 1000):
-            await asyncio.gather(*(one(d, a) for d, a in artifacts[start:start + 1000]))
+            await asyncio.gather(*(one(d, a) for d, a in artifacts[start : start + 1000]))
         return failures

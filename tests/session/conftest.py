@@ -17,10 +17,10 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from conftest import TOKENS
 from docimport.cost.v1 import cost_service_pb2_grpc
 from docimport.manifest.v1 import manifest_service_pb2_grpc
 
-from conftest import TOKENS
 from services.common.channels import aio_channel
 from services.common.config import ClientSettings
 from services.cost.config import CostSettings
@@ -36,21 +36,34 @@ from .helpers import FakeManifestService, Harness, RecordingEnqueuer
 @pytest.fixture
 def session_settings(db_url: str, redis_url: str, token_env: dict[str, object]) -> SessionSettings:
     return SessionSettings(
-        database_url=db_url, broker_url=redis_url, heartbeat_interval=0.5, stall_after=60,
-        retry_backoff_base=0.0, reconcile_interval=0.2, dispatch_interval=0.05,
+        database_url=db_url,
+        broker_url=redis_url,
+        heartbeat_interval=0.5,
+        stall_after=60,
+        retry_backoff_base=0.0,
+        reconcile_interval=0.2,
+        dispatch_interval=0.05,
         **token_env,
     )
 
 
 @contextlib.asynccontextmanager
-async def open_harness(session_settings: SessionSettings, pool: asyncpg.Pool, db_url: str,
-                       token_env: dict[str, object], *, enqueuer: Any = None,
-                       background: bool = False) -> AsyncIterator[Harness]:
+async def open_harness(
+    session_settings: SessionSettings,
+    pool: asyncpg.Pool,
+    db_url: str,
+    token_env: dict[str, object],
+    *,
+    enqueuer: Any = None,
+    background: bool = False,
+) -> AsyncIterator[Harness]:
     """The session service with the real cost service and a fake manifest service."""
     # the real cost service
     cost_settings = CostSettings(database_url=db_url, **token_env)
     cost_store = CostStore(pool)
-    await cost_store.ensure_default_price_book(cost_settings.price_book_file, cost_settings.cpu_second_rate)
+    await cost_store.ensure_default_price_book(
+        cost_settings.price_book_file, cost_settings.cpu_second_rate
+    )
     cost_server = await build_cost_server(cost_settings, store=cost_store)
     # the manifest service, faked
     manifests = FakeManifestService()
@@ -64,13 +77,25 @@ async def open_harness(session_settings: SessionSettings, pool: asyncpg.Pool, db
     store = SessionStore(pool)
     recording = RecordingEnqueuer()
     server = await build_server(
-        session_settings, store=store, enqueuer=enqueuer or recording,
+        session_settings,
+        store=store,
+        enqueuer=enqueuer or recording,
         manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
         cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
         background=background,
     )
-    h = Harness(session_settings, server, store, pool, recording, manifests, cost_server.port, server.port,
-                manifest_port=manifest_port, channels=[manifest_channel, cost_channel])
+    h = Harness(
+        session_settings,
+        server,
+        store,
+        pool,
+        recording,
+        manifests,
+        cost_server.port,
+        server.port,
+        manifest_port=manifest_port,
+        channels=[manifest_channel, cost_channel],
+    )
     for scope, token in TOKENS.items():
         h.stubs[scope] = h.stub(token)
     operator_cost = aio_channel(f"127.0.0.1:{cost_server.port}", client, token=TOKENS["operator"])
@@ -87,7 +112,8 @@ async def open_harness(session_settings: SessionSettings, pool: asyncpg.Pool, db
 
 
 @pytest.fixture
-async def harness(session_settings: SessionSettings, pool: asyncpg.Pool, db_url: str,
-                  token_env: dict[str, object]) -> AsyncIterator[Harness]:
+async def harness(
+    session_settings: SessionSettings, pool: asyncpg.Pool, db_url: str, token_env: dict[str, object]
+) -> AsyncIterator[Harness]:
     async with open_harness(session_settings, pool, db_url, token_env) as h:
         yield h

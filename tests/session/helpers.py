@@ -47,23 +47,48 @@ class RecordingEnqueuer:
         return taken
 
 
-def mfile(path: str, *, plan: str = "text_layer", pages: int = 1, ocr_pages: int = 0,
-          size: int = 1000, category: str = "pleadings", priority: int = 100,
-          problem: str | None = None, duplicate_of: str = "", excluded: str = "",
-          estimated: str = "0.01", parent: str = "") -> mpb.ManifestFile:
+def mfile(
+    path: str,
+    *,
+    plan: str = "text_layer",
+    pages: int = 1,
+    ocr_pages: int = 0,
+    size: int = 1000,
+    category: str = "pleadings",
+    priority: int = 100,
+    problem: str | None = None,
+    duplicate_of: str = "",
+    excluded: str = "",
+    estimated: str = "0.01",
+    parent: str = "",
+) -> mpb.ManifestFile:
     f = mpb.ManifestFile(
-        file_id=str(uuid.uuid4()), relative_path=path, raw_path=path.encode(), size_bytes=size,
-        sha256=hashlib.sha256(path.encode()).hexdigest(), mime_type="application/pdf",
-        type_family="pdf", category=category, priority=priority, plan=convert.plan_value(plan),
-        page_count=pages, ocr_page_count=ocr_pages, duplicate_of_path=duplicate_of,
-        exclusion_reason=excluded, estimated_cost=convert.money(estimated),
+        file_id=str(uuid.uuid4()),
+        relative_path=path,
+        raw_path=path.encode(),
+        size_bytes=size,
+        sha256=hashlib.sha256(path.encode()).hexdigest(),
+        mime_type="application/pdf",
+        type_family="pdf",
+        category=category,
+        priority=priority,
+        plan=convert.plan_value(plan),
+        page_count=pages,
+        ocr_page_count=ocr_pages,
+        duplicate_of_path=duplicate_of,
+        exclusion_reason=excluded,
+        estimated_cost=convert.money(estimated),
         family_parent_file_id=parent,
     )
     if duplicate_of:
         f.duplicate_of_file_id = str(uuid.uuid4())
     if problem:
-        f.problem.CopyFrom(mpb.FileProblem(kind=mpb.ProblemKind.Value("PROBLEM_KIND_" + problem.upper()),
-                                           message=f"the file is {problem}"))
+        f.problem.CopyFrom(
+            mpb.FileProblem(
+                kind=mpb.ProblemKind.Value("PROBLEM_KIND_" + problem.upper()),
+                message=f"the file is {problem}",
+            )
+        )
     f.importable = not (problem or duplicate_of or excluded or parent)
     return f
 
@@ -76,13 +101,24 @@ class FakeManifestService(manifest_service_pb2_grpc.ManifestServiceServicer):
         self.list_calls = 0
         self.imported: list[str] = []
 
-    def add(self, files: Sequence[mpb.ManifestFile], *, source: str = "/data/case",
-            state: int = mpb.MANIFEST_STATE_READY, case: str = "Smith v. Jones") -> str:
+    def add(
+        self,
+        files: Sequence[mpb.ManifestFile],
+        *,
+        source: str = "/data/case",
+        state: int = mpb.MANIFEST_STATE_READY,
+        case: str = "Smith v. Jones",
+    ) -> str:
         manifest_id = str(uuid.uuid4())
         for f in files:
             f.manifest_id = manifest_id
-        manifest = mpb.Manifest(manifest_id=manifest_id, case_name=case, source_path=source,
-                                state=state, summary=mpb.ManifestSummary(file_count=len(files)))
+        manifest = mpb.Manifest(
+            manifest_id=manifest_id,
+            case_name=case,
+            source_path=source,
+            state=state,
+            summary=mpb.ManifestSummary(file_count=len(files)),
+        )
         self.manifests[manifest_id] = (manifest, list(files))
         return manifest_id
 
@@ -96,8 +132,9 @@ class FakeManifestService(manifest_service_pb2_grpc.ManifestServiceServicer):
 
         data = json.loads(request.manifest_json)
         files = [mfile(f["path"], category=f.get("category", "pleadings")) for f in data["files"]]
-        manifest_id = self.add(files, source=request.source_path or data["source_path"],
-                               case=data["case_name"])
+        manifest_id = self.add(
+            files, source=request.source_path or data["source_path"], case=data["case_name"]
+        )
         self.imported.append(manifest_id)
         return mpb.ImportManifestResponse(manifest=self.manifests[manifest_id][0])
 
@@ -108,9 +145,11 @@ class FakeManifestService(manifest_service_pb2_grpc.ManifestServiceServicer):
         files = self.manifests[request.manifest_id][1]
         start = int(request.page_token or 0)
         size = request.page_size or 100
-        page = files[start:start + size]
+        page = files[start : start + size]
         token = str(start + size) if start + size < len(files) else ""
-        return mpb.ListManifestFilesResponse(files=page, next_page_token=token, total_size=len(files))
+        return mpb.ListManifestFilesResponse(
+            files=page, next_page_token=token, total_size=len(files)
+        )
 
 
 @dataclass
@@ -150,36 +189,77 @@ class Harness:
     def reconciler(self):  # type: ignore[no-untyped-def]
         return self.server.reconciler
 
-    async def create(self, files: Sequence[mpb.ManifestFile] | None = None, *, manifest_id: str = "",
-                     project: str = "Smith v. Jones", start: bool = True, budget: str | None = None,
-                     max_in_flight: int = 0, priority: Sequence[str] = (), dry_run: bool = False,
-                     request_id: str | None = None) -> pb.CreateSessionResponse:
+    async def create(
+        self,
+        files: Sequence[mpb.ManifestFile] | None = None,
+        *,
+        manifest_id: str = "",
+        project: str = "Smith v. Jones",
+        start: bool = True,
+        budget: str | None = None,
+        max_in_flight: int = 0,
+        priority: Sequence[str] = (),
+        dry_run: bool = False,
+        request_id: str | None = None,
+    ) -> pb.CreateSessionResponse:
         if not manifest_id:
-            manifest_id = self.manifests.add(files or [mfile(f"pleadings/doc{i}.pdf") for i in range(3)])
-        options = pb.SessionOptions(max_in_flight=max_in_flight, category_priority=list(priority),
-                                    dry_run=dry_run)
+            manifest_id = self.manifests.add(
+                files or [mfile(f"pleadings/doc{i}.pdf") for i in range(3)]
+            )
+        options = pb.SessionOptions(
+            max_in_flight=max_in_flight, category_priority=list(priority), dry_run=dry_run
+        )
         if budget is not None:
             options.budget.CopyFrom(convert.money(budget))
-        return await self.operator.CreateSession(pb.CreateSessionRequest(
-            request_id=request_id if request_id is not None else str(uuid.uuid4()),
-            manifest_id=manifest_id, project_name=project, options=options, start=start,
-        ))
+        return await self.operator.CreateSession(
+            pb.CreateSessionRequest(
+                request_id=request_id if request_id is not None else str(uuid.uuid4()),
+                manifest_id=manifest_id,
+                project_name=project,
+                options=options,
+                start=start,
+            )
+        )
 
-    async def started(self, message: StageMessage, worker: str = "w1") -> pb.ReportStageStartedResponse:
+    async def started(
+        self, message: StageMessage, worker: str = "w1"
+    ) -> pb.ReportStageStartedResponse:
         p = message.payload
-        return await self.worker.ReportStageStarted(pb.ReportStageStartedRequest(
-            document_id=p.document_id, stage=convert.stage_value(p.stage), attempt=p.attempt,
-            task_id=message.task_id, worker=worker,
-        ))
+        return await self.worker.ReportStageStarted(
+            pb.ReportStageStartedRequest(
+                document_id=p.document_id,
+                stage=convert.stage_value(p.stage),
+                attempt=p.attempt,
+                task_id=message.task_id,
+                worker=worker,
+            )
+        )
 
-    async def result(self, message: StageMessage, *, ok: bool = True, error_class: int = 0,
-                     message_text: str = "", cost: str | None = "0.001", artifacts: Sequence[Any] = (),
-                     code: str = "", cache_hit: bool = False) -> pb.ReportStageResultResponse:
+    async def result(
+        self,
+        message: StageMessage,
+        *,
+        ok: bool = True,
+        error_class: int = 0,
+        message_text: str = "",
+        cost: str | None = "0.001",
+        artifacts: Sequence[Any] = (),
+        code: str = "",
+        cache_hit: bool = False,
+    ) -> pb.ReportStageResultResponse:
         p = message.payload
         request = pb.ReportStageResultRequest(
-            document_id=p.document_id, stage=convert.stage_value(p.stage), attempt=p.attempt,
-            task_id=message.task_id, worker="w1", succeeded=ok, error_class=error_class,
-            error_message=message_text, error_code=code, artifacts=list(artifacts), cache_hit=cache_hit,
+            document_id=p.document_id,
+            stage=convert.stage_value(p.stage),
+            attempt=p.attempt,
+            task_id=message.task_id,
+            worker="w1",
+            succeeded=ok,
+            error_class=error_class,
+            error_message=message_text,
+            error_code=code,
+            artifacts=list(artifacts),
+            cache_hit=cache_hit,
         )
         if cost is not None:
             request.cost.CopyFrom(convert.money(cost))
@@ -224,8 +304,16 @@ def tune(harness: Harness, **values: Any) -> None:
         harness.settings.__dict__[key] = value
 
 
-async def work(harness: Harness, message: StageMessage, artifact_dir: Any, *, record_cost: bool = True,
-               ok: bool = True, error_class: int = 0, text: str = "") -> pb.ReportStageResultResponse:
+async def work(
+    harness: Harness,
+    message: StageMessage,
+    artifact_dir: Any,
+    *,
+    record_cost: bool = True,
+    ok: bool = True,
+    error_class: int = 0,
+    text: str = "",
+) -> pb.ReportStageResultResponse:
     """What a worker does for one message: start, write an artifact, record its cost, report."""
     from docimport.cost.v1 import cost_service_pb2 as cpb
 
@@ -237,23 +325,47 @@ async def work(harness: Harness, message: StageMessage, artifact_dir: Any, *, re
         path = artifact_dir / f"{p.document_id}.{p.stage}.{p.attempt}.json"
         data = f'{{"document": "{p.document_id}", "stage": "{p.stage}"}}'.encode()
         path.write_bytes(data)
-        artifacts.append(pb.Artifact(kind=p.stage, uri=path.resolve().as_uri(),
-                                     sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)))
+        artifacts.append(
+            pb.Artifact(
+                kind=p.stage,
+                uri=path.resolve().as_uri(),
+                sha256=hashlib.sha256(data).hexdigest(),
+                size_bytes=len(data),
+            )
+        )
     if record_cost:
         if harness.worker_cost is None:
-            channel = aio_channel(f"127.0.0.1:{harness.cost_port}", ClientSettings(), token="wk-test-token")
+            channel = aio_channel(
+                f"127.0.0.1:{harness.cost_port}", ClientSettings(), token="wk-test-token"
+            )
             harness.channels.append(channel)
             harness.worker_cost = cost_service_pb2_grpc.CostServiceStub(channel)
-        recorded = await harness.worker_cost.RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
-            session_id=p.session_id, document_id=p.document_id, stage=convert.stage_value(p.stage),
-            attempt=p.attempt, service="local", operation="compute_second", units="1.5",
-            kind=cpb.COST_KIND_ACTUAL, category=p.category)]))
+        recorded = await harness.worker_cost.RecordCosts(
+            cpb.RecordCostsRequest(
+                events=[
+                    cpb.CostEvent(
+                        session_id=p.session_id,
+                        document_id=p.document_id,
+                        stage=convert.stage_value(p.stage),
+                        attempt=p.attempt,
+                        service="local",
+                        operation="compute_second",
+                        units="1.5",
+                        kind=cpb.COST_KIND_ACTUAL,
+                        category=p.category,
+                    )
+                ]
+            )
+        )
         cost = recorded.total.amount
-    return await harness.result(message, ok=ok, error_class=error_class, message_text=text, cost=cost,
-                                artifacts=artifacts)
+    return await harness.result(
+        message, ok=ok, error_class=error_class, message_text=text, cost=cost, artifacts=artifacts
+    )
 
 
-async def work_to_end(harness: Harness, session_id: str, artifact_dir: Any, **kw: Any) -> pb.Session:
+async def work_to_end(
+    harness: Harness, session_id: str, artifact_dir: Any, **kw: Any
+) -> pb.Session:
     while messages := await harness.dispatch():
         for m in messages:
             await work(harness, m, artifact_dir, **kw)

@@ -18,10 +18,10 @@ import pytest
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from conftest import TOKENS
 from docimport.session.v1 import session_service_pb2 as pb
 from docimport.session.v1 import session_service_pb2_grpc
 
-from conftest import TOKENS
 from services.common import convert
 from services.common.channels import sync_channel
 from services.common.config import ClientSettings
@@ -33,20 +33,38 @@ from .helpers import mfile, tune, wait_for
 
 
 def payload(stage: str, document_id: str | None = None) -> StagePayload:
-    return StagePayload(session_id=str(uuid.uuid4()), document_id=document_id or str(uuid.uuid4()),
-                        stage=stage, attempt=1, source_path="/data", relative_path="a.pdf",
-                        raw_path_b64="YS5wZGY=", sha256="0" * 64, size_bytes=10, plan="text_layer")
+    return StagePayload(
+        session_id=str(uuid.uuid4()),
+        document_id=document_id or str(uuid.uuid4()),
+        stage=stage,
+        attempt=1,
+        source_path="/data",
+        relative_path="a.pdf",
+        raw_path_b64="YS5wZGY=",
+        sha256="0" * 64,
+        size_bytes=10,
+        plan="text_layer",
+    )
 
 
 def celery_app(broker: str, on_run: Any) -> Celery:
     app = Celery("docimport-test-worker", broker=broker, set_as_current=False)
-    app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1, task_ignore_result=True,
-                    broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
+    app.conf.update(
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
     for stage in STAGES:
+
         def make(stage: str = stage) -> None:
-            @app.task(name=TASK_NAMES[stage], bind=True, queue=QUEUES[stage], acks_late=True, shared=False)
+            @app.task(
+                name=TASK_NAMES[stage], bind=True, queue=QUEUES[stage], acks_late=True, shared=False
+            )
             def run(self: Any, data: dict[str, Any]) -> None:
                 on_run(self.request, data)
+
         make()
     return app
 
@@ -54,8 +72,10 @@ def celery_app(broker: str, on_run: Any) -> Celery:
 async def test_pipelined_messages_are_celery_messages(redis_url):
     enqueuer = CeleryEnqueuer(redis_url, batch_size=2)
     expires = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
-    messages = [StageMessage(str(uuid.uuid4()), payload(stage), 120 + i, 150 + i, expires)
-                for i, stage in enumerate(STAGES)]
+    messages = [
+        StageMessage(str(uuid.uuid4()), payload(stage), 120 + i, 150 + i, expires)
+        for i, stage in enumerate(STAGES)
+    ]
     await enqueuer.publish(messages)
     await enqueuer.close()
     seen: list[tuple[Any, dict[str, Any]]] = []
@@ -66,7 +86,9 @@ async def test_pipelined_messages_are_celery_messages(redis_url):
             seen.append((request, data))
 
     app = celery_app(redis_url, on_run)
-    with start_worker(app, perform_ping_check=False, queues=list(QUEUES.values()), shutdown_timeout=5):
+    with start_worker(
+        app, perform_ping_check=False, queues=list(QUEUES.values()), shutdown_timeout=5
+    ):
         await wait_for(lambda: len(seen) == 3, timeout=15)
     by_id = {r.id: (r, d) for r, d in seen}
     for m in messages:
@@ -80,7 +102,9 @@ class ReportingWorker:
     """Celery tasks that report to the session service like a real worker, doing no work."""
 
     def __init__(self, session_port: int, *, fail: set[str] = frozenset()) -> None:
-        channel = sync_channel(f"127.0.0.1:{session_port}", ClientSettings(), token=TOKENS["worker"])
+        channel = sync_channel(
+            f"127.0.0.1:{session_port}", ClientSettings(), token=TOKENS["worker"]
+        )
         self.stub = session_service_pb2_grpc.SessionServiceStub(channel)
         self.channel = channel
         self.runs = 0
@@ -88,15 +112,21 @@ class ReportingWorker:
 
     def __call__(self, request: Any, data: dict[str, Any]) -> None:
         p = StagePayload.from_json(data)
-        key = dict(document_id=p.document_id, stage=convert.stage_value(p.stage), attempt=p.attempt,
-                   task_id=request.id, worker="test-worker")
+        key = dict(
+            document_id=p.document_id,
+            stage=convert.stage_value(p.stage),
+            attempt=p.attempt,
+            task_id=request.id,
+            worker="test-worker",
+        )
         started = self.stub.ReportStageStarted(pb.ReportStageStartedRequest(**key))
         if not started.proceed:
             return
         with self.lock:
             self.runs += 1
-        self.stub.ReportStageResult(pb.ReportStageResultRequest(**key, succeeded=True,
-                                                                cost=convert.money("0.0001")))
+        self.stub.ReportStageResult(
+            pb.ReportStageResultRequest(**key, succeeded=True, cost=convert.money("0.0001"))
+        )
 
 
 @pytest.fixture
@@ -106,7 +136,9 @@ def worker_factory(redis_url: str) -> Iterator[Any]:
     def start(port: int) -> ReportingWorker:
         reporter = ReportingWorker(port)
         app = celery_app(redis_url, reporter)
-        ctx = start_worker(app, perform_ping_check=False, queues=list(QUEUES.values()), shutdown_timeout=5)
+        ctx = start_worker(
+            app, perform_ping_check=False, queues=list(QUEUES.values()), shutdown_timeout=5
+        )
         ctx.__enter__()
         contexts.append((ctx, reporter))
         return reporter
@@ -121,13 +153,17 @@ async def get(h, session_id: str) -> pb.Session:
     return (await h.operator.GetSession(pb.GetSessionRequest(session_id=session_id))).session
 
 
-async def test_end_to_end_through_real_celery(session_settings, pool, db_url, token_env, redis_url,
-                                              worker_factory):
+async def test_end_to_end_through_real_celery(
+    session_settings, pool, db_url, token_env, redis_url, worker_factory
+):
     enqueuer = CeleryEnqueuer(redis_url)
     try:
-        async with open_harness(session_settings, pool, db_url, token_env, enqueuer=enqueuer,
-                                background=True) as h:
-            session = (await h.create([mfile(f"{i}.pdf") for i in range(30)], max_in_flight=8)).session
+        async with open_harness(
+            session_settings, pool, db_url, token_env, enqueuer=enqueuer, background=True
+        ) as h:
+            session = (
+                await h.create([mfile(f"{i}.pdf") for i in range(30)], max_in_flight=8)
+            ).session
             reporter = await asyncio.to_thread(worker_factory, h.port)
 
             async def done() -> bool:
@@ -141,14 +177,18 @@ async def test_end_to_end_through_real_celery(session_settings, pool, db_url, to
         await enqueuer.close()
 
 
-async def test_redis_losing_its_queues_loses_no_document(session_settings, pool, db_url, token_env,
-                                                         redis_url, worker_factory):
+async def test_redis_losing_its_queues_loses_no_document(
+    session_settings, pool, db_url, token_env, redis_url, worker_factory
+):
     enqueuer = CeleryEnqueuer(redis_url)
     try:
-        async with open_harness(session_settings, pool, db_url, token_env, enqueuer=enqueuer,
-                                background=True) as h:
+        async with open_harness(
+            session_settings, pool, db_url, token_env, enqueuer=enqueuer, background=True
+        ) as h:
             tune(h, queue_wait=0.5, lease_base=1.0, time_limit_grace=0.5, reconcile_interval=0.2)
-            session = (await h.create([mfile(f"{i}.pdf") for i in range(10)], max_in_flight=10)).session
+            session = (
+                await h.create([mfile(f"{i}.pdf") for i in range(10)], max_in_flight=10)
+            ).session
 
             async def queued() -> bool:
                 return (await get(h, session.session_id)).counts.queued == 10
@@ -167,8 +207,11 @@ async def test_redis_losing_its_queues_loses_no_document(session_settings, pool,
             assert final.counts.completed == 10
             async with h.pool.acquire() as conn:
                 per_stage = await conn.fetch(
-                    "SELECT stage, count(*) AS n FROM session.stage_runs WHERE state = 'succeeded' GROUP BY stage")
-                expired = await conn.fetchval("SELECT count(*) FROM session.stage_runs WHERE state = 'expired'")
+                    "SELECT stage, count(*) AS n FROM session.stage_runs WHERE state = 'succeeded' GROUP BY stage"
+                )
+                expired = await conn.fetchval(
+                    "SELECT count(*) FROM session.stage_runs WHERE state = 'expired'"
+                )
             assert {r["stage"]: r["n"] for r in per_stage} == dict.fromkeys(STAGES, 10)
             assert expired >= 10
             assert reporter.runs == 30

@@ -6,14 +6,14 @@ import asyncio
 import json
 
 import pytest
+from conftest import TOKENS
 from docimport.session.v1 import session_service_pb2 as pb
 from typer.testing import CliRunner
 
+from clients.cli import context
 from clients.cli.app import app
 from clients.cli.commands.session import WatchState
-from clients.cli import context
 from clients.cli.context import Clients, set_clients
-from conftest import TOKENS
 from services.common.config import ClientSettings
 
 from .helpers import mfile, work, work_to_end
@@ -22,8 +22,11 @@ from .helpers import mfile, work, work_to_end
 @pytest.fixture
 def cli(harness):
     settings = ClientSettings(
-        session_addr=f"127.0.0.1:{harness.port}", cost_addr=f"127.0.0.1:{harness.cost_port}",
-        manifest_addr=f"127.0.0.1:{harness.manifest_port}", token=TOKENS["operator"], rpc_timeout=10,
+        session_addr=f"127.0.0.1:{harness.port}",
+        cost_addr=f"127.0.0.1:{harness.cost_port}",
+        manifest_addr=f"127.0.0.1:{harness.manifest_port}",
+        token=TOKENS["operator"],
+        rpc_timeout=10,
     )
     clients = Clients(settings)
     set_clients(clients)
@@ -42,8 +45,9 @@ def cli(harness):
 
 
 async def test_import_dry_run_then_real_then_status(harness, cli, tmp_path):
-    manifest_id = harness.manifests.add([mfile("a.pdf"), mfile("b.pdf", problem="corrupt"),
-                                         mfile("c.pdf", duplicate_of="a.pdf")])
+    manifest_id = harness.manifests.add(
+        [mfile("a.pdf"), mfile("b.pdf", problem="corrupt"), mfile("c.pdf", duplicate_of="a.pdf")]
+    )
     code, out = await cli("import", "--manifest", manifest_id, "--case", "Demo", "--dry-run")
     assert code == 0, out
     assert "dry run" in out and "documents to process: 1" in out
@@ -65,8 +69,11 @@ async def test_import_dry_run_then_real_then_status(harness, cli, tmp_path):
     code, out = await cli("resume", session_id)
     assert code == 0 and "running" in out
     await work_to_end(harness, session_id, tmp_path)
-    docs = (await harness.operator.ListSessionDocuments(
-        pb.ListSessionDocumentsRequest(session_id=session_id, state=pb.DOCUMENT_STATE_COMPLETED))).documents
+    docs = (
+        await harness.operator.ListSessionDocuments(
+            pb.ListSessionDocumentsRequest(session_id=session_id, state=pb.DOCUMENT_STATE_COMPLETED)
+        )
+    ).documents
     code, out = await cli("document", docs[0].document_id)
     assert code == 0 and "entities" in out and "succeeded" in out
     code, out = await cli("verify", session_id)
@@ -77,8 +84,16 @@ async def test_import_dry_run_then_real_then_status(harness, cli, tmp_path):
 
 async def test_import_a_manifest_file(harness, cli, tmp_path):
     path = tmp_path / "manifest.json"
-    path.write_text(json.dumps({"schema": "docimport-manifest/v1", "case_name": "From File",
-                                "source_path": "/data/case", "files": [{"path": "x.pdf"}, {"path": "y.pdf"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "schema": "docimport-manifest/v1",
+                "case_name": "From File",
+                "source_path": "/data/case",
+                "files": [{"path": "x.pdf"}, {"path": "y.pdf"}],
+            }
+        )
+    )
     code, out = await cli("import", str(path), "--json")
     assert code == 0, out
     session = json.loads(out)["session"]
@@ -86,8 +101,17 @@ async def test_import_a_manifest_file(harness, cli, tmp_path):
     assert len(harness.manifests.imported) == 1
     # a file naming a manifest the service already has is not imported again
     known = harness.manifests.imported[0]
-    path.write_text(json.dumps({"schema": "docimport-manifest/v1", "manifest_id": known, "case_name": "From File",
-                                "source_path": "/data/case", "files": []}))
+    path.write_text(
+        json.dumps(
+            {
+                "schema": "docimport-manifest/v1",
+                "manifest_id": known,
+                "case_name": "From File",
+                "source_path": "/data/case",
+                "files": [],
+            }
+        )
+    )
     code, out = await cli("import", str(path), "--json")
     assert code == 0 and json.loads(out)["session"]["manifest_id"] == known
     assert len(harness.manifests.imported) == 1
@@ -113,8 +137,12 @@ async def test_watch_live_view_and_verify_failure(harness, cli, tmp_path):
     watching = asyncio.create_task(cli("watch", session.session_id))
     await asyncio.sleep(0.3)
     messages = await harness.dispatch()
-    await harness.result(messages[0], ok=False, error_class=pb.ERROR_CLASS_PERMANENT,
-                         message_text="cannot decode the scan")
+    await harness.result(
+        messages[0],
+        ok=False,
+        error_class=pb.ERROR_CLASS_PERMANENT,
+        message_text="cannot decode the scan",
+    )
     await work(harness, messages[1], tmp_path)
     await work_to_end(harness, session.session_id, tmp_path)
     code, out = await asyncio.wait_for(watching, 10)
@@ -126,25 +154,88 @@ async def test_watch_live_view_and_verify_failure(harness, cli, tmp_path):
 
 def test_watch_state_keeps_exact_counts():
     state = WatchState()
-    snapshot = pb.WatchSessionResponse(seq=5, snapshot=pb.Session(
-        state=pb.SESSION_STATE_RUNNING, counts=pb.DocumentCounts(total=2, pending=2)))
+    snapshot = pb.WatchSessionResponse(
+        seq=5,
+        snapshot=pb.Session(
+            state=pb.SESSION_STATE_RUNNING, counts=pb.DocumentCounts(total=2, pending=2)
+        ),
+    )
     state.apply(snapshot)
 
     def doc(seq, old, new, stage, old_stage, cost=""):
-        event = pb.DocumentEvent(document_id="d", state=new, previous_state=old, stage=stage,
-                                 previous_stage=old_stage)
+        event = pb.DocumentEvent(
+            document_id="d", state=new, previous_state=old, stage=stage, previous_stage=old_stage
+        )
         if cost:
             event.cost.amount = cost
         return pb.WatchSessionResponse(seq=seq, document=event)
 
-    P, Q, R, C = (pb.DOCUMENT_STATE_PENDING, pb.DOCUMENT_STATE_QUEUED, pb.DOCUMENT_STATE_RUNNING,
-                  pb.DOCUMENT_STATE_COMPLETED)
-    for response in (doc(6, P, Q, 1, 0), doc(7, Q, R, 1, 1), doc(8, R, P, 2, 1, "0.0015"),
-                     doc(9, P, Q, 2, 2), doc(10, Q, P, 3, 2, "0.001"), doc(11, P, Q, 3, 3),
-                     doc(12, Q, C, 3, 3, "0.0005")):
+    P, Q, R, C = (
+        pb.DOCUMENT_STATE_PENDING,
+        pb.DOCUMENT_STATE_QUEUED,
+        pb.DOCUMENT_STATE_RUNNING,
+        pb.DOCUMENT_STATE_COMPLETED,
+    )
+    for response in (
+        doc(6, P, Q, 1, 0),
+        doc(7, Q, R, 1, 1),
+        doc(8, R, P, 2, 1, "0.0015"),
+        doc(9, P, Q, 2, 2),
+        doc(10, Q, P, 3, 2, "0.001"),
+        doc(11, P, Q, 3, 3),
+        doc(12, Q, C, 3, 3, "0.0005"),
+    ):
         state.apply(response)
     assert state.counts[C] == 1 and state.counts[P] == 1 and state.active == 1
     assert dict(state.stage_done) == {"extract": 1, "chunk": 1, "entities": 1}
     assert str(state.cost) == "0.0030" and state.seq == 12
     state.apply(pb.WatchSessionResponse(seq=12, heartbeat=pb.Heartbeat()))
     assert state.seq == 12
+
+
+def test_watch_reconnects_with_resume_after_seq(monkeypatch):
+    import grpc
+
+    from clients.cli.commands import session as cli_session
+
+    class Unavailable(grpc.RpcError):
+        def code(self):  # type: ignore[no-untyped-def]
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "connection reset"
+
+    def doc(seq: int, state: int, prev: int) -> pb.WatchSessionResponse:
+        return pb.WatchSessionResponse(seq=seq, document=pb.DocumentEvent(
+            document_id="d", state=state, previous_state=prev, stage=1, previous_stage=1))
+
+    class Call:
+        def __init__(self, items, fail: bool) -> None:
+            self.items, self.fail = items, fail
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield from self.items
+            if self.fail:
+                raise Unavailable()
+
+        def cancel(self) -> None:
+            pass
+
+    asked: list[int] = []
+    snapshot = pb.WatchSessionResponse(seq=3, snapshot=pb.Session(
+        state=pb.SESSION_STATE_RUNNING, counts=pb.DocumentCounts(total=1, pending=1)))
+
+    def stream(session_id: str, after: int) -> Call:
+        asked.append(after)
+        if len(asked) == 1:
+            return Call([snapshot, doc(4, pb.DOCUMENT_STATE_QUEUED, pb.DOCUMENT_STATE_PENDING)], fail=True)
+        return Call([doc(5, pb.DOCUMENT_STATE_RUNNING, pb.DOCUMENT_STATE_QUEUED),
+                     doc(6, pb.DOCUMENT_STATE_COMPLETED, pb.DOCUMENT_STATE_RUNNING),
+                     pb.WatchSessionResponse(seq=7, state_change=pb.SessionStateChange(
+                         state=pb.SESSION_STATE_COMPLETED))], fail=False)
+
+    monkeypatch.setattr(cli_session, "_stream", stream)
+    monkeypatch.setattr(cli_session.time, "sleep", lambda _s: None)
+    state = cli_session.follow("s", as_json=True)
+    assert asked == [0, 4]  # resumed right after the last event it had
+    assert state.terminal and state.counts[pb.DOCUMENT_STATE_COMPLETED] == 1 and state.active == 0

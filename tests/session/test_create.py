@@ -12,9 +12,16 @@ from google.rpc import error_details_pb2
 
 from services.common import convert
 from services.common.errors import details_of
+
 from .helpers import mfile
 
-SESSION_TABLES = ("projects", "import_sessions", "session_documents", "stage_runs", "session_events")
+SESSION_TABLES = (
+    "projects",
+    "import_sessions",
+    "session_documents",
+    "stage_runs",
+    "session_events",
+)
 
 
 async def table_counts(pool) -> dict[str, int]:
@@ -39,8 +46,10 @@ async def test_concurrent_creates_with_one_request_id_make_one_session(harness):
     import asyncio
 
     manifest_id = harness.manifests.add([mfile(f"a/{i}.pdf") for i in range(50)])
-    results = await asyncio.gather(*(harness.create(manifest_id=manifest_id, request_id="same")
-                                     for _ in range(4)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(harness.create(manifest_id=manifest_id, request_id="same") for _ in range(4)),
+        return_exceptions=True,
+    )
     ids = {r.session.session_id for r in results if not isinstance(r, BaseException)}
     assert len(ids) == 1, results
     counts = await table_counts(harness.pool)
@@ -52,15 +61,23 @@ async def test_projects_are_reused_never_duplicated(harness):
     b = await harness.create(project="  smith V. JONES ")
     assert a.session.project.project_id == b.session.project.project_id
     assert b.session.project.name == "Smith v. Jones"
-    by_id = await harness.operator.CreateSession(pb.CreateSessionRequest(
-        request_id=str(uuid.uuid4()), manifest_id=harness.manifests.add([mfile("x.pdf")]),
-        project_id=a.session.project.project_id))
+    by_id = await harness.operator.CreateSession(
+        pb.CreateSessionRequest(
+            request_id=str(uuid.uuid4()),
+            manifest_id=harness.manifests.add([mfile("x.pdf")]),
+            project_id=a.session.project.project_id,
+        )
+    )
     assert by_id.session.project.project_id == a.session.project.project_id
     assert (await table_counts(harness.pool))["projects"] == 1
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await harness.operator.CreateSession(pb.CreateSessionRequest(
-            request_id=str(uuid.uuid4()), manifest_id=harness.manifests.add([mfile("y.pdf")]),
-            project_id=str(uuid.uuid4())))
+        await harness.operator.CreateSession(
+            pb.CreateSessionRequest(
+                request_id=str(uuid.uuid4()),
+                manifest_id=harness.manifests.add([mfile("y.pdf")]),
+                project_id=str(uuid.uuid4()),
+            )
+        )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -70,12 +87,19 @@ async def test_dry_run_plans_and_writes_nothing(harness):
         mfile("medical/er.pdf", category="medical_records", priority=20, estimated="0.25"),
         mfile("medical/er_copy.pdf", category="medical_records", duplicate_of="medical/er.pdf"),
         mfile("medical/corrupt.pdf", category="medical_records", problem="corrupt"),
-        mfile("discovery/int.docx", category="discovery", priority=30, plan="docx", estimated="0.0015"),
+        mfile(
+            "discovery/int.docx", category="discovery", priority=30, plan="docx", estimated="0.0015"
+        ),
     ]
     manifest_id = harness.manifests.add(files)
     before = await table_counts(harness.pool)
-    response = await harness.create(manifest_id=manifest_id, dry_run=True, budget="0.70",
-                                    priority=["medical_records"], project="Brand New Project")
+    response = await harness.create(
+        manifest_id=manifest_id,
+        dry_run=True,
+        budget="0.70",
+        priority=["medical_records"],
+        project="Brand New Project",
+    )
     plan = response.plan
     assert not response.HasField("session")
     assert (plan.documents, plan.skipped, plan.problem_files) == (3, 1, 1)
@@ -103,8 +127,11 @@ async def test_manifest_files_become_documents_with_honest_states(harness):
     session = (await harness.create(files)).session
     c = session.counts
     assert (c.total, c.pending, c.skipped, c.failed) == (8, 2, 3, 3)
-    docs = (await harness.operator.ListSessionDocuments(
-        pb.ListSessionDocumentsRequest(session_id=session.session_id))).documents
+    docs = (
+        await harness.operator.ListSessionDocuments(
+            pb.ListSessionDocumentsRequest(session_id=session.session_id)
+        )
+    ).documents
     by_path = {d.relative_path: d for d in docs}
     assert by_path["medical/er_copy.pdf"].skip_reason == "duplicate of medical/er.pdf"
     assert by_path["drafts/note.txt"].skip_reason.startswith("excluded by the manifest")
@@ -116,7 +143,10 @@ async def test_manifest_files_become_documents_with_honest_states(harness):
     assert by_path["video.mp4"].error_class == pb.ERROR_CLASS_PERMANENT
     # problem files are never dispatched
     messages = await harness.dispatch()
-    assert sorted(m.payload.relative_path for m in messages) == ["medical/er.pdf", "pleadings/complaint.pdf"]
+    assert sorted(m.payload.relative_path for m in messages) == [
+        "medical/er.pdf",
+        "pleadings/complaint.pdf",
+    ]
     for m in messages:
         await harness.result(m)
     final = await harness.run_to_end(session.session_id)
@@ -125,10 +155,15 @@ async def test_manifest_files_become_documents_with_honest_states(harness):
 
 
 async def test_a_session_with_nothing_to_do_finishes_when_started(harness):
-    session = (await harness.create([mfile("a.pdf", problem="empty"), mfile("b.pdf", duplicate_of="a.pdf")],
-                                    start=False)).session
+    session = (
+        await harness.create(
+            [mfile("a.pdf", problem="empty"), mfile("b.pdf", duplicate_of="a.pdf")], start=False
+        )
+    ).session
     assert session.state == pb.SESSION_STATE_CREATED
-    started = (await harness.operator.StartSession(pb.StartSessionRequest(session_id=session.session_id))).session
+    started = (
+        await harness.operator.StartSession(pb.StartSessionRequest(session_id=session.session_id))
+    ).session
     assert started.state == pb.SESSION_STATE_COMPLETED_WITH_ERRORS
 
 
@@ -142,9 +177,15 @@ async def test_large_manifest_is_read_page_by_page(harness):
 async def test_validation_and_precondition_errors(harness):
     stub = harness.operator
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.CreateSession(pb.CreateSessionRequest(manifest_id="not-a-uuid", project_name=" "))
+        await stub.CreateSession(
+            pb.CreateSessionRequest(manifest_id="not-a-uuid", project_name=" ")
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    fields = {v.field for d in details_of(err.value, error_details_pb2.BadRequest) for v in d.field_violations}
+    fields = {
+        v.field
+        for d in details_of(err.value, error_details_pb2.BadRequest)
+        for v in d.field_violations
+    }
     assert fields == {"manifest_id", "project_name"}
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.CreateSession(pb.CreateSessionRequest(manifest_id=str(uuid.uuid4())))
@@ -172,10 +213,14 @@ async def test_scopes(harness):
         await harness.operator.ReportStageResult(pb.ReportStageResultRequest())
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     session = (await harness.create()).session
-    read = await harness.stubs["service"].GetSession(pb.GetSessionRequest(session_id=session.session_id))
+    read = await harness.stubs["service"].GetSession(
+        pb.GetSessionRequest(session_id=session.session_id)
+    )
     assert read.session.session_id == session.session_id
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await harness.stubs["service"].PauseSession(pb.PauseSessionRequest(session_id=session.session_id))
+        await harness.stubs["service"].PauseSession(
+            pb.PauseSessionRequest(session_id=session.session_id)
+        )
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -183,12 +228,16 @@ async def test_list_sessions_filters_and_pages(harness):
     ids = [(await harness.create(project=p)).session.session_id for p in ("Alpha", "Alpha", "Beta")]
     page = await harness.operator.ListSessions(pb.ListSessionsRequest(page_size=2))
     assert len(page.sessions) == 2 and page.next_page_token
-    rest = await harness.operator.ListSessions(pb.ListSessionsRequest(page_size=2, page_token=page.next_page_token))
+    rest = await harness.operator.ListSessions(
+        pb.ListSessionsRequest(page_size=2, page_token=page.next_page_token)
+    )
     assert len(rest.sessions) == 1 and not rest.next_page_token
     assert {s.session_id for s in [*page.sessions, *rest.sessions]} == set(ids)
     alpha = await harness.operator.ListSessions(pb.ListSessionsRequest(project_name="alpha"))
     assert len(alpha.sessions) == 2
-    running = await harness.operator.ListSessions(pb.ListSessionsRequest(state=pb.SESSION_STATE_RUNNING))
+    running = await harness.operator.ListSessions(
+        pb.ListSessionsRequest(state=pb.SESSION_STATE_RUNNING)
+    )
     assert len(running.sessions) == 3
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await harness.operator.ListSessions(pb.ListSessionsRequest(page_token="garbage!"))

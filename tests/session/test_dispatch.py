@@ -23,7 +23,9 @@ async def test_per_session_cap(harness):
     await harness.result(first[0])  # extract done: the document goes on to chunk first
     [nxt] = await harness.dispatch()
     assert nxt.payload.document_id == first[0].payload.document_id and nxt.payload.stage == "chunk"
-    s = (await harness.operator.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    s = (
+        await harness.operator.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+    ).session
     assert s.counts.queued == 2 and s.counts.pending == 3
 
 
@@ -61,7 +63,9 @@ async def test_two_dispatchers_never_dispatch_a_document_twice(harness, db_url):
     pools = [await db.create_pool(db_url, min_size=2, max_size=4) for _ in range(2)]
     try:
         enqueuers = [RecordingEnqueuer(), RecordingEnqueuer()]
-        dispatchers = [Dispatcher(SessionStore(p), e, harness.settings) for p, e in zip(pools, enqueuers)]
+        dispatchers = [
+            Dispatcher(SessionStore(p), e, harness.settings) for p, e in zip(pools, enqueuers, strict=True)
+        ]
 
         async def drain(d: Dispatcher) -> None:
             while await d.run_once():
@@ -77,11 +81,18 @@ async def test_two_dispatchers_never_dispatch_a_document_twice(harness, db_url):
     assert len(docs) == 2 * n and len(set(docs)) == 2 * n
     async with harness.pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM session.stage_runs") == 2 * n
-        assert await conn.fetchval("SELECT count(DISTINCT task_id) FROM session.stage_runs") == 2 * n
-        assert await conn.fetchval(
-            "SELECT count(*) FROM session.session_documents WHERE state = 'queued'") == 2 * n
+        assert (
+            await conn.fetchval("SELECT count(DISTINCT task_id) FROM session.stage_runs") == 2 * n
+        )
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM session.session_documents WHERE state = 'queued'"
+            )
+            == 2 * n
+        )
         drift = await conn.fetchval(
-            "SELECT count(*) FROM session.import_sessions WHERE count_queued <> total_documents")
+            "SELECT count(*) FROM session.import_sessions WHERE count_queued <> total_documents"
+        )
         assert drift == 0
 
 
@@ -108,7 +119,8 @@ async def test_messages_carry_the_recorded_task_id_and_scaled_limits(harness):
         for m in messages.values():
             row = await conn.fetchrow(
                 "SELECT task_id, lease_expires_at FROM session.stage_runs WHERE document_id = $1",
-                uuid.UUID(m.payload.document_id))
+                uuid.UUID(m.payload.document_id),
+            )
             assert row["task_id"] == m.task_id
             assert row["lease_expires_at"] == m.expires_at
     p = messages["small.pdf"].payload

@@ -21,8 +21,10 @@ async def get(harness, session_id: str) -> pb.Session:
 
 async def expire_all_leases(harness) -> None:
     async with harness.pool.acquire() as conn:
-        await conn.execute("UPDATE session.stage_runs SET lease_expires_at = now() - interval '1 s' "
-                           "WHERE state IN ('queued', 'running')")
+        await conn.execute(
+            "UPDATE session.stage_runs SET lease_expires_at = now() - interval '1 s' "
+            "WHERE state IN ('queued', 'running')"
+        )
 
 
 async def test_expired_lease_is_re_enqueued_as_a_new_attempt(harness):
@@ -34,9 +36,15 @@ async def test_expired_lease_is_re_enqueued_as_a_new_attempt(harness):
     retried = await harness.dispatch()
     assert sorted(m.payload.attempt for m in retried) == [2, 2]
     assert {m.task_id for m in retried}.isdisjoint({m.task_id for m in lost})
-    doc = (await harness.operator.GetDocument(
-        pb.GetDocumentRequest(document_id=lost[0].payload.document_id))).document
-    assert [r.state for r in doc.stage_runs] == [pb.STAGE_RUN_STATE_EXPIRED, pb.STAGE_RUN_STATE_QUEUED]
+    doc = (
+        await harness.operator.GetDocument(
+            pb.GetDocumentRequest(document_id=lost[0].payload.document_id)
+        )
+    ).document
+    assert [r.state for r in doc.stage_runs] == [
+        pb.STAGE_RUN_STATE_EXPIRED,
+        pb.STAGE_RUN_STATE_QUEUED,
+    ]
     assert "lease expired while running" in doc.stage_runs[0].error_message
     # the late worker of attempt 1 is told to stop, and its late result changes nothing
     assert not (await harness.started(lost[1])).proceed
@@ -47,8 +55,12 @@ async def test_expired_lease_is_re_enqueued_as_a_new_attempt(harness):
     final = await harness.run_to_end(session.session_id)
     assert final.state == pb.SESSION_STATE_COMPLETED
     async with harness.pool.acquire() as conn:
-        assert await conn.fetchval(
-            "SELECT count(*) FROM session.stage_runs WHERE state = 'succeeded' AND stage = 'extract'") == 2
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM session.stage_runs WHERE state = 'succeeded' AND stage = 'extract'"
+            )
+            == 2
+        )
 
 
 async def test_repeated_expiry_fails_the_document(harness):
@@ -60,8 +72,13 @@ async def test_repeated_expiry_fails_the_document(harness):
         await harness.reconciler.run_once()
     s = await get(harness, session.session_id)
     assert s.counts.failed == 1 and s.state == pb.SESSION_STATE_COMPLETED_WITH_ERRORS
-    docs = (await harness.operator.ListSessionDocuments(pb.ListSessionDocumentsRequest(
-        session_id=session.session_id, state=pb.DOCUMENT_STATE_FAILED))).documents
+    docs = (
+        await harness.operator.ListSessionDocuments(
+            pb.ListSessionDocumentsRequest(
+                session_id=session.session_id, state=pb.DOCUMENT_STATE_FAILED
+            )
+        )
+    ).documents
     assert docs[0].error_class == pb.ERROR_CLASS_RETRYABLE and "gave up" in docs[0].error_message
 
 
@@ -70,25 +87,38 @@ async def test_stalled_documents_are_visible_and_retryable(harness):
     messages = await harness.dispatch()
     await harness.started(messages[0])
     async with harness.pool.acquire() as conn:
-        await conn.execute("UPDATE session.session_documents SET updated_at = now() - interval '2 hours' "
-                           "WHERE document_id = $1", uuid.UUID(messages[0].payload.document_id))
+        await conn.execute(
+            "UPDATE session.session_documents SET updated_at = now() - interval '2 hours' "
+            "WHERE document_id = $1",
+            uuid.UUID(messages[0].payload.document_id),
+        )
     s = await get(harness, session.session_id)
     assert s.counts.stalled == 1
-    stalled = (await harness.operator.ListSessionDocuments(pb.ListSessionDocumentsRequest(
-        session_id=session.session_id, stalled=True))).documents
-    assert [d.document_id for d in stalled] == [messages[0].payload.document_id] and stalled[0].stalled
-    retry = await harness.operator.RetryDocuments(pb.RetryDocumentsRequest(
-        session_id=session.session_id, stalled=True))
+    stalled = (
+        await harness.operator.ListSessionDocuments(
+            pb.ListSessionDocumentsRequest(session_id=session.session_id, stalled=True)
+        )
+    ).documents
+    assert [d.document_id for d in stalled] == [messages[0].payload.document_id] and stalled[
+        0
+    ].stalled
+    retry = await harness.operator.RetryDocuments(
+        pb.RetryDocumentsRequest(session_id=session.session_id, stalled=True)
+    )
     assert retry.retried == 1
     [again] = await harness.dispatch()
-    assert again.payload.document_id == messages[0].payload.document_id and again.payload.attempt == 2
+    assert (
+        again.payload.document_id == messages[0].payload.document_id and again.payload.attempt == 2
+    )
 
 
 async def test_pause_resume(harness):
     session = (await harness.create([mfile(f"{i}.pdf") for i in range(4)], max_in_flight=2)).session
     queued = await harness.dispatch()
     await harness.started(queued[0])
-    paused = (await harness.operator.PauseSession(pb.PauseSessionRequest(session_id=session.session_id))).session
+    paused = (
+        await harness.operator.PauseSession(pb.PauseSessionRequest(session_id=session.session_id))
+    ).session
     assert paused.state == pb.SESSION_STATE_PAUSED
     # a queued message starting now is refused and its document goes back to pending
     assert not (await harness.started(queued[1])).proceed
@@ -97,7 +127,9 @@ async def test_pause_resume(harness):
     assert await harness.dispatch() == []
     s = await get(harness, session.session_id)
     assert s.counts.pending == 4 and s.counts.queued == 0
-    resumed = (await harness.operator.ResumeSession(pb.ResumeSessionRequest(session_id=session.session_id))).session
+    resumed = (
+        await harness.operator.ResumeSession(pb.ResumeSessionRequest(session_id=session.session_id))
+    ).session
     assert resumed.state == pb.SESSION_STATE_RUNNING
     again = await harness.dispatch()
     assert len(again) == 2 and again[0].payload.stage == "chunk"
@@ -110,22 +142,28 @@ async def test_cancel(harness):
     session = (await harness.create([mfile(f"{i}.pdf") for i in range(5)], max_in_flight=2)).session
     queued = await harness.dispatch()
     await harness.started(queued[0])
-    cancelled = (await harness.operator.CancelSession(
-        pb.CancelSessionRequest(session_id=session.session_id))).session
+    cancelled = (
+        await harness.operator.CancelSession(pb.CancelSessionRequest(session_id=session.session_id))
+    ).session
     assert cancelled.state == pb.SESSION_STATE_CANCELLED
     assert cancelled.counts.cancelled == 5 and cancelled.counts.pending == 0
     assert not (await harness.started(queued[1])).proceed
     late = await harness.result(queued[0])
     assert late.document_state == pb.DOCUMENT_STATE_CANCELLED
     assert await harness.dispatch() == []
-    for call in (harness.operator.ResumeSession(pb.ResumeSessionRequest(session_id=session.session_id)),
-                 harness.operator.RetryDocuments(pb.RetryDocumentsRequest(session_id=session.session_id,
-                                                                          failed=True))):
+    for call in (
+        harness.operator.ResumeSession(pb.ResumeSessionRequest(session_id=session.session_id)),
+        harness.operator.RetryDocuments(
+            pb.RetryDocumentsRequest(session_id=session.session_id, failed=True)
+        ),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     # cancelling again is a no-op
-    again = await harness.operator.CancelSession(pb.CancelSessionRequest(session_id=session.session_id))
+    again = await harness.operator.CancelSession(
+        pb.CancelSessionRequest(session_id=session.session_id)
+    )
     assert again.session.state == pb.SESSION_STATE_CANCELLED
 
 
@@ -134,9 +172,13 @@ async def test_lifecycle_preconditions(harness):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await harness.operator.PauseSession(pb.PauseSessionRequest(session_id=session.session_id))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    started = await harness.operator.StartSession(pb.StartSessionRequest(session_id=session.session_id))
+    started = await harness.operator.StartSession(
+        pb.StartSessionRequest(session_id=session.session_id)
+    )
     assert started.session.state == pb.SESSION_STATE_RUNNING
-    again = await harness.operator.StartSession(pb.StartSessionRequest(session_id=session.session_id))
+    again = await harness.operator.StartSession(
+        pb.StartSessionRequest(session_id=session.session_id)
+    )
     assert again.session.state == pb.SESSION_STATE_RUNNING
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await harness.operator.StartSession(pb.StartSessionRequest(session_id=str(uuid.uuid4())))
@@ -147,29 +189,40 @@ async def test_lifecycle_preconditions(harness):
 
 
 async def test_retry_failed_documents(harness):
-    session = (await harness.create([mfile("a.pdf"), mfile("b.pdf"), mfile("c.pdf", problem="corrupt")])).session
+    session = (
+        await harness.create([mfile("a.pdf"), mfile("b.pdf"), mfile("c.pdf", problem="corrupt")])
+    ).session
     a, b = await harness.dispatch()
     await harness.result(a, ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="bad")
     tune(harness, max_attempts=1)
     await harness.result(b, ok=False, error_class=pb.ERROR_CLASS_RETRYABLE, message_text="flaky")
     s = await get(harness, session.session_id)
     assert s.state == pb.SESSION_STATE_COMPLETED_WITH_ERRORS and s.counts.failed == 3
-    retry = await harness.operator.RetryDocuments(pb.RetryDocumentsRequest(
-        session_id=session.session_id, failed=True))
+    retry = await harness.operator.RetryDocuments(
+        pb.RetryDocumentsRequest(session_id=session.session_id, failed=True)
+    )
     assert retry.retried == 1 and retry.session.state == pb.SESSION_STATE_RUNNING
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await harness.operator.RetryDocuments(pb.RetryDocumentsRequest(
-            session_id=session.session_id, document_ids=[a.payload.document_id]))
+        await harness.operator.RetryDocuments(
+            pb.RetryDocumentsRequest(
+                session_id=session.session_id, document_ids=[a.payload.document_id]
+            )
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    forced = await harness.operator.RetryDocuments(pb.RetryDocumentsRequest(
-        session_id=session.session_id, document_ids=[a.payload.document_id], force=True))
+    forced = await harness.operator.RetryDocuments(
+        pb.RetryDocumentsRequest(
+            session_id=session.session_id, document_ids=[a.payload.document_id], force=True
+        )
+    )
     assert forced.retried == 1
     tune(harness, max_attempts=3)
     final = await harness.run_to_end(session.session_id)
     assert final.counts.completed == 2 and final.counts.failed == 1
     assert final.state == pb.SESSION_STATE_COMPLETED_WITH_ERRORS
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await harness.operator.RetryDocuments(pb.RetryDocumentsRequest(session_id=session.session_id))
+        await harness.operator.RetryDocuments(
+            pb.RetryDocumentsRequest(session_id=session.session_id)
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -207,8 +260,9 @@ async def test_budget_admits_documents_and_settles_them(harness):
     assert (await get(harness, session.session_id)).state == pb.SESSION_STATE_BUDGET_EXHAUSTED
     await harness.result(m, cost="0.002")
     # raising the budget lets the rest through
-    await harness.cost.SetBudget(cpb.SetBudgetRequest(session_id=session.session_id,
-                                                      limit=convert.money("10")))
+    await harness.cost.SetBudget(
+        cpb.SetBudgetRequest(session_id=session.session_id, limit=convert.money("10"))
+    )
     await harness.reconciler.run_once()
     final = await harness.run_to_end(session.session_id, rounds=50)
     assert final.state == pb.SESSION_STATE_COMPLETED and final.counts.completed == 10

@@ -17,8 +17,10 @@ from .helpers import mfile, tune
 
 async def event_count(harness, session_id: str) -> int:
     async with harness.pool.acquire() as conn:
-        return await conn.fetchval("SELECT count(*) FROM session.session_events WHERE session_id = $1",
-                                   uuid.UUID(session_id))
+        return await conn.fetchval(
+            "SELECT count(*) FROM session.session_events WHERE session_id = $1",
+            uuid.UUID(session_id),
+        )
 
 
 async def get(harness, session_id: str) -> pb.Session:
@@ -26,7 +28,9 @@ async def get(harness, session_id: str) -> pb.Session:
 
 
 async def document(harness, document_id: str) -> pb.Document:
-    return (await harness.operator.GetDocument(pb.GetDocumentRequest(document_id=document_id))).document
+    return (
+        await harness.operator.GetDocument(pb.GetDocumentRequest(document_id=document_id))
+    ).document
 
 
 def test_state_machine_tables_are_monotonic():
@@ -53,8 +57,11 @@ async def test_a_document_goes_through_every_stage(harness):
         assert not result.replayed
     assert result.document_state == pb.DOCUMENT_STATE_COMPLETED
     doc = await document(harness, m.payload.document_id)
-    assert [r.stage for r in doc.stage_runs] == [common_pb2.STAGE_EXTRACT, common_pb2.STAGE_CHUNK,
-                                                 common_pb2.STAGE_ENTITIES]
+    assert [r.stage for r in doc.stage_runs] == [
+        common_pb2.STAGE_EXTRACT,
+        common_pb2.STAGE_CHUNK,
+        common_pb2.STAGE_ENTITIES,
+    ]
     assert all(r.state == pb.STAGE_RUN_STATE_SUCCEEDED for r in doc.stage_runs)
     assert doc.cost.amount == "0.0045"
     final = await get(harness, session.session_id)
@@ -73,7 +80,9 @@ async def test_duplicate_and_late_reports_change_nothing(harness):
     again = await harness.result(m)
     assert again.replayed and again.document_state == pb.DOCUMENT_STATE_PENDING
     # a different verdict for the same attempt is a replay too: the first one stands
-    late_failure = await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="boom")
+    late_failure = await harness.result(
+        m, ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="boom"
+    )
     assert late_failure.replayed
     # a late start of a finished run: not wanted
     assert not (await harness.started(m)).proceed
@@ -95,10 +104,14 @@ async def test_session_is_never_completed_while_documents_are_queued(harness):
     assert len(messages) == 4
     assert (await get(harness, session.session_id)).state == pb.SESSION_STATE_RUNNING
     for m in messages[:3]:
-        await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="corrupt")
+        await harness.result(
+            m, ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="corrupt"
+        )
     s = await get(harness, session.session_id)
     assert s.state == pb.SESSION_STATE_RUNNING and s.counts.queued == 1 and s.counts.failed == 3
-    await harness.result(messages[3], ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="x")
+    await harness.result(
+        messages[3], ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="x"
+    )
     s = await get(harness, session.session_id)
     assert s.state == pb.SESSION_STATE_COMPLETED_WITH_ERRORS and s.finished_at.seconds > 0
 
@@ -106,11 +119,18 @@ async def test_session_is_never_completed_while_documents_are_queued(harness):
 async def test_permanent_failure_fails_at_once_and_keeps_its_reason(harness):
     await harness.create([mfile("a.pdf")])
     [m] = await harness.dispatch()
-    r = await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_PERMANENT,
-                             message_text="the PDF is encrypted", code="encrypted")
+    r = await harness.result(
+        m,
+        ok=False,
+        error_class=pb.ERROR_CLASS_PERMANENT,
+        message_text="the PDF is encrypted",
+        code="encrypted",
+    )
     assert r.document_state == pb.DOCUMENT_STATE_FAILED
     doc = await document(harness, m.payload.document_id)
-    assert doc.error_class == pb.ERROR_CLASS_PERMANENT and doc.error_message == "the PDF is encrypted"
+    assert (
+        doc.error_class == pb.ERROR_CLASS_PERMANENT and doc.error_message == "the PDF is encrypted"
+    )
     assert doc.stage_runs[0].error_code == "encrypted"
     assert await harness.dispatch() == []
 
@@ -122,11 +142,15 @@ async def test_retryable_failures_back_off_then_give_up(harness):
         [m] = await harness.dispatch()
         assert m.payload.attempt == attempt and m.payload.stage == "extract"
         await harness.started(m)
-        r = await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_RETRYABLE,
-                                 message_text="OCR engine timed out")
+        r = await harness.result(
+            m, ok=False, error_class=pb.ERROR_CLASS_RETRYABLE, message_text="OCR engine timed out"
+        )
     assert r.document_state == pb.DOCUMENT_STATE_FAILED
     doc = await document(harness, m.payload.document_id)
-    assert doc.error_class == pb.ERROR_CLASS_RETRYABLE and "gave up after 3 attempts" in doc.error_message
+    assert (
+        doc.error_class == pb.ERROR_CLASS_RETRYABLE
+        and "gave up after 3 attempts" in doc.error_message
+    )
     assert [run.attempt for run in doc.stage_runs] == [1, 2, 3]
     assert (await get(harness, session.session_id)).state == pb.SESSION_STATE_COMPLETED_WITH_ERRORS
 
@@ -135,15 +159,20 @@ async def test_backoff_delays_the_next_attempt(harness):
     tune(harness, retry_backoff_base=30.0)
     await harness.create([mfile("a.pdf")])
     [m] = await harness.dispatch()
-    r = await harness.result(m, ok=False, error_class=pb.ERROR_CLASS_RETRYABLE, message_text="try later")
+    r = await harness.result(
+        m, ok=False, error_class=pb.ERROR_CLASS_RETRYABLE, message_text="try later"
+    )
     assert r.document_state == pb.DOCUMENT_STATE_PENDING
     assert await harness.dispatch() == []  # not before 30 s
     async with harness.pool.acquire() as conn:
         delay = await conn.fetchval(
             "SELECT extract(epoch FROM not_before - now()) FROM session.session_documents WHERE document_id = $1",
-            uuid.UUID(m.payload.document_id))
+            uuid.UUID(m.payload.document_id),
+        )
         assert 25 < delay <= 30
-        await conn.execute("UPDATE session.session_documents SET not_before = now() - interval '1 s'")
+        await conn.execute(
+            "UPDATE session.session_documents SET not_before = now() - interval '1 s'"
+        )
     [again] = await harness.dispatch()
     assert again.payload.attempt == 2
 
@@ -155,15 +184,18 @@ async def test_concurrent_reports_are_batched_and_exact(harness):
     assert len(messages) == n
     started = await asyncio.gather(*(harness.started(m) for m in messages))
     assert all(s.proceed for s in started)
-    results = await asyncio.gather(*(harness.result(m) for m in messages),
-                                   *(harness.result(m) for m in messages[:50]))
+    results = await asyncio.gather(
+        *(harness.result(m) for m in messages), *(harness.result(m) for m in messages[:50])
+    )
     assert sum(r.replayed for r in results) == 50
     s = await get(harness, session.session_id)
     assert s.counts.pending == n and s.counts.running == 0
     assert s.stages[0].succeeded == n
     async with harness.pool.acquire() as conn:
-        seqs = await conn.fetch("SELECT seq FROM session.session_events WHERE session_id = $1 ORDER BY seq",
-                                uuid.UUID(session.session_id))
+        seqs = await conn.fetch(
+            "SELECT seq FROM session.session_events WHERE session_id = $1 ORDER BY seq",
+            uuid.UUID(session.session_id),
+        )
     assert [r["seq"] for r in seqs] == list(range(1, len(seqs) + 1))
     assert seqs[-1]["seq"] == s.last_seq
 
@@ -172,18 +204,32 @@ async def test_report_errors_have_precise_codes(harness):
     await harness.create([mfile("a.pdf")])
     [m] = await harness.dispatch()
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await harness.worker.ReportStageResult(pb.ReportStageResultRequest(
-            document_id=m.payload.document_id, stage=common_pb2.STAGE_EXTRACT, attempt=7, succeeded=True))
+        await harness.worker.ReportStageResult(
+            pb.ReportStageResultRequest(
+                document_id=m.payload.document_id,
+                stage=common_pb2.STAGE_EXTRACT,
+                attempt=7,
+                succeeded=True,
+            )
+        )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await harness.result(m, ok=False, error_class=0, message_text="")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await harness.worker.ReportStageStarted(pb.ReportStageStartedRequest(document_id="x", attempt=0))
+        await harness.worker.ReportStageStarted(
+            pb.ReportStageStartedRequest(document_id="x", attempt=0)
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # a start report carrying another task id is not the live run
-    bad = await harness.worker.ReportStageStarted(pb.ReportStageStartedRequest(
-        document_id=m.payload.document_id, stage=common_pb2.STAGE_EXTRACT, attempt=1, task_id="other"))
+    bad = await harness.worker.ReportStageStarted(
+        pb.ReportStageStartedRequest(
+            document_id=m.payload.document_id,
+            stage=common_pb2.STAGE_EXTRACT,
+            attempt=1,
+            task_id="other",
+        )
+    )
     assert not bad.proceed
 
 
@@ -196,3 +242,60 @@ async def test_a_redelivered_message_may_go_on(harness):
     assert again.lease_expires_at.ToDatetime() >= first.lease_expires_at.ToDatetime()
     doc = await document(harness, m.payload.document_id)
     assert doc.stage_runs[0].worker == "w2"
+
+
+async def test_every_event_follows_the_state_machine_and_counters_match(harness):
+    """The report statements implement the transitions in SQL: check them against `states`."""
+    tune(harness, max_attempts=2)
+    a = (await harness.create([mfile(f"a{i}.pdf") for i in range(8)], max_in_flight=8)).session
+    b = (await harness.create([mfile(f"b{i}.pdf") for i in range(4)], max_in_flight=4)).session
+    messages = await harness.dispatch()
+    for i, m in enumerate(messages):
+        if i % 4 == 0:
+            await harness.result(
+                m, ok=False, error_class=pb.ERROR_CLASS_RETRYABLE, message_text="flaky"
+            )
+        elif i % 4 == 1:
+            await harness.result(
+                m, ok=False, error_class=pb.ERROR_CLASS_PERMANENT, message_text="bad"
+            )
+        elif i % 4 == 2:
+            await harness.started(m)
+        else:
+            await harness.result(m)
+            await harness.result(m)
+    await harness.operator.PauseSession(pb.PauseSessionRequest(session_id=b.session_id))
+    for m in await harness.dispatch():
+        await harness.started(m)
+    async with harness.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE session.stage_runs SET lease_expires_at = now() - interval '1 s' "
+            "WHERE state IN ('queued', 'running')"
+        )
+    await harness.reconciler.run_once()
+    await harness.operator.CancelSession(pb.CancelSessionRequest(session_id=b.session_id))
+    await harness.run_to_end(a.session_id, rounds=30)
+    async with harness.pool.acquire() as conn:
+        events = await conn.fetch(
+            "SELECT session_id, seq, kind, payload FROM session.session_events "
+            "ORDER BY session_id, seq"
+        )
+        sessions = await conn.fetch("SELECT * FROM session.import_sessions")
+        recount = await conn.fetch(
+            "SELECT session_id, state, count(*) AS n FROM session.session_documents "
+            "GROUP BY session_id, state"
+        )
+    by_session: dict = {}
+    for e in events:
+        by_session.setdefault(e["session_id"], []).append(e["seq"])
+        if e["kind"] == "document":
+            p = e["payload"]
+            assert st.doc_may(p["prev"], p["state"]), p
+    for row in sessions:
+        assert by_session[row["session_id"]] == list(range(1, row["last_seq"] + 1))
+        counted = {r["state"]: r["n"] for r in recount if r["session_id"] == row["session_id"]}
+        for state in st.DOCUMENT_STATES:
+            assert row[f"count_{state}"] == counted.get(state, 0), (state, row, counted)
+    final = {r["session_id"]: r["state"] for r in sessions}
+    assert final[uuid.UUID(a.session_id)] == st.S_WITH_ERRORS
+    assert final[uuid.UUID(b.session_id)] == st.S_CANCELLED

@@ -12,21 +12,27 @@ from .helpers import mfile, work, work_to_end
 def sample_case():
     """The shape of examples/sample-case: 11 files, a duplicate, a corrupt and an encrypted PDF."""
     return [
-        mfile("pleadings/complaint.pdf", pages=3), mfile("pleadings/answer.pdf", pages=2),
+        mfile("pleadings/complaint.pdf", pages=3),
+        mfile("pleadings/answer.pdf", pages=2),
         mfile("discovery/interrogatories.docx", plan="docx"),
         mfile("discovery/scanned_deposition_excerpt.pdf", plan="ocr", pages=2, ocr_pages=2),
         mfile("discovery/site_photo.png", plan="image"),
         mfile("correspondence/letter_to_counsel.eml", plan="email"),
         mfile("correspondence/call_notes.txt", plan="text"),
         mfile("medical_records/er_visit_summary.pdf", pages=2),
-        mfile("medical_records/er_visit_summary_copy.pdf", duplicate_of="medical_records/er_visit_summary.pdf"),
+        mfile(
+            "medical_records/er_visit_summary_copy.pdf",
+            duplicate_of="medical_records/er_visit_summary.pdf",
+        ),
         mfile("medical_records/corrupt_scan.pdf", problem="corrupt"),
         mfile("medical_records/sealed_records.pdf", problem="encrypted"),
     ]
 
 
 async def verify(harness, session_id: str, deep: bool = True) -> pb.VerifySessionResponse:
-    return await harness.operator.VerifySession(pb.VerifySessionRequest(session_id=session_id, deep=deep))
+    return await harness.operator.VerifySession(
+        pb.VerifySessionRequest(session_id=session_id, deep=deep)
+    )
 
 
 async def test_a_clean_import_passes(harness, tmp_path):
@@ -39,7 +45,10 @@ async def test_a_clean_import_passes(harness, tmp_path):
     assert (c.manifest_files, c.completed, c.skipped, c.failed, c.unaccounted) == (11, 8, 1, 2, 0)
     codes = {f.code: f for f in report.findings}
     assert codes["input_problem"].severity == pb.SEVERITY_INFO and codes["input_problem"].count == 2
-    assert "corrupt: 1" in codes["input_problem"].message and "encrypted: 1" in codes["input_problem"].message
+    assert (
+        "corrupt: 1" in codes["input_problem"].message
+        and "encrypted: 1" in codes["input_problem"].message
+    )
     assert codes["duplicates"].count == 1
     assert "processable_completion" in codes
     assert round(report.completeness_percent, 2) == round(100 * 9 / 11, 2)
@@ -66,7 +75,9 @@ async def test_counter_drift_fails(harness, tmp_path):
     session = (await harness.create([mfile("a.pdf")])).session
     await work_to_end(harness, session.session_id, tmp_path)
     async with harness.pool.acquire() as conn:
-        await conn.execute("UPDATE session.import_sessions SET count_completed = count_completed + 1")
+        await conn.execute(
+            "UPDATE session.import_sessions SET count_completed = count_completed + 1"
+        )
     report = await verify(harness, session.session_id)
     assert report.verdict == pb.VERDICT_FAIL
     assert any(f.code == "counter_drift" for f in report.findings)
@@ -91,5 +102,10 @@ async def test_unaccounted_manifest_files_fail(harness, tmp_path):
     report = await verify(harness, session.session_id)
     assert report.verdict == pb.VERDICT_FAIL and report.counts.unaccounted == 1
     async with harness.pool.acquire() as conn:
-        assert await conn.fetchval("SELECT count(*) FROM session.session_documents WHERE session_id = $1",
-                                   uuid.UUID(session.session_id)) == 2
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM session.session_documents WHERE session_id = $1",
+                uuid.UUID(session.session_id),
+            )
+            == 2
+        )

@@ -13,7 +13,9 @@ from google.protobuf import duration_pb2
 from .helpers import mfile, tune
 
 
-def watch_request(session_id: str, after: int = 0, heartbeat: float = 0.0) -> pb.WatchSessionRequest:
+def watch_request(
+    session_id: str, after: int = 0, heartbeat: float = 0.0
+) -> pb.WatchSessionRequest:
     request = pb.WatchSessionRequest(session_id=session_id, resume_after_seq=after)
     if heartbeat:
         request.heartbeat_interval.CopyFrom(duration_pb2.Duration(nanos=int(heartbeat * 1e9)))
@@ -40,7 +42,9 @@ class Collector:
             self.done.set()
 
     def seqs(self) -> list[int]:
-        return [i.seq for i in self.items if not i.HasField("heartbeat") and not i.HasField("snapshot")]
+        return [
+            i.seq for i in self.items if not i.HasField("heartbeat") and not i.HasField("snapshot")
+        ]
 
     async def until(self, predicate, timeout: float = 5.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -75,7 +79,10 @@ async def test_snapshot_then_events_until_the_session_finishes(harness):
         counts[d.previous_state] = counts.get(d.previous_state, 0) - 1
         counts[d.state] = counts.get(d.state, 0) + 1
     assert {k: v for k, v in counts.items() if v} == {pb.DOCUMENT_STATE_COMPLETED: 2}
-    assert sum(1 for d in docs if d.previous_stage == 3 and d.state == pb.DOCUMENT_STATE_COMPLETED) == 2
+    assert (
+        sum(1 for d in docs if d.previous_stage == 3 and d.state == pb.DOCUMENT_STATE_COMPLETED)
+        == 2
+    )
 
 
 async def test_resume_after_seq_has_no_gap_and_no_duplicate(harness):
@@ -110,7 +117,9 @@ async def test_heartbeats_keep_an_idle_stream_alive(harness):
 
 
 async def test_many_watchers_share_one_tail(harness):
-    session = (await harness.create([mfile(f"{i}.pdf") for i in range(20)], max_in_flight=20)).session
+    session = (
+        await harness.create([mfile(f"{i}.pdf") for i in range(20)], max_in_flight=20)
+    ).session
     watchers = [Collector(harness, session.session_id) for _ in range(10)]
     for w in watchers:
         await w.until(lambda w: w.items)
@@ -123,7 +132,9 @@ async def test_many_watchers_share_one_tail(harness):
 
 async def test_a_slow_watcher_gets_a_coalesced_snapshot(harness):
     tune(harness, watch_coalesce_after=10)
-    session = (await harness.create([mfile(f"{i}.pdf") for i in range(30)], max_in_flight=30)).session
+    session = (
+        await harness.create([mfile(f"{i}.pdf") for i in range(30)], max_in_flight=30)
+    ).session
     # resuming from far behind: one snapshot instead of the backlog
     await harness.dispatch()
     resumed = Collector(harness, session.session_id, after=1)
@@ -135,16 +146,32 @@ async def test_a_slow_watcher_gets_a_coalesced_snapshot(harness):
     slow = harness.operator.WatchSession(watch_request(session.session_id))
     first = await slow.read()
     assert first.HasField("snapshot")
-    last = (await harness.operator.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    last = (
+        await harness.operator.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+    ).session
     messages = [m for m in (await harness.dispatch())]
     async with harness.pool.acquire() as conn:
-        rows = await conn.fetch("SELECT document_id, stage, attempt, task_id FROM session.stage_runs")
+        rows = await conn.fetch(
+            "SELECT document_id, stage, attempt, task_id FROM session.stage_runs"
+        )
     assert rows and not messages
     # 30 starts happen while the watcher is not reading
-    await asyncio.gather(*(harness.worker.ReportStageStarted(pb.ReportStageStartedRequest(
-        document_id=str(r["document_id"]), stage=1, attempt=r["attempt"], task_id=r["task_id"]))
-        for r in rows))
-    final = (await harness.operator.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    await asyncio.gather(
+        *(
+            harness.worker.ReportStageStarted(
+                pb.ReportStageStartedRequest(
+                    document_id=str(r["document_id"]),
+                    stage=1,
+                    attempt=r["attempt"],
+                    task_id=r["task_id"],
+                )
+            )
+            for r in rows
+        )
+    )
+    final = (
+        await harness.operator.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+    ).session
     assert final.counts.running == 30 and final.last_seq == last.last_seq + 30
     items = []
     while not items or items[-1].seq < final.last_seq:
@@ -152,7 +179,7 @@ async def test_a_slow_watcher_gets_a_coalesced_snapshot(harness):
     snapshots = [i for i, item in enumerate(items) if item.HasField("snapshot")]
     assert snapshots, "the watcher fell behind and should have got a snapshot"
     assert len(items) < 30  # coalesced: not one message per event
-    after = items[snapshots[-1]:]
+    after = items[snapshots[-1] :]
     assert [i.seq for i in after[1:]] == list(range(after[0].seq + 1, final.last_seq + 1))
     slow.cancel()
 
@@ -164,7 +191,9 @@ async def test_watch_errors(harness):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     session = (await harness.create()).session
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in harness.operator.WatchSession(watch_request(session.session_id, after=10_000)):
+        async for _ in harness.operator.WatchSession(
+            watch_request(session.session_id, after=10_000)
+        ):
             pass
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError) as err:
