@@ -200,10 +200,11 @@ def up(
     }
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")}
 
-    def launch(name: str, argv: list[str], extra: dict[str, str]) -> None:
+    def launch(name: str, argv: list[str], extra: dict[str, str]) -> bool:
+        """Starts `name` unless it runs; True when it was started now."""
         if name in alive:
             say(f"  {name} already running (pid {alive[name]})")
-            return
+            return False
         log = log_dir / f"{name}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(
@@ -212,17 +213,18 @@ def up(
             )
         stack.processes[name] = {"pid": proc.pid, "log": str(log), "started_at": time.time()}
         stack.save()
+        return True
 
     for name in SERVICES:
         port = stack.addresses[name].rsplit(":", 1)[1]
-        launch(name, [sys.executable, "-m", f"services.{name}"], {"DOCIMPORT_PORT": port})
-        _wait_healthy(stack, name, say)
-    launch(
+        if launch(name, [sys.executable, "-m", f"services.{name}"], {"DOCIMPORT_PORT": port}):
+            _wait_healthy(stack, name, say)
+    if launch(
         "worker",
         [sys.executable, "-m", "services.worker"],
         {"DOCIMPORT_TOKEN": stack.worker_token, "DOCIMPORT_WORKER_CONCURRENCY": str(worker_concurrency)},
-    )
-    _wait_worker(stack, say)
+    ):
+        _wait_worker(stack, say)
     if flower:
         port = _free_port()
         launch("flower", [sys.executable, "-m", "celery", "-b", stack.broker_url, "flower",

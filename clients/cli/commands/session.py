@@ -312,6 +312,8 @@ def follow(session_id: str, *, as_json: bool, max_reconnects: int = 1000) -> Wat
         if live is not None:
             live.update(state.render())
             live.stop()
+            if not console.is_terminal:
+                console.print()  # a redirected Live leaves its last line open
 
 
 def _watch(session_id: str, as_json: bool) -> None:
