@@ -222,7 +222,7 @@ def up(
     if launch(
         "worker",
         [sys.executable, "-m", "services.worker"],
-        {"DOCIMPORT_TOKEN": stack.worker_token, "DOCIMPORT_WORKER_CONCURRENCY": str(worker_concurrency)},
+        {"DOCIMPORT_TOKEN": stack.worker_token, "DOCIMPORT_CONCURRENCY": str(worker_concurrency)},
     ):
         _wait_worker(stack, say)
     if flower:
