@@ -29,7 +29,7 @@ check-protos: install
 	$(BIN)/python scripts/gen_protos.py
 	git diff --exit-code -- protos
 	@if command -v npx >/dev/null 2>&1; then \
-		cd protos && npx --yes @bufbuild/buf@$(BUF_VERSION) lint; \
+		cd protos && npx --yes @bufbuild/buf@$(BUF_VERSION) lint && echo "buf lint: clean"; \
 	else echo "npx not found: skipping buf lint"; fi
 
 protos: install
