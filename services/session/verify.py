@@ -144,6 +144,8 @@ class Verifier:
                         buckets["skipped_without_reason"].add(doc.document_id)
                     elif doc.skip_reason.startswith("duplicate"):
                         buckets["duplicates"].add(doc.document_id)
+                    elif doc.skip_reason.startswith("e-mail attachment"):
+                        buckets["attachments"].add(doc.document_id)
                     else:
                         buckets["excluded"].add(doc.document_id)
                 elif doc.state == st.FAILED:
@@ -337,6 +339,7 @@ class Verifier:
             )
         add("duplicates", INFO, "{n} duplicate files were skipped")
         add("excluded", INFO, "{n} files were excluded by the manifest")
+        add("attachments", INFO, "{n} e-mail attachments were processed with their e-mail")
         if failure_patterns:
             top = ", ".join(
                 f"{code or cls or 'error'} ({mime or 'unknown type'}): {n}"

@@ -179,6 +179,9 @@ async def test_the_sample_case_imports_and_verifies(
         assert report.verdict == pb.VERDICT_PASS, report
         assert report.counts.unaccounted == 0 and report.counts.in_progress == 0
         assert final.counts.completed == report.counts.completed
+        found = {f.code: f.count for f in report.findings}
+        assert found["duplicates"] == 1 and found["attachments"] == 1
+        assert "excluded" not in found, "nothing in the sample case is excluded"
         ledger = await costs.GetSessionCosts(cpb.GetSessionCostsRequest(session_id=session_id))
         assert convert.parse_money(ledger.actual_total, "x", places=16) > 0
         budget = (await costs.GetBudget(cpb.GetBudgetRequest(session_id=session_id))).budget
