@@ -56,6 +56,9 @@ class ManifestInfo:
     state_name: str
     file_count: int
     estimated_total: Decimal
+    # The manifest's priced plan: (service, operation, units) and its book.
+    estimate_lines: tuple[tuple[str, str, str], ...] = ()
+    price_book_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,12 @@ class ManifestPeer:
             .lower(),
             file_count=m.summary.file_count,
             estimated_total=_money(m.summary.estimated_total),
+            estimate_lines=tuple(
+                (line.service, line.operation, line.units)
+                for line in m.summary.estimated_by_operation
+                if line.service and line.operation and line.units
+            ),
+            price_book_version=m.summary.price_book_version,
         )
 
     async def iter_files(
@@ -226,6 +235,30 @@ class CostPeer:
             cost_service_pb2.SetBudgetRequest(session_id=session_id, limit=convert.money(limit)),
             timeout=self._timeout,
         )
+
+    async def record_estimate(
+        self, session_id: str, lines: Sequence[tuple[str, str, str]], price_book_version: int
+    ) -> None:
+        """Records the manifest's priced plan as the session's estimate events.
+
+        Session-level events (no document, no stage, attempt 0): replaying
+        them is a no-op, so a retried create never doubles the estimate.
+        """
+        events = [
+            cost_service_pb2.CostEvent(
+                session_id=session_id,
+                service=service,
+                operation=operation,
+                units=units,
+                kind=cost_service_pb2.COST_KIND_ESTIMATE,
+                price_book_version=price_book_version,
+            )
+            for service, operation, units in lines
+        ]
+        if events:
+            await self._stub.RecordCosts(
+                cost_service_pb2.RecordCostsRequest(events=events), timeout=self._timeout
+            )
 
     async def get_budget(self, session_id: str) -> Budget | None:
         try:

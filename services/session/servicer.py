@@ -556,6 +556,12 @@ class SessionServicer:
             if budget is not None:
                 assert self._cost is not None
                 await self._cost.set_budget(session_id, budget)
+            if self._cost is not None and manifest.estimate_lines and manifest.price_book_version:
+                # Before the session exists, so a failed create retried with its
+                # request_id records it again (a no-op replay), never twice.
+                await self._cost.record_estimate(
+                    session_id, manifest.estimate_lines, manifest.price_book_version
+                )
             spec = NewSession(
                 session_id=session_id,
                 request_id=request.request_id or None,

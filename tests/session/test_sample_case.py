@@ -184,6 +184,13 @@ async def test_the_sample_case_imports_and_verifies(
         assert "excluded" not in found, "nothing in the sample case is excluded"
         ledger = await costs.GetSessionCosts(cpb.GetSessionCostsRequest(session_id=session_id))
         assert convert.parse_money(ledger.actual_total, "x", places=16) > 0
+        # The manifest's priced plan is the session's estimate in the ledger.
+        manifest_total = convert.parse_money(
+            (await manifests.GetManifest(mpb.GetManifestRequest(manifest_id=scanned.manifest_id))).manifest.summary.estimated_total,
+            "x", places=16,
+        )
+        assert manifest_total > 0
+        assert convert.parse_money(ledger.estimate_total, "x", places=16) == manifest_total
         budget = (await costs.GetBudget(cpb.GetBudgetRequest(session_id=session_id))).budget
         assert (
             convert.parse_money(budget.reserved, "x", places=16) == 0
