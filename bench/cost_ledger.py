@@ -33,14 +33,10 @@ import asyncio
 import contextlib
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -51,16 +47,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "protos"))
 
 import asyncpg  # noqa: E402
-import grpc  # noqa: E402
 from docimport.common.v1 import common_pb2  # noqa: E402
 from docimport.cost.v1 import cost_service_pb2 as pb  # noqa: E402
 from docimport.cost.v1 import cost_service_pb2_grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from services.common import localinfra  # noqa: E402
+from services.common.channels import wait_serving  # noqa: E402
 from services.common.channels import aio_channel  # noqa: E402
 from services.common.config import ClientSettings  # noqa: E402
-from services.common.migrate import migrate  # noqa: E402
 from services.cost import pricing  # noqa: E402
 
 TOKEN = "bench-worker-token"
@@ -72,52 +66,19 @@ STAGES = [(common_pb2.STAGE_EXTRACT, "extract"), (common_pb2.STAGE_CHUNK, "chunk
 CATEGORIES = ["pleadings", "discovery", "correspondence", "medical_records"]
 
 
-def _with_database(dsn: str, name: str) -> str:
-    parts = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
 @contextlib.asynccontextmanager
 async def private_database() -> AsyncIterator[str]:
     """A fresh, migrated database of this run; dropped (and a private server stopped) after."""
-    admin = os.environ.get("DOCIMPORT_BENCH_DATABASE_URL")
-    instance, tmp = None, None
-    if not admin:
-        tmp = tempfile.mkdtemp(prefix="di-bench-cost-")
-        instance = await asyncio.to_thread(localinfra.start_postgres, Path(tmp) / "pg")
-        admin = instance.dsn
-    name = f"di_bench_cost_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    url = _with_database(admin, name)
-    try:
-        await migrate(url)
+    async with localinfra.scratch_database(
+        os.environ.get("DOCIMPORT_BENCH_DATABASE_URL"), prefix="di_bench_cost"
+    ) as url:
         yield url
-    finally:
-        conn = await asyncpg.connect(admin)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-        if instance is not None:
-            await asyncio.to_thread(localinfra.stop, instance)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def cost_service(database_url: str) -> Iterator[str]:
     """The cost service as its own process; yields its address, stops it with SIGTERM."""
-    port = _free_port()
+    port = localinfra.free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")},
         "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "protos")]),
@@ -138,22 +99,6 @@ def cost_service(database_url: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-async def wait_serving(address: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the cost service did not start on {address}")
-            await asyncio.sleep(0.1)
 
 
 class Workload:

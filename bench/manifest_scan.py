@@ -236,46 +236,20 @@ async def time_db_save(files: list, db_url: str | None) -> float:
     """Seconds to save `files` with the store, on a database made for the bench."""
     import uuid
 
-    import asyncpg
-
     from services.common import db, localinfra
-    from services.common.migrate import migrate
+    from services.manifest.model import ScanOptions
     from services.manifest.store import ManifestStore
 
-    instance = None
-    admin = db_url
-    tmp = None
-    if admin is None:
-        tmp = Path(tempfile.mkdtemp(prefix="di-bench-pg-"))
-        instance = localinfra.start_postgres(tmp / "pg")
-        admin = instance.dsn
-    name = f"di_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(admin)
-    url = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-    try:
-        await migrate(url)
+    async with localinfra.scratch_database(db_url, prefix="di_bench_manifest") as url:
         pool = await db.create_pool(url)
-        store = ManifestStore(pool)
-        from services.manifest.model import ScanOptions as Options
-
-        manifest, _ = await store.create_manifest(uuid.uuid4(), "bench", "Bench", "/bench", Options())
-        start = time.perf_counter()
-        await store.save_scan(manifest.manifest_id, files, {}, None)
-        elapsed = time.perf_counter() - start
-        await pool.close()
-    finally:
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
-        if instance is not None:
-            localinfra.stop(instance)
-            shutil.rmtree(tmp, ignore_errors=True)
-    return elapsed
+        try:
+            store = ManifestStore(pool)
+            manifest, _ = await store.create_manifest(uuid.uuid4(), "bench", "Bench", "/bench", ScanOptions())
+            start = time.perf_counter()
+            await store.save_scan(manifest.manifest_id, files, {}, None)
+            return time.perf_counter() - start
+        finally:
+            await pool.close()
 
 
 def main() -> int:

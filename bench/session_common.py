@@ -34,48 +34,21 @@ from docimport.manifest.v1 import manifest_service_pb2_grpc  # noqa: E402
 from docimport.session.v1 import session_service_pb2_grpc  # noqa: E402
 
 from services.common import db, localinfra  # noqa: E402
+from services.common.channels import wait_serving  # noqa: E402
 from services.common.channels import aio_channel  # noqa: E402
 from services.common.config import ClientSettings  # noqa: E402
-from services.common.migrate import migrate  # noqa: E402
 
 TOKENS = {"operator": "bench-op", "worker": "bench-wk", "service": "bench-sv"}
 
 
-def with_database(dsn: str, name: str) -> str:
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit(
-        (parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment)
-    )
-
-
 @contextlib.asynccontextmanager
 async def private_database() -> AsyncIterator[str]:
-    """A fresh, migrated database; dropped afterwards."""
-    instance = None
+    """A fresh, migrated database; dropped afterwards (a private server when none is named)."""
     admin = os.environ.get("DOCIMPORT_BENCH_DATABASE_URL") or os.environ.get(
         "DOCIMPORT_TEST_DATABASE_URL"
     )
-    tmp = None
-    if not admin:
-        tmp = tempfile.mkdtemp(prefix="di-bench-")
-        instance = localinfra.start_postgres(Path(tmp) / "pg")
-        admin = instance.dsn
-    name = f"di_bench_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    url = with_database(admin, name)
-    try:
-        await migrate(url)
+    async with localinfra.scratch_database(admin, prefix="di_bench") as url:
         yield url
-    finally:
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
-        if instance is not None:
-            localinfra.stop(instance)
 
 
 @contextlib.contextmanager
@@ -135,40 +108,12 @@ def token_env() -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def wait_serving(port: int, timeout: float = 30.0) -> None:
-    import asyncio
-
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"service on port {port} did not start")
-            await asyncio.sleep(0.1)
-
-
 @contextlib.contextmanager
 def peer_processes(db_url: str) -> Any:
     """The real cost and manifest services, each in its own process (as deployed)."""
     import subprocess
 
-    cost_port, manifest_port = free_port(), free_port()
+    cost_port, manifest_port = localinfra.free_port(), localinfra.free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")}
     base.update(
         {
@@ -238,8 +183,8 @@ async def services(
         cost_settings.price_book_file, cost_settings.cpu_second_rate
     )
     with peer_processes(db_url) as (cost_port, manifest_port):
-        await wait_serving(cost_port)
-        await wait_serving(manifest_port)
+        await wait_serving(f"127.0.0.1:{cost_port}")
+        await wait_serving(f"127.0.0.1:{manifest_port}")
         client = ClientSettings()
         cost_channel = aio_channel(f"127.0.0.1:{cost_port}", client, token=TOKENS["service"])
         manifest_channel = aio_channel(

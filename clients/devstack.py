@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -94,28 +93,6 @@ class Stack:
         return stack
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -146,7 +123,7 @@ async def _prepare_database(admin_url: str, url: str) -> None:
 
 
 def running_components(stack: Stack) -> dict[str, int]:
-    return {name: info["pid"] for name, info in stack.processes.items() if _alive(info.get("pid"))}
+    return {name: info["pid"] for name, info in stack.processes.items() if localinfra.pid_alive(info.get("pid"))}
 
 
 def up(
@@ -183,7 +160,7 @@ def up(
     alive = running_components(stack)
     for name in SERVICES:
         if name not in stack.addresses or name not in alive:
-            stack.addresses[name] = f"127.0.0.1:{_free_port()}"
+            stack.addresses[name] = f"127.0.0.1:{localinfra.free_port()}"
     common = {
         "DOCIMPORT_DATABASE_URL": stack.database_url,
         "DOCIMPORT_OPERATOR_TOKENS": stack.operator_token,
@@ -226,7 +203,7 @@ def up(
     ):
         _wait_worker(stack, say)
     if flower:
-        port = _free_port()
+        port = localinfra.free_port()
         launch("flower", [sys.executable, "-m", "celery", "-b", stack.broker_url, "flower",
                           f"--port={port}", "--address=127.0.0.1"], {})
         stack.flower_url = f"http://127.0.0.1:{port}"
@@ -242,7 +219,7 @@ def _wait_healthy(stack: Stack, name: str, say: Callable[[str], None], timeout: 
         if _healthy(address):
             say(f"  {name} service SERVING on {address}")
             return
-        if not _alive(info["pid"]):
+        if not localinfra.pid_alive(info["pid"]):
             raise StackError(f"the {name} service exited at start-up; its log says:\n{_tail(Path(info['log']))}")
         time.sleep(0.2)
     raise StackError(f"the {name} service did not become healthy in {timeout:.0f}s; "
@@ -255,7 +232,7 @@ def _wait_worker(stack: Stack, say: Callable[[str], None], timeout: float = 60.0
     start = log.stat().st_size if log.exists() else 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(info["pid"]):
+        if not localinfra.pid_alive(info["pid"]):
             raise StackError(f"the worker exited at start-up; its log says:\n{_tail(log)}")
         try:
             with open(log, "rb") as handle:
@@ -278,7 +255,7 @@ def _terminate(pid: int, grace: float) -> None:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not localinfra.pid_alive(pid):
             return
         time.sleep(0.1)
     try:
@@ -293,7 +270,7 @@ def down(var_dir: Path, *, say: Callable[[str], None] = print) -> None:
     stack = Stack.load(var_dir)
     for name in reversed(COMPONENTS):
         info = stack.processes.get(name)
-        if info and _alive(info.get("pid")):
+        if info and localinfra.pid_alive(info.get("pid")):
             _terminate(info["pid"], grace=15.0)
             say(f"stopped {name}")
         stack.processes.pop(name, None)

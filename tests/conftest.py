@@ -17,7 +17,6 @@ import asyncio
 import os
 import shutil
 import tempfile
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import asyncpg
 import pytest
 
 from services.common import localinfra
+from services.common.localinfra import with_database
 from services.common.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,16 +36,6 @@ TOKENS = {"operator": "op-test-token", "worker": "wk-test-token", "service": "sv
 _KEEP = ("DOCIMPORT_TEST_", "DOCIMPORT_LOCALINFRA")
 for _name in [n for n in os.environ if n.startswith("DOCIMPORT_") and not n.startswith(_KEEP)]:
     del os.environ[_name]
-
-
-def with_database(dsn: str, name: str) -> str:
-    """`dsn` pointing at database `name` (URL path or dbname query)."""
-    parts = urllib.parse.urlsplit(dsn)
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    query = [(k, v) for k, v in query if k not in ("dbname", "database")]
-    return urllib.parse.urlunsplit(
-        (parts.scheme, parts.netloc, "/" + name, urllib.parse.urlencode(query), parts.fragment)
-    )
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,14 @@ twice). The caller owns the channel and closes it.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import ClientSettings
 
@@ -124,3 +127,20 @@ def sync_channel(address: str, settings: ClientSettings, token: str | None = Non
     else:
         base = grpc.secure_channel(address, credentials, options=_OPTIONS)
     return grpc.intercept_channel(base, _SyncAuth(secret))
+
+
+async def wait_serving(address: str, timeout: float = 30.0) -> None:
+    """Waits until the server at `address` answers its health check SERVING."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no service answered SERVING on {address} within {timeout:.0f}s")
+            await asyncio.sleep(0.1)

@@ -88,6 +88,10 @@ __all__ = [
     "PostgresInstance",
     "RedisInstance",
     "available_strategies",
+    "free_port",
+    "pid_alive",
+    "scratch_database",
+    "with_database",
     "load_postgres",
     "load_redis",
     "start_postgres",
@@ -1204,3 +1208,69 @@ def stop(instance: PostgresInstance | RedisInstance, *, timeout: float = 10.0) -
     if isinstance(instance, RedisInstance):
         return _stop_redis(instance.data_dir, timeout, instance.pid)
     raise TypeError(f"not a localinfra instance: {instance!r}")
+
+
+
+# --------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    return _free_port()
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True when `pid` is a live (not zombie) process."""
+    return _pid_alive(pid)
+
+
+def with_database(dsn: str, name: str) -> str:
+    """`dsn` pointing at database `name` (its path; a dbname query is dropped)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k not in ("dbname", "database")]
+    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(name, safe=""), urlencode(query), parts.fragment))
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(admin_url: str | None = None, *, prefix: str = "di_scratch"):  # type: ignore[no-untyped-def]
+    """Yields the URL of a new, migrated database; drops it afterwards.
+
+    On `admin_url`'s server when given (a user that may create databases),
+    else on a private server started in a temporary directory and stopped
+    after. For benchmarks and tools that need a database of their own.
+    """
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    from services.common.migrate import migrate
+
+    instance, tmp = None, None
+    if not admin_url:
+        tmp = tempfile.mkdtemp(prefix="di-scratch-")
+        instance = await asyncio.to_thread(start_postgres, Path(tmp) / "pg")
+        admin_url = instance.dsn
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    try:
+        url = with_database(admin_url, name)
+        await migrate(url)
+        yield url
+    finally:
+        conn = await asyncpg.connect(admin_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+        if instance is not None:
+            await asyncio.to_thread(stop, instance)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from clients import devstack
+from services.common import localinfra
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,7 +56,7 @@ def test_dev_up_starts_everything_and_dev_down_stops_it(work_dir: Path):
     down = _docimport("dev", "down", "--var", "var", cwd=work_dir)
     assert down.returncode == 0, down.stderr
     for name, pid in pids.items():
-        assert not devstack._alive(pid), f"{name} (pid {pid}) still runs after dev down"
+        assert not localinfra.pid_alive(pid), f"{name} (pid {pid}) still runs after dev down"
     after = _docimport("sessions", cwd=work_dir)
     assert after.returncode == 3, "an unreachable stack exits 3 with a message"
     assert "dev up" in after.stderr

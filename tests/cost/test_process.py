@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from docimport.cost.v1 import cost_service_pb2 as pb
 from docimport.cost.v1 import cost_service_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.localinfra import free_port
 from services.common.channels import aio_channel
 from services.common.config import ClientSettings
 
@@ -25,14 +25,8 @@ from .helpers import new_id
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_the_process_loads_the_book_serves_and_stops_on_sigterm(db_url: str) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")},
         "DOCIMPORT_DATABASE_URL": db_url,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -17,11 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ROOT, TOKENS
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from services.common.localinfra import free_port
 
 
 async def test_serves_then_stops_cleanly_on_sigterm(db_url, redis_url):
