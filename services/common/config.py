@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -89,3 +89,10 @@ class ServiceSettings(ClientSettings):
             for token in tokens:
                 scopes[token] = scope
         return scopes
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line naming each bad or missing variable, e.g. `DOCIMPORT_DATABASE_URL: Field required`."""
+    return "; ".join(
+        f"DOCIMPORT_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+    )

@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import AuthInterceptor, Scope
-from services.common.config import ServiceSettings
+from services.common.config import ServiceSettings, describe_invalid
 from services.common.errors import ErrorInterceptor
 
 logger = logging.getLogger(__name__)
@@ -147,11 +147,7 @@ def run_main(
     try:
         settings = settings_factory()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"DOCIMPORT_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors()
-        )
-        print(f"docimport-{component}: bad configuration: {problems}", file=sys.stderr)
+        print(f"docimport-{component}: bad configuration: {describe_invalid(exc)}", file=sys.stderr)
         return 2
     jsonlog.configure(component, settings.log_level)
     telemetry.configure(f"docimport-{component}")

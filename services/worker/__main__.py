@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from services.common import logging as jsonlog
 from services.common import telemetry
+from services.common.config import describe_invalid
 from services.worker.app import create_app
 from services.worker.config import WorkerSettings
 
@@ -47,11 +48,7 @@ def main() -> int:
     try:
         settings = WorkerSettings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"DOCIMPORT_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in exc.errors()
-        )
-        print(f"docimport-worker: bad configuration: {problems}", file=sys.stderr)
+        print(f"docimport-worker: bad configuration: {describe_invalid(exc)}", file=sys.stderr)
         return 2
     jsonlog.configure("worker", settings.log_level)
     telemetry.configure("docimport-worker")
