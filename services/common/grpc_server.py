@@ -1,9 +1,11 @@
 """The grpc.aio server bootstrap every service uses.
 
 Owns what is the same in every service: binding (TLS when a certificate is
-configured), the interceptor chain (errors -> auth; OpenTelemetry's own
-server interceptor when tracing is on), the standard health service,
-server reflection, the Prometheus `/metrics` HTTP port, and the graceful
+configured), the interceptor chain (metrics -> errors -> auth; OpenTelemetry's
+own server interceptor when tracing is on), the standard health service,
+server reflection, the Prometheus `/metrics` HTTP port of the service's
+registry (`DOCIMPORT_METRICS_PORT`, started and stopped with the server; see
+`services.common.metrics`), and the graceful
 shutdown on SIGTERM/SIGINT: health turns NOT_SERVING, in-flight calls get
 `shutdown_grace` seconds, then the caller's cleanup (closing the pool) runs.
 
@@ -26,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.auth import AuthInterceptor, Scope
 from services.common.config import ServiceSettings, describe_invalid
 from services.common.errors import ErrorInterceptor
+from services.common.metrics import MetricsHTTPServer, ServiceMetrics, serve_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +41,21 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    metrics: ServiceMetrics | None = None
+    metrics_http: MetricsHTTPServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_http.port if self.metrics_http is not None else None
+
+    def stop_metrics(self) -> None:
+        if self.metrics_http is not None:
+            self.metrics_http.stop()
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        self.stop_metrics()
 
 
 async def build_server(
@@ -51,9 +65,16 @@ async def build_server(
     service_names: Sequence[str],
     policy: Mapping[str, Iterable[Scope]],
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    metrics: ServiceMetrics | None = None,
 ) -> RunningServer:
-    """Builds, binds and starts a server; every named service is SERVING."""
+    """Builds, binds and starts a server; every named service is SERVING.
+
+    `metrics` is the service's registry (a bare `ServiceMetrics` when None);
+    its interceptor is the outermost, so it records the codes callers get.
+    """
+    metrics = metrics if metrics is not None else ServiceMetrics()
     interceptors = [
+        metrics.interceptor(),
         *extra_interceptors,
         ErrorInterceptor(),
         AuthInterceptor(settings.token_scopes(), policy),
@@ -87,19 +108,14 @@ async def build_server(
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("gRPC server listening", extra={"port": port, "services": list(service_names)})
-    return RunningServer(server, port, health_servicer, tuple(service_names))
-
-
-def start_metrics_server(port: int) -> int | None:
-    """Serves Prometheus metrics on `port` (0 = off); returns the bound port."""
-    if not port:
-        return None
-    from prometheus_client import start_http_server
-
-    server, _thread = start_http_server(port)
-    bound = server.server_address[1]
-    logger.info("metrics on :%d/metrics", bound)
-    return bound
+    try:
+        metrics_http = serve_metrics(metrics.registry, settings.metrics_port, settings.host)
+    except OSError:
+        await server.stop(None)
+        raise
+    return RunningServer(
+        server, port, health_servicer, tuple(service_names), metrics, metrics_http
+    )
 
 
 async def serve_until_stopped(

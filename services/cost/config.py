@@ -30,3 +30,6 @@ class CostSettings(ServiceSettings):
     # ... and at most once per this many seconds (bursts are coalesced; each
     # read sums the session's ledger).
     watch_min_interval: float = 0.5
+    # /metrics exports the budgets with open reservations or changed within
+    # this many seconds (DOCIMPORT_METRICS_BUDGET_WINDOW).
+    metrics_budget_window: float = 86400.0

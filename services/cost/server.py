@@ -3,6 +3,8 @@
 Owns the process's asyncpg pool (opened in `serve`, closed after the server
 has drained and the store has given back its LISTEN connection) and the
 background sweep that marks overdue budget reservations expired.
+The Prometheus metrics (`metrics.CostMetrics`) are served on
+`DOCIMPORT_METRICS_PORT` with the gRPC server's lifetime.
 `build_server` is what tests call: it takes a ready store and returns the
 running server on an ephemeral port when `settings.port` is 0.
 """
@@ -16,9 +18,10 @@ import logging
 from docimport.cost.v1 import cost_service_pb2, cost_service_pb2_grpc
 
 from services.common import db
-from services.common.grpc_server import RunningServer, serve_until_stopped, start_metrics_server
+from services.common.grpc_server import RunningServer, serve_until_stopped
 from services.common.grpc_server import build_server as build_grpc_server
 from services.cost.config import CostSettings
+from services.cost.metrics import CostMetrics
 from services.cost.servicer import POLICY, CostServicer
 from services.cost.store import CostStore
 
@@ -28,12 +31,15 @@ SERVICE_NAME = cost_service_pb2.DESCRIPTOR.services_by_name["CostService"].full_
 
 
 async def build_server(settings: CostSettings, *, store: CostStore) -> RunningServer:
-    servicer = CostServicer(store, settings)
+    metrics = CostMetrics()
+    metrics.watch_budgets(store, window=settings.metrics_budget_window)
+    servicer = CostServicer(store, settings, metrics)
     return await build_grpc_server(
         settings,
         register=lambda server: cost_service_pb2_grpc.add_CostServiceServicer_to_server(servicer, server),
         service_names=[SERVICE_NAME],
         policy=POLICY,
+        metrics=metrics,
     )
 
 
@@ -57,7 +63,6 @@ async def serve(settings: CostSettings) -> None:
     store = CostStore(pool)
     await store.ensure_default_price_book(settings.price_book_file, settings.cpu_second_rate)
     running = await build_server(settings, store=store)
-    start_metrics_server(settings.metrics_port)
     sweeper = None
     if settings.expiry_sweep_interval > 0:
         sweeper = asyncio.create_task(sweep_expired(store, settings.expiry_sweep_interval))

@@ -45,8 +45,10 @@ from services.common import convert
 from services.common.auth import Scope, policy_for
 from services.common.convert import LEDGER_PLACES, money
 from services.common.errors import FieldViolation, InvalidArgument, NotFound, Validator
+from services.common.metrics import watching
 from services.cost import pricing
 from services.cost.config import CostSettings
+from services.cost.metrics import CostMetrics
 from services.cost.pricing import (
     EXACT,
     FileFacts,
@@ -332,9 +334,11 @@ def _filter_digest(where: EventFilter) -> str:
 class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
     """Implements docimport.cost.v1.CostService on a CostStore."""
 
-    def __init__(self, store: CostStore, settings: CostSettings) -> None:
+    def __init__(self, store: CostStore, settings: CostSettings,
+                 metrics: CostMetrics | None = None) -> None:
         self._store = store
         self._settings = settings
+        self._metrics = metrics if metrics is not None else CostMetrics()
 
     # ------------------------------------------------------------ price books
 
@@ -496,6 +500,7 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
                 events.append(event)
         check.check()
         recorded = await self._store.record_costs(events)
+        self._metrics.recorded(recorded.fresh)
         distinct = {e.event_id: e.amount for e in recorded.events}
         encode = _EventEncoder()
         return pb.RecordCostsResponse(
@@ -646,19 +651,20 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         check.check()
         assert session_id is not None
         feed = self._store.changes
-        async with feed.subscribe(session_id) as changed:
-            last: tuple[Any, ...] | None = None
-            while True:
-                changed.clear()
-                await feed.ensure_listening()
-                snapshot = await self._store.snapshot(session_id)
-                state = (snapshot.actual_total, snapshot.estimate_total, snapshot.event_count, snapshot.budget)
-                if state != last:
-                    last = state
-                    yield _watch_pb(snapshot)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=self._settings.watch_poll_interval)
-                await asyncio.sleep(self._settings.watch_min_interval)
+        with watching(self._metrics.watch_costs):
+            async with feed.subscribe(session_id) as changed:
+                last: tuple[Any, ...] | None = None
+                while True:
+                    changed.clear()
+                    await feed.ensure_listening()
+                    snapshot = await self._store.snapshot(session_id)
+                    state = (snapshot.actual_total, snapshot.estimate_total, snapshot.event_count, snapshot.budget)
+                    if state != last:
+                        last = state
+                        yield _watch_pb(snapshot)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), timeout=self._settings.watch_poll_interval)
+                    await asyncio.sleep(self._settings.watch_min_interval)
 
     # ---------------------------------------------------------------- budgets
 

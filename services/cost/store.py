@@ -94,6 +94,8 @@ class Recorded:
 
     events: tuple[CostEvent, ...]
     replayed: int
+    # The events this call inserted (each ledger row is new exactly once).
+    fresh: tuple[CostEvent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -506,7 +508,11 @@ class CostStore:
         if lost:
             # Only a row written outside this store (another id for the same key) gets here.
             raise RuntimeError(f"ledger rows conflict on their key but not their id: {lost[:3]}")
-        return Recorded(tuple(stored[e.event_id] for e in events), len(events) - len(rows))
+        return Recorded(
+            tuple(stored[e.event_id] for e in events),
+            len(events) - len(rows),
+            tuple(stored[row["event_id"]] for row in rows),
+        )
 
     async def session_costs(self, session_id: uuid.UUID, *, top_documents: int) -> SessionCosts:
         """Every total of one session, from one consistent snapshot."""
@@ -606,6 +612,15 @@ class CostStore:
                             _budget(budget) if budget else None)
 
     # ---------------------------------------------------------------- budgets
+
+    async def recent_budgets(self, within: float) -> list[Budget]:
+        """Budgets with open reservations or changed in the last `within` seconds (for /metrics)."""
+        rows = await self._pool.fetch(
+            f"SELECT {_BUDGET_COLUMNS} FROM cost.budgets "
+            "WHERE reserved > 0 OR updated_at > now() - make_interval(secs => $1)",
+            within,
+        )
+        return [_budget(row) for row in rows]
 
     async def set_budget(self, session_id: uuid.UUID, limit: Decimal) -> Budget:
         async with self._pool.acquire() as conn:

@@ -28,6 +28,7 @@ from typing import Any
 
 from services.common.errors import DomainError, InvalidArgument, Unavailable
 from services.manifest import scanner as scanning
+from services.manifest.metrics import ManifestMetrics
 from services.manifest.model import Manifest, ManifestFile, Pricing, Progress, ScanOptions
 from services.manifest.pricing import Pricer
 from services.manifest.scanner import Scanner, Tracker
@@ -137,7 +138,9 @@ class Analyzer:
     """Starts, tracks and finishes scans."""
 
     def __init__(self, store: ManifestStore, scanner: Scanner, pricer: Pricer, *,
-                 max_concurrent: int = 2, poll_interval: float = 0.25) -> None:
+                 max_concurrent: int = 2, poll_interval: float = 0.25,
+                 metrics: ManifestMetrics | None = None) -> None:
+        self._metrics = metrics
         self._store = store
         self._scanner = scanner
         self._pricer = pricer
@@ -214,15 +217,22 @@ class Analyzer:
                     summary = summarize(result.files, pricing)
                     await self._store.save_scan(manifest.manifest_id, result.files, summary, pricing)
                     tracker.phase = "done"
+                    if self._metrics is not None:
+                        self._metrics.scanned(result.files, result.elapsed)
+                        self._metrics.scans["ready"].inc()
                     logger.info("manifest ready", extra={
                         "manifest_id": str(manifest.manifest_id), "files": len(result.files),
                         "seconds": round(result.elapsed, 3)})
                 except asyncio.CancelledError:
                     raise
                 except DomainError as exc:
+                    if self._metrics is not None:
+                        self._metrics.scans["failed"].inc()
                     await self._store.fail_scan(manifest.manifest_id, exc.message)
                 except Exception as exc:  # noqa: BLE001 - a scan fails, the service goes on
                     logger.exception("scan failed", extra={"manifest_id": str(manifest.manifest_id)})
+                    if self._metrics is not None:
+                        self._metrics.scans["failed"].inc()
                     await self._store.fail_scan(
                         manifest.manifest_id, f"the scan failed unexpectedly ({type(exc).__name__}); see the service log")
         except asyncio.CancelledError:

@@ -21,10 +21,11 @@ from docimport.manifest.v1 import manifest_service_pb2, manifest_service_pb2_grp
 from services.common import db
 from services.common.channels import aio_channel
 from services.common.grpc_server import RunningServer, build_server as build_grpc_server
-from services.common.grpc_server import serve_until_stopped, start_metrics_server
+from services.common.grpc_server import serve_until_stopped
 from services.manifest import classify
 from services.manifest.analyzer import Analyzer, ImportAnalyzer
 from services.manifest.config import ManifestSettings
+from services.manifest.metrics import ManifestMetrics
 from services.manifest.pricing import Pricer
 from services.manifest.scanner import Scanner
 from services.manifest.servicer import POLICY, ManifestServicer
@@ -87,8 +88,9 @@ async def build_server(
     if cost_stub is None and settings.cost_addr:
         channel = aio_channel(settings.cost_addr, settings)
         cost_stub = cost_service_pb2_grpc.CostServiceStub(channel)
+    metrics = ManifestMetrics()
     analyzer = Analyzer(store, scanner, Pricer(cost_stub, settings.rpc_timeout),
-                        max_concurrent=settings.max_concurrent_scans)
+                        max_concurrent=settings.max_concurrent_scans, metrics=metrics)
     importer = ImportAnalyzer(store, analyzer, scanner.categorizer)
     servicer = ManifestServicer(store, analyzer, importer, settings)
     running = await build_grpc_server(
@@ -96,6 +98,7 @@ async def build_server(
         register=lambda server: manifest_service_pb2_grpc.add_ManifestServiceServicer_to_server(servicer, server),
         service_names=[SERVICE_NAME],
         policy=POLICY,
+        metrics=metrics,
     )
     return ManifestServer(running, analyzer, scanner, owned, channel)
 
@@ -109,7 +112,6 @@ async def serve(settings: ManifestSettings) -> None:
     scanner = make_scanner(settings)
     scanner.start()
     server = await build_server(settings, store=ManifestStore(pool), scanner=scanner)
-    start_metrics_server(settings.metrics_port)
 
     async def close_rest() -> None:
         await server.analyzer.close()

@@ -43,6 +43,7 @@ from services.common.tasks import StagePayload, encode_raw_path
 from services.session.config import SessionSettings
 from services.session.peers import BudgetRefused, CostPeer
 from services.session.queue import Enqueuer, PublishError, StageMessage
+from services.session.metrics import SessionMetrics
 from services.session.store import (
     Claimed,
     Dispatched,
@@ -106,7 +107,9 @@ class Dispatcher:
         enqueuer: Enqueuer,
         settings: SessionSettings,
         cost: CostPeer | None = None,
+        metrics: SessionMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._enqueuer = enqueuer
         self._settings = settings
@@ -167,7 +170,11 @@ class Dispatcher:
         try:
             await self._enqueuer.publish([message_for(d) for d in dispatched])
             self.published += len(dispatched)
+            if self._metrics is not None:
+                self._metrics.published(d.stage for d in dispatched)
         except PublishError as exc:
+            if self._metrics is not None:
+                self._metrics.dispatch_failures.inc(len(dispatched))
             logger.warning("publish failed; %d runs put back: %s", len(dispatched), exc)
             release = await self._store.undo_dispatch(dispatched, str(exc))
             await self.release(release)

@@ -26,6 +26,7 @@ import asyncio
 import datetime as dt
 import logging
 import socket
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,3 +148,50 @@ class CeleryEnqueuer:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._reset)
         self._executor.shutdown(wait=True)
+
+
+class QueueDepths:
+    """Reads how many messages wait in each stage queue (for `/metrics`).
+
+    Called from the metrics scrape thread: it has its own broker connection
+    (kombu connections are not thread-safe), made on first use and kept,
+    dropped after a failure. `queue_declare` is kombu's transport-neutral
+    way to ask a queue's size (on Redis: the LLEN of the list and of its
+    priority lists); it creates nothing on Redis.
+    """
+
+    def __init__(self, broker_url: str, *, timeout: float = 2.0) -> None:
+        from celery import Celery
+
+        self._app = Celery("docimport-session-metrics", broker=broker_url, set_as_current=False)
+        self._app.conf.update(
+            broker_connection_retry_on_startup=False,
+            broker_connection_timeout=timeout,
+            broker_transport_options={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+        )
+        self._connection: Any = None
+        self._lock = threading.Lock()
+
+    def read(self) -> dict[str, int]:
+        with self._lock:
+            try:
+                if self._connection is None:
+                    connection = self._app.connection_for_read()
+                    connection.ensure_connection(max_retries=1)
+                    self._connection = connection
+                channel = self._connection.default_channel
+                return {
+                    queue: int(channel.queue_declare(queue=queue, passive=False).message_count)
+                    for queue in QUEUES.values()
+                }
+            except Exception:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception:  # noqa: BLE001 - already broken
+                pass

@@ -7,6 +7,9 @@ reconciler tasks. On SIGTERM: health NOT_SERVING, in-flight calls drain
 (watch streams end), the background tasks stop, then the hub, the
 publisher, the channels and the pool close, in that order.
 
+The Prometheus metrics (`metrics.SessionMetrics`) are made here and
+served on `DOCIMPORT_METRICS_PORT` with the gRPC server's lifetime.
+
 `build_server` is what tests call: it takes a ready store, Enqueuer and
 peer stubs (the caller owns them) and returns the running server on an
 ephemeral port when `settings.port` is 0; with `background=False` the
@@ -24,13 +27,14 @@ from docimport.session.v1 import session_service_pb2_grpc
 
 from services.common import db
 from services.common.channels import aio_channel
-from services.common.grpc_server import RunningServer, serve_until_stopped, start_metrics_server
+from services.common.grpc_server import RunningServer, serve_until_stopped
 from services.common.grpc_server import build_server as build_grpc_server
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
 from services.session.events import EventHub
+from services.session.metrics import SessionMetrics
 from services.session.peers import CostPeer, ManifestPeer
-from services.session.queue import CeleryEnqueuer, Enqueuer
+from services.session.queue import CeleryEnqueuer, Enqueuer, QueueDepths
 from services.session.reconciler import Reconciler
 from services.session.servicer import POLICY, SERVICE_NAME, SessionServicer
 from services.session.store import SessionStore
@@ -44,6 +48,7 @@ class SessionServer(RunningServer):
     dispatcher: Dispatcher | None = None
     reconciler: Reconciler | None = None
     hub: EventHub | None = None
+    queue_depths: QueueDepths | None = None
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
@@ -56,6 +61,9 @@ class SessionServer(RunningServer):
             await self.servicer.drain()
         if self.hub is not None:
             await self.hub.stop()
+        self.stop_metrics()
+        if self.queue_depths is not None:
+            self.queue_depths.close()
 
 
 async def build_server(
@@ -70,7 +78,11 @@ async def build_server(
     timeout = settings.dependency_timeout
     manifest = ManifestPeer(manifest_stub, timeout) if manifest_stub is not None else None
     cost = CostPeer(cost_stub, timeout) if cost_stub is not None else None
-    dispatcher = Dispatcher(store, enqueuer, settings, cost)
+    metrics = SessionMetrics()
+    metrics.watch_database(store, stall_after=settings.stall_after)
+    queue_depths = QueueDepths(settings.broker_url)
+    metrics.watch_queues(queue_depths.read)
+    dispatcher = Dispatcher(store, enqueuer, settings, cost, metrics)
     reconciler = Reconciler(store, dispatcher, settings, cost)
     hub = EventHub(
         settings.database_url.get_secret_value(),
@@ -79,7 +91,7 @@ async def build_server(
         on_foreign_change=lambda _session_id: dispatcher.wake(),
     )
     await hub.start()
-    servicer = SessionServicer(store, settings, dispatcher, hub, manifest, cost)
+    servicer = SessionServicer(store, settings, dispatcher, hub, manifest, cost, metrics)
     running = await build_grpc_server(
         settings,
         register=lambda server: session_service_pb2_grpc.add_SessionServiceServicer_to_server(
@@ -87,6 +99,7 @@ async def build_server(
         ),
         service_names=[SERVICE_NAME],
         policy=POLICY,
+        metrics=metrics,
     )
     if background:
         dispatcher.start()
@@ -96,10 +109,13 @@ async def build_server(
         running.port,
         running.health,
         running.service_names,
+        running.metrics,
+        running.metrics_http,
         servicer=servicer,
         dispatcher=dispatcher,
         reconciler=reconciler,
         hub=hub,
+        queue_depths=queue_depths,
     )
 
 
@@ -119,7 +135,6 @@ async def serve(settings: SessionSettings) -> None:
         manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
         cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
     )
-    start_metrics_server(settings.metrics_port)
     await serve_until_stopped(
         running,
         settings,

@@ -48,11 +48,13 @@ from services.common.errors import (
     Validator,
 )
 from services.common.logging import bind
+from services.common.metrics import watching
 from services.common.tasks import STAGES
 from services.session import states as st
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
 from services.session.events import EventHub, WatchItem, watch
+from services.session.metrics import SessionMetrics
 from services.session.peers import CostPeer, FilePlanItem, ManifestFileInfo, ManifestPeer
 from services.session.store import (
     Document,
@@ -459,7 +461,9 @@ class SessionServicer:
         hub: EventHub,
         manifest: ManifestPeer | None,
         cost: CostPeer | None,
+        metrics: SessionMetrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else SessionMetrics()
         self._store = store
         self._settings = settings
         self._dispatcher = dispatcher
@@ -858,8 +862,9 @@ class SessionServicer:
             coalesce_after=self._settings.watch_coalesce_after,
             stall_after=self._settings.stall_after,
         )
-        async for item in items:
-            yield await self._watch_message(item)
+        with watching(self._metrics.watch_session):
+            async for item in items:
+                yield await self._watch_message(item)
 
     async def _watch_message(self, item: WatchItem) -> pb.WatchSessionResponse:
         if item.kind == "event":
@@ -975,6 +980,10 @@ class SessionServicer:
         outcome = await self._results.submit(report)
         if not outcome.found:
             raise NotFound("stage run", f"{document_id}/{stage}/{request.attempt}")
+        if not outcome.replayed:
+            self._metrics.stage_reported(
+                stage, request.succeeded, error_class, request.cache_hit, duration
+            )
         return pb.ReportStageResultResponse(
             replayed=outcome.replayed, document_state=_doc_state(outcome.document_state)
         )

@@ -468,6 +468,15 @@ class ResultOutcome:
 
 
 @dataclass(frozen=True)
+class MetricCounts:
+    """What the metrics scrape reads: sessions by state, documents by (session state, state)."""
+
+    sessions: dict[str, int]
+    documents: dict[tuple[str, str], int]
+    stalled: int
+
+
+@dataclass(frozen=True)
 class Retried:
     count: int
     session: SessionInfo
@@ -1330,6 +1339,36 @@ class SessionStore:
             """,
             sid,
             stall_after,
+        )
+
+    async def metric_counts(self, *, stall_after: float) -> MetricCounts:
+        """Sessions and their document counters by state, and stalled documents (for /metrics).
+
+        One grouped pass over `import_sessions` (its counters, not
+        `session_documents`), and a stalled count bounded by the documents
+        in flight of active sessions (the (session_id, state) index).
+        """
+        columns = ", ".join(f"sum(count_{state})::bigint AS {state}" for state in st.DOCUMENT_STATES)
+        async with self.pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                rows = await conn.fetch(
+                    f"SELECT state, count(*) AS sessions, {columns} "
+                    "FROM session.import_sessions GROUP BY state"
+                )
+                stalled = await conn.fetchval(
+                    """
+                    SELECT count(*) FROM session.import_sessions s
+                    JOIN session.session_documents d ON d.session_id = s.session_id
+                    WHERE s.state IN ('running', 'paused', 'budget_exhausted')
+                      AND d.state IN ('queued', 'running')
+                      AND d.updated_at < now() - make_interval(secs => $1)
+                    """,
+                    stall_after,
+                )
+        return MetricCounts(
+            sessions={r["state"]: r["sessions"] for r in rows},
+            documents={(r["state"], state): r[state] for r in rows for state in st.DOCUMENT_STATES},
+            stalled=stalled,
         )
 
     async def snapshot(self, session_id: str, *, stall_after: float) -> Snapshot:

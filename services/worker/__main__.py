@@ -8,10 +8,16 @@ processes (default one per core), sending task events (`-E`) for Flower.
 Gossip and mingle are off: workers never need to know each other, and they
 cost broker round trips at scale. Command-line arguments are not accepted;
 a missing or malformed variable exits with status 2 naming it.
+
+With `DOCIMPORT_METRICS_PORT` set, this process serves the worker's
+`/metrics` (prefork children's samples merged through multiprocess files;
+see `services.worker.metrics`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import sys
 
@@ -20,6 +26,7 @@ from pydantic import ValidationError
 from services.common import logging as jsonlog
 from services.common import telemetry
 from services.common.config import describe_invalid
+from services.worker import metrics as worker_metrics
 from services.worker.app import create_app
 from services.worker.config import WorkerSettings
 
@@ -52,8 +59,20 @@ def main() -> int:
         return 2
     jsonlog.configure("worker", settings.log_level)
     telemetry.configure("docimport-worker")
-    app = create_app(settings)
-    app.worker_main(worker_argv(settings))
+    metrics = http = directory = None
+    if settings.metrics_port:
+        # Before anything imports prometheus_client (see services/worker/metrics.py).
+        directory = worker_metrics.prepare_environment(settings, os.environ)
+        metrics = worker_metrics.WorkerMetrics(settings)
+        http = worker_metrics.serve(settings, metrics)
+    app = create_app(settings, metrics=metrics)
+    try:
+        app.worker_main(worker_argv(settings))
+    finally:
+        if http is not None:
+            http.stop()
+        if directory is not None and settings.metrics_dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
     return 0
 
 

@@ -30,10 +30,11 @@ from kombu import Exchange, Queue
 
 from services.common.tasks import QUEUES, STAGES, TASK_NAMES
 from services.worker.config import WorkerSettings
+from services.worker.metrics import WorkerMetrics
 from services.worker.runner import StageRunner, worker_name
 
 
-def build_runner(settings: WorkerSettings) -> StageRunner:
+def build_runner(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -> StageRunner:
     """The production runner: store and OCR engine from settings, real gRPC stubs."""
     from services.worker.artifacts import open_store
     from services.worker.processors.extract import Extractor
@@ -58,7 +59,7 @@ def build_runner(settings: WorkerSettings) -> StageRunner:
         ),
         "entities": EntitiesStage(store, extractor),
     }
-    return StageRunner(stages=stages, store=store, reporter=Reporter(settings))
+    return StageRunner(stages=stages, store=store, reporter=Reporter(settings), metrics=metrics)
 
 
 class _LazyRunner:
@@ -110,12 +111,19 @@ def configure(app: Celery, settings: WorkerSettings) -> None:
 
 
 def create_app(
-    settings: WorkerSettings, *, runner_factory: Callable[[], StageRunner] | None = None
+    settings: WorkerSettings,
+    *,
+    runner_factory: Callable[[], StageRunner] | None = None,
+    metrics: WorkerMetrics | None = None,
 ) -> Celery:
-    """A configured Celery app with the three stage tasks registered."""
+    """A configured Celery app with the three stage tasks registered.
+
+    `metrics` (one per process: see `metrics`) is given to the production
+    runner; a `runner_factory` brings its own.
+    """
     app = Celery("docimport-worker", set_as_current=False)
     configure(app, settings)
-    runner = _LazyRunner(runner_factory or (lambda: build_runner(settings)))
+    runner = _LazyRunner(runner_factory or (lambda: build_runner(settings, metrics)))
 
     def register(stage: str) -> None:
         @app.task(

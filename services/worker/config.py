@@ -75,7 +75,12 @@ class WorkerSettings(ClientSettings):
     # Restart a prefork child after this many tasks (bounds native leaks).
     max_tasks_per_child: int = 200
     log_level: str = "INFO"
+    # Prometheus /metrics port of this worker (0 = off), served by the main
+    # process; with the prefork pool the children's samples go through files
+    # in metrics_dir (default: a fresh temporary directory). It is emptied
+    # at start: give each worker its own. See services/worker/metrics.py.
     metrics_port: int = 0
+    metrics_dir: Path | None = None
 
     _split_queues = field_validator("queues", mode="before")(_split)
 

@@ -42,7 +42,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -63,6 +63,9 @@ from services.worker.processors.base import (
 )
 from services.worker.reporting import TRANSIENT, Reporter
 from services.worker.stages import ARTIFACT_KINDS, Stage
+
+if TYPE_CHECKING:
+    from services.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,9 @@ class RunOutcome:
     artifacts: list[ArtifactRef] = field(default_factory=list)
     cost: str = ""
     stats: dict[str, int] = field(default_factory=dict)
+    permanent: bool = False
+    # Wall time of the stage work (what is reported as the run's duration).
+    seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -144,11 +150,17 @@ class StageRunner:
     """Runs tasks' payloads against the stages, the store and the services."""
 
     def __init__(
-        self, *, stages: dict[str, Stage], store: ArtifactStore, reporter: Reporter
+        self,
+        *,
+        stages: dict[str, Stage],
+        store: ArtifactStore,
+        reporter: Reporter,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.stages = stages
         self.store = store
         self.reporter = reporter
+        self.metrics = metrics
 
     def run(
         self, payload_json: dict[str, Any], *, task_id: str, worker: str, stage: str
@@ -160,7 +172,14 @@ class StageRunner:
             logger.error("malformed stage payload dropped: %s", exc, extra={"task_id": task_id})
             return RunOutcome(proceed=False, error_code="bad_payload").summary()
         with bind(session_id=payload.session_id, document_id=payload.document_id):
-            outcome = self._run(payload, task_id=task_id, worker=worker, task_stage=stage)
+            try:
+                outcome = self._run(payload, task_id=task_id, worker=worker, task_stage=stage)
+            except BaseException:
+                if self.metrics is not None:
+                    self.metrics.failed(payload.stage)
+                raise
+            if self.metrics is not None:
+                self.metrics.finished(payload.stage, outcome)
             logger.info(
                 "stage %s attempt %d %s",
                 payload.stage,
@@ -262,10 +281,12 @@ class StageRunner:
                 error = RetryableError("internal", f"{type(exc).__name__}: {exc}")
         if error is not None:
             outcome.error_code = error.code
+            outcome.permanent = error.permanent
             outcome.stats.setdefault("ocr_pages", usage.total_ocr_pages)
 
         cpu_seconds = time.process_time() - cpu_start
         duration = time.monotonic() - wall_start
+        outcome.seconds = duration
         events = self._cost_events(payload, stage_enum, cpu_seconds, usage, stored_usage)
         cost = self._record(events)
         outcome.cost = cost.amount if cost is not None else ""
