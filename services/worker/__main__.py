@@ -8,6 +8,11 @@ processes (default one per core), sending task events (`-E`) for Flower.
 Gossip and mingle are off: workers never need to know each other, and they
 cost broker round trips at scale. Command-line arguments are not accepted;
 a missing or malformed variable exits with status 2 naming it.
+
+Tracing (when `OTEL_EXPORTER_OTLP_ENDPOINT` is set) is configured in the
+process that runs the tasks: with the prefork pool in each child at
+`worker_process_init` (an exporter's thread and gRPC channel do not survive
+a fork), else in this process.
 """
 
 from __future__ import annotations
@@ -51,7 +56,15 @@ def main() -> int:
         print(f"docimport-worker: bad configuration: {describe_invalid(exc)}", file=sys.stderr)
         return 2
     jsonlog.configure("worker", settings.log_level)
-    telemetry.configure("docimport-worker")
+    if settings.pool == "prefork":
+        from celery import signals
+
+        def child_tracing(**_: object) -> None:
+            telemetry.configure("docimport-worker")
+
+        signals.worker_process_init.connect(child_tracing, weak=False)
+    else:
+        telemetry.configure("docimport-worker")
     app = create_app(settings)
     app.worker_main(worker_argv(settings))
     return 0
