@@ -352,3 +352,24 @@ async def test_celery_events_name_the_session_and_document_of_each_task(
     for event in done:
         assert f"'session_id': '{session_id}'" in event["result"], event
         assert f"'document_id': '{document_id}'" in event["result"], event
+
+
+async def test_with_tracing_off_nothing_is_stored_or_sent(harness):
+    """Off, a caller's traceparent is ignored: no context on the session, none in messages."""
+    assert not telemetry.enabled()
+    created = await harness.create()
+    session_id = created.session.session_id
+    await harness.operator.PauseSession(pb.PauseSessionRequest(session_id=session_id))
+    await harness.operator.ResumeSession(
+        pb.ResumeSessionRequest(session_id=session_id),
+        metadata=(("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),),
+    )
+    messages = await harness.dispatch()
+    assert len(messages) == 3
+    assert all(m.trace_parent is None for m in messages)
+    async with harness.pool.acquire() as conn:
+        stored = await conn.fetchval(
+            "SELECT trace_context FROM session.import_sessions WHERE session_id = $1::uuid",
+            session_id,
+        )
+    assert stored is None
