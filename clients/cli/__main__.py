@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from clients.cli.app import app
+from services.common import telemetry
 
 
 def main() -> None:
+    telemetry.configure("docimport-cli")  # only when OTEL_EXPORTER_OTLP_ENDPOINT is set
     app()
 
 

@@ -5,7 +5,9 @@ addresses and operator token that `docimport dev up` wrote to
 `./var/stack.json`), the blocking gRPC stubs (unary calls get a deadline,
 watch streams none), and the one translation of gRPC errors into a message
 a person understands and a non-zero exit code. Commands never print
-tracebacks for expected failures.
+tracebacks for expected failures. With tracing on (`OTEL_EXPORTER_OTLP_ENDPOINT`,
+configured by `__main__`), each command is the root span of its trace and
+its calls carry it to the services.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.console import Console
 
 from services.common.channels import sync_channel
 from services.common.config import ClientSettings
+from services.common import telemetry
 from services.common.errors import details_of
 
 STACK_FILE = Path("var") / "stack.json"
@@ -153,10 +156,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 def handle_errors(func: F) -> F:
     """Turns gRPC errors of a command into a message and an exit code."""
 
+    command = f"docimport {func.__name__.rstrip('_').replace('_', '-')}"
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with telemetry.command_span(command):
+                return func(*args, **kwargs)
         except grpc.RpcError as error:
             message, code = explain(error)
             err_console.print(f"[bold red]error:[/] {message}")

@@ -30,12 +30,21 @@ _STANDARD = frozenset(
 @contextlib.contextmanager
 def bind(**fields: str | None) -> Iterator[None]:
     """Adds fields (session_id=..., document_id=...) to every log line inside."""
-    merged = {**_context.get(), **{k: str(v) for k, v in fields.items() if v}}
-    token = _context.set(merged)
+    token = push(**fields)
     try:
         yield
     finally:
-        _context.reset(token)
+        pop(token)
+
+
+def push(**fields: str | None) -> contextvars.Token[dict[str, str]]:
+    """`bind` for callbacks that start and end apart (Celery's prerun/postrun)."""
+    return _context.set({**_context.get(), **{k: str(v) for k, v in fields.items() if v}})
+
+
+def pop(token: contextvars.Token[dict[str, str]]) -> None:
+    """Ends what `push` began (in the same thread and context)."""
+    _context.reset(token)
 
 
 class JsonFormatter(logging.Formatter):

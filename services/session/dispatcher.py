@@ -9,8 +9,9 @@ with the cost service when the session has one (ReserveBudget with every
 item of the batch and allow_partial; RESOURCE_EXHAUSTED or a partial grant
 marks the session budget_exhausted), creates the stage runs with their
 task ids and leases, commits, and only then publishes the batch through
-the Enqueuer. A failed publish puts the runs back (their attempt does not
-count). No SQL here, no Celery: the store and the Enqueuer do those.
+the Enqueuer, each run carrying the session's trace context (that of the call
+that started the work; see services.common.telemetry). A failed publish puts
+the runs back (their attempt does not count). No SQL here, no Celery: the store and the Enqueuer do those.
 
 Budget: a document is admitted by reserving its whole estimate (the
 manifest's price of the file) before its first stage is enqueued; later
@@ -70,7 +71,7 @@ def timing_for(settings: SessionSettings, size_bytes: int) -> Timing:
     return Timing(soft, hard, settings.queue_wait + hard + grace, hard + grace)
 
 
-def message_for(d: Dispatched) -> StageMessage:
+def message_for(d: Dispatched, trace_parent: str | None = None) -> StageMessage:
     doc = d.document
     payload = StagePayload(
         session_id=d.session_id,
@@ -95,6 +96,7 @@ def message_for(d: Dispatched) -> StageMessage:
         soft_time_limit=d.timing.soft_time_limit,
         time_limit=d.timing.time_limit,
         expires_at=d.lease_expires_at,
+        trace_parent=trace_parent,
     )
 
 
@@ -150,7 +152,9 @@ class Dispatcher:
                     if round_.dispatched:
                         if publishing is not None:
                             await publishing
-                        publishing = asyncio.create_task(self._publish(round_.dispatched))
+                        publishing = asyncio.create_task(
+                            self._publish(round_.dispatched, round_.trace_context)
+                        )
                         total += len(round_.dispatched)
                         room_total -= len(round_.dispatched)
                     if round_.budget_exhausted:
@@ -166,9 +170,11 @@ class Dispatcher:
                 await publishing
         return total
 
-    async def _publish(self, dispatched: Sequence[Dispatched]) -> None:
+    async def _publish(
+        self, dispatched: Sequence[Dispatched], trace_parent: str | None = None
+    ) -> None:
         try:
-            await self._enqueuer.publish([message_for(d) for d in dispatched])
+            await self._enqueuer.publish([message_for(d, trace_parent) for d in dispatched])
             self.published += len(dispatched)
             if self._metrics is not None:
                 self._metrics.published(d.stage for d in dispatched)

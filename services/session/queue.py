@@ -18,6 +18,14 @@ pipeline (other transports publish one by one). Measured on the dev box,
 that is ~12x a bare `send_task` loop; see bench/session_dispatch.py.
 Messages go to the anonymous exchange with the queue name as routing key,
 which is what Celery itself does for direct queues.
+
+Tracing: since `apply_async` is not used, Celery's publish hook (and so its
+OpenTelemetry instrumentation) never sees these messages. When a message
+carries the trace context of the command that started its session, it is
+published inside a PRODUCER span, child of that context, whose `traceparent`
+goes into the message headers, where the worker's Celery instrumentation
+finds it (see services.common.telemetry). Without one, nothing is done.
+Flower shows each task's `argsrepr` (session, document, stage, attempt).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.common import telemetry
 from services.common.tasks import QUEUES, TASK_NAMES, StagePayload
 
 logger = logging.getLogger(__name__)
@@ -48,6 +57,8 @@ class StageMessage:
     time_limit: float
     # The run's lease: a worker discards the message after this.
     expires_at: dt.datetime
+    # W3C traceparent of the call that started the session's work, if traced.
+    trace_parent: str | None = None
 
     @property
     def stage(self) -> str:
@@ -113,23 +124,30 @@ class CeleryEnqueuer:
 
     def _publish_blocking(self, messages: list[StageMessage]) -> None:
         amqp = self._app.amqp
+        spans: list[Any] = []
         try:
             producer = self._ensure_producer()
             with producer.batch(self._batch_size):
                 for message in messages:
                     payload = message.payload
+                    task_name = TASK_NAMES[payload.stage]
                     headers, properties, body, _ = amqp.as_task_v2(
                         message.task_id,
-                        TASK_NAMES[payload.stage],
+                        task_name,
                         args=(payload.to_json(),),
                         time_limit=message.time_limit,
                         soft_time_limit=message.soft_time_limit,
                         expires=message.expires_at.isoformat(),
                         origin=self._origin,
-                        # saferepr of the payload costs more than the publish
-                        argsrepr=f"({payload.document_id}, {payload.stage}, attempt {payload.attempt})",
+                        # saferepr of the payload costs more than the publish; Flower shows this
+                        argsrepr=describe(payload),
                         kwargsrepr="{}",
                     )
+                    if message.trace_parent:
+                        span = _publish_span(message, task_name)
+                        if span is not None:
+                            spans.append(span)
+                            headers.update(telemetry.headers_of(span))
                     producer.publish(
                         body,
                         exchange="",
@@ -142,7 +160,12 @@ class CeleryEnqueuer:
                     )
         except Exception as exc:  # noqa: BLE001 - any broker failure is a PublishError
             self._reset()
+            for span in spans:
+                telemetry.failed(span, exc)
             raise PublishError(f"publishing {len(messages)} stage runs failed: {exc}") from exc
+        finally:
+            for span in spans:
+                span.end()
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -195,3 +218,30 @@ class QueueDepths:
                 connection.release()
             except Exception:  # noqa: BLE001 - already broken
                 pass
+
+
+def describe(payload: StagePayload) -> str:
+    """What Flower and the worker's logs show as the task's arguments."""
+    return (
+        f"(session_id={payload.session_id}, document_id={payload.document_id}, "
+        f"stage={payload.stage}, attempt={payload.attempt})"
+    )
+
+
+def _publish_span(message: StageMessage, task_name: str) -> Any:
+    payload = message.payload
+    return telemetry.publish_span(
+        f"publish {task_name}",
+        message.trace_parent,
+        {
+            "messaging.system": "celery",
+            "messaging.operation": "publish",
+            "messaging.destination.name": QUEUES[payload.stage],
+            "messaging.message.id": message.task_id,
+            "celery.task_name": task_name,
+            "session_id": payload.session_id,
+            "document_id": payload.document_id,
+            "stage": payload.stage,
+            "attempt": payload.attempt,
+        },
+    )

@@ -38,7 +38,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from docimport.session.v1 import session_service_pb2 as pb
 
-from services.common import convert
+from services.common import convert, telemetry
 from services.common.auth import Scope, policy_for
 from services.common.errors import (
     AlreadyExists,
@@ -578,6 +578,7 @@ class SessionServicer:
                 category_priority=tuple(c.strip() for c in options.category_priority),
                 estimated_cost=None,
                 start=request.start,
+                trace_context=telemetry.current_traceparent() if request.start else None,
             )
             # Pages are fetched and priced ahead while the previous one is copied.
             info, created = await self._store.create_session(
@@ -686,7 +687,9 @@ class SessionServicer:
         self, request: pb.StartSessionRequest, context: Any
     ) -> pb.StartSessionResponse:
         session_id = self._session_id(request.session_id)
-        await self._store.start_session(session_id)
+        await self._store.start_session(
+            session_id, trace_context=telemetry.current_traceparent()
+        )
         self._dispatcher.wake()
         return pb.StartSessionResponse(session=await self._session_message(session_id))
 
@@ -701,7 +704,9 @@ class SessionServicer:
         self, request: pb.ResumeSessionRequest, context: Any
     ) -> pb.ResumeSessionResponse:
         session_id = self._session_id(request.session_id)
-        await self._store.resume_session(session_id)
+        await self._store.resume_session(
+            session_id, trace_context=telemetry.current_traceparent()
+        )
         self._dispatcher.wake()
         return pb.ResumeSessionResponse(session=await self._session_message(session_id))
 
@@ -833,6 +838,7 @@ class SessionServicer:
             document_ids=ids,
             force=request.force,
             stall_after=self._settings.stall_after,
+            trace_context=telemetry.current_traceparent(),
         )
         if retried.count:
             self._dispatcher.wake()

@@ -218,6 +218,8 @@ class SessionInfo:
     updated_at: dt.datetime
     counts: DocumentCounts
     reported_cost: Decimal
+    # W3C traceparent of the call that started the session's work (tracing on).
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ class NewSession:
     category_priority: tuple[str, ...]
     estimated_cost: Decimal | None
     start: bool
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True)
@@ -419,6 +422,8 @@ class DispatchRound:
     # True when the round stopped at a cap or its limit (more may be waiting).
     saturated: bool
     budget_exhausted: bool = False
+    # The session's trace context: its runs are published as children of it.
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True)
@@ -505,6 +510,14 @@ def _s(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+async def _set_trace_context(conn: asyncpg.Connection, sid: uuid.UUID, traceparent: str) -> None:
+    await conn.execute(
+        "UPDATE session.import_sessions SET trace_context = $2 WHERE session_id = $1",
+        sid,
+        traceparent,
+    )
+
+
 def _session(row: asyncpg.Record, stalled: int = 0) -> SessionInfo:
     counts = DocumentCounts(
         pending=row["count_pending"],
@@ -536,6 +549,7 @@ def _session(row: asyncpg.Record, stalled: int = 0) -> SessionInfo:
         updated_at=row["updated_at"],
         counts=counts,
         reported_cost=row["reported_cost"],
+        trace_context=row["trace_context"],
     )
 
 
@@ -1226,8 +1240,9 @@ class SessionStore:
                         """
                         INSERT INTO session.import_sessions
                             (session_id, request_id, project_id, manifest_id, source_path,
-                             budget_limit, max_in_flight, category_priority, estimated_cost)
-                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                             budget_limit, max_in_flight, category_priority, estimated_cost,
+                             trace_context)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                         """,
                         session_id,
                         spec.request_id,
@@ -1238,6 +1253,7 @@ class SessionStore:
                         spec.max_in_flight,
                         list(spec.category_priority),
                         spec.estimated_cost,
+                        spec.trace_context,
                     )
                     counts: Counter[str] = Counter()
                     estimated = ZERO
@@ -1471,7 +1487,9 @@ class SessionStore:
         reason: str,
         *,
         noop_states: Iterable[str] = (),
+        trace_context: str | None = None,
     ) -> SessionInfo:
+        """Moves the session; with `trace_context`, its next runs join that trace."""
         sid = _uuid(session_id, "session_id")
 
         async def run() -> None:
@@ -1482,6 +1500,8 @@ class SessionStore:
                 )
                 if current is None:
                     raise NotFound("session", session_id)
+                if trace_context is not None:
+                    await _set_trace_context(conn, sid, trace_context)
                 if current in noop_states:
                     return
                 if current not in allowed_from:
@@ -1497,13 +1517,16 @@ class SessionStore:
         await _retrying(run)
         return await self.get_session(session_id)
 
-    async def start_session(self, session_id: str) -> SessionInfo:
+    async def start_session(
+        self, session_id: str, *, trace_context: str | None = None
+    ) -> SessionInfo:
         return await self._set_session_state(
             session_id,
             (st.S_CREATED,),
             st.S_RUNNING,
             "started",
             noop_states=(st.S_RUNNING, *st.SESSION_TERMINAL - {st.S_CANCELLED}),
+            trace_context=trace_context,
         )
 
     async def pause_session(
@@ -1518,7 +1541,11 @@ class SessionStore:
         )
 
     async def resume_session(
-        self, session_id: str, reason: str = "resumed by an operator"
+        self,
+        session_id: str,
+        reason: str = "resumed by an operator",
+        *,
+        trace_context: str | None = None,
     ) -> SessionInfo:
         return await self._set_session_state(
             session_id,
@@ -1526,6 +1553,7 @@ class SessionStore:
             st.S_RUNNING,
             reason,
             noop_states=(st.S_RUNNING,),
+            trace_context=trace_context,
         )
 
     async def cancel_session(
@@ -1728,6 +1756,7 @@ class SessionStore:
         document_ids: Sequence[str],
         force: bool,
         stall_after: float,
+        trace_context: str | None = None,
     ) -> Retried:
         sid = _uuid(session_id, "session_id")
         ids = [_uuid(d, f"document_ids[{i}]") for i, d in enumerate(document_ids)]
@@ -1744,6 +1773,8 @@ class SessionStore:
                         "the session is cancelled; nothing can be retried",
                         subject=f"sessions/{session_id}",
                     )
+                if trace_context is not None:
+                    await _set_trace_context(conn, sid, trace_context)
                 rows = await conn.fetch(
                     f"""
                     SELECT {", ".join(_DOC_COLUMNS)},
@@ -2024,6 +2055,7 @@ class SessionStore:
             tuple(dispatched),
             saturated=len(rows) >= room and not reservations.exhausted_reason,
             budget_exhausted=reservations.exhausted_reason is not None,
+            trace_context=session.trace_context,
         )
 
     async def undo_dispatch(self, dispatched: Sequence[Dispatched], reason: str) -> list[str]:

@@ -12,6 +12,11 @@ a missing or malformed variable exits with status 2 naming it.
 With `DOCIMPORT_METRICS_PORT` set, this process serves the worker's
 `/metrics` (prefork children's samples merged through multiprocess files;
 see `services.worker.metrics`).
+
+Tracing (when `OTEL_EXPORTER_OTLP_ENDPOINT` is set) is configured in the
+process that runs the tasks: with the prefork pool in each child at
+`worker_process_init` (an exporter's thread and gRPC channel do not survive
+a fork), else in this process.
 """
 
 from __future__ import annotations
@@ -58,13 +63,21 @@ def main() -> int:
         print(f"docimport-worker: bad configuration: {describe_invalid(exc)}", file=sys.stderr)
         return 2
     jsonlog.configure("worker", settings.log_level)
-    telemetry.configure("docimport-worker")
     metrics = http = directory = None
     if settings.metrics_port:
         # Before anything imports prometheus_client (see services/worker/metrics.py).
         directory = worker_metrics.prepare_environment(settings, os.environ)
         metrics = worker_metrics.WorkerMetrics(settings)
         http = worker_metrics.serve(settings, metrics)
+    if settings.pool == "prefork":
+        from celery import signals
+
+        def child_tracing(**_: object) -> None:
+            telemetry.configure("docimport-worker")
+
+        signals.worker_process_init.connect(child_tracing, weak=False)
+    else:
+        telemetry.configure("docimport-worker")
     app = create_app(settings, metrics=metrics)
     try:
         app.worker_main(worker_argv(settings))

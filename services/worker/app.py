@@ -14,6 +14,14 @@ no result backend (outcomes go to the session service over gRPC). Events are
 on (`-E`, `task_send_sent_event`) for Flower. Per-message `time_limit` /
 `soft_time_limit` set by the session service override the defaults here.
 
+Observability: Flower shows a task's `argsrepr` (session, document, stage
+and attempt, set by the session service) and its result (which starts with
+the session and document ids). From `task_prerun` to `task_postrun` every
+log line of the process - Celery's own "succeeded"/"failed" lines included -
+carries the session id, document id and task id (`bind_task_logs`); the
+trace id comes from the span of the Celery instrumentation, which continues
+the trace the session service put in the message headers.
+
 Each worker process builds its `StageRunner` (channels, OCR engine, artifact
 store) on its first task, after any fork; `create_app` accepts a ready
 runner factory for tests.
@@ -25,9 +33,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Exchange, Queue
 
+from services.common import logging as jsonlog
 from services.common.tasks import QUEUES, STAGES, TASK_NAMES
 from services.worker.config import WorkerSettings
 from services.worker.metrics import WorkerMetrics
@@ -77,6 +86,36 @@ class _LazyRunner:
             return self._runner
 
 
+_STAGE_TASKS = frozenset(TASK_NAMES.values())
+# task id -> the log context token to reset at postrun (one entry per running task).
+_log_tokens: dict[str, Any] = {}
+
+
+def _bind_task_logs(task_id: str | None = None, task: Any = None, args: Any = None,
+                    **_: Any) -> None:
+    if task_id is None or getattr(task, "name", None) not in _STAGE_TASKS:
+        return
+    payload = args[0] if args and isinstance(args[0], dict) else {}
+    _log_tokens[task_id] = jsonlog.push(
+        session_id=payload.get("session_id"),
+        document_id=payload.get("document_id"),
+        stage=payload.get("stage"),
+        task_id=task_id,
+    )
+
+
+def _unbind_task_logs(task_id: str | None = None, **_: Any) -> None:
+    token = _log_tokens.pop(task_id, None) if task_id is not None else None
+    if token is not None:
+        jsonlog.pop(token)
+
+
+def bind_task_logs() -> None:
+    """Log lines inside a stage task carry its session, document and task ids (once per process)."""
+    signals.task_prerun.connect(_bind_task_logs, weak=False, dispatch_uid="docimport-log-bind")
+    signals.task_postrun.connect(_unbind_task_logs, weak=False, dispatch_uid="docimport-log-unbind")
+
+
 def configure(app: Celery, settings: WorkerSettings) -> None:
     app.conf.update(
         broker_url=settings.broker_url,
@@ -123,6 +162,7 @@ def create_app(
     """
     app = Celery("docimport-worker", set_as_current=False)
     configure(app, settings)
+    bind_task_logs()
     runner = _LazyRunner(runner_factory or (lambda: build_runner(settings, metrics)))
 
     def register(stage: str) -> None:

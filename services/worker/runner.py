@@ -189,7 +189,14 @@ class StageRunner:
                 else ("succeeded" if outcome.succeeded else "failed"),
                 extra={"stage": payload.stage, "task_id": task_id, **outcome.summary()},
             )
-            return outcome.summary()
+            # The task's result: Flower shows it on the task's page, ids first.
+            return {
+                "session_id": payload.session_id,
+                "document_id": payload.document_id,
+                "stage": payload.stage,
+                "attempt": payload.attempt,
+                **outcome.summary(),
+            }
 
     # -- the protocol -------------------------------------------------------
 

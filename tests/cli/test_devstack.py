@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,20 @@ def _docimport(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _answers(url: str, timeout: float = 30.0) -> bool:
+    """True once `url` answers 200 (Flower takes a moment to start)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
 @pytest.fixture
 def work_dir():
     # Not under pytest's tmp_path: as root, the unprivileged Postgres account must reach it.
@@ -37,14 +53,17 @@ def work_dir():
 
 
 def test_dev_up_starts_everything_and_dev_down_stops_it(work_dir: Path):
-    up = _docimport("dev", "up", "--var", "var", "--source-root", str(ROOT / "examples"), cwd=work_dir)
+    up = _docimport(
+        "dev", "up", "--var", "var", "--source-root", str(ROOT / "examples"), "--flower", cwd=work_dir
+    )
     assert up.returncode == 0, up.stdout + up.stderr
     stack = json.loads((work_dir / "var" / "stack.json").read_text())
     assert stack["operator_token"] and stack["operator_token"] in up.stdout
     for name in devstack.SERVICES:
         assert devstack._healthy(stack[f"{name}_addr"]), f"{name} is not SERVING"
     pids = {name: info["pid"] for name, info in stack["processes"].items()}
-    assert set(pids) == {"cost", "manifest", "session", "worker"}
+    assert set(pids) == {"cost", "manifest", "session", "worker", "flower"}
+    assert _answers(stack["flower_url"]), "Flower does not answer HTTP"
 
     # A second `up` reuses what runs; the CLI in that folder finds the stack by itself.
     again = _docimport("dev", "up", "--var", "var", "--source-root", str(ROOT / "examples"), cwd=work_dir)

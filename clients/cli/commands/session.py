@@ -308,7 +308,9 @@ def follow(session_id: str, *, as_json: bool, max_reconnects: int = 1000) -> Wat
                 time.sleep(delay)
     finally:
         if call is not None:
-            call.cancel()
+            # Traced, the stream is a generator (the gRPC instrumentation's): closing it
+            # drops the call, which cancels it.
+            (getattr(call, "cancel", None) or call.close)()
         if live is not None:
             live.update(state.render())
             live.stop()
