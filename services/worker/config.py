@@ -76,6 +76,8 @@ class WorkerSettings(ClientSettings):
     max_tasks_per_child: int = 200
     log_level: str = "INFO"
     metrics_port: int = 0
+    # HTTP port of the /livez and /readyz probe (services.worker.health); 0 = off.
+    health_port: int = 0
 
     _split_queues = field_validator("queues", mode="before")(_split)
 
