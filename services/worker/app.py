@@ -188,4 +188,10 @@ def create_app(
     for stage in STAGES:
         register(stage)
     app.docimport_runner = runner  # type: ignore[attr-defined]
+    if settings.health_port:
+        from services.worker import health
+
+        app.docimport_health = health.install(  # type: ignore[attr-defined]
+            app, host="0.0.0.0", port=settings.health_port
+        )
     return app

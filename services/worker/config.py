@@ -81,6 +81,8 @@ class WorkerSettings(ClientSettings):
     # at start: give each worker its own. See services/worker/metrics.py.
     metrics_port: int = 0
     metrics_dir: Path | None = None
+    # HTTP port of the /livez and /readyz probe (services.worker.health); 0 = off.
+    health_port: int = 0
 
     _split_queues = field_validator("queues", mode="before")(_split)
 
