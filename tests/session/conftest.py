@@ -55,6 +55,7 @@ async def open_harness(
     token_env: dict[str, object],
     *,
     enqueuer: Any = None,
+    probe: Any = None,
     background: bool = False,
 ) -> AsyncIterator[Harness]:
     """The session service with the real cost service and a fake manifest service."""
@@ -82,6 +83,7 @@ async def open_harness(
         enqueuer=enqueuer or recording,
         manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
         cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
+        probe=probe,
         background=background,
     )
     h = Harness(
