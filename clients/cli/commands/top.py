@@ -126,26 +126,46 @@ def _header(o: pb.GetPipelineOverviewResponse, interval: float | None) -> Text:
     return text
 
 
-def _sessions(o: pb.GetPipelineOverviewResponse) -> RenderableType:
+_STATE_STYLE = {
+    "running": "green",
+    "completed": "green",
+    "completed_with_errors": "yellow",
+    "budget_exhausted": "bold red",
+    "paused": "yellow",
+    "cancelled": "dim",
+}
+
+
+def _spend(s: pb.Session, wide: bool) -> Text:
+    """Cost so far against the budget: yellow from 75% of it, red from 90%."""
+    cost = _money(s.cost_so_far)
+    if not s.options.HasField("budget"):
+        return Text(format_money(cost))
+    budget = _money(s.options.budget)
+    used = cost / budget if budget else Decimal(1)
+    style = "bold red" if used >= Decimal("0.9") else "yellow" if used >= Decimal("0.75") else ""
+    if not wide:
+        return Text(f"{format_money(cost)}/{format_money(budget)}", style=style)
+    return Text(f"{format_money(cost)} / {format_money(budget)} ({used * 100:.0f}%)", style=style)
+
+
+def _sessions(o: pb.GetPipelineOverviewResponse, width: int) -> RenderableType:
     if not o.sessions:
         return Text("no active or recently finished sessions", style="dim")
-    table = Table(title="sessions", title_justify="left", show_edge=False, expand=False)
-    for name, justify in (
-        ("session", "left"),
-        ("case", "left"),
-        ("state", "left"),
-        ("done", "right"),
-        ("completed", "right"),
-        ("failed", "right"),
-        ("skipped", "right"),
-        ("in flight", "right"),
-        ("stalled", "right"),
-        ("docs/s", "right"),
-        ("ETA", "right"),
-        ("cost / budget", "right"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=name != "case")
-    wide = console.width >= 150  # room for full ids; else their first 8 characters
+    # Narrow terminals get the first 8 characters of ids and fewer columns.
+    wide = width >= 150
+    columns = ["session", "case", "state", "done"]
+    columns += ["completed", "failed", "skipped"] if wide else ["failed"]
+    columns += ["in flight", "stalled", "docs/s", "ETA", "cost / budget"]
+    short = {"failed": "fail", "in flight": "active", "stalled": "stall", "cost / budget": "cost/budget"}
+    table = Table(title="sessions", title_justify="left", show_edge=False, pad_edge=False)
+    for name in columns:
+        header = name if wide else short.get(name, name)
+        if name == "case":
+            table.add_column(header, min_width=8, overflow="ellipsis", no_wrap=True)
+        else:
+            left = name in ("session", "state")
+            table.add_column(header, justify="left" if left else "right", no_wrap=True)
     for s in o.sessions:
         c = s.counts
         done = c.completed + c.failed + c.skipped + c.cancelled
@@ -154,36 +174,22 @@ def _sessions(o: pb.GetPipelineOverviewResponse) -> RenderableType:
         eta = "done" if not in_flight else "-"
         if in_flight and s.HasField("eta"):
             eta = human_seconds(_seconds(s.eta))
-        cost = _money(s.cost_so_far)
-        spend = Text(format_money(cost))
-        if s.options.HasField("budget"):
-            budget = _money(s.options.budget)
-            used = cost / budget if budget else Decimal(1)
-            style = "bold red" if used >= Decimal("0.9") else "yellow" if used >= Decimal("0.75") else ""
-            spend = Text(f"{format_money(cost)} / {format_money(budget)} ({used * 100:.0f}%)", style=style)
         state = session_state(s.state)
-        state_style = {
-            "running": "green",
-            "completed": "green",
-            "completed_with_errors": "yellow",
-            "budget_exhausted": "bold red",
-            "paused": "yellow",
-            "cancelled": "dim",
-        }.get(state, "")
-        table.add_row(
-            s.session_id if wide else s.session_id[:8],
-            s.project.name,
-            Text(state, style=state_style),
-            f"{done:,}/{c.total:,} {percent}",
-            f"{c.completed:,}",
-            Text(f"{c.failed:,}", style="red" if c.failed else ""),
-            f"{c.skipped:,}",
-            f"{in_flight:,}",
-            Text(f"{c.stalled:,}", style="bold yellow" if c.stalled else ""),
-            f"{s.documents_per_second:,.1f}",
-            eta,
-            spend,
-        )
+        cells: dict[str, Any] = {
+            "session": s.session_id if wide else s.session_id[:8],
+            "case": s.project.name,
+            "state": Text(state, style=_STATE_STYLE.get(state, "")),
+            "done": f"{done:,}/{c.total:,} {percent}",
+            "completed": f"{c.completed:,}",
+            "failed": Text(f"{c.failed:,}", style="red" if c.failed else ""),
+            "skipped": f"{c.skipped:,}",
+            "in flight": f"{in_flight:,}",
+            "stalled": Text(f"{c.stalled:,}", style="bold yellow" if c.stalled else ""),
+            "docs/s": f"{s.documents_per_second:,.1f}",
+            "ETA": eta,
+            "cost / budget": _spend(s, wide),
+        }
+        table.add_row(*(cells[name] for name in columns))
     return table
 
 
@@ -301,7 +307,9 @@ def render(
     parts: list[RenderableType] = []
     if banner:
         parts.append(Text(banner, style="bold yellow"))
-    parts.extend([_header(o, interval), _sessions(o), _queues(o), _stages(o, warn, critical)])
+    parts.extend(
+        [_header(o, interval), _sessions(o, console.width), _queues(o), _stages(o, warn, critical)]
+    )
     for extra in (_stalled(o), _failures(o)):
         if extra is not None:
             parts.append(extra)
