@@ -1,4 +1,4 @@
-"""Publishing stage runs to Celery (`Enqueuer`, `CeleryEnqueuer`), and reading the broker (`CeleryProbe`).
+"""Publishing stage runs to Celery (`CeleryEnqueuer`) and reading the broker (`CeleryProbe`).
 
 The only module of the code base that imports Celery or kombu; the session
 service is the only component that enqueues (DESIGN). Callers publish only

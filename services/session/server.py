@@ -2,15 +2,15 @@
 
 `serve()` owns, opens and closes everything of the process: the asyncpg
 pool, the channels to the manifest and cost services, the Celery
-publisher and broker probe, the event hub's LISTEN connection, and the dispatcher and
-reconciler tasks. On SIGTERM: health NOT_SERVING, in-flight calls drain
+publisher and broker probe, the event hub's LISTEN connection, and the
+dispatcher and reconciler tasks. On SIGTERM: health NOT_SERVING, in-flight calls drain
 (watch streams end), the background tasks stop, then the hub, the
 publisher, the channels and the pool close, in that order.
 
 `build_server` is what tests call: it takes a ready store, Enqueuer, broker
 probe and peer stubs (the caller owns them; without a probe the pipeline
-overview reports the broker as not configured) and returns the running server on an
-ephemeral port when `settings.port` is 0; with `background=False` the
+overview reports the broker as not configured) and returns the running
+server on an ephemeral port when `settings.port` is 0; with `background=False` the
 dispatcher and reconciler do not loop, and tests drive `run_once()`.
 """
 
@@ -131,5 +131,11 @@ async def serve(settings: SessionSettings) -> None:
     await serve_until_stopped(
         running,
         settings,
-        cleanup=[enqueuer.close, probe.close, manifest_channel.close, cost_channel.close, pool.close],
+        cleanup=[
+            enqueuer.close,
+            probe.close,
+            manifest_channel.close,
+            cost_channel.close,
+            pool.close,
+        ],
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class Stack:
     costs: cost_service_pb2_grpc.CostServiceStub
     worker_hostname: str = ""
     scanned: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     async def import_sample(self, *, budget: str = "25", timeout: float = 240) -> str:
         """Scans the case, imports it, waits for the session to finish; its id."""
@@ -76,7 +75,8 @@ class Stack:
         session_id = created.session.session_id
 
         async def finished() -> bool:
-            s = (await self.sessions.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+            request = pb.GetSessionRequest(session_id=session_id)
+            s = (await self.sessions.GetSession(request)).session
             return s.state in (pb.SESSION_STATE_COMPLETED, pb.SESSION_STATE_COMPLETED_WITH_ERRORS)
 
         await wait_for(finished, timeout=timeout, interval=0.5)

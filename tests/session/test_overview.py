@@ -63,7 +63,8 @@ async def test_overview_of_a_session_driven_through_its_stages(harness):
     # extract: durations 1..10 s; the last one fails for good
     for i, m in enumerate(sorted(extract, key=lambda m: m.payload.relative_path)):
         failing = m.payload.relative_path == "pleadings/doc9.pdf"
-        await report(h, m, float(i + 1), ok=not failing, text="boom: no text layer" if failing else "")
+        text = "boom: no text layer" if failing else ""
+        await report(h, m, float(i + 1), ok=not failing, text=text)
     chunk = await h.dispatch()
     assert len(chunk) == 9
     for m in chunk[:4]:

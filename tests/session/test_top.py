@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, TOKENS
@@ -100,7 +98,9 @@ class Pane:
 
 def live_top(session_port: int, *args: str) -> Pane:
     if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed: the live view needs a real terminal (apt-get install tmux)")
+        pytest.skip(
+            "tmux is not installed: the live view needs a real terminal (apt-get install tmux)"
+        )
     env = {
         "DOCIMPORT_SESSION_ADDR": f"127.0.0.1:{session_port}",
         "DOCIMPORT_TOKEN": TOKENS["operator"],
@@ -124,10 +124,14 @@ def row_of(output: str, needle: str) -> str:
 async def test_top_shows_the_sample_case(db_url, pool, redis_url, token_env, case_copy, tmp_path):
     async with sample_stack(db_url, pool, redis_url, token_env, case_copy, tmp_path) as stack:
         session_id = await stack.import_sample()
-        truth = (await stack.sessions.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+        truth = (
+            await stack.sessions.GetSession(pb.GetSessionRequest(session_id=session_id))
+        ).session
         failed = (
             await stack.sessions.ListSessionDocuments(
-                pb.ListSessionDocumentsRequest(session_id=session_id, state=pb.DOCUMENT_STATE_FAILED)
+                pb.ListSessionDocumentsRequest(
+                    session_id=session_id, state=pb.DOCUMENT_STATE_FAILED
+                )
             )
         ).documents
         c = truth.counts
@@ -141,7 +145,8 @@ async def test_top_shows_the_sample_case(db_url, pool, redis_url, token_env, cas
             code, out = await cli("top", "--once")
             assert code == 0, out
             cells = cells_of(row_of(out, session_id))
-            # session, case, state, done, completed, failed, skipped, in flight, stalled, docs/s, ETA, cost
+            # session, case, state, done, completed, failed, skipped, in flight,
+            # stalled, docs/s, ETA, cost
             assert cells[:9] == [
                 session_id, "Smith v. Jones", "completed_with_errors", "12/12 100%",
                 "8", "2", "2", "0", "0",
@@ -167,9 +172,10 @@ async def test_top_shows_the_sample_case(db_url, pool, redis_url, token_env, cas
             (s,) = [x for x in o["sessions"] if x["session_id"] == session_id]
             assert s["state"] == "SESSION_STATE_COMPLETED_WITH_ERRORS"
             assert s["counts"]["completed"] == "8" and s["counts"]["failed"] == "2"
-            assert s["cost_so_far"] == json.loads(json.dumps(
-                {"amount": truth.cost_so_far.amount, "currency_code": truth.cost_so_far.currency_code}
-            ))
+            assert s["cost_so_far"] == {
+                "amount": truth.cost_so_far.amount,
+                "currency_code": truth.cost_so_far.currency_code,
+            }
             assert {q["queue"]: q.get("messages", "0") for q in o["queues"]} == {
                 "extract": "0", "chunk": "0", "entities": "0"
             }
@@ -206,7 +212,9 @@ async def test_live_view_rides_out_a_session_service_restart(harness, token_env)
         assert session.session_id in screen, "the last frame stays on screen"
         # the same port again, a new process-equivalent server
         settings = h.settings.model_copy(update={"port": h.port})
-        restarted = await build_server(settings, store=h.store, enqueuer=h.enqueuer, background=False)
+        restarted = await build_server(
+            settings, store=h.store, enqueuer=h.enqueuer, background=False
+        )
         try:
             screen = await pane.wait_for(
                 lambda s: "session service unavailable" not in s and session.session_id in s

@@ -157,7 +157,12 @@ def _sessions(o: pb.GetPipelineOverviewResponse, width: int) -> RenderableType:
     columns = ["session", "case", "state", "done"]
     columns += ["completed", "failed", "skipped"] if wide else ["failed"]
     columns += ["in flight", "stalled", "docs/s", "ETA", "cost / budget"]
-    short = {"failed": "fail", "in flight": "active", "stalled": "stall", "cost / budget": "cost/budget"}
+    short = {
+        "failed": "fail",
+        "in flight": "active",
+        "stalled": "stall",
+        "cost / budget": "cost/budget",
+    }
     table = Table(title="sessions", title_justify="left", show_edge=False, pad_edge=False)
     for name in columns:
         header = name if wide else short.get(name, name)
@@ -247,7 +252,8 @@ def _stages(o: pb.GetPipelineOverviewResponse, warn: float, critical: float) -> 
 
 
 def _age(o: pb.GetPipelineOverviewResponse, d: pb.Document) -> str:
-    return human_seconds(max(0.0, (o.generated_at.ToDatetime() - d.updated_at.ToDatetime()).total_seconds()))
+    age = o.generated_at.ToDatetime() - d.updated_at.ToDatetime()
+    return human_seconds(max(0.0, age.total_seconds()))
 
 
 def _stalled(o: pb.GetPipelineOverviewResponse) -> RenderableType | None:
