@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from clients.cli.commands import cost, demo, dev, manifest, session
+from clients.cli.commands import cost, demo, dev, manifest, session, top
 
 app = typer.Typer(
     name="docimport",
@@ -27,5 +27,5 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-for module in (manifest, session, cost, dev, demo):
+for module in (manifest, session, cost, top, dev, demo):
     module.register(app)

@@ -52,3 +52,7 @@ class SessionSettings(ServiceSettings):
     dependency_timeout: float = 30.0
     # Files per ListManifestFiles page when a session is created.
     manifest_page_size: int = 1000
+    # Pipeline overview: how long workers get to answer the broadcast ping,
+    # and how long their answer is reused.
+    worker_ping_timeout: float = 1.0
+    worker_cache_seconds: float = 5.0

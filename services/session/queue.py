@@ -1,4 +1,4 @@
-"""Publishing stage runs to Celery: the `Enqueuer` protocol and `CeleryEnqueuer`.
+"""Publishing stage runs to Celery (`CeleryEnqueuer`) and reading the broker (`CeleryProbe`).
 
 The only module of the code base that imports Celery or kombu; the session
 service is the only component that enqueues (DESIGN). Callers publish only
@@ -26,11 +26,16 @@ published inside a PRODUCER span, child of that context, whose `traceparent`
 goes into the message headers, where the worker's Celery instrumentation
 finds it (see services.common.telemetry). Without one, nothing is done.
 Flower shows each task's `argsrepr` (session, document, stage, attempt).
+
+`CeleryProbe` answers the pipeline overview's questions only the broker
+can: how deep each stage queue is and which workers are online (see its
+docstring for the costs and the caching).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import socket
@@ -174,19 +179,21 @@ class CeleryEnqueuer:
 
 
 class QueueDepths:
-    """Reads how many messages wait in each stage queue (for `/metrics`).
+    """Reads how many messages wait in each stage queue.
 
-    Called from the metrics scrape thread: it has its own broker connection
+    Used by the `/metrics` scrape thread and by `CeleryProbe` (the pipeline
+    overview), each with its own instance: it has its own broker connection
     (kombu connections are not thread-safe), made on first use and kept,
-    dropped after a failure. `queue_declare` is kombu's transport-neutral
-    way to ask a queue's size (on Redis: the LLEN of the list and of its
-    priority lists); it creates nothing on Redis.
+    dropped after a failure. A passive `queue_declare` is kombu's
+    transport-neutral way to ask a queue's size (on Redis: the LLEN of the
+    list and of its priority lists); it creates nothing, and a queue nobody
+    declared yet is empty, not an error.
     """
 
     def __init__(self, broker_url: str, *, timeout: float = 2.0) -> None:
         from celery import Celery
 
-        self._app = Celery("docimport-session-metrics", broker=broker_url, set_as_current=False)
+        self._app = Celery("docimport-session-depths", broker=broker_url, set_as_current=False)
         self._app.conf.update(
             broker_connection_retry_on_startup=False,
             broker_connection_timeout=timeout,
@@ -195,7 +202,7 @@ class QueueDepths:
         self._connection: Any = None
         self._lock = threading.Lock()
 
-    def read(self) -> dict[str, int]:
+    def read(self, queues: Sequence[str] | None = None) -> dict[str, int]:
         with self._lock:
             try:
                 if self._connection is None:
@@ -203,21 +210,32 @@ class QueueDepths:
                     connection.ensure_connection(max_retries=1)
                     self._connection = connection
                 channel = self._connection.default_channel
-                return {
-                    queue: int(channel.queue_declare(queue=queue, passive=False).message_count)
-                    for queue in QUEUES.values()
-                }
+                depths = {}
+                for name in queues if queues is not None else QUEUES.values():
+                    try:
+                        declared = channel.queue_declare(queue=name, passive=True)
+                        depths[name] = int(declared.message_count)
+                    except self._connection.channel_errors as exc:
+                        # 404 (a str on kombu's virtual transports): never declared, so empty
+                        if str(getattr(exc, "reply_code", "")) != "404":
+                            raise
+                        depths[name] = 0
+                return depths
             except Exception:
-                self.close()
+                self._close()
                 raise
 
-    def close(self) -> None:
+    def _close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             try:
                 connection.release()
             except Exception:  # noqa: BLE001 - already broken
                 pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
 
 
 def describe(payload: StagePayload) -> str:
@@ -245,3 +263,138 @@ def _publish_span(message: StageMessage, task_name: str) -> Any:
             "attempt": payload.attempt,
         },
     )
+
+# ---------------------------------------------------------------- observing the broker
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A Celery worker that answered a broadcast, and the queues it consumes."""
+
+    hostname: str
+    queues: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BrokerView:
+    """Queue depths and workers online, or why the broker could not say."""
+
+    queue_depths: dict[str, int]
+    workers: tuple[WorkerInfo, ...]
+    workers_checked_at: dt.datetime | None
+    error: str = ""
+
+    @property
+    def reachable(self) -> bool:
+        return not self.error
+
+
+class BrokerProbe(Protocol):
+    """Reads what only the broker knows, for the pipeline overview."""
+
+    async def view(self, queues: Sequence[str]) -> BrokerView: ...
+
+    async def close(self) -> None: ...
+
+
+class CeleryProbe:
+    """Queue depths by a passive queue declare; workers by a broadcast ping.
+
+    Depths come from a `QueueDepths` of its own. Workers are
+    asked with Celery's remote control (`inspect().active_queues()`), which
+    waits the whole `ping_timeout` for answers, so the answer is cached for
+    `workers_ttl` seconds and refreshed in the background while the cached
+    one is served (only the first call waits). Depths and workers each have
+    their own connection and thread (kombu connections are not thread-safe),
+    and neither shares the publisher's: a slow broker never delays publishing.
+    """
+
+    def __init__(
+        self, broker_url: str, *, ping_timeout: float = 1.0, workers_ttl: float = 5.0
+    ) -> None:
+        from celery import Celery
+
+        self._app = Celery("docimport-session-probe", broker=broker_url, set_as_current=False)
+        self._app.conf.update(broker_connection_retry_on_startup=True)
+        self._ping_timeout = ping_timeout
+        self._workers_ttl = workers_ttl
+        self._threads = {
+            kind: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"celery-probe-{kind}")
+            for kind in ("depths", "workers")
+        }
+        self._connections: dict[str, Any] = {}
+        self._depths = QueueDepths(broker_url)
+        self._workers: tuple[WorkerInfo, ...] = ()
+        self._workers_at: dt.datetime | None = None
+        self._workers_error = ""
+        self._workers_checked = float("-inf")
+        self._refresh: asyncio.Task[None] | None = None
+
+    def _connection(self, kind: str) -> Any:
+        if kind not in self._connections:
+            connection = self._app.connection_for_read()
+            connection.ensure_connection(max_retries=1, timeout=2)
+            self._connections[kind] = connection
+        return self._connections[kind]
+
+    def _reset(self, kind: str) -> None:
+        connection = self._connections.pop(kind, None)
+        try:
+            if connection is not None:
+                connection.release()
+        except Exception:  # noqa: BLE001 - the connection is already broken
+            pass
+
+    def _workers_blocking(self) -> tuple[WorkerInfo, ...]:
+        try:
+            inspect = self._app.control.inspect(
+                timeout=self._ping_timeout, connection=self._connection("workers")
+            )
+            replies = inspect.active_queues() or {}
+        except Exception:
+            self._reset("workers")
+            raise
+        return tuple(
+            WorkerInfo(host, tuple(sorted(str(q.get("name", "")) for q in queues or ())))
+            for host, queues in sorted(replies.items())
+        )
+
+    async def _refresh_workers(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            workers = await loop.run_in_executor(self._threads["workers"], self._workers_blocking)
+        except Exception as exc:  # noqa: BLE001 - reported by view()
+            self._workers_error = f"asking the workers failed: {type(exc).__name__}: {exc}"
+            return
+        finally:
+            self._workers_checked = loop.time()
+        self._workers, self._workers_error = workers, ""
+        self._workers_at = dt.datetime.now(dt.UTC)
+
+    async def view(self, queues: Sequence[str]) -> BrokerView:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._workers_checked > self._workers_ttl and (
+            self._refresh is None or self._refresh.done()
+        ):
+            self._refresh = loop.create_task(self._refresh_workers())
+        try:
+            depths = await loop.run_in_executor(
+                self._threads["depths"], self._depths.read, list(queues)
+            )
+        except Exception as exc:  # noqa: BLE001 - reported in the overview, not raised
+            logger.info("broker unreachable for the pipeline overview: %s", exc)
+            return BrokerView({}, (), None, error=f"{type(exc).__name__}: {exc}")
+        if self._workers_at is None and self._refresh is not None:
+            await asyncio.shield(self._refresh)  # no answer yet: wait for the first
+        return BrokerView(depths, self._workers, self._workers_at, error=self._workers_error)
+
+    async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+        loop = asyncio.get_running_loop()
+        for kind, executor in self._threads.items():
+            await loop.run_in_executor(executor, self._reset, kind)
+            executor.shutdown(wait=True)
+        self._depths.close()

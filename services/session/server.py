@@ -2,17 +2,18 @@
 
 `serve()` owns, opens and closes everything of the process: the asyncpg
 pool, the channels to the manifest and cost services, the Celery
-publisher, the event hub's LISTEN connection, and the dispatcher and
-reconciler tasks. On SIGTERM: health NOT_SERVING, in-flight calls drain
+publisher and broker probe, the event hub's LISTEN connection, and the
+dispatcher and reconciler tasks. On SIGTERM: health NOT_SERVING, in-flight calls drain
 (watch streams end), the background tasks stop, then the hub, the
 publisher, the channels and the pool close, in that order.
 
 The Prometheus metrics (`metrics.SessionMetrics`) are made here and
 served on `DOCIMPORT_METRICS_PORT` with the gRPC server's lifetime.
 
-`build_server` is what tests call: it takes a ready store, Enqueuer and
-peer stubs (the caller owns them) and returns the running server on an
-ephemeral port when `settings.port` is 0; with `background=False` the
+`build_server` is what tests call: it takes a ready store, Enqueuer, broker
+probe and peer stubs (the caller owns them; without a probe the pipeline
+overview reports the broker as not configured) and returns the running
+server on an ephemeral port when `settings.port` is 0; with `background=False` the
 dispatcher and reconciler do not loop, and tests drive `run_once()`.
 """
 
@@ -34,7 +35,7 @@ from services.session.dispatcher import Dispatcher
 from services.session.events import EventHub
 from services.session.metrics import SessionMetrics
 from services.session.peers import CostPeer, ManifestPeer
-from services.session.queue import CeleryEnqueuer, Enqueuer, QueueDepths
+from services.session.queue import BrokerProbe, CeleryEnqueuer, CeleryProbe, Enqueuer, QueueDepths
 from services.session.reconciler import Reconciler
 from services.session.servicer import POLICY, SERVICE_NAME, SessionServicer
 from services.session.store import SessionStore
@@ -73,6 +74,7 @@ async def build_server(
     enqueuer: Enqueuer,
     manifest_stub: Any = None,
     cost_stub: Any = None,
+    probe: BrokerProbe | None = None,
     background: bool = True,
 ) -> SessionServer:
     timeout = settings.dependency_timeout
@@ -91,7 +93,7 @@ async def build_server(
         on_foreign_change=lambda _session_id: dispatcher.wake(),
     )
     await hub.start()
-    servicer = SessionServicer(store, settings, dispatcher, hub, manifest, cost, metrics)
+    servicer = SessionServicer(store, settings, dispatcher, hub, manifest, cost, metrics, probe)
     running = await build_grpc_server(
         settings,
         register=lambda server: session_service_pb2_grpc.add_SessionServiceServicer_to_server(
@@ -128,15 +130,27 @@ async def serve(settings: SessionSettings) -> None:
     manifest_channel = aio_channel(settings.manifest_addr, settings)
     cost_channel = aio_channel(settings.cost_addr, settings)
     enqueuer = CeleryEnqueuer(settings.broker_url, batch_size=settings.publish_batch)
+    probe = CeleryProbe(
+        settings.broker_url,
+        ping_timeout=settings.worker_ping_timeout,
+        workers_ttl=settings.worker_cache_seconds,
+    )
     running = await build_server(
         settings,
         store=SessionStore(pool),
         enqueuer=enqueuer,
         manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
         cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
+        probe=probe,
     )
     await serve_until_stopped(
         running,
         settings,
-        cleanup=[enqueuer.close, manifest_channel.close, cost_channel.close, pool.close],
+        cleanup=[
+            enqueuer.close,
+            probe.close,
+            manifest_channel.close,
+            cost_channel.close,
+            pool.close,
+        ],
     )

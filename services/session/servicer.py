@@ -2,8 +2,9 @@
 
 Owns the RPC surface of `docimport.session.v1.SessionService` and its scope
 policy (`POLICY`: workers report stages; operators do everything else;
-other services may read). No SQL (the store), no Celery (the dispatcher
-and its Enqueuer), no environment reads (settings come in).
+other services may read sessions; the pipeline overview is for operators).
+No SQL (the store), no Celery (the dispatcher and its Enqueuer; the
+overview's BrokerProbe), no environment reads (settings come in).
 
 Decisions worth knowing:
 - CreateSession streams the manifest's files page by page from the manifest
@@ -49,18 +50,20 @@ from services.common.errors import (
 )
 from services.common.logging import bind
 from services.common.metrics import watching
-from services.common.tasks import STAGES
+from services.common.tasks import QUEUES, STAGES
 from services.session import states as st
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
 from services.session.events import EventHub, WatchItem, watch
 from services.session.metrics import SessionMetrics
 from services.session.peers import CostPeer, FilePlanItem, ManifestFileInfo, ManifestPeer
+from services.session.queue import BrokerProbe, BrokerView
 from services.session.store import (
     Document,
     Event,
     NewDocument,
     NewSession,
+    Overview,
     ResultReport,
     SessionInfo,
     SessionStore,
@@ -85,6 +88,7 @@ POLICY = policy_for(
         "GetDocument": _READ,
         "WatchSession": _READ,
         "VerifySession": _READ,
+        "GetPipelineOverview": {Scope.OPERATOR},
     },
 )
 
@@ -92,6 +96,11 @@ POLICY = policy_for(
 REQUEST_NAMESPACE = uuid.UUID("5d0c7a47-6f0e-4b6f-9a53-64f0d2a1c3b7")
 DEFAULT_MAX_IN_FLIGHT = 32
 MAX_NAME = 200
+# Pipeline overview: finished sessions stay on it this long by default;
+# default and largest list lengths; the longest accepted windows.
+OVERVIEW_FINISHED_WITHIN = 3600.0
+OVERVIEW_LIST_DEFAULT, OVERVIEW_LIST_MAX = 10, 100
+OVERVIEW_MAX_SECONDS = 7 * 86400.0
 
 SESSION_PREFIX, DOC_PREFIX, CLASS_PREFIX = "SESSION_STATE_", "DOCUMENT_STATE_", "ERROR_CLASS_"
 
@@ -409,6 +418,59 @@ def verify_proto(report: VerifyReport) -> pb.VerifySessionResponse:
     return message
 
 
+def overview_proto(
+    overview: Overview,
+    broker: BrokerView | None,
+    costs: Sequence[Decimal],
+    stall_after: float,
+) -> pb.GetPipelineOverviewResponse:
+    message = pb.GetPipelineOverviewResponse(
+        generated_at=convert.timestamp(overview.db_now),
+        sessions=[
+            session_proto(snap.session, snapshot=snap, cost_so_far=cost)
+            for snap, cost in zip(overview.sessions, costs, strict=True)
+        ],
+        stall_after=convert.duration(stall_after),
+        stalled_total=overview.stalled_total,
+        stalled_documents=[document_proto(d) for d in overview.stalled],
+        recent_failures=[document_proto(d) for d in overview.failures],
+    )
+    for w in overview.stage_windows:
+        stats = message.stage_stats.add(
+            stage=convert.stage_value(w.stage),
+            window=convert.duration(w.window_seconds),
+            finished=w.finished,
+            succeeded=w.succeeded,
+            failed=w.failed,
+            expired=w.expired,
+            cache_hits=w.cache_hits,
+            runs_per_second=w.runs_per_second,
+            error_rate=w.error_rate,
+        )
+        if w.p50_seconds is not None:
+            stats.p50_duration.CopyFrom(convert.duration(round(w.p50_seconds, 6)))
+        if w.p95_seconds is not None:
+            stats.p95_duration.CopyFrom(convert.duration(round(w.p95_seconds, 6)))
+    if broker is None:
+        message.broker.error = "no broker is configured for this service"
+        return message
+    message.broker.reachable = broker.reachable
+    message.broker.error = broker.error
+    if broker.workers_checked_at is not None:
+        message.broker.workers_checked_at.CopyFrom(convert.timestamp(broker.workers_checked_at))
+    for stage in STAGES:
+        queue = QUEUES[stage]
+        if queue in broker.queue_depths:
+            message.queues.add(
+                queue=queue,
+                stage=convert.stage_value(stage),
+                messages=broker.queue_depths[queue],
+            )
+    for worker in broker.workers:
+        message.workers.add(hostname=worker.hostname, queues=list(worker.queues))
+    return message
+
+
 # ---------------------------------------------------------------- create helpers
 
 
@@ -462,6 +524,7 @@ class SessionServicer:
         manifest: ManifestPeer | None,
         cost: CostPeer | None,
         metrics: SessionMetrics | None = None,
+        probe: BrokerProbe | None = None,
     ) -> None:
         self._metrics = metrics if metrics is not None else SessionMetrics()
         self._store = store
@@ -470,6 +533,7 @@ class SessionServicer:
         self._hub = hub
         self._manifest = manifest
         self._cost = cost
+        self._probe = probe
         self._verifier = Verifier(store, manifest, cost, page_size=settings.manifest_page_size)
         self._started = MicroBatcher(
             self._apply_started,
@@ -885,6 +949,45 @@ class SessionServicer:
             )
             return pb.WatchSessionResponse(seq=item.seq, event_time=now, snapshot=session)
         return pb.WatchSessionResponse(seq=item.seq, event_time=now, heartbeat=pb.Heartbeat())
+
+    # ------------------------------------------------------------ overview
+
+    @staticmethod
+    def _seconds(request: Any, name: str, default: float, low: float, v: Validator) -> float:
+        if not request.HasField(name):
+            return default
+        seconds = getattr(request, name).ToTimedelta().total_seconds()
+        if not low <= seconds <= OVERVIEW_MAX_SECONDS:
+            v.add(name, f"must be between {low:g} s and 7 days")
+        return seconds
+
+    async def GetPipelineOverview(
+        self, request: pb.GetPipelineOverviewRequest, context: Any
+    ) -> pb.GetPipelineOverviewResponse:
+        v = Validator()
+        stall_after = self._seconds(request, "stall_after", self._settings.stall_after, 1, v)
+        finished_within = self._seconds(
+            request, "finished_within", OVERVIEW_FINISHED_WITHIN, 0, v
+        )
+        limits = {}
+        for name in ("failure_limit", "stalled_limit"):
+            value = getattr(request, name)
+            if not 0 <= value <= OVERVIEW_LIST_MAX:
+                v.add(name, f"must be between 0 and {OVERVIEW_LIST_MAX} (0: the default)")
+            limits[name] = value or OVERVIEW_LIST_DEFAULT
+        v.check()
+        queues = [QUEUES[stage] for stage in STAGES]
+        overview, broker = await asyncio.gather(
+            self._store.overview(
+                stall_after=stall_after,
+                finished_within=finished_within,
+                failure_limit=limits["failure_limit"],
+                stalled_limit=limits["stalled_limit"],
+            ),
+            self._probe.view(queues) if self._probe is not None else asyncio.sleep(0),
+        )
+        costs = await asyncio.gather(*(self._cost_so_far(s.session) for s in overview.sessions))
+        return overview_proto(overview, broker, costs, stall_after)
 
     # ------------------------------------------------------------ worker reports
 

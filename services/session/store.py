@@ -146,6 +146,18 @@ _SESSION_SELECT = """
 """
 
 
+# In-flight documents with no progress for $1 seconds (partial index
+# session_documents_in_flight_idx). There are at most as many as the
+# dispatcher lets be in flight, so listing them all stays small.
+_STALLED_SQL = (
+    "d.state IN ('queued', 'running') AND d.updated_at < now() - make_interval(secs => $1)"
+)
+# The pipeline overview's windows (the last hour and the last day) and its
+# cap on sessions shown.
+OVERVIEW_WINDOWS = (3600.0, 86400.0)
+OVERVIEW_SESSIONS = 100
+
+
 # ---------------------------------------------------------------- domain
 
 
@@ -231,6 +243,42 @@ class Snapshot:
     # (sampled_at, finished documents), oldest first, for the rate and ETA.
     samples: tuple[tuple[dt.datetime, int], ...]
     db_now: dt.datetime
+
+
+@dataclass(frozen=True)
+class StageWindow:
+    """One stage's runs that ended within the last `window_seconds`."""
+
+    stage: str
+    window_seconds: float
+    finished: int
+    succeeded: int
+    failed: int
+    expired: int
+    cache_hits: int
+    # Of runs that did work (cache hits left out); None when there were none.
+    p50_seconds: float | None
+    p95_seconds: float | None
+
+    @property
+    def runs_per_second(self) -> float:
+        return self.finished / self.window_seconds
+
+    @property
+    def error_rate(self) -> float:
+        return (self.failed + self.expired) / self.finished if self.finished else 0.0
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The whole pipeline as the database sees it (no broker data)."""
+
+    db_now: dt.datetime
+    sessions: tuple[Snapshot, ...]
+    stage_windows: tuple[StageWindow, ...]
+    stalled_total: int
+    stalled: tuple[Document, ...]
+    failures: tuple[Document, ...]
 
 
 @dataclass(frozen=True)
@@ -2364,6 +2412,156 @@ class SessionStore:
                 """,
                 uuid.UUID(session_id),
             )
+
+    # ------------------------------------------------------------ pipeline overview
+
+    async def overview(
+        self,
+        *,
+        stall_after: float,
+        finished_within: float,
+        failure_limit: int,
+        stalled_limit: int,
+        windows: Sequence[float] = OVERVIEW_WINDOWS,
+        session_limit: int = OVERVIEW_SESSIONS,
+    ) -> Overview:
+        """The whole pipeline as of one instant (one read-only snapshot).
+
+        Every query is bounded by an index: active sessions by their state
+        (or recent `finished_at`), stage-run windows by `stage_runs_finished_idx`,
+        stalled documents by the partial index of in-flight documents, and
+        failures by the partial index of failed documents (migration 0031).
+        """
+        async with self.pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                db_now: dt.datetime = await conn.fetchval("SELECT now()")
+                rows = await conn.fetch(
+                    _SESSION_SELECT
+                    + """
+                    WHERE s.state IN ('created', 'running', 'paused', 'budget_exhausted')
+                       OR s.finished_at > now() - make_interval(secs => $1)
+                    ORDER BY s.finished_at IS NOT NULL, s.created_at DESC, s.session_id
+                    LIMIT $2
+                    """,
+                    finished_within,
+                    session_limit,
+                )
+                ids = [r["session_id"] for r in rows]
+                stage_rows = await conn.fetch(
+                    """
+                    SELECT session_id, stage,
+                           count(*) FILTER (WHERE state = 'queued') AS queued,
+                           count(*) FILTER (WHERE state = 'running') AS running,
+                           count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+                           count(*) FILTER (WHERE state = 'failed') AS failed,
+                           count(*) FILTER (WHERE state = 'succeeded' AND cache_hit) AS cache_hits
+                    FROM session.stage_runs WHERE session_id = ANY($1::uuid[])
+                    GROUP BY session_id, stage
+                    """,
+                    ids,
+                )
+                samples = await conn.fetch(
+                    "SELECT session_id, sampled_at, finished FROM session.progress_samples "
+                    "WHERE session_id = ANY($1::uuid[]) ORDER BY session_id, sampled_at",
+                    ids,
+                )
+                stalled_rows = await conn.fetch(
+                    f"""
+                    SELECT d.*, true AS is_stalled FROM session.session_documents d
+                    WHERE {_STALLED_SQL}
+                    ORDER BY d.updated_at, d.document_id
+                    """,
+                    stall_after,
+                )
+                window_rows = await conn.fetch(
+                    """
+                    SELECT w.secs, r.stage,
+                           count(*) AS finished,
+                           count(*) FILTER (WHERE r.state = 'succeeded') AS succeeded,
+                           count(*) FILTER (WHERE r.state = 'failed') AS failed,
+                           count(*) FILTER (WHERE r.state = 'expired') AS expired,
+                           count(*) FILTER (WHERE r.state = 'succeeded' AND r.cache_hit)
+                               AS cache_hits,
+                           percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY
+                               coalesce(r.duration_seconds,
+                                        extract(epoch FROM r.finished_at - r.started_at)))
+                               FILTER (WHERE r.state IN ('succeeded', 'failed')
+                                       AND NOT r.cache_hit AND r.started_at IS NOT NULL)
+                               AS pcts
+                    FROM unnest($1::float8[]) AS w(secs)
+                    JOIN session.stage_runs r
+                      ON r.finished_at > now() - make_interval(secs => w.secs)
+                     AND r.state IN ('succeeded', 'failed', 'expired')
+                    WHERE r.finished_at > now() - make_interval(secs => $2)
+                    GROUP BY w.secs, r.stage
+                    """,
+                    list(windows),
+                    max(windows),
+                )
+                failure_rows = await conn.fetch(
+                    """
+                    SELECT d.* FROM session.session_documents d
+                    WHERE d.state = 'failed' AND d.updated_at > now() - make_interval(secs => $1)
+                    ORDER BY d.updated_at DESC, d.document_id
+                    LIMIT $2
+                    """,
+                    max(windows),
+                    failure_limit,
+                )
+        stalled_by_session = Counter(str(r["session_id"]) for r in stalled_rows)
+        stages_by_session: dict[str, dict[str, asyncpg.Record]] = defaultdict(dict)
+        for r in stage_rows:
+            stages_by_session[str(r["session_id"])][r["stage"]] = r
+        samples_by_session: dict[str, list[tuple[dt.datetime, int]]] = defaultdict(list)
+        for r in samples:
+            samples_by_session[str(r["session_id"])].append((r["sampled_at"], r["finished"]))
+        snapshots = []
+        for row in rows:
+            sid = str(row["session_id"])
+            info = _session(row, stalled_by_session.get(sid, 0))
+            by_stage = stages_by_session.get(sid, {})
+            stages = tuple(
+                StageCount(
+                    stage,
+                    *(
+                        by_stage[stage][k]
+                        for k in ("queued", "running", "succeeded", "failed", "cache_hits")
+                    ),
+                )
+                if stage in by_stage
+                else StageCount(stage)
+                for stage in STAGES
+            )
+            snapshots.append(
+                Snapshot(info, stages, tuple(samples_by_session.get(sid, ())), db_now)
+            )
+        found = {(r["secs"], r["stage"]): r for r in window_rows}
+        stage_windows = []
+        for secs in windows:
+            for stage in STAGES:
+                r = found.get((secs, stage))
+                pcts = (r["pcts"] if r is not None else None) or (None, None)
+                stage_windows.append(
+                    StageWindow(
+                        stage=stage,
+                        window_seconds=secs,
+                        finished=r["finished"] if r else 0,
+                        succeeded=r["succeeded"] if r else 0,
+                        failed=r["failed"] if r else 0,
+                        expired=r["expired"] if r else 0,
+                        cache_hits=r["cache_hits"] if r else 0,
+                        p50_seconds=pcts[0],
+                        p95_seconds=pcts[1],
+                    )
+                )
+        return Overview(
+            db_now=db_now,
+            sessions=tuple(snapshots),
+            stage_windows=tuple(stage_windows),
+            stalled_total=len(stalled_rows),
+            stalled=tuple(_document(r, True) for r in stalled_rows[:stalled_limit]),
+            failures=tuple(_document(r) for r in failure_rows),
+        )
 
     # ------------------------------------------------------------ events
 

@@ -11,13 +11,17 @@ drive the dispatcher and reconciler with `run_once()`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
-from conftest import TOKENS
+from conftest import SAMPLE_CASE, TOKENS
 from docimport.cost.v1 import cost_service_pb2_grpc
 from docimport.manifest.v1 import manifest_service_pb2_grpc
 
@@ -55,6 +59,7 @@ async def open_harness(
     token_env: dict[str, object],
     *,
     enqueuer: Any = None,
+    probe: Any = None,
     background: bool = False,
 ) -> AsyncIterator[Harness]:
     """The session service with the real cost service and a fake manifest service."""
@@ -82,6 +87,7 @@ async def open_harness(
         enqueuer=enqueuer or recording,
         manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
         cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
+        probe=probe,
         background=background,
     )
     h = Harness(
@@ -117,3 +123,19 @@ async def harness(
 ) -> AsyncIterator[Harness]:
     async with open_harness(session_settings, pool, db_url, token_env) as h:
         yield h
+
+
+@pytest.fixture
+def case_copy() -> Iterator[Path]:
+    """A world-readable copy of examples/sample-case (the scan refuses nothing it can read)."""
+    root = Path(tempfile.mkdtemp(prefix="di-session-case-"))
+    root.chmod(0o755)
+    target = root / "smith-v-jones"
+    shutil.copytree(SAMPLE_CASE, target)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    yield target
+    shutil.rmtree(root, ignore_errors=True)

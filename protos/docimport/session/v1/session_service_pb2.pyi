@@ -677,3 +677,93 @@ class VerifySessionResponse(_message.Message):
     actual_cost: _common_pb2.Money
     estimated_cost: _common_pb2.Money
     def __init__(self, session_id: _Optional[str] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., counts: _Optional[_Union[VerifyCounts, _Mapping]] = ..., findings: _Optional[_Iterable[_Union[Finding, _Mapping]]] = ..., recommendations: _Optional[_Iterable[str]] = ..., completeness_percent: _Optional[float] = ..., actual_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ...) -> None: ...
+
+class GetPipelineOverviewRequest(_message.Message):
+    __slots__ = ("stall_after", "finished_within", "failure_limit", "stalled_limit")
+    STALL_AFTER_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_WITHIN_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    STALLED_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    stall_after: _duration_pb2.Duration
+    finished_within: _duration_pb2.Duration
+    failure_limit: int
+    stalled_limit: int
+    def __init__(self, stall_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., finished_within: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., failure_limit: _Optional[int] = ..., stalled_limit: _Optional[int] = ...) -> None: ...
+
+class QueueDepth(_message.Message):
+    __slots__ = ("queue", "stage", "messages")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    stage: _common_pb2.Stage
+    messages: int
+    def __init__(self, queue: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., messages: _Optional[int] = ...) -> None: ...
+
+class PipelineWorker(_message.Message):
+    __slots__ = ("hostname", "queues")
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    hostname: str
+    queues: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hostname: _Optional[str] = ..., queues: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BrokerStatus(_message.Message):
+    __slots__ = ("reachable", "error", "workers_checked_at")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    error: str
+    workers_checked_at: _timestamp_pb2.Timestamp
+    def __init__(self, reachable: _Optional[bool] = ..., error: _Optional[str] = ..., workers_checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class StageWindowStats(_message.Message):
+    __slots__ = ("stage", "window", "finished", "succeeded", "failed", "expired", "cache_hits", "runs_per_second", "p50_duration", "p95_duration", "error_rate")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    P50_DURATION_FIELD_NUMBER: _ClassVar[int]
+    P95_DURATION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    stage: _common_pb2.Stage
+    window: _duration_pb2.Duration
+    finished: int
+    succeeded: int
+    failed: int
+    expired: int
+    cache_hits: int
+    runs_per_second: float
+    p50_duration: _duration_pb2.Duration
+    p95_duration: _duration_pb2.Duration
+    error_rate: float
+    def __init__(self, stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., finished: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., expired: _Optional[int] = ..., cache_hits: _Optional[int] = ..., runs_per_second: _Optional[float] = ..., p50_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., p95_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., error_rate: _Optional[float] = ...) -> None: ...
+
+class GetPipelineOverviewResponse(_message.Message):
+    __slots__ = ("generated_at", "sessions", "queues", "workers", "broker", "stage_stats", "stall_after", "stalled_total", "stalled_documents", "recent_failures")
+    GENERATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    BROKER_FIELD_NUMBER: _ClassVar[int]
+    STAGE_STATS_FIELD_NUMBER: _ClassVar[int]
+    STALL_AFTER_FIELD_NUMBER: _ClassVar[int]
+    STALLED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STALLED_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    generated_at: _timestamp_pb2.Timestamp
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    queues: _containers.RepeatedCompositeFieldContainer[QueueDepth]
+    workers: _containers.RepeatedCompositeFieldContainer[PipelineWorker]
+    broker: BrokerStatus
+    stage_stats: _containers.RepeatedCompositeFieldContainer[StageWindowStats]
+    stall_after: _duration_pb2.Duration
+    stalled_total: int
+    stalled_documents: _containers.RepeatedCompositeFieldContainer[Document]
+    recent_failures: _containers.RepeatedCompositeFieldContainer[Document]
+    def __init__(self, generated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., queues: _Optional[_Iterable[_Union[QueueDepth, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[PipelineWorker, _Mapping]]] = ..., broker: _Optional[_Union[BrokerStatus, _Mapping]] = ..., stage_stats: _Optional[_Iterable[_Union[StageWindowStats, _Mapping]]] = ..., stall_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stalled_total: _Optional[int] = ..., stalled_documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., recent_failures: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...

@@ -107,6 +107,11 @@ class SessionServiceStub:
                 request_serializer=docimport_dot_session_dot_v1_dot_session__service__pb2.VerifySessionRequest.SerializeToString,
                 response_deserializer=docimport_dot_session_dot_v1_dot_session__service__pb2.VerifySessionResponse.FromString,
                 _registered_method=True)
+        self.GetPipelineOverview = channel.unary_unary(
+                '/docimport.session.v1.SessionService/GetPipelineOverview',
+                request_serializer=docimport_dot_session_dot_v1_dot_session__service__pb2.GetPipelineOverviewRequest.SerializeToString,
+                response_deserializer=docimport_dot_session_dot_v1_dot_session__service__pb2.GetPipelineOverviewResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -203,6 +208,15 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPipelineOverview(self, request, context):
+        """For operators: the whole pipeline at a glance (what `docimport top`
+        shows): active sessions, queue depths, workers online, stage throughput,
+        durations and error rates, stalled documents and the latest failures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -275,6 +289,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.VerifySession,
                     request_deserializer=docimport_dot_session_dot_v1_dot_session__service__pb2.VerifySessionRequest.FromString,
                     response_serializer=docimport_dot_session_dot_v1_dot_session__service__pb2.VerifySessionResponse.SerializeToString,
+            ),
+            'GetPipelineOverview': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPipelineOverview,
+                    request_deserializer=docimport_dot_session_dot_v1_dot_session__service__pb2.GetPipelineOverviewRequest.FromString,
+                    response_serializer=docimport_dot_session_dot_v1_dot_session__service__pb2.GetPipelineOverviewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -658,6 +677,33 @@ class SessionService:
             '/docimport.session.v1.SessionService/VerifySession',
             docimport_dot_session_dot_v1_dot_session__service__pb2.VerifySessionRequest.SerializeToString,
             docimport_dot_session_dot_v1_dot_session__service__pb2.VerifySessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPipelineOverview(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docimport.session.v1.SessionService/GetPipelineOverview',
+            docimport_dot_session_dot_v1_dot_session__service__pb2.GetPipelineOverviewRequest.SerializeToString,
+            docimport_dot_session_dot_v1_dot_session__service__pb2.GetPipelineOverviewResponse.FromString,
             options,
             channel_credentials,
             insecure,
