@@ -297,7 +297,7 @@ def main() -> int:
             print(f"{label}: {len(files):,} files, {total / 2**20:,.0f} MiB -> {rows:,} rows; "
                   f"scan {scan:.3f}s, bare hashlib {bare:.3f}s, ratio {ratio:.2f}x "
                   f"(target <= 1.30x) [last scan: walk {stats.get('walk', 0):.2f}s, "
-                  f"read {stats.get('read', 0):.2f}s, assemble {stats.get('assemble', 0):.2f}s]")
+                  f"read {stats.get('read', 0):.2f}s, assemble {stats.get('assemble', 0):.2f}s, tail {stats.get('tail', 0):.2f}s]")
         if args.with_db:
             source = resolve_source(str(small_dir), [small_dir])
             result = scanner.scan_blocking(source, ScanOptions(), new_tracker(), threading.Event())
