@@ -109,7 +109,7 @@ def token_env() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def peer_processes(db_url: str) -> Any:
+def peer_processes(db_url: str, manifest_env: dict[str, str] | None = None) -> Any:
     """The real cost and manifest services, each in its own process (as deployed)."""
     import subprocess
 
@@ -142,6 +142,7 @@ def peer_processes(db_url: str) -> Any:
                 "DOCIMPORT_PORT": str(manifest_port),
                 "DOCIMPORT_COST_ADDR": f"127.0.0.1:{cost_port}",
                 "DOCIMPORT_SOURCE_ROOTS": tempfile.gettempdir(),
+                **(manifest_env or {}),
             },
             stderr=subprocess.DEVNULL,
         ),

@@ -140,36 +140,49 @@ def sniff(head: bytes) -> ContentType:
     `content.py` looks into the central directory when they do not.
     """
     if not head:
-        return ContentType("application/x-empty", "other")
+        return _EMPTY
     if head.startswith(b"%PDF-"):
         return _PDF
     if head.startswith(b"PK\x03\x04"):
-        mime = _zip_kind(head)
-        return ContentType(mime, family_of(mime))
+        return content_type(_zip_kind(head))
     if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
         if "EncryptedPackage".encode("utf-16-le") in head:
-            return ContentType(MIME_OOXML_ENCRYPTED, "word")
+            return content_type(MIME_OOXML_ENCRYPTED)
         if "WordDocument".encode("utf-16-le") in head:
-            return ContentType(MIME_DOC, "word")
-        return ContentType(MIME_CFB, "other")
+            return content_type(MIME_DOC)
+        return content_type(MIME_CFB)
     for prefix, found in _BY_FIRST_BYTE.get(head[0], ()):
         if head.startswith(prefix):
             return found
     media = _media_kind(head)
     if media is not None:
-        return ContentType(media, family_of(media))
+        return content_type(media)
     if head.find(b"%PDF-", 0, 1024) >= 0:  # a PDF after some leading junk
         return _PDF
     text = _text_kind(head)
     if text is not None:
-        return ContentType(text, family_of(text))
+        return content_type(text)
     guess = filetype.guess(head)
     if guess is not None:
-        return ContentType(guess.mime, family_of(guess.mime))
-    return ContentType(MIME_UNKNOWN, "other")
+        return content_type(guess.mime)
+    return content_type(MIME_UNKNOWN)
+
+
+_CONTENT_TYPES: dict[str, ContentType] = {}
+
+
+def content_type(mime: str) -> ContentType:
+    """The (shared, immutable) ContentType of a MIME type."""
+    found = _CONTENT_TYPES.get(mime)
+    if found is None:
+        found = ContentType(mime, family_of(mime))
+        if len(_CONTENT_TYPES) < 1024:
+            _CONTENT_TYPES[mime] = found
+    return found
 
 
 _PDF = ContentType(MIME_PDF, "pdf")
+_EMPTY = ContentType("application/x-empty", "other")
 _BY_FIRST_BYTE: dict[int, list[tuple[bytes, ContentType]]] = {}
 for _prefix, _mime in _PREFIXES:
     _BY_FIRST_BYTE.setdefault(_prefix[0], []).append((_prefix, ContentType(_mime, family_of(_mime))))
@@ -264,22 +277,28 @@ def _looks_like_mail(sample: bytes) -> bool:
     return len(names.intersection(_MAIL_HEADERS)) >= 2
 
 
+_EXTENSIONS: dict[bytes, str] = {}
+
+
 def extension_of(name: bytes) -> str:
     """Lower-case extension without the dot ('' when none)."""
-    base = name.rsplit(b"/", 1)[-1]
-    if b"." not in base.lstrip(b"."):
+    stem, dot, ext = name.rpartition(b"/")[2].rpartition(b".")
+    if not dot or not stem.lstrip(b"."):
         return ""
-    return base.rsplit(b".", 1)[-1].decode("utf-8", "replace").lower()
+    known = _EXTENSIONS.get(ext)
+    if known is None:
+        known = ext.decode("utf-8", "replace").lower()
+        if len(_EXTENSIONS) < 4096:
+            _EXTENSIONS[ext] = known
+    return known
 
 
 def extension_mismatch(name: bytes, content: ContentType) -> bool:
     """True when the extension promises another family than the content has."""
     expected = EXTENSION_FAMILY.get(extension_of(name))
-    if expected is None or content.mime == "application/x-empty":
+    if expected is None or expected == content.family or content.mime == "application/x-empty":
         return False
-    if expected == "text" and content.family == "email":
-        return False  # a message saved as .txt is still readable text
-    return expected != content.family
+    return not (expected == "text" and content.family == "email")  # a message saved as .txt is text
 
 
 # ----------------------------------------------------------------- hidden files

@@ -38,6 +38,7 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_raw
 
 from services.manifest import classify
+from services.manifest.classify import SNIFF_BYTES
 
 WHOLE_READ_BYTES = 16 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
@@ -141,14 +142,25 @@ def _inspect_small(fd: int, ordinal: int, name: bytes, size: int,
                    exclude_families: frozenset[str], max_bytes: int) -> tuple[Any, ...]:
     data = _read_all(fd, size) if size else b""
     size = len(data)
-    content = classify.sniff(data[: classify.SNIFF_BYTES])
+    content = classify.sniff(data[:SNIFF_BYTES] if size > SNIFF_BYTES else data)
     mismatch = classify.extension_mismatch(name, content)
-    if content.family in exclude_families:
+    family = content.family
+    if family in exclude_families:
         return _result(ordinal, size, None, content, mismatch, excluded=True)
     if size > max_bytes:
         return _too_large(ordinal, size, content, mismatch, max_bytes)
     sha = hashlib.sha256(data).hexdigest()
+    if family in _PLAIN_FAMILIES and content.mime in _PLAIN_MIMES and size:
+        # The bulk of a case folder: nothing to check beyond the type.
+        return (ordinal, size, sha, content.mime, family, mismatch, _PLAIN_FAMILIES[family],
+                _PLAIN_FAMILIES[family], None, None, False, None)
     return _details(ordinal, size, sha, name, content, mismatch, data, None)
+
+
+# Types whose only check is their sniffed type; value: their pages (and OCR pages).
+_PLAIN_FAMILIES = {"text": 0, "image": 1}
+_PLAIN_MIMES = {classify.MIME_TEXT, classify.MIME_HTML, "image/png", "image/jpeg", "image/gif",
+                "image/tiff", "image/bmp", "image/webp"}
 
 
 def _inspect_large(fd: int, ordinal: int, name: bytes, size: int,
