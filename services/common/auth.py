@@ -1,6 +1,7 @@
 """Bearer-token authentication and scope checks for every gRPC server.
 
-Owns the `AuthInterceptor`: a call must carry `authorization: Bearer TOKEN`
+Owns the `Authenticator` (applied by the one server interceptor,
+`services.common.interceptor`): a call must carry `authorization: Bearer TOKEN`
 metadata; the token's scope (operator / worker / service) must be one the
 method allows. No token or an unknown one is UNAUTHENTICATED; a known token
 of the wrong scope is PERMISSION_DENIED. Health checks and reflection are
@@ -15,7 +16,8 @@ from __future__ import annotations
 import contextvars
 import enum
 import hmac
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import grpc
 
@@ -36,8 +38,8 @@ current_scope: contextvars.ContextVar[Scope | None] = contextvars.ContextVar(
 )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without a valid token of an allowed scope."""
+class Authenticator:
+    """Decides whether a call may run: its token's scope against the method's policy."""
 
     def __init__(
         self,
@@ -56,37 +58,34 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 found = scope
         return found
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
+    def refusal(
+        self, method: str, metadata: Iterable[tuple[str, Any]] | None
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """None when the call may run (and `current_scope` is set); else (code, message)."""
         if method.startswith(OPEN_SERVICES):
-            return await continuation(handler_call_details)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        header = metadata.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+            return None
+        header = ""
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value
+                break
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
         scope = self._scope_of(token) if token else None
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         if scope is None:
             why = "missing bearer token" if not token else "unknown bearer token"
-            return _refuse(handler, grpc.StatusCode.UNAUTHENTICATED, why)
+            return grpc.StatusCode.UNAUTHENTICATED, why
         allowed = self._policy.get(method, OPERATOR_ONLY)
         if scope not in allowed:
             names = ", ".join(sorted(s.value for s in allowed))
-            return _refuse(
-                handler,
+            return (
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"a {scope.value} token may not call {method}; it needs scope {names}",
             )
         current_scope.set(scope)
-        return handler
+        return None
 
 
-def _refuse(
+def refused(
     handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that aborts with `code`."""

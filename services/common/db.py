@@ -2,7 +2,8 @@
 
 Owns pool creation (`create_pool`): JSON/JSONB codecs on every connection,
 a bounded wait for the database at start-up, and the DSN passed through
-unchanged (never parsed or rebuilt here). The caller owns the pool and
+unchanged (never parsed or rebuilt here), and `HeldConnection` for a hot
+path that should not pay a pool checkout per transaction. The caller owns the pool and
 closes it (`server.serve` does, after the gRPC server has drained).
 NUMERIC comes back as `Decimal` (asyncpg's default): money stays exact.
 """
@@ -10,9 +11,11 @@ NUMERIC comes back as `Decimal` (asyncpg's default): money stays exact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import asyncpg
 
@@ -49,3 +52,51 @@ async def connect(dsn: str) -> asyncpg.Connection:
     conn = await asyncpg.connect(dsn)
     await _init_connection(conn)
     return conn
+
+
+class HeldConnection:
+    """One pooled connection kept checked out for a hot, mostly serial path.
+
+    `pool.acquire()` costs a reset round trip (`pg_advisory_unlock_all`,
+    `UNLISTEN *`, `RESET ALL`) and some Python on every release; a path that
+    runs one short transaction after another (the session service's report
+    ingest) keeps its connection instead. Concurrent use while the held one
+    is busy falls back to an ordinary pooled connection. After a failure the
+    held connection goes back to the pool (which resets it) and a fresh one
+    is taken on next use. Only for code that leaves no session state behind
+    (no LISTEN, no session-level locks or settings, no open transaction).
+    `close()` returns it to the pool: call it before closing the pool.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._conn: asyncpg.Connection | None = None
+        self._busy = False
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._busy:
+            async with self._pool.acquire() as conn:
+                yield conn
+            return
+        self._busy = True
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await self._pool.acquire()
+            conn = self._conn
+            try:
+                yield conn
+            except BaseException:
+                self._conn = None
+                await self._pool.release(conn)
+                raise
+            if conn.is_in_transaction():  # pragma: no cover - a caller bug; let the pool reset it
+                self._conn = None
+                await self._pool.release(conn)
+        finally:
+            self._busy = False
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.release(conn)

@@ -1,7 +1,8 @@
 """Domain errors and their one mapping to gRPC status codes with details.
 
 Owns the error vocabulary of every service: stores and servicers raise these
-exceptions; `ErrorInterceptor` turns them into `context.abort_with_status`
+exceptions; `abort_for` (called by the one server interceptor,
+`services.common.interceptor`) turns them into `context.abort_with_status`
 with the most specific code and a `google.rpc.Status` carrying details
 (BadRequest field violations, QuotaFailure, PreconditionFailure,
 ResourceInfo, ErrorInfo). Anything else is a bug: INTERNAL with a generic
@@ -13,8 +14,8 @@ Each exception's docstring is its default message.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -234,7 +235,8 @@ def _translate(exc: BaseException) -> DomainError | None:
     return None
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    """Ends the call with the status `exc` maps to (raises grpc.aio.AbortError)."""
     error = _translate(exc)
     if error is None:
         logger.exception("internal error in %s", method, extra={"rpc_method": method})
@@ -243,56 +245,3 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
         if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
             logger.warning("%s: %s", method, error.message, extra={"rpc_method": method})
         await context.abort_with_status(to_status(error))
-
-
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await behavior(request, context)
-        except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # noqa: BLE001 - this is the one place that maps errors
-            await _abort(context, exc, method)
-
-    return wrapper
-
-
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for item in behavior(request, context):
-                yield item
-        except (grpc.aio.AbortError, KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc, method)
-
-    return wrapper
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by any handler to precise status codes."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler
-

@@ -25,9 +25,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.auth import AuthInterceptor, Scope
+from services.common.auth import Authenticator, Scope
 from services.common.config import ServiceSettings, describe_invalid
-from services.common.errors import ErrorInterceptor
+from services.common.interceptor import PlatformInterceptor
 from services.common.metrics import MetricsHTTPServer, ServiceMetrics, serve_metrics
 
 logger = logging.getLogger(__name__)
@@ -64,20 +64,17 @@ async def build_server(
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
     policy: Mapping[str, Iterable[Scope]],
-    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     metrics: ServiceMetrics | None = None,
 ) -> RunningServer:
     """Builds, binds and starts a server; every named service is SERVING.
 
     `metrics` is the service's registry (a bare `ServiceMetrics` when None);
-    its interceptor is the outermost, so it records the codes callers get.
+    every call goes through `interceptor.PlatformInterceptor` (metrics, auth,
+    error mapping), so what it records is the code a caller gets.
     """
     metrics = metrics if metrics is not None else ServiceMetrics()
     interceptors = [
-        metrics.interceptor(),
-        *extra_interceptors,
-        ErrorInterceptor(),
-        AuthInterceptor(settings.token_scopes(), policy),
+        PlatformInterceptor(Authenticator(settings.token_scopes(), policy), metrics.rpc_recorder())
     ]
     server = grpc.aio.server(
         interceptors=interceptors,

@@ -2,8 +2,9 @@
 
 Owns what is the same in every service: `ServiceMetrics` (one
 `CollectorRegistry` per server, with the process collectors and the RPC
-latency histogram), `MetricsInterceptor` (the one server interceptor that
-times every RPC and records its status code), `DatabaseCollector` (metric
+latency histogram), `RpcRecorder` (what the one server interceptor,
+`services.common.interceptor`, records of every RPC: duration and status
+code), `DatabaseCollector` (metric
 families read from Postgres on each scrape), `watching` (a gauge held up
 while a stream is open), and `MetricsHTTPServer` (the `/metrics` port,
 started and stopped with the gRPC server by `grpc_server.build_server`).
@@ -17,7 +18,7 @@ Decisions:
   process in production runs one service anyway.
 - Hot paths never create label children per call: metrics with a small
   closed label set (stage, outcome) are bound once into dicts or attributes;
-  the RPC interceptor caches its child per (method, code) on first use.
+  the RPC recorder caches its child per (method, code) on first use.
 - Values Postgres already holds (documents by state, budgets) are read on
   scrape by a `DatabaseCollector`, never mirrored in memory: they are then
   correct after a restart and identical on every replica. With several
@@ -34,8 +35,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -97,8 +97,8 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
-    def interceptor(self) -> MetricsInterceptor:
-        return MetricsInterceptor(self.rpc_duration)
+    def rpc_recorder(self) -> RpcRecorder:
+        return RpcRecorder(self.rpc_duration)
 
     def add_database_collector(
         self,
@@ -132,13 +132,12 @@ def _split_method(full: str) -> tuple[str, str]:
     return service, method
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Times every RPC and records its final status code.
+class RpcRecorder:
+    """Records each RPC's duration and final status code (used by the one server interceptor).
 
-    It must be the outermost interceptor so that what it sees is what the
-    caller gets: codes set by the error mapping and refusals by auth too.
     A stream's duration is its whole life (for watch streams: how long a
-    watcher stayed).
+    watcher stayed). The interceptor is the outermost layer, so the code
+    recorded is the one the caller gets, refusals by auth included.
     """
 
     def __init__(self, histogram: Histogram) -> None:
@@ -169,68 +168,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return grpc.StatusCode.UNKNOWN
         return grpc.StatusCode.OK
 
-    def _unary(self, behavior: Callable[..., Awaitable[Any]], method: str, kind: str
-               ) -> Callable[..., Awaitable[Any]]:
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            failure: BaseException | None = None
-            try:
-                return await behavior(request, context)
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                self._child(method, kind, self._code(context, failure)).observe(
-                    time.perf_counter() - start
-                )
-
-        return wrapper
-
-    def _stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str, kind: str
-                ) -> Callable[..., AsyncIterator[Any]]:
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            failure: BaseException | None = None
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                self._child(method, kind, self._code(context, failure)).observe(
-                    time.perf_counter() - start
-                )
-
-        return wrapper
-
-    async def intercept_service(
+    def observe(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        des, ser = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, "unary"), des, ser
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method, "server_stream"), des, ser
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method, "client_stream"), des, ser
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(handler.stream_stream, method, "bidi_stream"), des, ser
-            )
-        return handler
+        method: str,
+        kind: str,
+        context: grpc.aio.ServicerContext,
+        failure: BaseException | None,
+        seconds: float,
+    ) -> None:
+        self._child(method, kind, self._code(context, failure)).observe(seconds)
 
 
 @contextlib.contextmanager

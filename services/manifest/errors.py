@@ -1,8 +1,8 @@
 """Domain errors of the manifest service that services.common does not define.
 
 Owns `PermissionDenied`: a well-formed request for something this service
-may not touch (a path outside its source roots). The shared
-`ErrorInterceptor` maps it like every `DomainError`, by its `code`.
+may not touch (a path outside its source roots). The server interceptor
+(`errors.abort_for`) maps it like every `DomainError`, by its `code`.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class SessionServer(RunningServer):
             await self.reconciler.stop()
         await self.server.stop(grace)
         if self.servicer is not None:
-            await self.servicer.drain()
+            await self.servicer.close()
         if self.hub is not None:
             await self.hub.stop()
         self.stop_metrics()

@@ -1117,6 +1117,11 @@ class SessionServicer:
         if self._background:
             await asyncio.wait(list(self._background), timeout=5)
 
+    async def close(self) -> None:
+        """At shutdown, after the server stopped: drains, then gives back held connections."""
+        await self.drain()
+        await self._store.close()
+
     # ------------------------------------------------------------ verify
 
     async def VerifySession(

@@ -44,6 +44,7 @@ from typing import Any
 
 import asyncpg
 
+from services.common import db
 from services.common.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -1219,6 +1220,16 @@ class SessionStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # The report ingest runs one short transaction after another: each
+        # kind keeps its connection (see db.HeldConnection); `close()` gives
+        # them back.
+        self._started_conn = db.HeldConnection(pool)
+        self._results_conn = db.HeldConnection(pool)
+
+    async def close(self) -> None:
+        """Returns the connections this store holds to the pool (before the pool closes)."""
+        await self._started_conn.close()
+        await self._results_conn.close()
 
     # ------------------------------------------------------------ projects
 
@@ -2172,7 +2183,7 @@ class SessionStore:
         first = [reports[i] for i in unique]
 
         async def run() -> list[asyncpg.Record]:
-            async with self.pool.acquire() as conn:
+            async with self._started_conn.acquire() as conn:
                 return await conn.fetch(
                     _STARTED_SQL,
                     [uuid.UUID(r.document_id) for r in first],
@@ -2225,7 +2236,7 @@ class SessionStore:
         first = [reports[i] for i in unique]
 
         async def run() -> list[asyncpg.Record]:
-            async with self.pool.acquire() as conn:
+            async with self._results_conn.acquire() as conn:
                 return await conn.fetch(
                     _RESULTS_SQL,
                     [uuid.UUID(r.document_id) for r in first],

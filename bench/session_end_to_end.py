@@ -1,0 +1,263 @@
+"""Benchmark: N no-op documents through all three stages, docimport against bare Celery.
+
+Usage::
+
+    .venv/bin/python bench/session_end_to_end.py [--documents 10000] [--concurrency 2] [--rounds 1]
+
+Prints, in one run, the wall time of N documents through extract, chunk and
+entities:
+
+- bare Celery: one chain of three no-op tasks per document, published by
+  a plain `apply_async` loop; done when the last link of every chain ran
+  (an INCR per document). The clock starts before the first publish.
+- docimport: a session of N documents (manifest rows written straight into
+  the database, as in the other session benchmarks) created and started
+  with CreateSession; the real session service (dispatcher, Celery
+  publishing, report ingest, counters, events) and the real cost service,
+  and the real worker tasks whose stages do nothing (see
+  bench/e2e_workers.py): per stage a ReportStageStarted, an artifact put,
+  a RecordCosts and a ReportStageResult. Done when GetSession says
+  COMPLETED. The clock starts before CreateSession.
+
+Both use the same worker process type (`python bench/e2e_workers.py`, the
+Celery configuration and `celery worker` arguments of docimport-worker:
+prefork, `--concurrency` processes, prefetch 1, acks_late, task events), the
+same Redis and machine; the two alternate `--rounds` times. DESIGN.md's
+target: docimport <= 1.3x the bare wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from docimport.session.v1 import session_service_pb2 as pb
+from session_common import (
+    ROOT,
+    TOKENS,
+    insert_manifest,
+    private_database,
+    private_redis,
+    services,
+)
+
+from e2e_workers import DONE_KEY
+from services.common.tasks import STAGES, StagePayload
+from services.session.queue import CeleryEnqueuer
+
+
+def start_worker(kind: str, broker_url: str, concurrency: int, env: dict[str, str]) -> subprocess.Popen:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")}
+    base.update(
+        {
+            "DOCIMPORT_BROKER_URL": broker_url,
+            "DOCIMPORT_POOL": "prefork",
+            "DOCIMPORT_CONCURRENCY": str(concurrency),
+            "DOCIMPORT_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}",
+            **env,
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "e2e_workers.py"), kind],
+        env=base,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(10)
+
+
+def wait_ready(broker_url: str, timeout: float = 60.0) -> None:
+    """Waits until a worker answers a Celery ping (it consumes its queues)."""
+    from e2e_workers import bare_app
+    from services.worker.config import WorkerSettings
+
+    app = bare_app(WorkerSettings(broker_url=broker_url))
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if app.control.ping(timeout=0.5):
+                return
+        raise TimeoutError("the worker did not answer a ping")
+    finally:
+        app.close()
+
+
+def bare_round(broker_url: str, client, n: int, concurrency: int) -> float:  # type: ignore[no-untyped-def]
+    from celery import chain
+
+    from e2e_workers import bare_app
+    from services.worker.config import WorkerSettings
+
+    client.flushdb()
+    settings = WorkerSettings(broker_url=broker_url)
+    app = bare_app(settings)
+    tasks = app.bench_tasks
+    worker = start_worker("bare", broker_url, concurrency, {})
+    try:
+        # one warm-up document: the worker is up and consuming every queue
+        chain(*(tasks[s].si({"warm": True}) for s in STAGES)).apply_async()
+        deadline = time.monotonic() + 60
+        while int(client.get(DONE_KEY) or 0) < 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError("bare worker did not start")
+            time.sleep(0.05)
+        client.delete(DONE_KEY)
+        payloads = [
+            StagePayload(
+                session_id=str(uuid.uuid4()),
+                document_id=str(uuid.uuid4()),
+                stage="extract",
+                attempt=1,
+                source_path="/data/bench-case",
+                relative_path=f"pleadings/doc_{i:06d}.pdf",
+                raw_path_b64="cGxlYWRpbmdzL2RvY18wMDAwMDAucGRm",
+                sha256="0" * 64,
+                size_bytes=250_000 + i,
+                plan="text_layer",
+                category="pleadings",
+                page_count=3,
+                lease_seconds=360.0,
+                options={"task_id": "", "mime_type": "application/pdf"},
+            ).to_json()
+            for i in range(n)
+        ]
+        start = time.perf_counter()
+        for p in payloads:
+            chain(*(tasks[s].si(p) for s in STAGES)).apply_async()
+        while int(client.get(DONE_KEY) or 0) < n:
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - start
+    finally:
+        stop_worker(worker)
+        app.close()
+    return elapsed
+
+
+async def docimport_round(broker_url: str, client, n: int, concurrency: int) -> tuple[float, dict]:  # type: ignore[no-untyped-def]
+    client.flushdb()
+    enqueuer = CeleryEnqueuer(broker_url)
+    artifacts = tempfile.mkdtemp(prefix="di-bench-artifacts-")
+    try:
+        async with private_database() as db_url:
+            async with services(
+                db_url, broker_url, enqueuer=enqueuer, background=True, pool_size=12
+            ) as stack:
+                manifest_id = await insert_manifest(stack.pool, n)
+                worker = start_worker(
+                    "docimport",
+                    broker_url,
+                    concurrency,
+                    {
+                        "DOCIMPORT_SESSION_ADDR": f"127.0.0.1:{stack.session_port}",
+                        "DOCIMPORT_COST_ADDR": f"127.0.0.1:{stack.cost_port}",
+                        "DOCIMPORT_TOKEN": TOKENS["worker"],
+                        "DOCIMPORT_ARTIFACT_DIR": artifacts,
+                    },
+                )
+                try:
+                    # the worker is consuming before the clock starts
+                    await asyncio.to_thread(wait_ready, broker_url)
+                    stub = stack.session_stub()
+                    start = time.perf_counter()
+                    created = await stub.CreateSession(
+                        pb.CreateSessionRequest(
+                            request_id=str(uuid.uuid4()),
+                            manifest_id=manifest_id,
+                            project_name="Bench v. Mark",
+                            start=True,
+                        ),
+                        timeout=600,
+                    )
+                    session_id = created.session.session_id
+                    while True:
+                        got = (
+                            await stub.GetSession(pb.GetSessionRequest(session_id=session_id))
+                        ).session
+                        if got.state not in (
+                            pb.SESSION_STATE_RUNNING,
+                            pb.SESSION_STATE_CREATED,
+                        ):
+                            break
+                        await asyncio.sleep(0.05)
+                    elapsed = time.perf_counter() - start
+                finally:
+                    stop_worker(worker)
+                counts = {
+                    r["state"]: r["n"]
+                    for r in await stack.pool.fetch(
+                        "SELECT state, count(*) AS n FROM session.stage_runs GROUP BY state"
+                    )
+                }
+                timeline = await stack.pool.fetchrow(
+                    """
+                    WITH r AS (
+                      SELECT stage, queued_at, started_at, finished_at,
+                             lag(finished_at) OVER (PARTITION BY document_id ORDER BY queued_at) AS prev_done
+                      FROM session.stage_runs)
+                    SELECT avg(extract(epoch FROM started_at - queued_at)) AS queue_wait,
+                           avg(extract(epoch FROM finished_at - started_at)) AS running,
+                           avg(extract(epoch FROM queued_at - prev_done)) AS next_stage_after,
+                           extract(epoch FROM max(finished_at) - min(queued_at)) AS span
+                    FROM r
+                    """
+                )
+                print("  timeline (mean s):", {k: round(float(v), 4) for k, v in timeline.items()})
+                assert got.state == pb.SESSION_STATE_COMPLETED, (got.state, got.counts)
+                assert got.counts.completed == n, got.counts
+                return elapsed, counts
+    finally:
+        await enqueuer.close()
+        subprocess.run(["rm", "-rf", artifacts], check=False)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--documents", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--only", choices=("bare", "docimport"), help="run one side (profiling)")
+    args = parser.parse_args()
+    n = args.documents
+    bare_times, di_times = [], []
+    with private_redis(13) as (broker_url, client):
+        for _ in range(args.rounds):
+            if args.only != "docimport":
+                bare_times.append(
+                    await asyncio.to_thread(bare_round, broker_url, client, n, args.concurrency)
+                )
+            if args.only != "bare":
+                elapsed, runs = await docimport_round(broker_url, client, n, args.concurrency)
+                di_times.append(elapsed)
+    if args.only:
+        print(f"{args.only}: {min(bare_times or di_times):.2f} s")
+        return
+    bare, di = min(bare_times), min(di_times)
+    print(f"{n:,} no-op documents x {len(STAGES)} stages, prefork concurrency {args.concurrency}, "
+          f"best of {args.rounds}")
+    print(f"  bare Celery chains   {bare:7.2f} s  ({n * len(STAGES) / bare:,.0f} tasks/s)")
+    print(f"  docimport session    {di:7.2f} s  ({n * len(STAGES) / di:,.0f} stage runs/s) "
+          f"= {di / bare:.2f}x bare wall time")
+    print(f"  stage runs by state  {runs}")
+    print("  target: <= 1.3x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
