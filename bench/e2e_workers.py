@@ -98,9 +98,6 @@ def main() -> None:
     from services.worker.__main__ import worker_argv
 
     kind = sys.argv[1]
-    import os
-    if os.environ.get("BENCH_TIMING"):
-        exec(open("/tmp/timing_patch.py").read(), {})
     settings = WorkerSettings()
     app = bare_app(settings) if kind == "bare" else docimport_app(settings)
     app.worker_main(worker_argv(settings))
