@@ -196,7 +196,7 @@ async def docimport_round(broker_url: str, client, n: int, concurrency: int) -> 
                             pb.SESSION_STATE_CREATED,
                         ):
                             break
-                        await asyncio.sleep(0.05)
+                        await asyncio.sleep(0.25)
                     elapsed = time.perf_counter() - start
                 finally:
                     stop_worker(worker)
@@ -220,6 +220,16 @@ async def docimport_round(broker_url: str, client, n: int, concurrency: int) -> 
                     """
                 )
                 print("  timeline (mean s):", {k: round(float(v), 4) for k, v in timeline.items()})
+                if os.environ.get("BENCH_RPC"):
+                    sums: dict = {}
+                    for fam in stack.session_server.metrics.registry.collect():
+                        if fam.name == "docimport_rpc_duration_seconds":
+                            for smp in fam.samples:
+                                if smp.name.endswith(("_sum", "_count")):
+                                    key = smp.labels["method"]
+                                    sums.setdefault(key, {})[smp.name[-3:]] = smp.value
+                    for key, v in sums.items():
+                        print(f"    server {key}: n={v['unt']:.0f} mean={v['sum'] / max(v['unt'], 1) * 1000:.2f} ms")
                 assert got.state == pb.SESSION_STATE_COMPLETED, (got.state, got.counts)
                 assert got.counts.completed == n, got.counts
                 return elapsed, counts

@@ -914,6 +914,10 @@ def _dedupe(keys: Sequence[Any]) -> tuple[list[int], list[int]]:
     return unique, index
 
 
+# First key of the session dispatch advisory locks ("disp"); the second is the session id's hash.
+_DISPATCH_LOCK = 0x64697370
+
+
 async def _retrying(fn: Callable[[], Awaitable[Any]], attempts: int = 4) -> Any:
     """Runs a transaction again when Postgres aborted it for a deadlock."""
     for attempt in range(1, attempts + 1):
@@ -1951,8 +1955,8 @@ class SessionStore:
     ) -> DispatchRound:
         """One dispatch round for one session, in one transaction.
 
-        Locks the session row with SKIP LOCKED (another dispatcher working on
-        it means this one moves on), claims up to min(limit, the session's
+        Takes the session's dispatch lock, without waiting (another
+        dispatcher working on it means this one moves on), claims up to min(limit, the session's
         free in-flight slots) pending documents with FOR UPDATE SKIP LOCKED,
         documents resuming a later stage or a retry first, then by dispatch
         rank; calls `reserve` (inside the transaction: its keys are
@@ -1962,10 +1966,18 @@ class SessionStore:
         """
         sid = uuid.UUID(session_id)
         async with self.pool.acquire() as conn, conn.transaction():
+            # One dispatcher per session at a time, by a transaction-scoped
+            # advisory lock rather than the session row's lock: stage reports
+            # update that row (counters) all the time and must not wait for a
+            # dispatch round; this round takes the row's lock only at its end,
+            # in the counters update, just before it commits.
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock($1, hashtext($2))", _DISPATCH_LOCK, session_id
+            ):
+                return DispatchRound(session_id, (), False)
             row = await conn.fetchrow(
                 _SESSION_SELECT
-                + " WHERE s.session_id = $1 AND s.state IN ('running', 'budget_exhausted') "
-                "FOR UPDATE OF s SKIP LOCKED",
+                + " WHERE s.session_id = $1 AND s.state IN ('running', 'budget_exhausted')",
                 sid,
             )
             if row is None:
