@@ -64,14 +64,27 @@ class HeldConnection:
     is busy falls back to an ordinary pooled connection. After a failure the
     held connection goes back to the pool (which resets it) and a fresh one
     is taken on next use. Only for code that leaves no session state behind
-    (no LISTEN, no session-level locks or settings, no open transaction).
-    `close()` returns it to the pool: call it before closing the pool.
+    (no LISTEN, no session-level locks, no open transaction). `settings` are
+    session settings (`SET name = value`) made on the held connection when it
+    is taken; the pool's reset undoes them when it goes back. `close()`
+    returns it to the pool: call it before closing the pool.
     """
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: dict[str, str] | None = None) -> None:
         self._pool = pool
+        self._settings = dict(settings or {})
         self._conn: asyncpg.Connection | None = None
         self._busy = False
+
+    async def _take(self) -> asyncpg.Connection:
+        conn = await self._pool.acquire()
+        try:
+            for name, value in self._settings.items():
+                await conn.execute("SELECT set_config($1, $2, false)", name, value)
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        return conn
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
@@ -82,7 +95,7 @@ class HeldConnection:
         self._busy = True
         try:
             if self._conn is None or self._conn.is_closed():
-                self._conn = await self._pool.acquire()
+                self._conn = await self._take()
             conn = self._conn
             try:
                 yield conn

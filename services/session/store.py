@@ -1226,8 +1226,13 @@ class SessionStore:
         self.pool = pool
         # The report ingest runs one short transaction after another: each
         # kind keeps its connection (see db.HeldConnection); `close()` gives
-        # them back.
-        self._started_conn = db.HeldConnection(pool)
+        # them back. A started report commits without waiting for its WAL
+        # flush (the next synchronous commit, e.g. the run's result, flushes
+        # it): a database crash can lose only the last few, and a run whose
+        # start was lost still looks queued, under a queued lease longer
+        # than its running one, and its result is accepted as from a queued
+        # run. Results, dispatch rounds and the cost ledger stay synchronous.
+        self._started_conn = db.HeldConnection(pool, {"synchronous_commit": "off"})
         self._results_conn = db.HeldConnection(pool)
 
     async def close(self) -> None:
