@@ -246,7 +246,8 @@ def _text_kind(head: bytes) -> str | None:
         return None
     sample = head.lstrip(b"\xef\xbb\xbf")
     try:
-        sample.decode("utf-8")
+        if not sample.isascii():  # ASCII is UTF-8; isascii() is a scan, decode() builds a str
+            sample.decode("utf-8")
     except UnicodeDecodeError as exc:
         # A multi-byte character cut by the end of `head` is still text.
         if exc.start < len(sample) - 4:
