@@ -314,6 +314,14 @@ _SYSTEM_NAMES = {
 }
 
 
+_SYSTEM_NAME_LENGTHS = frozenset(len(name) for name in _SYSTEM_NAMES)
+
+
+def may_be_hidden(name: bytes) -> bool:
+    """False when `hidden_reason(name)` is surely None outside hidden folders (a cheap first test)."""
+    return name[:1] in (b".", b"~") or len(name) in _SYSTEM_NAME_LENGTHS
+
+
 def hidden_reason(name: bytes, *, in_hidden_folder: bytes | None = None) -> str | None:
     """Why a file is excluded as hidden or system, or None when it is not."""
     lowered = name.lower()
