@@ -109,6 +109,7 @@ _MAIL_HEADERS = (
     b"from", b"to", b"subject", b"date", b"message-id", b"received", b"return-path",
     b"mime-version", b"cc", b"reply-to", b"delivered-to", b"x-mailer", b"content-type",
 )
+_MAIL_HEADER_SET = frozenset(_MAIL_HEADERS)
 _HEADER_LINE = re.compile(rb"^([A-Za-z0-9][A-Za-z0-9-]*):[ \t]", re.MULTILINE)
 
 
@@ -157,7 +158,8 @@ def sniff(head: bytes) -> ContentType:
     media = _media_kind(head)
     if media is not None:
         return content_type(media)
-    if head.find(b"%PDF-", 0, 1024) >= 0:  # a PDF after some leading junk
+    # A PDF after some leading junk (the one-byte search first: it is a memchr).
+    if head.find(b"%", 0, 1024) >= 0 and head.find(b"%PDF-", 0, 1024) >= 0:
         return _PDF
     text = _text_kind(head)
     if text is not None:
@@ -246,7 +248,8 @@ def _text_kind(head: bytes) -> str | None:
         return None
     sample = head.lstrip(b"\xef\xbb\xbf")
     try:
-        sample.decode("utf-8")
+        if not sample.isascii():  # ASCII is UTF-8; isascii() is a scan, decode() builds a str
+            sample.decode("utf-8")
     except UnicodeDecodeError as exc:
         # A multi-byte character cut by the end of `head` is still text.
         if exc.start < len(sample) - 4:
@@ -272,9 +275,19 @@ def _looks_like_mail(sample: bytes) -> bool:
     first = sample[: end if end >= 0 else 1000]
     if not (_HEADER_LINE.match(first) or first.startswith(b"From ")):
         return False
-    block = sample[:4096].split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-    names = {m.group(1).lower() for m in _HEADER_LINE.finditer(block)}
-    return len(names.intersection(_MAIL_HEADERS)) >= 2
+    stop = 4096  # the header block: up to the first blank line, within 4 KiB
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        found = sample.find(separator, 0, stop)
+        if found >= 0:
+            stop = found
+    seen: set[bytes] = set()
+    for match in _HEADER_LINE.finditer(sample, 0, stop):
+        name = match.group(1).lower()
+        if name in _MAIL_HEADER_SET:
+            seen.add(name)
+            if len(seen) >= 2:
+                return True
+    return False
 
 
 _EXTENSIONS: dict[bytes, str] = {}
@@ -311,6 +324,14 @@ _SYSTEM_NAMES = {
     b"icon\r": "macOS folder icon (Icon\\r)",
     b".localized": "macOS localisation marker (.localized)",
 }
+
+
+_SYSTEM_NAME_LENGTHS = frozenset(len(name) for name in _SYSTEM_NAMES)
+
+
+def may_be_hidden(name: bytes) -> bool:
+    """False when `hidden_reason(name)` is surely None outside hidden folders (a cheap first test)."""
+    return name[:1] in (b".", b"~") or len(name) in _SYSTEM_NAME_LENGTHS
 
 
 def hidden_reason(name: bytes, *, in_hidden_folder: bytes | None = None) -> str | None:

@@ -7,12 +7,23 @@ process boundary 100,000 times in a big scan, and tuples pickle several
 times faster than dataclasses.
 
 Reading rules: a file is opened once, by the real path the walker vetted
-(inside the scanned folder), with O_NOFOLLOW and O_NONBLOCK (a FIFO swapped
-in after the walk can never block a worker), and its (device, inode) is
-checked against the walker's stat. Files up to `WHOLE_READ_BYTES` are read
-in one call and inspected from memory (one read for hash, type and pages);
-larger ones are hashed through a 1 MiB buffer and inspected by seeking, so
-a multi-GB file is never held in memory.
+(inside the scanned folder), with O_NOFOLLOW and O_NONBLOCK (a FIFO or a
+device swapped in after the walk can never block a worker), and is then
+known by its `fstat`: the walk does not stat regular files (see
+`scanner.py`), so the size, the mtime and the regular-file check come from
+here. Its (device, inode) is checked against the walk's (the folder's
+device and the directory entry's inode); when they differ (overlayfs and
+bind mounts can report another inode in a listing than in a stat) the file
+still counts as the one walked when `/proc/self/fd` shows it was opened at
+exactly the vetted path, i.e. no symlink was swapped into the path since.
+Files up to `WHOLE_READ_BYTES` are read in one call into a per-process
+buffer and inspected from memory (one read for hash, type and pages; a
+fresh `bytes` per file costs more than the hashing of a 25 KiB file, in
+page faults); larger ones are hashed through a 1 MiB buffer and inspected
+by seeking, so a multi-GB file is never held in memory. In a batch of more
+than one file, a file over `WHOLE_READ_BYTES` is not read but handed back
+(problem `HANDED_BACK`): the scanner sends it again alone, so big files are
+hashed in parallel instead of one after another in one worker.
 
 Pages: PDFium opens the document (error 4 or 5: encrypted, any other:
 corrupt) and loads each page; a page has a text layer when it holds a text
@@ -48,14 +59,18 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLO
     os, "O_CLOEXEC", 0
 )
 
-# Result tuple fields (see `inspect_file`).
+# Result tuple fields (see `inspect_file`); R_MTIME is appended by `inspect_batch`.
 R_ORDINAL, R_SIZE, R_SHA256, R_MIME, R_FAMILY, R_MISMATCH = 0, 1, 2, 3, 4, 5
-R_PAGES, R_OCR_PAGES, R_PROBLEM, R_MESSAGE, R_EXCLUDED_TYPE, R_ATTACHMENTS = 6, 7, 8, 9, 10, 11
+R_PAGES, R_OCR_PAGES, R_PROBLEM, R_MESSAGE, R_EXCLUDED_TYPE, R_ATTACHMENTS, R_MTIME = 6, 7, 8, 9, 10, 11, 12
+
+# R_PROBLEM of a big file in a batch of several: not read, to be sent again alone.
+HANDED_BACK = "handed_back"
 
 # Attachment tuple: (index, name, size, sha256, mime, family, mismatch, pages,
 # ocr_pages, problem, message)
 
 _buffer: bytearray | None = None
+_whole: bytearray | None = None
 
 
 def _chunk_buffer() -> memoryview:
@@ -65,13 +80,21 @@ def _chunk_buffer() -> memoryview:
     return memoryview(_buffer)
 
 
+def _whole_buffer() -> memoryview:
+    global _whole
+    if _whole is None:
+        _whole = bytearray(WHOLE_READ_BYTES)
+    return memoryview(_whole)
+
+
 def inspect_batch(
-    tasks: list[tuple[int, bytes, bytes, int, int, int]],
+    tasks: list[tuple[int, bytes, bytes, int, int]],
     exclude_families: frozenset[str],
     max_bytes: int,
 ) -> list[tuple[Any, ...]]:
-    """Inspects each (ordinal, path, name, size, dev, ino) of a batch, in order."""
-    return [inspect_file(t, exclude_families, max_bytes) for t in tasks]
+    """Inspects each (ordinal, path, name, dev, ino) of a batch, in order (see `inspect_file`)."""
+    alone = len(tasks) == 1
+    return [inspect_file(t, exclude_families, max_bytes, alone) for t in tasks]
 
 
 def _result(ordinal: int, size: int, sha: str | None, content: classify.ContentType, mismatch: bool,
@@ -85,34 +108,77 @@ _NOTHING = classify.ContentType("", "other")
 
 
 def inspect_file(
-    task: tuple[int, bytes, bytes, int, int, int],
+    task: tuple[int, bytes, bytes, int, int],
     exclude_families: frozenset[str],
     max_bytes: int,
+    alone: bool = True,
 ) -> tuple[Any, ...]:
-    """Reads one file; never raises for anything the file itself causes."""
-    ordinal, path, name, size, dev, ino = task
+    """The result tuple (fields R_*, mtime last) of one file; never raises for the file's faults.
+
+    `dev`/`ino` are what the walk saw; `alone` is False in a batch of several
+    (a big file is then handed back unread).
+    """
+    ordinal, path, name, dev, ino = task
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
         kind, message = _open_error(exc)
-        return _result(ordinal, size, None, _NOTHING, False, problem=kind, message=message)
+        size, mtime = _lstat(path)
+        return (*_result(ordinal, size, None, _NOTHING, False, problem=kind, message=message), mtime)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return _result(ordinal, size, None, _NOTHING, False, problem="not_a_file",
-                           message="not a regular file any more (replaced during the scan)")
-        if (st.st_dev, st.st_ino) != (dev, ino):
-            return _result(ordinal, st.st_size, None, _NOTHING, False, problem="unreadable",
-                           message="the file was replaced during the scan; scan again")
+        mtime = st.st_mtime
         size = st.st_size
+        if not stat.S_ISREG(st.st_mode):
+            return (*_result(ordinal, size, None, _NOTHING, False, problem="not_a_file",
+                             message=f"{kind_of(st.st_mode)}: not read"), mtime)
+        if (st.st_ino != ino or st.st_dev != dev) and not _opened_at(fd, path):
+            return (*_result(ordinal, size, None, _NOTHING, False, problem="unreadable",
+                             message="the file was replaced during the scan; scan again"), mtime)
         if size <= WHOLE_READ_BYTES:
-            return _inspect_small(fd, ordinal, name, size, exclude_families, max_bytes)
-        return _inspect_large(fd, ordinal, name, size, exclude_families, max_bytes)
+            return (*_inspect_small(fd, ordinal, name, size, exclude_families, max_bytes), mtime)
+        if not alone:
+            return (*_result(ordinal, size, None, _NOTHING, False, problem=HANDED_BACK), mtime)
+        return (*_inspect_large(fd, ordinal, name, size, exclude_families, max_bytes), mtime)
     except OSError as exc:
-        return _result(ordinal, size, None, _NOTHING, False, problem="unreadable",
-                       message=f"read error: {exc.strerror or exc}")
+        return (*_result(ordinal, size, None, _NOTHING, False, problem="unreadable",
+                         message=f"read error: {exc.strerror or exc}"), None)
     finally:
         os.close(fd)
+
+
+def _lstat(path: bytes) -> tuple[int, float | None]:
+    """(size, mtime) of a file that could not be opened, as far as they can be known."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0, None
+    return st.st_size, st.st_mtime
+
+
+def _opened_at(fd: int, path: bytes) -> bool:
+    """True when `fd` was opened at exactly `path` (Linux: /proc/self/fd; elsewhere: unknown, False)."""
+    try:
+        return os.readlink(b"/proc/self/fd/%d" % fd) == path
+    except OSError:
+        return False
+
+
+_KIND_NAMES = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular file is, for a `not_a_file` message."""
+    for test, name in _KIND_NAMES:
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _open_error(exc: OSError) -> tuple[str, str]:
@@ -125,24 +191,28 @@ def _open_error(exc: OSError) -> tuple[str, str]:
     return "unreadable", f"cannot open: {exc.strerror or exc}"
 
 
-def _read_all(fd: int, size: int) -> bytes:
-    data = os.read(fd, size)
-    if len(data) < size:  # short read: keep going until EOF
-        parts = [data]
-        while True:
-            more = os.read(fd, CHUNK_BYTES)
-            if not more:
-                break
-            parts.append(more)
-        data = b"".join(parts)
-    return data
+def _read_into(fd: int, view: memoryview) -> int:
+    """Reads until `view` is full or EOF; the count read."""
+    got = os.readv(fd, [view])
+    while got and got < len(view):  # a short read: keep going until EOF
+        more = os.readv(fd, [view[got:]])
+        if not more:
+            break
+        got += more
+    return got
 
 
 def _inspect_small(fd: int, ordinal: int, name: bytes, size: int,
                    exclude_families: frozenset[str], max_bytes: int) -> tuple[Any, ...]:
-    data = _read_all(fd, size) if size else b""
-    size = len(data)
-    content = classify.sniff(data[:SNIFF_BYTES] if size > SNIFF_BYTES else data)
+    if size:
+        view = _whole_buffer()
+        size = _read_into(fd, view[:size])
+        data = view[:size]
+        head = bytes(data[:SNIFF_BYTES])
+    else:
+        data = memoryview(b"")
+        head = b""
+    content = classify.sniff(head)
     mismatch = classify.extension_mismatch(name, content)
     family = content.family
     if family in exclude_families:
@@ -154,7 +224,7 @@ def _inspect_small(fd: int, ordinal: int, name: bytes, size: int,
         # The bulk of a case folder: nothing to check beyond the type.
         return (ordinal, size, sha, content.mime, family, mismatch, _PLAIN_FAMILIES[family],
                 _PLAIN_FAMILIES[family], None, None, False, None)
-    return _details(ordinal, size, sha, name, content, mismatch, data, None)
+    return _details(ordinal, size, sha, name, content, mismatch, bytes(data), None)
 
 
 # Types whose only check is their sniffed type; value: their pages (and OCR pages).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -54,6 +54,30 @@ class ManifestFile:
             and self.exclusion_reason is None
             and self.family_parent_file_id is None
         )
+
+
+# A twin of ManifestFile, unfrozen, with the same slots in the same order.
+_ManifestFileDraft = make_dataclass(
+    "_ManifestFileDraft",
+    [(f.name, f.type, field(default=f.default)) if f.default is not MISSING else (f.name, f.type)
+     for f in fields(ManifestFile)],
+    slots=True,
+)
+
+
+def new_manifest_file(*args: Any, **kwargs: Any) -> ManifestFile:
+    """`ManifestFile(*args, **kwargs)` at a fifth of the cost, for the scanner's 100,000 rows.
+
+    A frozen dataclass's `__init__` sets each of its 22 fields through
+    `object.__setattr__` (2.6 us a row, a tenth of the per-file budget of a
+    scan of small files); the unfrozen twin sets them as plain slot stores,
+    and the finished object then becomes a ManifestFile (`__class__`
+    assignment: the two classes have the same slot layout, which Python
+    checks, so a field added to one and not the other fails at once).
+    """
+    made = _ManifestFileDraft(*args, **kwargs)
+    made.__class__ = ManifestFile  # type: ignore[assignment]
+    return made  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,25 @@ ever read):
   symlink loop and a link to a folder are listed with problem `not_a_file`.
   FIFOs, sockets and devices are listed `not_a_file` and never opened.
 - Workers open the vetted real path with O_NOFOLLOW|O_NONBLOCK and check
-  its (device, inode) against the walk's stat (see `content.py`).
+  its (device, inode) against the walk's (see `content.py`).
+
+Cost per file (a scan of 100,000 small files is bound by it; see
+bench/manifest_scan.py): the walk does not stat a regular file. scandir's
+d_type says it is one and d_ino gives its inode (its device is its
+folder's, which the walk stats once per folder); the worker that opens it
+`fstat`s the open file anyway, and that stat gives the row its size and
+mtime and is where a file swapped for a FIFO, a device or another file
+since the listing is caught (never read, listed `not_a_file` or
+`unreadable`). Only files that are not read (excluded ones, symlinks,
+entries that are not regular) are stat'ed by the walk. So sizes are not
+known before reading: batches are cut by count (`BATCH_MAX_FILES`, after
+small first batches that start every worker while the walk goes on), a file
+that turns out big in a batch of several is handed back by the worker and
+sent again alone (big files are hashed in parallel, not one after another
+in one worker), and progress reports files seen/done and bytes hashed, with
+the ETA counted in files and `bytes_total` known at the end. Rows are built
+through `model.new_manifest_file` (a frozen dataclass's `__init__` costs a
+tenth of a small file's budget).
 
 Listing rules (nothing is dropped silently): hidden and system files
 (.DS_Store, Thumbs.db, desktop.ini, `~$` lock files, `._` forks, dot files,
@@ -66,10 +84,9 @@ from typing import Any
 from services.common.errors import InvalidArgument, NotFound
 from services.manifest import classify, content
 from services.manifest.errors import PermissionDenied
-from services.manifest.model import ManifestFile, Progress, ScanOptions
+from services.manifest.model import ManifestFile, Progress, ScanOptions, new_manifest_file
 
-BATCH_MAX_FILES = 128
-BATCH_MAX_BYTES = 64 * 1024 * 1024
+BATCH_MAX_FILES = 512  # per IPC round trip; ~18 ms of small files for one worker
 
 
 # ----------------------------------------------------------------- paths
@@ -192,23 +209,11 @@ class _Entry:
     mtime: float | None
     exclusion: str | None = None
     problem: tuple[str, str] | None = None
-    task: tuple[int, bytes, bytes, int, int, int] | None = None
+    task: tuple[int, bytes, bytes, int, int] | None = None
     result: tuple[Any, ...] | None = None
 
 
-_KIND_NAMES = (
-    (stat.S_ISFIFO, "a named pipe (FIFO)"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
-def _kind_of(mode: int) -> str:
-    for test, name in _KIND_NAMES:
-        if test(mode):
-            return name
-    return "not a regular file"
+_kind_of = content.kind_of
 
 
 class _Walker:
@@ -232,17 +237,22 @@ class _Walker:
         return None
 
     def walk(self) -> Iterator[_Entry]:
-        """Entries in walk order; a regular file costs one lstat (from scandir) and no more."""
+        """Entries in walk order; a regular file costs no syscall of its own (d_type, d_ino)."""
         top = self._listing(self.source)
         if isinstance(top, OSError):
             raise PermissionDenied(f"the folder cannot be listed: {top.strerror}")
-        stack: list[tuple[bytes, tuple[str, ...], bytes | None, Iterator[os.DirEntry[bytes]]]] = [
-            (b"", (), None, top)]
+        try:
+            top_dev = os.stat(self.source).st_dev
+        except OSError as exc:
+            raise PermissionDenied(f"the folder cannot be read: {exc.strerror}") from None
+        stack: list[tuple[bytes, tuple[str, ...], bytes | None, int,
+                          Iterator[os.DirEntry[bytes]]]] = [(b"", (), None, top_dev, top)]
         is_set = self.cancel.is_set
         exclusion_of = self._exclusion
-        is_reg = stat.S_ISREG
+        globs = self.globs
+        may_be_hidden = classify.may_be_hidden
         while stack:
-            rel_dir, folders, hidden, entries = stack[-1]
+            rel_dir, folders, hidden, dev, entries = stack[-1]
             prefix = rel_dir + b"/" if rel_dir else b""
             for entry in entries:
                 if is_set():
@@ -253,25 +263,24 @@ class _Walker:
                     regular = entry.is_file(follow_symlinks=False)
                 except OSError:
                     regular = False
-                if regular:  # the fast path: most entries are plain files
+                if regular:  # the fast path: most entries are plain files; no stat (see `_Walker`)
                     self.ordinal += 1
                     ordinal = self.ordinal
-                    exclusion = exclusion_of(rel, name, hidden)
-                    try:
+                    if hidden is None and not globs and not may_be_hidden(name):
+                        exclusion = None
+                    else:
+                        exclusion = exclusion_of(rel, name, hidden)
+                    if exclusion is None:
+                        yield _Entry(ordinal, rel, folders, 0, None, None, None,
+                                     (ordinal, entry.path, rel, dev, entry.inode()))
+                        continue
+                    try:  # excluded files are not read: their size and mtime come from here
                         st = entry.stat(follow_symlinks=False)
                     except OSError as exc:
                         yield _Entry(ordinal, rel, folders, 0, None, exclusion,
                                      ("unreadable", f"cannot stat: {exc.strerror}"))
                         continue
-                    size = st.st_size
-                    if exclusion is not None:
-                        yield _Entry(ordinal, rel, folders, size, st.st_mtime, exclusion)
-                    elif is_reg(st.st_mode):
-                        yield _Entry(ordinal, rel, folders, size, st.st_mtime, None, None,
-                                     (ordinal, entry.path, rel, size, st.st_dev, st.st_ino))
-                    else:  # replaced by something else since the listing
-                        yield _Entry(ordinal, rel, folders, size, st.st_mtime, None,
-                                     ("not_a_file", f"{_kind_of(st.st_mode)}: not read"))
+                    yield _Entry(ordinal, rel, folders, st.st_size, st.st_mtime, exclusion)
                     continue
                 try:
                     is_link = entry.is_symlink()
@@ -280,13 +289,17 @@ class _Walker:
                     is_link, is_dir = False, False
                 if is_dir:
                     listing = self._listing(entry.path)
+                    try:
+                        sub_dev = entry.stat(follow_symlinks=False).st_dev
+                    except OSError as exc:
+                        listing = exc
                     sub_hidden = hidden if hidden is not None else (rel if name.startswith(b".") else None)
                     if isinstance(listing, OSError):
                         yield _Entry(self._next(), rel + b"/", folders, 0, None,
                                      exclusion=self._exclusion(rel + b"/", name, hidden),
                                      problem=("unreadable", f"the folder cannot be listed: {listing.strerror}"))
                         continue
-                    stack.append((rel, (*folders, display_path(name)), sub_hidden, listing))
+                    stack.append((rel, (*folders, display_path(name)), sub_hidden, sub_dev, listing))
                     break  # descend now; this folder's iterator resumes after the subfolder
                 yield self._file_entry(entry, rel, name, folders, hidden, is_link)
             else:
@@ -328,7 +341,7 @@ class _Walker:
         elif not stat.S_ISREG(st.st_mode):
             made.problem = ("not_a_file", f"{_kind_of(st.st_mode)}: not read")
             return made
-        made.task = (ordinal, target, rel, st.st_size, st.st_dev, st.st_ino)
+        made.task = (ordinal, target, rel, st.st_dev, st.st_ino)
         return made
 
     def _follow(self, link: bytes) -> tuple[str | None, bytes, os.stat_result | None]:
@@ -360,7 +373,11 @@ class _Walker:
 
 
 class _Tracker:
-    """Counters written by the scan thread and read by streams (GIL-atomic ints)."""
+    """Counters written by the scan thread and read by streams (GIL-atomic ints).
+
+    `bytes_total` stays 0 until every file is read (the walk does not stat
+    files, see `_Walker`); the ETA is counted in files.
+    """
 
     def __init__(self) -> None:
         self.phase = "walking"
@@ -376,9 +393,7 @@ class _Tracker:
         files_rate = self.files_done / elapsed
         bytes_rate = self.bytes_hashed / elapsed
         eta = None
-        if self.phase == "hashing" and bytes_rate > 0:
-            eta = max(self.bytes_total - self.bytes_hashed, 0) / bytes_rate
-        elif self.phase == "hashing" and files_rate > 0:
+        if self.phase == "hashing" and files_rate > 0:  # by files: bytes are known only once read
             eta = max(self.files_seen - self.files_done, 0) / files_rate
         return Progress(self.phase, self.files_seen, self.files_done, self.bytes_total,
                         self.bytes_hashed, self.current_path, files_rate, bytes_rate, eta)
@@ -482,9 +497,10 @@ class Scanner:
         pending: dict[concurrent.futures.Future[list[tuple[Any, ...]]], list[_Entry]] = {}
         limit = self.workers * 3
         batch: list[_Entry] = []
-        batch_bytes = 0
         batch_cap = 4  # small first batches get every worker busy at once
         assemble_seconds = 0.0
+        inspect = content.inspect_batch
+        max_bytes = self.max_file_bytes
 
         def drain() -> None:
             nonlocal assemble_seconds
@@ -504,23 +520,26 @@ class Scanner:
             )
             for fut in done:
                 items = pending.pop(fut)
-                read = 0
+                read = finished = 0
                 for item, result in zip(items, fut.result()):
+                    if result[8] == content.HANDED_BACK:  # a big file: hashed alone, in parallel
+                        pending[pool.submit(inspect, [item.task], exclude, max_bytes)] = [item]
+                        continue
                     item.result = result
                     read += result[1]
-                tracker.files_done += len(items)
+                    finished += 1
+                tracker.files_done += finished
                 tracker.bytes_hashed += read
                 tracker.current_path = display_path(items[-1].raw_path)
             if done:
                 drain()
 
         def submit() -> None:
-            nonlocal batch, batch_bytes
+            nonlocal batch
             while len(pending) >= limit:
                 collect(True)
-            tasks = [item.task for item in batch]
-            pending[pool.submit(content.inspect_batch, tasks, exclude, self.max_file_bytes)] = batch
-            batch, batch_bytes = [], 0
+            pending[pool.submit(inspect, [item.task for item in batch], exclude, max_bytes)] = batch
+            batch = []
 
         walked_count = 0
         for entry in walker.walk():
@@ -530,12 +549,7 @@ class Scanner:
             if entry.task is None:
                 tracker.files_done += 1
                 continue
-            size = entry.size
-            tracker.bytes_total += size
-            if batch and batch_bytes + size > BATCH_MAX_BYTES:
-                submit()
             batch.append(entry)
-            batch_bytes += size
             if len(batch) >= batch_cap:
                 submit()
                 batch_cap = min(batch_cap * 2, BATCH_MAX_FILES)
@@ -555,6 +569,7 @@ class Scanner:
             collect(True)
         read = time.perf_counter()
         drain()
+        tracker.bytes_total = tracker.bytes_hashed
         done = time.perf_counter()
         return ScanResult(assembler.rows, done - started, {
             "walk": walked - started, "read": read - started, "assemble": assemble_seconds,
@@ -572,6 +587,8 @@ class Scanner:
 _new_uuid = uuid.UUID.__new__
 _set = object.__setattr__
 _UUID_SAFE_UNKNOWN = uuid.SafeUUID.unknown
+_from_timestamp = dt.datetime.fromtimestamp
+_UTC = dt.UTC
 
 
 class _Assembler:
@@ -590,6 +607,7 @@ class _Assembler:
         self._ordinal = 0
         self._base = uuid.uuid4().int & ~((1 << 48) - 1)
         self._categories: dict[tuple[str, ...], tuple[str, int]] = {}
+        self._plans: dict[tuple[str, str, bool], str] = {}  # plan_for depends on these only
 
     def _id(self, ordinal: int) -> uuid.UUID:
         made = _new_uuid(uuid.UUID)
@@ -606,27 +624,34 @@ class _Assembler:
             known = self._categories[entry.folders] = (category, self._categorizer.priority(category))
         category, priority = known
         file_id = self._id(ordinal)
-        modified = dt.datetime.fromtimestamp(entry.mtime, dt.UTC) if entry.mtime is not None else None
         path = display_path(entry.raw_path)
         result = entry.result
+        mtime = entry.mtime if result is None else result[12]
+        modified = _from_timestamp(mtime, _UTC) if mtime is not None else None
         if result is None:
             kind, message = entry.problem if entry.problem else (None, None)
-            self.rows.append(ManifestFile(
+            self.rows.append(new_manifest_file(
                 file_id, ordinal, path, entry.raw_path, entry.size, modified, None, "", False,
                 "other", category, priority, "unsupported", 0, 0, kind, message,
                 exclusion_reason=entry.exclusion,
             ))
             return
         (_, size, sha, mime, family, mismatch, pages, ocr, problem, message,
-         excluded_type, attachments) = result
+         excluded_type, attachments, _) = result
         exclusion = f"excluded by --exclude-type {family}" if excluded_type else None
-        plan = "unsupported" if problem else classify.plan_for(classify.ContentType(mime, family), ocr)
+        if problem:
+            plan = "unsupported"
+        else:
+            key = (mime, family, ocr > 0)
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = classify.plan_for(classify.ContentType(mime, family), ocr)
         duplicate_of = None
         if sha is not None and problem != "empty" and exclusion is None and size > 0:
             duplicate_of = self._canonical.setdefault(sha, file_id)
             if duplicate_of is file_id:
                 duplicate_of = None
-        self.rows.append(ManifestFile(
+        self.rows.append(new_manifest_file(
             file_id, ordinal, path, entry.raw_path, size, modified, sha, mime, mismatch,
             family, category, priority, plan, pages, ocr, problem, message,
             duplicate_of, exclusion,
@@ -638,7 +663,7 @@ class _Assembler:
             a_content = classify.ContentType(a_mime, a_family)
             a_plan = "unsupported" if a_problem else classify.plan_for(a_content, a_ocr)
             raw_name = name.encode("utf-8", "surrogateescape")
-            self.rows.append(ManifestFile(
+            self.rows.append(new_manifest_file(
                 self._id(self._ordinal), self._ordinal, f"{path}#{index}/{display_path(raw_name)}",
                 entry.raw_path + b"\x00#" + str(index).encode() + b"/" + raw_name,
                 a_size, modified, a_sha, a_mime, a_mismatch, a_family, category, priority, a_plan,

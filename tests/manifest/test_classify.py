@@ -128,3 +128,11 @@ def test_plans() -> None:
     assert classify.plan_for(classify.ContentType("text/html", "text"), 0) == "text"
     assert classify.plan_for(classify.ContentType("video/mp4", "video"), 0) == "unsupported"
     assert classify.plan_for(classify.ContentType(classify.MIME_DOC, "word"), 0) == "unsupported"
+
+
+def test_may_be_hidden_is_false_only_when_no_hidden_reason() -> None:
+    for name in (b".DS_Store", b"THUMBS.DB", b"ehthumbs.db", b"Desktop.ini", b"Icon\r", b".localized",
+                 b"~$draft.docx", b"._photo.jpg", b".env", b"notes.txt", b"complaint.pdf", b"x"):
+        if classify.hidden_reason(name) is not None:
+            assert classify.may_be_hidden(name), name
+    assert not classify.may_be_hidden(b"complaint_final.pdf")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +14,9 @@ import pytest
 
 from services.common.errors import InvalidArgument, NotFound
 from services.manifest.errors import PermissionDenied
-from services.manifest.model import ManifestFile, ScanOptions
-from services.manifest.scanner import Scanner, resolve_source
+from services.manifest import content
+from services.manifest.model import ManifestFile, ScanOptions, new_manifest_file
+from services.manifest.scanner import Scanner, new_tracker, resolve_source
 from conftest import SAMPLE_CASE
 from manifest.conftest import IS_ROOT, NOBODY, load_expected
 from manifest.trees import TOO_LARGE_LIMIT, make_bad_tree, outside_file
@@ -206,3 +209,70 @@ async def test_resolve_source_refuses_paths_outside_the_roots(case_root: Path, t
     with pytest.raises(PermissionDenied):
         resolve_source(str(root), [])
     assert resolve_source(f"{root}/case/", roots) == os.fsencode(root / "case")
+
+
+async def test_big_files_among_small_ones_are_hashed_alone(scanner: Scanner, case_root: Path) -> None:
+    """The walk does not stat files, so a big file lands in a batch of small ones: it is handed back."""
+    folder = case_root / "mixed"
+    folder.mkdir()
+    big = bytes(range(256)) * ((content.WHOLE_READ_BYTES + 4096) // 256)
+    (folder / "a_note.txt").write_text("before\n")
+    (folder / "b_big.dat").write_bytes(big)
+    (folder / "c_big_copy.dat").write_bytes(big)
+    (folder / "d_note.txt").write_text("after\n")
+    source = resolve_source(str(folder), [folder])
+    tracker = new_tracker()
+    result = await scanner.scan(source, ScanOptions(), tracker)
+    files = {f.raw_path: f for f in result.files}
+    assert [f.raw_path for f in result.files] == [b"a_note.txt", b"b_big.dat", b"c_big_copy.dat", b"d_note.txt"]
+    assert files[b"b_big.dat"].sha256 == hashlib.sha256(big).hexdigest()
+    assert files[b"b_big.dat"].size_bytes == len(big)
+    assert files[b"b_big.dat"].modified_at is not None
+    assert files[b"c_big_copy.dat"].duplicate_of_file_id == files[b"b_big.dat"].file_id
+    assert files[b"d_note.txt"].sha256 == hashlib.sha256(b"after\n").hexdigest()
+    # Bytes are known once read: the total is the bytes hashed.
+    assert tracker.bytes_total == tracker.bytes_hashed == 2 * len(big) + len("before\nafter\n")
+    # In a worker, the same batch hands the big file back unread, and reads it when alone.
+    tasks = [(i, os.path.join(source, name), name, os.stat(source).st_dev, os.stat(os.path.join(source, name)).st_ino)
+             for i, name in enumerate((b"a_note.txt", b"b_big.dat"))]
+    small, handed = content.inspect_batch(tasks, frozenset(), 1 << 40)
+    assert small[content.R_PROBLEM] is None and small[content.R_SIZE] == 7
+    assert (handed[content.R_PROBLEM], handed[content.R_SHA256]) == (content.HANDED_BACK, None)
+    (alone,) = content.inspect_batch(tasks[1:], frozenset(), 1 << 40)
+    assert alone[content.R_SHA256] == hashlib.sha256(big).hexdigest()
+
+
+def test_reader_checks_the_file_is_the_one_walked(case_root: Path) -> None:
+    """(device, inode) from the walk; if they differ, only a file opened at the exact path counts."""
+    real = case_root / "real"
+    real.mkdir()
+    (real / "a.txt").write_text("walked\n")
+    os.symlink(real, case_root / "swapped")
+    st = (real / "a.txt").stat()
+    path = os.fsencode(real / "a.txt")
+    via_link = os.fsencode(case_root / "swapped" / "a.txt")
+    same = content.inspect_file((1, path, b"a.txt", st.st_dev, st.st_ino), frozenset(), 1 << 40)
+    assert same[content.R_SHA256] == hashlib.sha256(b"walked\n").hexdigest()
+    assert same[content.R_MTIME] == st.st_mtime
+    # Another inode in the listing (overlayfs, bind mounts) but opened at the vetted path: read.
+    listed = content.inspect_file((2, path, b"a.txt", st.st_dev, st.st_ino + 1), frozenset(), 1 << 40)
+    assert listed[content.R_SHA256] == same[content.R_SHA256]
+    # A folder swapped for a symlink since the walk: another inode and another real path.
+    swapped = content.inspect_file((3, via_link, b"a.txt", st.st_dev, st.st_ino + 1), frozenset(), 1 << 40)
+    assert swapped[content.R_SHA256] is None
+    assert (swapped[content.R_PROBLEM], swapped[content.R_MESSAGE]) == (
+        "unreadable", "the file was replaced during the scan; scan again")
+    # Something other than a regular file where the listing said file: never read.
+    os.mkfifo(case_root / "pipe")
+    fifo = content.inspect_file((4, os.fsencode(case_root / "pipe"), b"pipe", st.st_dev, 0), frozenset(), 1 << 40)
+    assert (fifo[content.R_PROBLEM], fifo[content.R_MESSAGE]) == ("not_a_file", "a named pipe (FIFO): not read")
+
+
+def test_fast_rows_equal_rows_built_the_ordinary_way() -> None:
+    args = (uuid.uuid4(), 1, "a.txt", b"a.txt", 5, None, "0" * 64, "text/plain", False, "text",
+            "miscellaneous", 9, "text")
+    fast = new_manifest_file(*args, problem_kind="empty", exclusion_reason="x")
+    assert type(fast) is ManifestFile
+    assert fast == ManifestFile(*args, problem_kind="empty", exclusion_reason="x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.size_bytes = 6  # type: ignore[misc]

@@ -2,7 +2,9 @@
 
 Owns how a person scans a folder and reads manifests: `analyze` sends the
 folder's absolute path (the service reads it, under its configured source
-roots), shows a live progress bar from the AnalyzeSource stream, then the
+roots), shows a live progress bar from the AnalyzeSource stream (counted
+in files, with the bytes hashed beside it: the scan learns each file's size
+only when it reads it, so the time left is estimated from files), then the
 summary (files, size, by type, by category, duplicates, problems, pages,
 OCR pages, estimated cost by service), and with `-o` writes the
 ExportManifest JSON. A retry after a dropped connection re-sends the same
@@ -19,7 +21,7 @@ from typing import Any
 import typer
 from docimport.manifest.v1 import manifest_service_pb2 as pb
 from google.protobuf import json_format
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from clients.cli.context import EXIT_FAILED, clients, console, fail, handle_errors, print_json
@@ -104,17 +106,19 @@ def analyze(
         case_name=case, exclude_types=types, exclude_globs=exclude)
     manifest = None
     columns = (TextColumn("[bold]{task.fields[phase]:<8}"), BarColumn(), TaskProgressColumn(),
-               DownloadColumn(), TextColumn("{task.fields[files]}"), TimeRemainingColumn(),
-               TextColumn("[dim]{task.fields[current]}"))
+               TextColumn("{task.fields[files]}"), TextColumn("{task.fields[hashed]}"),
+               TimeRemainingColumn(), TextColumn("[dim]{task.fields[current]}"))
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("scan", total=None, phase="starting", files="", current="")
+        task = bar.add_task("scan", total=None, phase="starting", files="", hashed="", current="")
         for event in clients().manifest.AnalyzeSource(request):
             if event.HasField("manifest"):
                 manifest = event.manifest
                 break
             p = event.progress
-            bar.update(task, total=p.bytes_total or None, completed=p.bytes_hashed, phase=_PHASE[p.phase],
-                       files=f"{p.files_done:,}/{p.files_seen:,} files", current=p.current_path[-50:])
+            walking = p.phase == pb.SCAN_PHASE_WALKING  # files_seen still growing: no total yet
+            bar.update(task, total=None if walking else p.files_seen, completed=p.files_done,
+                       phase=_PHASE[p.phase], files=f"{p.files_done:,}/{p.files_seen:,} files",
+                       hashed=f"{p.bytes_hashed / 2**20:,.1f} MiB hashed", current=p.current_path[-50:])
     if manifest is None:
         raise fail("the scan ended without a manifest", EXIT_FAILED)
     render_summary(manifest)
