@@ -10,22 +10,26 @@ import pytest
 from services.common import db
 
 
-async def _setting(conn: asyncpg.Connection) -> str:
-    return await conn.fetchval("SELECT current_setting('synchronous_commit')")
+async def _name(conn: asyncpg.Connection) -> str:
+    return await conn.fetchval("SELECT current_setting('application_name')")
 
 
 async def test_a_held_connection_is_kept_across_uses_with_its_settings(pool: asyncpg.Pool) -> None:
-    held = db.HeldConnection(pool, {"synchronous_commit": "off"})
+    async with pool.acquire() as conn:
+        default = await conn.fetchval(
+            "SELECT boot_val FROM pg_settings WHERE name = 'application_name'"
+        )
+    held = db.HeldConnection(pool, {"application_name": "held"})
     async with held.acquire() as first:
         pid = first.get_server_pid()
-        assert await _setting(first) == "off"
+        assert await _name(first) == "held"
     async with held.acquire() as again:
         assert again.get_server_pid() == pid  # no checkout, no reset in between
-        assert await _setting(again) == "off"
+        assert await _name(again) == "held"
     await held.close()
     # back in the pool, reset: the setting is gone for the next borrower
     async with pool.acquire() as conn:
-        assert await _setting(conn) == "on"
+        assert await _name(conn) == default
 
 
 async def test_concurrent_use_falls_back_to_a_pooled_connection(pool: asyncpg.Pool) -> None:
@@ -40,13 +44,13 @@ async def test_concurrent_use_falls_back_to_a_pooled_connection(pool: asyncpg.Po
 async def test_after_a_failure_the_connection_goes_back_and_a_fresh_one_is_taken(
     pool: asyncpg.Pool,
 ) -> None:
-    held = db.HeldConnection(pool, {"synchronous_commit": "off"})
+    held = db.HeldConnection(pool, {"application_name": "held"})
     with pytest.raises(asyncpg.exceptions.DivisionByZeroError):
         async with held.acquire() as conn:
-            await conn.execute("SET application_name = 'dirty'")
+            await conn.execute("SET search_path = 'dirty'")
             await conn.fetchval("SELECT 1 / 0")
     async with held.acquire() as fresh:
-        assert await fresh.fetchval("SELECT current_setting('application_name')") != "dirty"
-        assert await _setting(fresh) == "off"
+        assert await fresh.fetchval("SELECT current_setting('search_path')") != "dirty"
+        assert await _name(fresh) == "held"
     await held.close()
     await asyncio.wait_for(pool.close(), timeout=5)  # nothing left checked out
