@@ -2,7 +2,7 @@
 
 Owns nothing but the script of the tour: start the local stack, analyze
 examples/sample-case, import it with live progress, verify it, print its
-costs, stop the stack. Each step runs the real CLI command in a child
+costs and one frame of the pipeline dashboard (`top --once`), stop the stack. Each step runs the real CLI command in a child
 process, printed first so a reader can repeat it by hand.
 """
 
@@ -50,7 +50,7 @@ def demo(
     keep: bool = typer.Option(False, "--keep", help="Leave the local stack running afterwards."),
     var: Path = typer.Option(Path("var"), "--var", help="Where the local stack keeps its state."),
 ) -> None:
-    """Run the whole flow on the bundled sample case: analyze, import, verify, costs."""
+    """Run the whole flow on the bundled sample case: analyze, import, verify, costs, top."""
     if not SAMPLE.is_dir():
         err_console.print(f"[bold red]error:[/] the sample case is missing: {SAMPLE}")
         raise typer.Exit(2)
@@ -63,6 +63,7 @@ def demo(
         session = _latest_session()
         verdict = _run("verify", session, check=False)
         _run("costs", session)
+        _run("top", "--once", check=False)
     finally:
         if not keep:
             _run("dev", "down", "--var", str(var), check=False)

@@ -15,6 +15,8 @@ scripts and logs; both fail fast instead of retrying.
 
 from __future__ import annotations
 
+import os
+
 import datetime as dt
 import re
 import time
@@ -48,6 +50,9 @@ TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 HOUR, DAY = 3600, 86400
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
+
+# Columns of a `--once` frame written to a pipe or a file (COLUMNS overrides).
+LOG_WIDTH = 200
 
 def parse_duration(text: str, option: str) -> float:
     """Seconds from `90`, `90s`, `10m`, `1h30m` or `2d`."""
@@ -451,6 +456,9 @@ def top(
         print_json(json_format.MessageToDict(fetch(request), preserving_proto_field_name=True))
         return
     if once:
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            # A frame for a log or a file: wide enough for every column, not the 80 of a pipe.
+            console.width = max(console.width, LOG_WIDTH)
         console.print(render(fetch(request), warn=warn, critical=critical))
         return
     try:
