@@ -36,9 +36,14 @@ The machine's load average is printed: on a machine shared with other
 work, every figure moves by 2x from run to run; run it a few times. With
 as many workers as cores, the scan's own process (walk, hand-off, rows)
 shares the cores with its workers while the bare loop's main process
-sleeps, so on a busy machine the ratio tends to the ratio of total CPU
-seconds (about 1.5x for small files: workers ~42 us a file against the
-bare loop's ~35, plus ~10 us in the scan's own process).
+mostly sleeps, so on a busy machine the ratio tends to the ratio of total
+CPU seconds. That ratio is printed too ("CPU a file": the pools' workers
+from /proc, this process with all its threads from `time.process_time`,
+averaged over the runs; it moves far less with load than the wall times).
+For small files it is about 1.33-1.36x: scan workers ~40-42 us a file
+(hash ~31, sniffing ~3, the rest syscalls and Python) against the bare
+loop's ~34, and the scan's own process ~10 us (walk ~3, rows ~3, handing
+work to the pool ~2 in its threads) against the bare loop's ~3.
 
 Corpus (generated under --dir, default a temporary folder, deleted after
 unless --keep): `--small` files in case-like folders, 1-128 KiB each
