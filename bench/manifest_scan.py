@@ -36,9 +36,14 @@ The machine's load average is printed: on a machine shared with other
 work, every figure moves by 2x from run to run; run it a few times. With
 as many workers as cores, the scan's own process (walk, hand-off, rows)
 shares the cores with its workers while the bare loop's main process
-sleeps, so on a busy machine the ratio tends to the ratio of total CPU
-seconds (about 1.5x for small files: workers ~42 us a file against the
-bare loop's ~35, plus ~10 us in the scan's own process).
+mostly sleeps, so on a busy machine the ratio tends to the ratio of total
+CPU seconds. That ratio is printed too ("CPU a file": the pools' workers
+from /proc, this process with all its threads from `time.process_time`,
+averaged over the runs; it moves far less with load than the wall times).
+For small files it is about 1.33-1.36x: scan workers ~40-42 us a file
+(hash ~31, sniffing ~3, the rest syscalls and Python) against the bare
+loop's ~34, and the scan's own process ~10 us (walk ~3, rows ~3, handing
+work to the pool ~2 in its threads) against the bare loop's ~3.
 
 Corpus (generated under --dir, default a temporary folder, deleted after
 unless --keep): `--small` files in case-like folders, 1-128 KiB each
@@ -256,6 +261,39 @@ def run_scan(scanner: Scanner, folder: Path) -> tuple[float, int, dict[str, floa
     return time.perf_counter() - start, len(result.files), result.stats
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def pool_cpu(pool: concurrent.futures.ProcessPoolExecutor) -> float:
+    """CPU seconds (user + system) used so far by a pool's worker processes (Linux /proc; else 0)."""
+    total = 0
+    for pid in list(getattr(pool, "_processes", None) or {}):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            return 0.0
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / _TICK
+
+
+class CpuMeter:
+    """CPU seconds of a timed run: in this process (all its threads) and in a pool's workers."""
+
+    def __init__(self, pool: concurrent.futures.ProcessPoolExecutor | None) -> None:
+        self.pool = pool
+        self.main = self.workers = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._main, self._workers = time.process_time(), pool_cpu(self.pool) if self.pool else 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.main += time.process_time() - self._main
+        if self.pool:
+            self.workers += pool_cpu(self.pool) - self._workers
+
+
 async def time_db_save(files: list, db_url: str | None) -> float:
     """Seconds to save `files` with the store, on a database made for the bench."""
     import uuid
@@ -359,12 +397,15 @@ async def amain(args: argparse.Namespace) -> int:
                 total = sum(size for _, size in files)
                 _warm_cache(files)
                 scans, bares, ends = [], [], []
+                bare_cpu, scan_cpu = CpuMeter(bare_pool), CpuMeter(scanner._executor())
                 rows = 0
                 stats: dict[str, float] = {}
                 manifest, events = None, 0
                 for _ in range(args.repeat):  # interleaved, so load from elsewhere hits all three alike
-                    bares.append(baseline(bare_pool, files))
-                    elapsed, rows, stats = run_scan(scanner, folder)
+                    with bare_cpu:
+                        bares.append(baseline(bare_pool, files))
+                    with scan_cpu:
+                        elapsed, rows, stats = run_scan(scanner, folder)
                     scans.append(elapsed)
                     if stub is not None:
                         elapsed, manifest, events = await run_analyze(stub, folder)
@@ -384,6 +425,12 @@ async def amain(args: argparse.Namespace) -> int:
                           f"price book v{manifest.summary.price_book_version}, {events} progress events")
                 print(f"    all runs: bare {_runs(bares)}, scan {_runs(scans)}"
                       + (f", AnalyzeSource {_runs(ends)}" if ends else ""))
+                per_file = 1e6 / (max(len(files), 1) * args.repeat)
+                print(f"    CPU a file (mean of the runs): bare {bare_cpu.workers * per_file:.1f} us in workers "
+                      f"+ {bare_cpu.main * per_file:.1f} us in the main process; scan "
+                      f"{scan_cpu.workers * per_file:.1f} us in workers + {scan_cpu.main * per_file:.1f} us "
+                      f"in the main process = {(scan_cpu.workers + scan_cpu.main) / max(bare_cpu.workers + bare_cpu.main, 1e-9):.2f}x "
+                      f"of bare (on a busy machine the wall ratio tends to this)")
             if args.with_db:
                 source = resolve_source(str(small_dir), [small_dir])
                 result = scanner.scan_blocking(source, ScanOptions(), new_tracker(), threading.Event())

@@ -202,17 +202,23 @@ def _media_kind(head: bytes) -> str | None:
     """Containers recognised by a tag at an offset (ISO BMFF, RIFF, MPEG audio, tar)."""
     if head[4:8] == b"ftyp":
         return _FTYP_BRANDS.get(head[8:12], "video/mp4")
-    if head[:4] == b"RIFF":
-        return _RIFF_FORMS.get(head[8:12])
-    if head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
-        return "audio/mpeg"
+    first = head[0]
+    if first in _MEDIA_FIRST_BYTES:  # the tests below that are tied to the first byte
+        if head[:4] == b"RIFF":
+            return _RIFF_FORMS.get(head[8:12])
+        if head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+            return "audio/mpeg"
     if head[257:262] == b"ustar":
         return "application/x-tar"
-    if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
-        return "image/bmp"
-    if head[:2] == b"MZ" and b"\x00" in head[:64]:
-        return "application/x-msdownload"
+    if first in _MEDIA_FIRST_BYTES:
+        if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
+            return "image/bmp"
+        if head[:2] == b"MZ" and b"\x00" in head[:64]:
+            return "application/x-msdownload"
     return None
+
+
+_MEDIA_FIRST_BYTES = frozenset(b"R\xffBM")
 
 
 def _zip_kind(head: bytes) -> str:
@@ -255,8 +261,8 @@ def _text_kind(head: bytes) -> str | None:
         if exc.start < len(sample) - 4:
             if not _mostly_printable(sample):
                 return None
-    lowered = sample[:512].lstrip().lower()
-    if lowered.startswith((b"<!doctype html", b"<html")):
+    opening = sample[:512].lstrip()  # lower() works byte by byte: the first 14 bytes are enough
+    if opening[:1] == b"<" and opening[:14].lower().startswith((b"<!doctype html", b"<html")):
         return MIME_HTML
     if _looks_like_mail(sample):
         return MIME_EML
@@ -273,7 +279,8 @@ def _looks_like_mail(sample: bytes) -> bool:
     """The text opens with a header block holding at least two mail headers."""
     end = sample.find(b"\n", 0, 1000)
     first = sample[: end if end >= 0 else 1000]
-    if not (_HEADER_LINE.match(first) or first.startswith(b"From ")):
+    # a header line holds a ':' (a one-byte search rules most text out before the regex)
+    if not ((b":" in first and _HEADER_LINE.match(first)) or first.startswith(b"From ")):
         return False
     stop = 4096  # the header block: up to the first blank line, within 4 KiB
     for separator in (b"\r\n\r\n", b"\n\n"):

@@ -70,6 +70,7 @@ import collections
 import concurrent.futures
 import datetime as dt
 import multiprocessing
+import operator
 import os
 import re
 import stat
@@ -214,6 +215,7 @@ class _Entry:
 
 
 _kind_of = content.kind_of
+_BY_NAME = operator.attrgetter("name")  # a C key: a third of a lambda's cost a file
 
 
 class _Walker:
@@ -308,7 +310,7 @@ class _Walker:
     def _listing(self, path: bytes) -> Iterator[os.DirEntry[bytes]] | OSError:
         try:
             with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=_BY_NAME)
         except OSError as exc:
             return exc
         return iter(entries)
