@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
+from typing import Any
 
 from docimport.session.v1 import session_service_pb2 as pb
 from session_common import (
@@ -53,7 +53,9 @@ from services.common.tasks import STAGES, StagePayload
 from services.session.queue import CeleryEnqueuer
 
 
-def start_worker(kind: str, broker_url: str, concurrency: int, env: dict[str, str]) -> subprocess.Popen:
+def start_worker(
+    kind: str, broker_url: str, concurrency: int, env: dict[str, str]
+) -> subprocess.Popen:
     base = {k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")}
     base.update(
         {
@@ -100,7 +102,7 @@ def wait_ready(broker_url: str, timeout: float = 60.0) -> None:
         app.close()
 
 
-def bare_round(broker_url: str, client, n: int, concurrency: int) -> float:  # type: ignore[no-untyped-def]
+def bare_round(broker_url: str, client: Any, n: int, concurrency: int) -> float:
     from celery import chain
 
     from e2e_workers import bare_app
@@ -151,7 +153,9 @@ def bare_round(broker_url: str, client, n: int, concurrency: int) -> float:  # t
     return elapsed
 
 
-async def docimport_round(broker_url: str, client, n: int, concurrency: int) -> tuple[float, dict]:  # type: ignore[no-untyped-def]
+async def docimport_round(
+    broker_url: str, client: Any, n: int, concurrency: int
+) -> tuple[float, dict[str, int]]:
     client.flushdb()
     enqueuer = CeleryEnqueuer(broker_url)
     artifacts = tempfile.mkdtemp(prefix="di-bench-artifacts-")
@@ -206,19 +210,18 @@ async def docimport_round(broker_url: str, client, n: int, concurrency: int) -> 
                         "SELECT state, count(*) AS n FROM session.stage_runs GROUP BY state"
                     )
                 }
-                timeline = await stack.pool.fetchrow(
-                    """
+                timeline = await stack.pool.fetchrow("""
                     WITH r AS (
                       SELECT stage, queued_at, started_at, finished_at,
-                             lag(finished_at) OVER (PARTITION BY document_id ORDER BY queued_at) AS prev_done
+                             lag(finished_at) OVER (PARTITION BY document_id
+                                                    ORDER BY queued_at) AS prev_done
                       FROM session.stage_runs)
                     SELECT avg(extract(epoch FROM started_at - queued_at)) AS queue_wait,
                            avg(extract(epoch FROM finished_at - started_at)) AS running,
                            avg(extract(epoch FROM queued_at - prev_done)) AS next_stage_after,
                            extract(epoch FROM max(finished_at) - min(queued_at)) AS span
                     FROM r
-                    """
-                )
+                    """)
                 print("  timeline (mean s):", {k: round(float(v), 4) for k, v in timeline.items()})
                 if os.environ.get("BENCH_RPC"):
                     sums: dict = {}
@@ -229,7 +232,10 @@ async def docimport_round(broker_url: str, client, n: int, concurrency: int) -> 
                                     key = smp.labels["method"]
                                     sums.setdefault(key, {})[smp.name[-3:]] = smp.value
                     for key, v in sums.items():
-                        print(f"    server {key}: n={v['unt']:.0f} mean={v['sum'] / max(v['unt'], 1) * 1000:.2f} ms")
+                        print(
+                            f"    server {key}: n={v['unt']:.0f} "
+                            f"mean={v['sum'] / max(v['unt'], 1) * 1000:.2f} ms"
+                        )
                 assert got.state == pb.SESSION_STATE_COMPLETED, (got.state, got.counts)
                 assert got.counts.completed == n, got.counts
                 return elapsed, counts
@@ -260,11 +266,15 @@ async def main() -> None:
         print(f"{args.only}: {min(bare_times or di_times):.2f} s")
         return
     bare, di = min(bare_times), min(di_times)
-    print(f"{n:,} no-op documents x {len(STAGES)} stages, prefork concurrency {args.concurrency}, "
-          f"best of {args.rounds}")
+    print(
+        f"{n:,} no-op documents x {len(STAGES)} stages, prefork concurrency {args.concurrency}, "
+        f"best of {args.rounds}"
+    )
     print(f"  bare Celery chains   {bare:7.2f} s  ({n * len(STAGES) / bare:,.0f} tasks/s)")
-    print(f"  docimport session    {di:7.2f} s  ({n * len(STAGES) / di:,.0f} stage runs/s) "
-          f"= {di / bare:.2f}x bare wall time")
+    print(
+        f"  docimport session    {di:7.2f} s  ({n * len(STAGES) / di:,.0f} stage runs/s) "
+        f"= {di / bare:.2f}x bare wall time"
+    )
     print(f"  stage runs by state  {runs}")
     print("  target: <= 1.3x")
 
