@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
@@ -303,12 +304,20 @@ def _fmt(value: Decimal) -> str:
 # ----------------------------------------------------------------------- store
 
 
+# Seconds the current price book's version is reused without asking Postgres
+# (RecordCosts and estimates ask for it on every call). A publish through this
+# replica takes effect at once; one through another replica within this time.
+CURRENT_VERSION_TTL = 1.0
+
+
 class CostStore:
     """The cost service's persistence, on a pool the caller owns."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._books: dict[int, PriceBook] = {}
+        # (version, monotonic time read) of the current price book; see CURRENT_VERSION_TTL.
+        self._current: tuple[int, float] | None = None
         self.changes = ChangeFeed(pool)
 
     async def close(self) -> None:
@@ -318,7 +327,13 @@ class CostStore:
     # ------------------------------------------------------------ price books
 
     async def current_version(self) -> int | None:
-        return await self._pool.fetchval("SELECT max(version) FROM cost.price_books")
+        """The newest published version (asked at most every CURRENT_VERSION_TTL seconds)."""
+        cached, now = self._current, time.monotonic()
+        if cached is not None and now - cached[1] < CURRENT_VERSION_TTL:
+            return cached[0]
+        version = await self._pool.fetchval("SELECT max(version) FROM cost.price_books")
+        self._current = (version, now) if version is not None else None
+        return version
 
     async def price_book(self, version: int | None = None) -> PriceBook:
         """A version (None: the current one); NOT_FOUND when there is none."""
@@ -390,6 +405,7 @@ class CostStore:
                         version = await self._insert_book(conn, draft, request_id)
                 else:
                     version = await self._insert_book(conn, draft, None)
+            self._current = None  # this replica prices with the new book at once
             return await self._load_book(conn, version)
 
     async def ensure_default_price_book(self, path: Path, cpu_second_rate: Decimal | None) -> PriceBook:
