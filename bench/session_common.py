@@ -294,3 +294,28 @@ def rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def stage_payloads(n: int) -> list[dict[str, Any]]:
+    """`n` extract payloads shaped like the session service's (the bare baselines' messages)."""
+    from services.common.tasks import StagePayload
+
+    return [
+        StagePayload(
+            session_id=str(uuid.uuid4()),
+            document_id=str(uuid.uuid4()),
+            stage="extract",
+            attempt=1,
+            source_path="/data/bench-case",
+            relative_path=f"pleadings/doc_{i:06d}.pdf",
+            raw_path_b64="cGxlYWRpbmdzL2RvY18wMDAwMDAucGRm",
+            sha256="0" * 64,
+            size_bytes=250_000 + i,
+            plan="text_layer",
+            category="pleadings",
+            page_count=3,
+            lease_seconds=360.0,
+            options={"task_id": "", "mime_type": "application/pdf"},
+        ).to_json()
+        for i in range(n)
+    ]

@@ -28,10 +28,17 @@ import time
 import uuid
 
 from docimport.session.v1 import session_service_pb2 as pb
-from session_common import ROOT, insert_manifest, private_database, private_redis, rss_mib, services  # noqa: F401
+from session_common import (
+    insert_manifest,
+    private_database,
+    private_redis,
+    rss_mib,
+    services,
+    stage_payloads,
+)
 
 from services.common import convert
-from services.common.tasks import QUEUES, TASK_NAMES, StagePayload
+from services.common.tasks import QUEUES, TASK_NAMES
 from services.session.queue import CeleryEnqueuer
 
 
@@ -46,25 +53,7 @@ def bare_loop(broker_url: str, n: int) -> float:
     def extract(payload: dict) -> None:  # pragma: no cover - never run here
         pass
 
-    payloads = [
-        StagePayload(
-            session_id=str(uuid.uuid4()),
-            document_id=str(uuid.uuid4()),
-            stage="extract",
-            attempt=1,
-            source_path="/data/bench-case",
-            relative_path=f"pleadings/doc_{i:06d}.pdf",
-            raw_path_b64="cGxlYWRpbmdzL2RvY18wMDAwMDAucGRm",
-            sha256="0" * 64,
-            size_bytes=250_000 + i,
-            plan="text_layer",
-            category="pleadings",
-            page_count=3,
-            lease_seconds=360.0,
-            options={"task_id": "", "mime_type": "application/pdf"},
-        ).to_json()
-        for i in range(n)
-    ]
+    payloads = stage_payloads(n)
     expires = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=20)).isoformat()
     extract.apply_async(args=[payloads[0]], task_id=str(uuid.uuid4()))  # connect first
     start = time.perf_counter()

@@ -46,10 +46,11 @@ from session_common import (
     private_database,
     private_redis,
     services,
+    stage_payloads,
 )
 
 from e2e_workers import DONE_KEY
-from services.common.tasks import STAGES, StagePayload
+from services.common.tasks import STAGES
 from services.session.queue import CeleryEnqueuer
 
 
@@ -122,25 +123,7 @@ def bare_round(broker_url: str, client: Any, n: int, concurrency: int) -> float:
                 raise TimeoutError("bare worker did not start")
             time.sleep(0.05)
         client.delete(DONE_KEY)
-        payloads = [
-            StagePayload(
-                session_id=str(uuid.uuid4()),
-                document_id=str(uuid.uuid4()),
-                stage="extract",
-                attempt=1,
-                source_path="/data/bench-case",
-                relative_path=f"pleadings/doc_{i:06d}.pdf",
-                raw_path_b64="cGxlYWRpbmdzL2RvY18wMDAwMDAucGRm",
-                sha256="0" * 64,
-                size_bytes=250_000 + i,
-                plan="text_layer",
-                category="pleadings",
-                page_count=3,
-                lease_seconds=360.0,
-                options={"task_id": "", "mime_type": "application/pdf"},
-            ).to_json()
-            for i in range(n)
-        ]
+        payloads = stage_payloads(n)
         start = time.perf_counter()
         for p in payloads:
             chain(*(tasks[s].si(p) for s in STAGES)).apply_async()
@@ -223,19 +206,6 @@ async def docimport_round(
                     FROM r
                     """)
                 print("  timeline (mean s):", {k: round(float(v), 4) for k, v in timeline.items()})
-                if os.environ.get("BENCH_RPC"):
-                    sums: dict = {}
-                    for fam in stack.session_server.metrics.registry.collect():
-                        if fam.name == "docimport_rpc_duration_seconds":
-                            for smp in fam.samples:
-                                if smp.name.endswith(("_sum", "_count")):
-                                    key = smp.labels["method"]
-                                    sums.setdefault(key, {})[smp.name[-3:]] = smp.value
-                    for key, v in sums.items():
-                        print(
-                            f"    server {key}: n={v['unt']:.0f} "
-                            f"mean={v['sum'] / max(v['unt'], 1) * 1000:.2f} ms"
-                        )
                 assert got.state == pb.SESSION_STATE_COMPLETED, (got.state, got.counts)
                 assert got.counts.completed == n, got.counts
                 return elapsed, counts

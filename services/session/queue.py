@@ -304,9 +304,10 @@ class CeleryProbe:
     asked with Celery's remote control (`inspect().active_queues()`), which
     waits the whole `ping_timeout` for answers, so the answer is cached for
     `workers_ttl` seconds and refreshed in the background while the cached
-    one is served (only the first call waits). Depths and workers each have
-    their own connection and thread (kombu connections are not thread-safe),
-    and neither shares the publisher's: a slow broker never delays publishing.
+    one is served (only the first call waits). Depths (through their
+    `QueueDepths`) and workers each have their own connection and thread
+    (kombu connections are not thread-safe), and neither shares the
+    publisher's: a slow broker never delays publishing.
     """
 
     def __init__(
@@ -318,27 +319,30 @@ class CeleryProbe:
         self._app.conf.update(broker_connection_retry_on_startup=True)
         self._ping_timeout = ping_timeout
         self._workers_ttl = workers_ttl
-        self._threads = {
-            kind: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"celery-probe-{kind}")
-            for kind in ("depths", "workers")
-        }
-        self._connections: dict[str, Any] = {}
+        # One thread each (kombu connections are not thread-safe): depths, workers.
+        self._depths_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="celery-probe-depths"
+        )
+        self._workers_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="celery-probe-workers"
+        )
         self._depths = QueueDepths(broker_url)
+        self._connection: Any = None  # the workers thread's
         self._workers: tuple[WorkerInfo, ...] = ()
         self._workers_at: dt.datetime | None = None
         self._workers_error = ""
         self._workers_checked = float("-inf")
         self._refresh: asyncio.Task[None] | None = None
 
-    def _connection(self, kind: str) -> Any:
-        if kind not in self._connections:
+    def _workers_connection(self) -> Any:
+        if self._connection is None:
             connection = self._app.connection_for_read()
             connection.ensure_connection(max_retries=1, timeout=2)
-            self._connections[kind] = connection
-        return self._connections[kind]
+            self._connection = connection
+        return self._connection
 
-    def _reset(self, kind: str) -> None:
-        connection = self._connections.pop(kind, None)
+    def _reset(self) -> None:
+        connection, self._connection = self._connection, None
         try:
             if connection is not None:
                 connection.release()
@@ -348,11 +352,11 @@ class CeleryProbe:
     def _workers_blocking(self) -> tuple[WorkerInfo, ...]:
         try:
             inspect = self._app.control.inspect(
-                timeout=self._ping_timeout, connection=self._connection("workers")
+                timeout=self._ping_timeout, connection=self._workers_connection()
             )
             replies = inspect.active_queues() or {}
         except Exception:
-            self._reset("workers")
+            self._reset()
             raise
         return tuple(
             WorkerInfo(host, tuple(sorted(str(q.get("name", "")) for q in queues or ())))
@@ -362,7 +366,7 @@ class CeleryProbe:
     async def _refresh_workers(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            workers = await loop.run_in_executor(self._threads["workers"], self._workers_blocking)
+            workers = await loop.run_in_executor(self._workers_thread, self._workers_blocking)
         except Exception as exc:  # noqa: BLE001 - reported by view()
             self._workers_error = f"asking the workers failed: {type(exc).__name__}: {exc}"
             return
@@ -379,7 +383,7 @@ class CeleryProbe:
             self._refresh = loop.create_task(self._refresh_workers())
         try:
             depths = await loop.run_in_executor(
-                self._threads["depths"], self._depths.read, list(queues)
+                self._depths_thread, self._depths.read, list(queues)
             )
         except Exception as exc:  # noqa: BLE001 - reported in the overview, not raised
             logger.info("broker unreachable for the pipeline overview: %s", exc)
@@ -394,7 +398,7 @@ class CeleryProbe:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresh
         loop = asyncio.get_running_loop()
-        for kind, executor in self._threads.items():
-            await loop.run_in_executor(executor, self._reset, kind)
-            executor.shutdown(wait=True)
-        self._depths.close()
+        await loop.run_in_executor(self._workers_thread, self._reset)
+        await loop.run_in_executor(self._depths_thread, self._depths.close)
+        self._workers_thread.shutdown(wait=True)
+        self._depths_thread.shutdown(wait=True)

@@ -11,9 +11,6 @@ drive the dispatcher and reconciler with `run_once()`.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from conftest import SAMPLE_CASE, TOKENS
+from conftest import TOKENS
 from docimport.cost.v1 import cost_service_pb2_grpc
 from docimport.manifest.v1 import manifest_service_pb2_grpc
 
@@ -34,7 +31,7 @@ from services.session.config import SessionSettings
 from services.session.server import build_server
 from services.session.store import SessionStore
 
-from .helpers import FakeManifestService, Harness, RecordingEnqueuer
+from .helpers import FakeManifestService, Harness, RecordingEnqueuer, readable_case
 
 
 @pytest.fixture
@@ -128,14 +125,5 @@ async def harness(
 @pytest.fixture
 def case_copy() -> Iterator[Path]:
     """A world-readable copy of examples/sample-case (the scan refuses nothing it can read)."""
-    root = Path(tempfile.mkdtemp(prefix="di-session-case-"))
-    root.chmod(0o755)
-    target = root / "smith-v-jones"
-    shutil.copytree(SAMPLE_CASE, target)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(os.path.join(dirpath, name), 0o755)
-        for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o644)
-    yield target
-    shutil.rmtree(root, ignore_errors=True)
+    with readable_case() as target:
+        yield target

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
+from conftest import SAMPLE_CASE
 from docimport.common.v1 import common_pb2
 from docimport.cost.v1 import cost_service_pb2_grpc
 from docimport.manifest.v1 import manifest_service_pb2 as mpb
@@ -370,3 +379,72 @@ async def work_to_end(
         for m in messages:
             await work(harness, m, artifact_dir, **kw)
     return (await harness.operator.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+
+
+# ---------------------------------------------------------------- real processes and files
+
+
+@contextlib.contextmanager
+def readable_case(files: Sequence[str] | None = None) -> Iterator[Path]:
+    """A world-readable copy of examples/sample-case (or of `files` of it), removed afterwards.
+
+    World-readable because the scan reports what it cannot read, and a test
+    running as root under a private Postgres account must not see that.
+    """
+    root = Path(tempfile.mkdtemp(prefix="di-session-case-"))
+    root.chmod(0o755)
+    target = root / "smith-v-jones"
+    if files is None:
+        shutil.copytree(SAMPLE_CASE, target)
+    else:
+        for name in files:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(SAMPLE_CASE / name, target / name)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    try:
+        yield target
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class WorkerProcess:
+    """`python -m services.worker` in its own process group, configured by `env` only."""
+
+    def __init__(self, tmp_path: Path, name: str, env: dict[str, str]) -> None:
+        self.log_path = tmp_path / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.worker"],
+            env={"PATH": os.environ.get("PATH", ""), **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: the main process and its pool children."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self._log.close()
+
+    def stop(self) -> None:
+        """SIGTERM (a warm shutdown), then SIGKILL to whatever of the group is left."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+        if not self._log.closed:
+            self._log.close()
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]

@@ -28,12 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -44,7 +38,7 @@ import asyncpg
 import grpc
 import pytest
 import redis
-from conftest import SAMPLE_CASE, TOKENS
+from conftest import TOKENS
 from docimport.cost.v1 import cost_service_pb2 as cpb
 from docimport.cost.v1 import cost_service_pb2_grpc
 from docimport.manifest.v1 import manifest_service_pb2 as mpb
@@ -67,7 +61,7 @@ from services.session.server import SessionServer
 from services.session.server import build_server as build_session
 from services.session.store import SessionStore
 
-from .helpers import wait_for
+from .helpers import WorkerProcess, readable_case, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -84,19 +78,8 @@ STAGES = ("extract", "chunk", "entities")
 
 @pytest.fixture
 def small_case() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="di-faults-"))
-    root.chmod(0o755)
-    target = root / "smith-v-jones"
-    for name in FILES:
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SAMPLE_CASE / name, target / name)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o755)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o644)
-    yield target
-    shutil.rmtree(root, ignore_errors=True)
+    with readable_case(FILES) as target:
+        yield target
 
 
 @dataclass
@@ -214,13 +197,12 @@ async def stack(
         await cost.stop(0.5)
 
 
-class Worker:
-    """`python -m services.worker` in its own process group (prefork, one child)."""
-
-    def __init__(self, stack: Stack, redis_url: str, tmp_path: Path, name: str) -> None:
-        self.log_path = tmp_path / f"{name}.log"
-        env = {
-            "PATH": os.environ.get("PATH", ""),
+def start_worker(stack: Stack, redis_url: str, tmp_path: Path, name: str) -> WorkerProcess:
+    """The real worker (prefork, one child) reporting to this stack."""
+    return WorkerProcess(
+        tmp_path,
+        name,
+        {
             "DOCIMPORT_BROKER_URL": redis_url,
             "DOCIMPORT_SESSION_ADDR": f"127.0.0.1:{stack.session_port}",
             "DOCIMPORT_COST_ADDR": f"127.0.0.1:{stack.cost_port}",
@@ -230,40 +212,8 @@ class Worker:
             "DOCIMPORT_CONCURRENCY": "1",
             "DOCIMPORT_LOG_LEVEL": "INFO",
             "DOCIMPORT_RPC_TIMEOUT": "10",
-        }
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.worker"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        """SIGKILL to the whole process group: the main process and its pool child."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-        self._log.close()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-        # any pool child left behind goes with its group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self._log.close()
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+        },
+    )
 
 
 async def scan_and_create(stack: Stack, source: Path, *, start: bool) -> str:
@@ -381,8 +331,8 @@ async def assert_exactly_once(stack: Stack, session_id: str) -> list[asyncpg.Rec
 async def test_a_worker_killed_mid_task_is_recovered_exactly_once(
     stack: Stack, redis_url: str, small_case: Path, tmp_path: Path
 ) -> None:
-    worker = Worker(stack, redis_url, tmp_path, "worker-1")
-    second: Worker | None = None
+    worker = start_worker(stack, redis_url, tmp_path, "worker-1")
+    second: WorkerProcess | None = None
     try:
         session_id = await scan_and_create(stack, small_case, start=True)
 
@@ -409,7 +359,7 @@ async def test_a_worker_killed_mid_task_is_recovered_exactly_once(
         )
         assert still == "running", "the run finished before the kill; OCR was too quick"
 
-        second = Worker(stack, redis_url, tmp_path, "worker-2")
+        second = start_worker(stack, redis_url, tmp_path, "worker-2")
         await wait_finished(stack, session_id, timeout=60)
         runs = await assert_exactly_once(stack, session_id)
         lost = [
@@ -473,7 +423,7 @@ async def test_a_session_service_restart_loses_nothing_and_watchers_resume(
 
     watcher = asyncio.create_task(watch())
     await wait_for(lambda: snapshot_seqs, timeout=10)
-    worker = Worker(stack, redis_url, tmp_path, "worker")
+    worker = start_worker(stack, redis_url, tmp_path, "worker")
     try:
         await stack.sessions().StartSession(pb.StartSessionRequest(session_id=session_id))
 
@@ -518,7 +468,7 @@ async def test_a_session_service_restart_loses_nothing_and_watchers_resume(
 async def test_redis_losing_its_data_mid_import_loses_no_document(
     stack: Stack, redis_url: str, small_case: Path, tmp_path: Path
 ) -> None:
-    worker = Worker(stack, redis_url, tmp_path, "worker")
+    worker = start_worker(stack, redis_url, tmp_path, "worker")
     try:
         session_id = await scan_and_create(stack, small_case, start=True)
 
@@ -548,13 +498,10 @@ async def test_redis_losing_its_data_mid_import_loses_no_document(
             client.close()
         await wait_finished(stack, session_id, timeout=90)
         runs = await assert_exactly_once(stack, session_id)
-        expired = {
-            (r["document_id"], r["stage"], r["attempt"]) for r in runs if r["state"] == "expired"
-        }
-        # the messages Redis lost were given up and re-enqueued as new attempts
-        assert expired and expired <= lost | {
-            (r["document_id"], r["stage"], r["attempt"]) for r in runs
-        }
-        assert lost & expired, (lost, expired)
+        state = {(r["document_id"], r["stage"], r["attempt"]): r["state"] for r in runs}
+        # The messages Redis lost were given up (expired) and re-enqueued as new
+        # attempts; a run the worker had already taken before the flush ran.
+        assert any(state[run] == "expired" for run in lost), (lost, state)
+        assert all(state[run] in ("expired", "succeeded") for run in lost), (lost, state)
     finally:
         worker.stop()

@@ -19,13 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
@@ -34,7 +28,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import ROOT, SAMPLE_CASE, TOKENS
+from conftest import ROOT, TOKENS
 from docimport.cost.v1 import cost_service_pb2 as cpb
 from docimport.cost.v1 import cost_service_pb2_grpc
 from docimport.manifest.v1 import manifest_service_pb2 as mpb
@@ -58,7 +52,7 @@ from services.session.queue import CeleryEnqueuer
 from services.session.server import build_server as build_session
 from services.session.store import SessionStore
 
-from .helpers import wait_for
+from .helpers import WorkerProcess, readable_case, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -74,19 +68,8 @@ METRIC_NAME = re.compile(r"\bdocimport_[a-z0-9_]+")
 
 @pytest.fixture
 def small_case() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="di-metrics-"))
-    root.chmod(0o755)
-    target = root / "smith-v-jones"
-    for name in FILES:
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(SAMPLE_CASE / name, target / name)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o755)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o644)
-    yield target
-    shutil.rmtree(root, ignore_errors=True)
+    with readable_case(FILES) as target:
+        yield target
 
 
 class Scrape:
@@ -131,38 +114,6 @@ def names_used_by_dashboard_and_alerts() -> set[str]:
     rules = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
     exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
     return {name for expr in exprs for name in METRIC_NAME.findall(expr)}
-
-
-class Worker:
-    """`python -m services.worker`, prefork with one child, serving /metrics."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str]) -> None:
-        self.log_path = tmp_path / "worker.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.worker"],
-            env={"PATH": os.environ.get("PATH", ""), **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            start_new_session=True,
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
-        self._log.close()
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
 
 
 async def test_metrics_of_every_service_and_the_worker_after_an_import(
@@ -214,8 +165,9 @@ async def test_metrics_of_every_service_and_the_worker_after_an_import(
     manifests = manifest_service_pb2_grpc.ManifestServiceStub(channels[0])
     sessions = session_service_pb2_grpc.SessionServiceStub(channels[1])
     costs = cost_service_pb2_grpc.CostServiceStub(channels[2])
-    worker = Worker(
+    worker = WorkerProcess(
         tmp_path,
+        "worker",
         {
             "DOCIMPORT_BROKER_URL": redis_url,
             "DOCIMPORT_SESSION_ADDR": f"127.0.0.1:{session_server.port}",
