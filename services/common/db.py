@@ -66,8 +66,9 @@ class HeldConnection:
     is taken on next use. Only for code that leaves no session state behind
     (no LISTEN, no session-level locks, no open transaction). `settings` are
     session settings (`SET name = value`) made on the held connection when it
-    is taken; the pool's reset undoes them when it goes back. `close()`
-    returns it to the pool: call it before closing the pool.
+    is taken (and on a fallback connection, for that use); the pool's reset
+    undoes them when it goes back. `close()` returns it to the pool: call it
+    before closing the pool.
     """
 
     def __init__(self, pool: asyncpg.Pool, settings: dict[str, str] | None = None) -> None:
@@ -76,11 +77,14 @@ class HeldConnection:
         self._conn: asyncpg.Connection | None = None
         self._busy = False
 
+    async def _apply(self, conn: asyncpg.Connection) -> None:
+        for name, value in self._settings.items():
+            await conn.execute("SELECT set_config($1, $2, false)", name, value)
+
     async def _take(self) -> asyncpg.Connection:
         conn = await self._pool.acquire()
         try:
-            for name, value in self._settings.items():
-                await conn.execute("SELECT set_config($1, $2, false)", name, value)
+            await self._apply(conn)
         except BaseException:
             await self._pool.release(conn)
             raise
@@ -90,6 +94,7 @@ class HeldConnection:
     async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
         if self._busy:
             async with self._pool.acquire() as conn:
+                await self._apply(conn)  # the pool's reset undoes them on release
                 yield conn
             return
         self._busy = True

@@ -17,6 +17,9 @@ class SessionSettings(ServiceSettings):
     dispatch_batch: int = 500
     # Seconds between dispatcher rounds when there is nothing to wake it.
     dispatch_interval: float = 0.5
+    # Seconds a woken dispatcher waits before its round, so that the stage
+    # results arriving meanwhile are dispatched in the same round (0: none).
+    dispatch_coalesce: float = 0.02
     # Messages per Redis pipeline when publishing.
     publish_batch: int = 1000
     # Run time of a stage: base seconds plus seconds per MiB of the file. The
@@ -48,6 +51,9 @@ class SessionSettings(ServiceSettings):
     # such batches (of each kind) may be in flight at once.
     report_batch: int = 256
     report_concurrency: int = 1
+    # How long a live session's cost so far (a sum over its cost ledger) is
+    # reused by GetSession and the watch snapshots, seconds (0: never).
+    cost_cache_seconds: float = 1.0
     # Deadline of calls to the manifest and cost services, seconds.
     dependency_timeout: float = 30.0
     # Files per ListManifestFiles page when a session is created.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from decimal import Decimal
@@ -95,6 +96,8 @@ POLICY = policy_for(
 # Session ids derived from request ids live in their own namespace.
 REQUEST_NAMESPACE = uuid.UUID("5d0c7a47-6f0e-4b6f-9a53-64f0d2a1c3b7")
 DEFAULT_MAX_IN_FLIGHT = 32
+# Live sessions whose cost so far is remembered at once (see _cost_so_far).
+_COST_CACHE_SIZE = 1024
 MAX_NAME = 200
 # Pipeline overview: finished sessions stay on it this long by default;
 # default and largest list lengths; the longest accepted windows.
@@ -546,6 +549,8 @@ class SessionServicer:
             concurrency=settings.report_concurrency,
         )
         self._background: set[asyncio.Task[None]] = set()
+        # session id -> (monotonic time, actual cost): see _cost_so_far
+        self._costs_seen: dict[str, tuple[float, Decimal]] = {}
 
     # ------------------------------------------------------------ create
 
@@ -791,13 +796,32 @@ class SessionServicer:
         return _uuid_text(value, "session_id")
 
     async def _cost_so_far(self, info: SessionInfo) -> Decimal:
+        """The session's actual cost from the ledger (reused for `cost_cache_seconds`).
+
+        Summing a session's ledger grows with the session; a live session's
+        figure is reused for a moment, so that pollers (`status` in a loop,
+        dashboards) cost the cost service one summary per interval. A
+        finished session's figure is always fresh: it is the final one.
+        """
         if self._cost is None:
             return info.reported_cost
+        now = time.monotonic()
+        live = info.state not in st.SESSION_TERMINAL
+        cached = self._costs_seen.get(info.session_id)
+        if live and cached is not None and now - cached[0] < self._settings.cost_cache_seconds:
+            return cached[1]
         try:
-            return (await self._cost.session_costs(info.session_id)).actual_total
+            total = (await self._cost.session_costs(info.session_id)).actual_total
         except grpc.aio.AioRpcError as exc:
             logger.info("cost service unavailable (%s); showing reported costs", exc.code().name)
             return info.reported_cost
+        if live:
+            if len(self._costs_seen) >= _COST_CACHE_SIZE:
+                self._costs_seen.clear()
+            self._costs_seen[info.session_id] = (now, total)
+        else:
+            self._costs_seen.pop(info.session_id, None)
+        return total
 
     async def _session_message(self, session_id: str) -> pb.Session:
         snap = await self._store.snapshot(session_id, stall_after=self._settings.stall_after)

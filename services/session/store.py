@@ -1030,12 +1030,14 @@ WITH u AS (
 cur AS (
     SELECT u.ord, r.state AS r_state, d.session_id, d.state AS d_state, d.stage AS d_stage,
            d.attempts, d.attempt_seq, d.cost AS d_cost, d.reservation_id, d.reserved_amount
-    FROM u
-    JOIN session.stage_runs r
-      ON r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
-    JOIN session.session_documents d ON d.document_id = u.document_id
-    ORDER BY u.document_id
-    FOR UPDATE OF r, d
+    FROM (SELECT * FROM u ORDER BY document_id) u
+    CROSS JOIN LATERAL (
+        SELECT r.state FROM session.stage_runs r
+        WHERE r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
+        FOR UPDATE) r
+    CROSS JOIN LATERAL (
+        SELECT * FROM session.session_documents d WHERE d.document_id = u.document_id
+        FOR UPDATE) d
 ),
 dec AS (
     SELECT u.*, c.session_id, c.d_state AS doc_old_state, c.d_stage AS old_stage, c.attempts,
@@ -1122,7 +1124,11 @@ ORDER BY u.ord
 # or cancelled session is refused: the run is cancelled and its document
 # goes back to pending (the attempt does not count), or is cancelled with
 # its session. Anything else (another task id, a finished run) is refused
-# without a change.
+# without a change. The runs and documents are looked up one by one by
+# primary key, in document order (the lock order), through LATERAL
+# subqueries with FOR UPDATE, which the planner cannot flatten into a join:
+# a hash join over a table whose statistics lag behind its growth (a new
+# session's runs) would scan all of it for every report.
 _STARTED_SQL = _numbered(
     """
 WITH u AS (
@@ -1132,13 +1138,15 @@ WITH u AS (
 cur AS (
     SELECT u.ord, r.state AS r_state, r.task_id AS r_task, d.session_id, d.state AS d_state,
            d.stage AS d_stage, d.attempts, d.reservation_id, d.size_bytes, s.state AS s_state
-    FROM u
-    JOIN session.stage_runs r
-      ON r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
-    JOIN session.session_documents d ON d.document_id = u.document_id
+    FROM (SELECT * FROM u ORDER BY document_id) u
+    CROSS JOIN LATERAL (
+        SELECT r.state, r.task_id FROM session.stage_runs r
+        WHERE r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
+        FOR UPDATE) r
+    CROSS JOIN LATERAL (
+        SELECT * FROM session.session_documents d WHERE d.document_id = u.document_id
+        FOR UPDATE) d
     JOIN session.import_sessions s ON s.session_id = d.session_id
-    ORDER BY u.document_id
-    FOR UPDATE OF r, d
 ),
 act AS (
     SELECT u.*, c.r_state, c.r_task, c.session_id, c.d_state, c.d_stage, c.attempts, c.reservation_id,
@@ -1232,8 +1240,20 @@ class SessionStore:
         # start was lost still looks queued, under a queued lease longer
         # than its running one, and its result is accepted as from a queued
         # run. Results, dispatch rounds and the cost ledger stay synchronous.
-        self._started_conn = db.HeldConnection(pool, {"synchronous_commit": "off"})
-        self._results_conn = db.HeldConnection(pool)
+        # Both statements run on one generic plan made of primary-key lookups in
+        # nested loops: planning them costs more than running them for a batch
+        # of one, and a plan chosen from the statistics of a table that grew
+        # since (a new session's stage runs, at first "170 rows") would scan
+        # the whole table for every report. Their joins between the batch's
+        # own rows (at most report_batch) stay cheap as nested loops.
+        plan = {
+            "plan_cache_mode": "force_generic_plan",
+            "enable_seqscan": "off",
+            "enable_hashjoin": "off",
+            "enable_mergejoin": "off",
+        }
+        self._started_conn = db.HeldConnection(pool, {"synchronous_commit": "off", **plan})
+        self._results_conn = db.HeldConnection(pool, plan)
 
     async def close(self) -> None:
         """Returns the connections this store holds to the pool (before the pool closes)."""
@@ -1988,11 +2008,9 @@ class SessionStore:
             if row is None:
                 return DispatchRound(session_id, (), False)
             session = _session(row)
-            live = await conn.fetchval(
-                "SELECT count(*) FROM session.stage_runs WHERE session_id = $1 "
-                "AND state IN ('queued', 'running')",
-                sid,
-            )
+            # A document is queued or running exactly while it has its one live run
+            # (stage_runs_one_live_key), so the session's counters are its live runs.
+            live = session.counts.queued + session.counts.running
             room = min(limit, session.max_in_flight - live)
             if room <= 0:
                 return DispatchRound(session_id, (), True)
