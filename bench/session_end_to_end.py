@@ -16,8 +16,9 @@ entities:
   publishing, report ingest, counters, events) and the real cost service,
   and the real worker tasks whose stages do nothing (see
   bench/e2e_workers.py): per stage a ReportStageStarted, an artifact put,
-  a RecordCosts and a ReportStageResult. Done when GetSession says
-  COMPLETED. The clock starts before CreateSession.
+  a RecordCosts and a ReportStageResult. Done when GetSession (asked once
+  a second, as `docimport status` in a loop would) says COMPLETED. The
+  clock starts before CreateSession.
 
 Both use the same worker process type (`python bench/e2e_workers.py`, the
 Celery configuration and `celery worker` arguments of docimport-worker:
@@ -183,7 +184,7 @@ async def docimport_round(
                             pb.SESSION_STATE_CREATED,
                         ):
                             break
-                        await asyncio.sleep(0.25)
+                        await asyncio.sleep(1.0)
                     elapsed = time.perf_counter() - start
                 finally:
                     stop_worker(worker)

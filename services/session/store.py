@@ -1958,7 +1958,8 @@ class SessionStore:
                     SELECT 1 FROM session.session_documents d
                     WHERE d.session_id = s.session_id AND d.state = 'pending'
                       AND (d.not_before IS NULL OR d.not_before <= now())
-                      AND (s.state = 'running' OR d.reservation_id IS NOT NULL))
+                      AND (s.state = 'running' OR d.reservation_id IS NOT NULL)
+                    LIMIT 1)  -- a probe per session, never a join over every document
                 ORDER BY s.created_at
                 """
             )
