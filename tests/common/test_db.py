@@ -41,6 +41,29 @@ async def test_concurrent_use_falls_back_to_a_pooled_connection(pool: asyncpg.Po
     await held.close()
 
 
+async def test_the_fallback_connection_has_the_settings_for_its_use_only(
+    pool: asyncpg.Pool,
+) -> None:
+    async with pool.acquire() as conn:
+        default = await _name(conn)
+    held = db.HeldConnection(pool, {"application_name": "held"})
+    async with held.acquire() as first:
+        async with held.acquire() as second:
+            fallback = second.get_server_pid()
+            assert await _name(second) == "held"
+        assert await _name(first) == "held"
+    await held.close()
+    # both went back reset: whoever borrows either one next has the default
+    borrowed = [await pool.acquire() for _ in range(pool.get_size())]
+    try:
+        by_pid = {c.get_server_pid(): c for c in borrowed}
+        assert fallback in by_pid
+        assert await _name(by_pid[fallback]) == default
+    finally:
+        for conn in borrowed:
+            await pool.release(conn)
+
+
 async def test_after_a_failure_the_connection_goes_back_and_a_fresh_one_is_taken(
     pool: asyncpg.Pool,
 ) -> None:

@@ -12,7 +12,7 @@ from docimport.session.v1 import session_service_pb2 as pb
 
 from services.session import states as st
 
-from .helpers import mfile, tune
+from .helpers import mfile, tune, work, work_to_end
 
 
 async def event_count(harness, session_id: str) -> int:
@@ -299,3 +299,31 @@ async def test_every_event_follows_the_state_machine_and_counters_match(harness)
     final = {r["session_id"]: r["state"] for r in sessions}
     assert final[uuid.UUID(a.session_id)] == st.S_WITH_ERRORS
     assert final[uuid.UUID(b.session_id)] == st.S_CANCELLED
+
+
+async def test_cost_so_far_is_reused_for_a_moment_while_live_and_final_when_done(
+    harness, tmp_path
+):
+    from decimal import Decimal
+
+    from docimport.cost.v1 import cost_service_pb2 as cpb
+
+    session = (await harness.create([mfile("a.pdf"), mfile("b.pdf")])).session
+    sid = session.session_id
+    first, second = await harness.dispatch()
+    await work(harness, first, tmp_path)
+    tune(harness, cost_cache_seconds=0.0)
+    seen = Decimal((await get(harness, sid)).cost_so_far.amount)
+    assert seen > 0
+    tune(harness, cost_cache_seconds=60.0)
+    await work(harness, second, tmp_path)
+    # live: the figure read a moment ago is reused
+    assert Decimal((await get(harness, sid)).cost_so_far.amount) == seen
+    tune(harness, cost_cache_seconds=0.0)
+    assert Decimal((await get(harness, sid)).cost_so_far.amount) == 2 * seen
+    tune(harness, cost_cache_seconds=60.0)
+    final = await work_to_end(harness, sid, tmp_path)
+    assert final.state == pb.SESSION_STATE_COMPLETED
+    ledger = await harness.cost.GetSessionCosts(cpb.GetSessionCostsRequest(session_id=sid))
+    # finished: always the ledger's final figure, whatever was read before
+    assert Decimal(final.cost_so_far.amount) == Decimal(ledger.actual_total.amount) == 6 * seen
