@@ -88,6 +88,7 @@ async def test_snapshot_then_events_until_the_session_finishes(harness):
 async def test_resume_after_seq_has_no_gap_and_no_duplicate(harness):
     session = (await harness.create([mfile(f"{i}.pdf") for i in range(6)])).session
     watcher = Collector(harness, session.session_id)
+    await watcher.until(lambda w: w.items)  # the snapshot comes before any dispatch
     messages = await harness.dispatch()
     for m in messages[:3]:
         await harness.result(m)
