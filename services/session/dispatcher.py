@@ -24,9 +24,9 @@ The loop wakes on `wake()` (a stage result, start, resume or retry in this
 process) or on any session NOTIFY (another replica), else every
 `dispatch_interval` seconds. A woken loop waits `dispatch_coalesce` before
 its round, so a stream of stage results makes one round per window rather
-than one per result (each round is several statements and a publish). The overall cap counts live runs at the start of
-a round: with several replicas it may be passed by at most one batch per
-other replica; the per-session cap is exact (the session row is locked
+than one per result (each round is several statements and a publish). The
+overall cap counts live runs at the start of a round: with several replicas
+it may be passed by at most one batch per other replica; the per-session cap is exact (the session row is locked
 while its round is computed).
 """
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from decimal import Decimal
 
 import grpc
 import pytest
 from docimport.common.v1 import common_pb2
+from docimport.cost.v1 import cost_service_pb2 as cpb
 from docimport.session.v1 import session_service_pb2 as pb
 
 from services.session import states as st
@@ -304,10 +306,6 @@ async def test_every_event_follows_the_state_machine_and_counters_match(harness)
 async def test_cost_so_far_is_reused_for_a_moment_while_live_and_final_when_done(
     harness, tmp_path
 ):
-    from decimal import Decimal
-
-    from docimport.cost.v1 import cost_service_pb2 as cpb
-
     session = (await harness.create([mfile("a.pdf"), mfile("b.pdf")])).session
     sid = session.session_id
     first, second = await harness.dispatch()
