@@ -26,8 +26,8 @@ process) or on any session NOTIFY (another replica), else every
 its round, so a stream of stage results makes one round per window rather
 than one per result (each round is several statements and a publish). The
 overall cap counts live runs at the start of a round: with several replicas
-it may be passed by at most one batch per other replica; the per-session cap is exact (the session row is locked
-while its round is computed).
+it may be passed by at most one batch per other replica; the per-session
+cap is exact (the session row is locked while its round is computed).
 """
 
 from __future__ import annotations
