@@ -28,7 +28,8 @@ hashed in parallel instead of one after another in one worker.
 Pages: PDFium opens the document (error 4 or 5: encrypted, any other:
 corrupt) and loads each page; a page has a text layer when it holds a text
 object (also inside form XObjects). That is the exact count of pages that
-need OCR, at a third of the cost of building PDFium text pages.
+need OCR, at a third of the cost of building PDFium text pages. A large PDF
+is opened by PDFium through `/proc/self/fd` (see `_pdfium_source`).
 """
 
 from __future__ import annotations
@@ -285,13 +286,30 @@ def _read_stream(stream: io.FileIO | None) -> bytes:
     return stream.readall()
 
 
+_FD_PATHS = os.path.isdir("/proc/self/fd")
+
+
+def _pdfium_source(stream: io.FileIO | None) -> Any:
+    """What PDFium should open a large PDF from: the open file itself, read natively.
+
+    Handed a Python stream, PDFium reads through a callback into Python for
+    every block, which costs more than hashing the file (0.24 s against 0.2 s
+    for 300 scanned pages of 1 MiB); handed `/proc/self/fd/N` it reopens the
+    very file the worker opened and checked (the same inode, whatever has
+    happened to its path since) and reads it in C (0.05 s). Without /proc,
+    the stream.
+    """
+    assert stream is not None
+    return f"/proc/self/fd/{stream.fileno()}" if _FD_PATHS else stream
+
+
 def _check_content(content: classify.ContentType, name: bytes, data: bytes | None,
                    stream: io.FileIO | None
                    ) -> tuple[classify.ContentType, int, int, str | None, str | None]:
     """(content, pages, ocr pages, problem kind, problem message) of a non-empty file."""
     mime = content.mime
     if mime == classify.MIME_PDF:
-        pages, ocr, problem, message = pdf_pages(data if data is not None else stream)
+        pages, ocr, problem, message = pdf_pages(data if data is not None else _pdfium_source(stream))
         return content, pages, ocr, problem, message
     if mime in (classify.MIME_ZIP, classify.MIME_DOCX, classify.MIME_XLSX, classify.MIME_PPTX):
         return _check_zip(content, name, data, stream)

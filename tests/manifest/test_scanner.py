@@ -276,3 +276,28 @@ def test_fast_rows_equal_rows_built_the_ordinary_way() -> None:
     assert fast == ManifestFile(*args, problem_kind="empty", exclusion_reason="x")
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.size_bytes = 6  # type: ignore[misc]
+
+
+def test_large_files_are_inspected_like_small_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages, OCR pages and problems of a PDF read in chunks (PDFium opens it natively) equal the in-memory ones."""
+    pdfs = sorted((SAMPLE_CASE).rglob("*.pdf")) + sorted(SAMPLE_CASE.rglob("*.eml"))
+    assert len(pdfs) >= 5
+
+    def inspect_all() -> list[tuple]:
+        found = []
+        for i, path in enumerate(pdfs):
+            st = path.stat()
+            found.append(content.inspect_file((i, os.fsencode(path), os.fsencode(path.name), st.st_dev, st.st_ino),
+                                              frozenset(), 1 << 40))
+        return found
+
+    in_memory = inspect_all()
+    monkeypatch.setattr(content, "WHOLE_READ_BYTES", 0)  # every file is "large": hashed in chunks
+    chunked = inspect_all()
+    assert chunked == in_memory
+    kinds = {r[content.R_PROBLEM] for r in chunked}
+    assert {"corrupt", "encrypted", None} <= kinds
+    assert any(r[content.R_OCR_PAGES] for r in chunked) and any(r[content.R_PAGES] > r[content.R_OCR_PAGES] for r in chunked)
+    if content._FD_PATHS:  # the native path was the one taken, and it names the open file
+        with open(pdfs[0], "rb", buffering=0) as stream:
+            assert os.path.samefile(content._pdfium_source(stream), pdfs[0])
