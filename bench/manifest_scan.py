@@ -264,10 +264,11 @@ def run_scan(scanner: Scanner, folder: Path) -> tuple[float, int, dict[str, floa
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def pool_cpu(pool: concurrent.futures.ProcessPoolExecutor) -> float:
+def pool_cpu(pool: concurrent.futures.ProcessPoolExecutor | Scanner) -> float:
     """CPU seconds (user + system) used so far by a pool's worker processes (Linux /proc; else 0)."""
     total = 0
-    for pid in list(getattr(pool, "_processes", None) or {}):
+    pids = pool.readers.pids() if isinstance(pool, Scanner) else list(getattr(pool, "_processes", None) or {})
+    for pid in pids:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 fields = f.read().rpartition(b")")[2].split()
@@ -280,7 +281,7 @@ def pool_cpu(pool: concurrent.futures.ProcessPoolExecutor) -> float:
 class CpuMeter:
     """CPU seconds of a timed run: in this process (all its threads) and in a pool's workers."""
 
-    def __init__(self, pool: concurrent.futures.ProcessPoolExecutor | None) -> None:
+    def __init__(self, pool: concurrent.futures.ProcessPoolExecutor | Scanner | None) -> None:
         self.pool = pool
         self.main = self.workers = 0.0
 
@@ -397,7 +398,7 @@ async def amain(args: argparse.Namespace) -> int:
                 total = sum(size for _, size in files)
                 _warm_cache(files)
                 scans, bares, ends = [], [], []
-                bare_cpu, scan_cpu = CpuMeter(bare_pool), CpuMeter(scanner._executor())
+                bare_cpu, scan_cpu = CpuMeter(bare_pool), CpuMeter(scanner)
                 rows = 0
                 stats: dict[str, float] = {}
                 manifest, events = None, 0

@@ -1,15 +1,16 @@
 """Domain errors of the manifest service that services.common does not define.
 
 Owns `PermissionDenied`: a well-formed request for something this service
-may not touch (a path outside its source roots). The server interceptor
-(`errors.abort_for`) maps it like every `DomainError`, by its `code`.
+may not touch (a path outside its source roots); and `ReaderFailed`: a
+reader process died during a scan (UNAVAILABLE). The server interceptor
+(`errors.abort_for`) maps them like every `DomainError`, by its `code`.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from services.common.errors import DomainError
+from services.common.errors import DomainError, Unavailable
 
 
 class PermissionDenied(DomainError):
@@ -17,3 +18,9 @@ class PermissionDenied(DomainError):
 
     code = grpc.StatusCode.PERMISSION_DENIED
     reason = "PERMISSION_DENIED"
+
+
+class ReaderFailed(Unavailable):
+    """A reader process ended while it held files of the scan; the scan can be run again."""
+
+    reason = "READER_FAILED"

@@ -1,8 +1,9 @@
-"""Scans a folder: walks it, reads every file in a process pool, assembles rows.
+"""Scans a folder: walks it, reads every file on reader processes, assembles rows.
 
-Owns the scan's process pool (`Scanner`, closed by `Scanner.close`; the
-server's `serve()` closes it after the gRPC server has drained), the walk
-and its safety rules, and the assembly of worker results into
+Owns the `Scanner` (its `ReaderPool`, see `readers.py`, is closed by
+`Scanner.close`; the server's `serve()` closes it after the gRPC server has
+drained), one scan's schedule (`_Scan`: batches to readers, answers back),
+the walk and its safety rules, and the assembly of reader results into
 `model.ManifestFile` rows (categories, plans, duplicates, e-mail families).
 No SQL and no gRPC here.
 
@@ -17,23 +18,23 @@ ever read):
   inside the scanned folder; a link out of the folder, a broken link, a
   symlink loop and a link to a folder are listed with problem `not_a_file`.
   FIFOs, sockets and devices are listed `not_a_file` and never opened.
-- Workers open the vetted real path with O_NOFOLLOW|O_NONBLOCK and check
+- Readers open the vetted real path with O_NOFOLLOW|O_NONBLOCK and check
   its (device, inode) against the walk's (see `content.py`).
 
 Cost per file (a scan of 100,000 small files is bound by it; see
 bench/manifest_scan.py): the walk does not stat a regular file. scandir's
 d_type says it is one and d_ino gives its inode (its device is its
-folder's, which the walk stats once per folder); the worker that opens it
+folder's, which the walk stats once per folder); the reader that opens it
 `fstat`s the open file anyway, and that stat gives the row its size and
 mtime and is where a file swapped for a FIFO, a device or another file
 since the listing is caught (never read, listed `not_a_file` or
 `unreadable`). Only files that are not read (excluded ones, symlinks,
 entries that are not regular) are stat'ed by the walk. So sizes are not
 known before reading: batches are cut by count (`BATCH_MAX_FILES`, after
-small first batches that start every worker while the walk goes on), a file
-that turns out big in a batch of several is handed back by the worker and
+small first batches that start every reader while the walk goes on), a file
+that turns out big in a batch of several is handed back by the reader and
 sent again alone (big files are hashed in parallel, not one after another
-in one worker), and progress reports files seen/done and bytes hashed, with
+in one reader), and progress reports files seen/done and bytes hashed, with
 the ETA counted in files and `bytes_total` known at the end. Rows are built
 through `model.new_manifest_file` (a frozen dataclass's `__init__` costs a
 tenth of a small file's budget).
@@ -67,12 +68,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
+import contextlib
 import datetime as dt
-import multiprocessing
+import gc
 import operator
 import os
+import pickle
 import re
+import select
 import stat
 import threading
 import time
@@ -84,10 +87,13 @@ from typing import Any
 
 from services.common.errors import InvalidArgument, NotFound
 from services.manifest import classify, content
-from services.manifest.errors import PermissionDenied
+from services.manifest.errors import PermissionDenied, ReaderFailed
 from services.manifest.model import ManifestFile, Progress, ScanOptions, new_manifest_file
+from services.manifest.readers import Reader, ReaderPool
 
-BATCH_MAX_FILES = 512  # per IPC round trip; ~18 ms of small files for one worker
+BATCH_MAX_FILES = 192  # per pipe round trip; ~7 ms of small files for one reader
+_PICKLE = pickle.HIGHEST_PROTOCOL
+_WAIT_MS = 100  # how long a scan waits for answers before it looks at its cancel flag again
 
 
 # ----------------------------------------------------------------- paths
@@ -201,7 +207,7 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
 
 @dataclass(slots=True)
 class _Entry:
-    """A walked path; `task` is set when a worker must read it."""
+    """A walked path; `task` is set when a reader must read it."""
 
     ordinal: int
     raw_path: bytes
@@ -408,18 +414,6 @@ class ScanCancelled(Exception):
 # ----------------------------------------------------------------- the scanner
 
 
-def _worker_init(uid: int | None, gid: int | None) -> None:
-    if gid is not None and os.getuid() == 0:
-        os.setgroups([])
-        os.setgid(gid)
-    if uid is not None and os.getuid() == 0:
-        os.setuid(uid)
-
-
-def _warm() -> int:
-    return os.getpid()
-
-
 @dataclass(frozen=True)
 class ScanResult:
     files: list[ManifestFile]
@@ -428,11 +422,11 @@ class ScanResult:
 
 
 class Scanner:
-    """Runs scans on a pool of `workers` processes (forkserver: safe beside gRPC threads).
+    """Runs scans on `workers` reader processes (see `readers.py`).
 
-    `read_as` = (uid, gid) makes the reading processes drop root for that
-    user (when the service runs as root), so file permissions apply to
-    scans as they would to a person.
+    `read_as` = (uid, gid) makes the readers drop root for that user (when
+    the service runs as root), so file permissions apply to scans as they
+    would to a person.
     """
 
     def __init__(self, workers: int = 0, *, max_file_bytes: int = 20 * 1024**3,
@@ -441,32 +435,14 @@ class Scanner:
         self.workers = workers or os.cpu_count() or 1
         self.max_file_bytes = max_file_bytes
         self.categorizer = categorizer or classify.Categorizer()
-        self._read_as = read_as
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                ctx = multiprocessing.get_context("forkserver")
-                ctx.set_forkserver_preload(["services.manifest.content"])
-                uid, gid = self._read_as if self._read_as else (None, None)
-                self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=ctx, initializer=_worker_init, initargs=(uid, gid)
-                )
-            return self._pool
+        self.readers = ReaderPool(self.workers, read_as)
 
     def start(self) -> None:
-        """Starts every worker process now (not on the first scan)."""
-        pool = self._executor()
-        futures = [pool.submit(_warm) for _ in range(self.workers * 2)]
-        concurrent.futures.wait(futures)
+        """Starts every reader process now (not on the first scan)."""
+        self.readers.start()
 
     def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        self.readers.close()
 
     async def scan(self, source: bytes, options: ScanOptions, tracker: _Tracker | None = None) -> ScanResult:
         """Scans `source` (a real path from `resolve_source`) in a thread; cancellable."""
@@ -482,69 +458,86 @@ class Scanner:
 
     def scan_blocking(self, source: bytes, options: ScanOptions, tracker: _Tracker,
                       cancel: threading.Event | None = None) -> ScanResult:
-        """Walks, reads on the pool and assembles rows, all three overlapped.
-
-        Rows are assembled in walk order as soon as every entry before them
-        is back from the workers, so assembly runs while the workers read
-        instead of after them (on a 2-core machine a serial tail of
-        assembly alone was half the bare hashing time).
-        """
+        """Walks, reads on the readers and assembles rows, all three overlapped."""
         cancel = cancel or threading.Event()
-        started = time.perf_counter()
-        pool = self._executor()
-        exclude = frozenset(options.exclude_types)
-        walker = _Walker(source, options, cancel)
+        with self.readers.lease() as readers, _gc_paused():
+            return _Scan(self, readers, options, tracker, cancel).run(source)
+
+    def assemble(self, entries: list[_Entry], exclude: frozenset[str] = frozenset()) -> list[ManifestFile]:
+        """Rows from walked entries whose reader results are in (see `_Assembler`)."""
         assembler = _Assembler(self.categorizer)
-        waiting: collections.deque[_Entry] = collections.deque()  # walked, not yet assembled
-        pending: dict[concurrent.futures.Future[list[tuple[Any, ...]]], list[_Entry]] = {}
-        limit = self.workers * 3
+        for entry in entries:
+            assembler.add(entry)
+        return assembler.rows
+
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Automatic garbage collection off while any scan runs in this process.
+
+    A scan makes two long-lived objects a file (its walk entry and its row)
+    and no reference cycles; the collector, triggered every 700 new objects,
+    would walk the ever larger set of live ones again and again: about 1 us
+    of the scan process's CPU a file (a third of a row's cost). Counted, so
+    overlapping scans restore the collector's state only when the last ends;
+    cyclic garbage made meanwhile by other threads waits until then.
+    """
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+class _Scan:
+    """One scan: walks, keeps its readers busy, assembles rows as answers come back.
+
+    Rows are assembled in walk order as soon as every entry before them is
+    back from the readers, so assembly runs while the readers read instead
+    of after them (on a 2-core machine a serial tail of assembly alone was
+    half the bare hashing time). Batches wait in `queued` until a reader can
+    take one (at most two out at a reader, see `readers.Reader.can_take`);
+    the walk stops to collect answers when more than `3 x readers` wait.
+    """
+
+    def __init__(self, scanner: Scanner, readers: list[Reader], options: ScanOptions,
+                 tracker: _Tracker, cancel: threading.Event) -> None:
+        self.readers = readers
+        self.by_fd = {reader.fd: reader for reader in readers}
+        self.poll = select.poll()
+        for reader in readers:
+            self.poll.register(reader.fd, select.POLLIN)
+        self.options = options
+        self.exclude = frozenset(options.exclude_types)
+        self.max_bytes = scanner.max_file_bytes
+        self.assembler = _Assembler(scanner.categorizer)
+        self.tracker = tracker
+        self.cancel = cancel
+        self.waiting: collections.deque[_Entry] = collections.deque()  # walked, not yet assembled
+        self.queued: collections.deque[list[_Entry]] = collections.deque()  # batches not yet sent
+        self.assemble_seconds = 0.0
+
+    def run(self, source: bytes) -> ScanResult:
+        started = time.perf_counter()
+        tracker, waiting, queued = self.tracker, self.waiting, self.queued
+        limit = 3 * len(self.readers)
         batch: list[_Entry] = []
-        batch_cap = 4  # small first batches get every worker busy at once
-        assemble_seconds = 0.0
-        inspect = content.inspect_batch
-        max_bytes = self.max_file_bytes
-
-        def drain() -> None:
-            nonlocal assemble_seconds
-            begun = time.perf_counter()
-            add = assembler.add
-            while waiting:
-                head = waiting[0]
-                if head.task is not None and head.result is None:
-                    break
-                add(waiting.popleft())
-            assemble_seconds += time.perf_counter() - begun
-
-        def collect(block: bool) -> None:
-            done, _ = concurrent.futures.wait(
-                pending, timeout=None if block else 0,
-                return_when=concurrent.futures.FIRST_COMPLETED,
-            )
-            for fut in done:
-                items = pending.pop(fut)
-                read = finished = 0
-                for item, result in zip(items, fut.result()):
-                    if result[8] == content.HANDED_BACK:  # a big file: hashed alone, in parallel
-                        pending[pool.submit(inspect, [item.task], exclude, max_bytes)] = [item]
-                        continue
-                    item.result = result
-                    read += result[1]
-                    finished += 1
-                tracker.files_done += finished
-                tracker.bytes_hashed += read
-                tracker.current_path = display_path(items[-1].raw_path)
-            if done:
-                drain()
-
-        def submit() -> None:
-            nonlocal batch
-            while len(pending) >= limit:
-                collect(True)
-            pending[pool.submit(inspect, [item.task for item in batch], exclude, max_bytes)] = batch
-            batch = []
-
+        batch_cap = 4  # small first batches get every reader busy at once
         walked_count = 0
-        for entry in walker.walk():
+        for entry in _Walker(source, self.options, self.cancel).walk():
             waiting.append(entry)
             walked_count += 1
             tracker.files_seen += 1
@@ -553,37 +546,91 @@ class Scanner:
                 continue
             batch.append(entry)
             if len(batch) >= batch_cap:
-                submit()
+                queued.append(batch)
+                batch = []
                 batch_cap = min(batch_cap * 2, BATCH_MAX_FILES)
-            elif pending and walked_count % 256 == 0:
-                collect(False)
-        if cancel.is_set():
+                self.send()
+                while len(queued) > limit and not self.cancel.is_set():
+                    self.collect(True)
+            elif walked_count % 256 == 0:
+                self.collect(False)
+        if self.cancel.is_set():
             raise ScanCancelled()
         if batch:
-            submit()
+            queued.append(batch)
+            self.send()
         tracker.phase = "hashing"
         walked = time.perf_counter()
-        while pending:
-            if cancel.is_set():
-                for fut in pending:
-                    fut.cancel()
+        while queued or any(reader.out for reader in self.readers):
+            if self.cancel.is_set():
                 raise ScanCancelled()
-            collect(True)
+            self.collect(True)
         read = time.perf_counter()
-        drain()
+        self.drain()
         tracker.bytes_total = tracker.bytes_hashed
         done = time.perf_counter()
-        return ScanResult(assembler.rows, done - started, {
-            "walk": walked - started, "read": read - started, "assemble": assemble_seconds,
+        return ScanResult(self.assembler.rows, done - started, {
+            "walk": walked - started, "read": read - started, "assemble": self.assemble_seconds,
             "tail": done - read,
         })
 
-    def assemble(self, entries: list[_Entry], exclude: frozenset[str] = frozenset()) -> list[ManifestFile]:
-        """Rows from walked entries whose worker results are in (see `_Assembler`)."""
-        assembler = _Assembler(self.categorizer)
-        for entry in entries:
-            assembler.add(entry)
-        return assembler.rows
+    def send(self) -> None:
+        """Hands queued batches to the least busy readers that can take one now."""
+        queued, readers = self.queued, self.readers
+        while queued:
+            reader = min(readers, key=_load) if len(readers) > 1 else readers[0]
+            items = queued[0]
+            message = pickle.dumps(([item.task for item in items], self.exclude, self.max_bytes), _PICKLE)
+            if not reader.can_take(len(message)):
+                return
+            queued.popleft()
+            self._call(reader, reader.send, message, items)
+
+    def collect(self, block: bool) -> None:
+        """Takes in every answer that is back (waiting up to 0.1 s for one if `block`), then sends and assembles."""
+        events = self.poll.poll(_WAIT_MS if block else 0)
+        if not events:
+            return
+        tracker = self.tracker
+        handed_back = content.HANDED_BACK
+        for fd, _ in events:
+            reader = self.by_fd[fd]
+            items, results = self._call(reader, reader.receive)
+            read = finished = 0
+            for item, result in zip(items, results):
+                if result[8] == handed_back:  # a big file: hashed alone, in parallel
+                    self.queued.appendleft([item])
+                    continue
+                item.result = result
+                read += result[1]
+                finished += 1
+            tracker.files_done += finished
+            tracker.bytes_hashed += read
+            tracker.current_path = display_path(items[-1].raw_path)
+        self.send()
+        self.drain()
+
+    def _call(self, reader: Reader, method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except ReaderFailed as exc:
+            lost = reader.out[0] if reader.out else args[-1]
+            raise ReaderFailed(f"{exc.message} while reading {display_path(lost[0].raw_path)} "
+                               f"(one of {len(lost)} files); nothing was saved, scan again") from None
+
+    def drain(self) -> None:
+        begun = time.perf_counter()
+        waiting, add = self.waiting, self.assembler.add
+        while waiting:
+            head = waiting[0]
+            if head.task is not None and head.result is None:
+                break
+            add(waiting.popleft())
+        self.assemble_seconds += time.perf_counter() - begun
+
+
+def _load(reader: Reader) -> int:
+    return len(reader.out)
 
 
 _new_uuid = uuid.UUID.__new__

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from fpdf import FPDF
 
 from services.common.errors import InvalidArgument, NotFound
 from services.manifest.errors import PermissionDenied
@@ -301,3 +302,22 @@ def test_large_files_are_inspected_like_small_ones(monkeypatch: pytest.MonkeyPat
     if content._FD_PATHS:  # the native path was the one taken, and it names the open file
         with open(pdfs[0], "rb", buffering=0) as stream:
             assert os.path.samefile(content._pdfium_source(stream), pdfs[0])
+
+
+def test_long_pdfs_are_counted_exactly_across_reopenings(tmp_path: Path) -> None:
+    """PDFium is reopened every PAGES_PER_OPEN pages (bounded memory); the counts stay exact."""
+    pdf = FPDF()
+    pages = 2 * content.PAGES_PER_OPEN + 7
+    for index in range(pages):
+        pdf.add_page()
+        if index % 3 == 0:  # a text layer on every third page; the others are blank (need OCR)
+            pdf.set_font("Helvetica", size=12)
+            pdf.cell(text=f"page {index + 1}")
+    path = tmp_path / "long.pdf"
+    path.write_bytes(bytes(pdf.output()))
+    with_text = len(range(0, pages, 3))
+    want = (pages, pages - with_text, None, None)
+    assert content.pdf_pages(path.read_bytes()) == want
+    with open(path, "rb", buffering=0) as stream:
+        assert content.pdf_pages(content._pdfium_source(stream)) == want
+        assert content.pdf_pages(stream) == want
