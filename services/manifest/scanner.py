@@ -80,7 +80,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ from typing import Any
 from services.common.errors import InvalidArgument, NotFound
 from services.manifest import classify, content
 from services.manifest.errors import PermissionDenied, ReaderFailed
-from services.manifest.model import ManifestFile, Progress, ScanOptions, new_manifest_file
+from services.manifest.model import ManifestFile, Progress, ScanOptions, ManifestFileDraft, new_manifest_file
 from services.manifest.readers import Reader, ReaderPool
 
 BATCH_MAX_FILES = 192  # per pipe round trip; ~7 ms of small files for one reader
@@ -527,7 +527,7 @@ class _Scan:
         self.tracker = tracker
         self.cancel = cancel
         self.waiting: collections.deque[_Entry] = collections.deque()  # walked, not yet assembled
-        self.queued: collections.deque[list[_Entry]] = collections.deque()  # batches not yet sent
+        self.queued: collections.deque[tuple[list[_Entry], bytes]] = collections.deque()  # not yet sent
         self.assemble_seconds = 0.0
 
     def run(self, source: bytes) -> ScanResult:
@@ -546,7 +546,7 @@ class _Scan:
                 continue
             batch.append(entry)
             if len(batch) >= batch_cap:
-                queued.append(batch)
+                self.queue(batch)
                 batch = []
                 batch_cap = min(batch_cap * 2, BATCH_MAX_FILES)
                 self.send()
@@ -557,7 +557,7 @@ class _Scan:
         if self.cancel.is_set():
             raise ScanCancelled()
         if batch:
-            queued.append(batch)
+            self.queue(batch)
             self.send()
         tracker.phase = "hashing"
         walked = time.perf_counter()
@@ -579,12 +579,19 @@ class _Scan:
         queued, readers = self.queued, self.readers
         while queued:
             reader = min(readers, key=_load) if len(readers) > 1 else readers[0]
-            items = queued[0]
-            message = pickle.dumps(([item.task for item in items], self.exclude, self.max_bytes), _PICKLE)
+            items, message = queued[0]
             if not reader.can_take(len(message)):
                 return
             queued.popleft()
             self._call(reader, reader.send, message, items)
+
+    def queue(self, items: list[_Entry], first: bool = False) -> None:
+        """Queues a batch, pickled once, for the next reader that can take it."""
+        batch = (items, pickle.dumps(([item.task for item in items], self.exclude, self.max_bytes), _PICKLE))
+        if first:
+            self.queued.appendleft(batch)
+        else:
+            self.queued.append(batch)
 
     def collect(self, block: bool) -> None:
         """Takes in every answer that is back (waiting up to 0.1 s for one if `block`), then sends and assembles."""
@@ -599,7 +606,7 @@ class _Scan:
             read = finished = 0
             for item, result in zip(items, results):
                 if result[8] == handed_back:  # a big file: hashed alone, in parallel
-                    self.queued.appendleft([item])
+                    self.queue([item], first=True)
                     continue
                 item.result = result
                 read += result[1]
@@ -620,12 +627,15 @@ class _Scan:
 
     def drain(self) -> None:
         begun = time.perf_counter()
-        waiting, add = self.waiting, self.assembler.add
+        waiting = self.waiting
+        ready = []
+        take, keep = waiting.popleft, ready.append
         while waiting:
             head = waiting[0]
             if head.task is not None and head.result is None:
                 break
-            add(waiting.popleft())
+            keep(take())
+        self.assembler.extend(ready)
         self.assemble_seconds += time.perf_counter() - begun
 
 
@@ -636,6 +646,7 @@ def _load(reader: Reader) -> int:
 _new_uuid = uuid.UUID.__new__
 _set = object.__setattr__
 _UUID_SAFE_UNKNOWN = uuid.SafeUUID.unknown
+_UUID = uuid.UUID
 _from_timestamp = dt.datetime.fromtimestamp
 _UTC = dt.UTC
 
@@ -665,47 +676,79 @@ class _Assembler:
         return made
 
     def add(self, entry: _Entry) -> None:
-        self._ordinal += 1
+        self.extend((entry,))
+
+    def extend(self, entries: Iterable[_Entry]) -> None:
+        """Rows for `entries`, in order (one loop with its lookups hoisted: 100,000 rows)."""
+        rows_append = self.rows.append
+        categories, plans, canonical = self._categories, self._plans, self._canonical
+        base = self._base
+        new_row, row_class = ManifestFileDraft, ManifestFile
         ordinal = self._ordinal
-        known = self._categories.get(entry.folders)
-        if known is None:
-            category = self._categorizer.category(entry.folders)
-            known = self._categories[entry.folders] = (category, self._categorizer.priority(category))
-        category, priority = known
-        file_id = self._id(ordinal)
-        path = display_path(entry.raw_path)
-        result = entry.result
-        mtime = entry.mtime if result is None else result[12]
-        modified = _from_timestamp(mtime, _UTC) if mtime is not None else None
-        if result is None:
-            kind, message = entry.problem if entry.problem else (None, None)
-            self.rows.append(new_manifest_file(
-                file_id, ordinal, path, entry.raw_path, entry.size, modified, None, "", False,
-                "other", category, priority, "unsupported", 0, 0, kind, message,
-                exclusion_reason=entry.exclusion,
-            ))
-            return
-        (_, size, sha, mime, family, mismatch, pages, ocr, problem, message,
-         excluded_type, attachments, _) = result
-        exclusion = f"excluded by --exclude-type {family}" if excluded_type else None
-        if problem:
-            plan = "unsupported"
-        else:
-            key = (mime, family, ocr > 0)
-            plan = self._plans.get(key)
-            if plan is None:
-                plan = self._plans[key] = classify.plan_for(classify.ContentType(mime, family), ocr)
-        duplicate_of = None
-        if sha is not None and problem != "empty" and exclusion is None and size > 0:
-            duplicate_of = self._canonical.setdefault(sha, file_id)
-            if duplicate_of is file_id:
-                duplicate_of = None
-        self.rows.append(new_manifest_file(
-            file_id, ordinal, path, entry.raw_path, size, modified, sha, mime, mismatch,
-            family, category, priority, plan, pages, ocr, problem, message,
-            duplicate_of, exclusion,
-        ))
-        for att in attachments or ():
+        for entry in entries:
+            ordinal += 1
+            folders = entry.folders
+            known = categories.get(folders)
+            if known is None:
+                category = self._categorizer.category(folders)
+                known = categories[folders] = (category, self._categorizer.priority(category))
+            category, priority = known
+            file_id = _new_uuid(_UUID)
+            _set(file_id, "int", base | ordinal)
+            _set(file_id, "is_safe", _UUID_SAFE_UNKNOWN)
+            raw_path = entry.raw_path
+            try:
+                path = raw_path.decode()
+            except UnicodeDecodeError:
+                path = display_path(raw_path)
+            else:
+                if not path.isprintable():
+                    path = display_path(raw_path)
+            result = entry.result
+            if result is None:
+                mtime = entry.mtime
+                kind, message = entry.problem if entry.problem else (None, None)
+                row = new_row(
+                    file_id, ordinal, path, raw_path, entry.size,
+                    _from_timestamp(mtime, _UTC) if mtime is not None else None, None, "", False,
+                    "other", category, priority, "unsupported", 0, 0, kind, message, None, entry.exclusion,
+                )
+                row.__class__ = row_class
+                rows_append(row)
+                continue
+            (_, size, sha, mime, family, mismatch, pages, ocr, problem, message,
+             excluded_type, attachments, mtime) = result
+            modified = _from_timestamp(mtime, _UTC) if mtime is not None else None
+            exclusion = f"excluded by --exclude-type {family}" if excluded_type else None
+            if problem:
+                plan = "unsupported"
+            else:
+                key = (mime, family, ocr > 0)
+                plan = plans.get(key)
+                if plan is None:
+                    plan = plans[key] = classify.plan_for(classify.ContentType(mime, family), ocr)
+            duplicate_of = None
+            if sha is not None and problem != "empty" and exclusion is None and size > 0:
+                duplicate_of = canonical.setdefault(sha, file_id)
+                if duplicate_of is file_id:
+                    duplicate_of = None
+            row = new_row(
+                file_id, ordinal, path, raw_path, size, modified, sha, mime, mismatch,
+                family, category, priority, plan, pages, ocr, problem, message,
+                duplicate_of, exclusion,
+            )
+            row.__class__ = row_class
+            rows_append(row)
+            if attachments:
+                self._ordinal = ordinal
+                self._attachments(entry, attachments, file_id, path, modified, category, priority)
+                ordinal = self._ordinal
+        self._ordinal = ordinal
+
+    def _attachments(self, entry: _Entry, attachments: tuple[Any, ...], parent: uuid.UUID, path: str,
+                     modified: dt.datetime | None, category: str, priority: int) -> None:
+        """An e-mail's attachment rows, after the e-mail's own."""
+        for att in attachments:
             self._ordinal += 1
             (index, name, a_size, a_sha, a_mime, a_family, a_mismatch, a_pages, a_ocr,
              a_problem, a_message) = att
@@ -716,7 +759,7 @@ class _Assembler:
                 self._id(self._ordinal), self._ordinal, f"{path}#{index}/{display_path(raw_name)}",
                 entry.raw_path + b"\x00#" + str(index).encode() + b"/" + raw_name,
                 a_size, modified, a_sha, a_mime, a_mismatch, a_family, category, priority, a_plan,
-                a_pages, a_ocr, a_problem, a_message, family_parent_file_id=file_id,
+                a_pages, a_ocr, a_problem, a_message, family_parent_file_id=parent,
             ))
 
 
