@@ -262,8 +262,9 @@ class _Walker:
         while stack:
             rel_dir, folders, hidden, dev, entries = stack[-1]
             prefix = rel_dir + b"/" if rel_dir else b""
-            for entry in entries:
-                if is_set():
+            plain = hidden is None and not globs  # only a file's own name can exclude it
+            for count, entry in enumerate(entries):
+                if not count & 63 and is_set():
                     return
                 name = entry.name
                 rel = prefix + name
@@ -272,9 +273,8 @@ class _Walker:
                 except OSError:
                     regular = False
                 if regular:  # the fast path: most entries are plain files; no stat (see `_Walker`)
-                    self.ordinal += 1
-                    ordinal = self.ordinal
-                    if hidden is None and not globs and not may_be_hidden(name):
+                    self.ordinal = ordinal = self.ordinal + 1
+                    if plain and not may_be_hidden(name):
                         exclusion = None
                     else:
                         exclusion = exclusion_of(rel, name, hidden)
