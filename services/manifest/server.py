@@ -3,7 +3,7 @@
 Owns the process's resources and closes them in order on shutdown: the
 gRPC server drains, running scans are cancelled (their manifests stay
 `scanning` and the next retry of the same request scans again), then the
-scan process pool, the channel to the cost service and the asyncpg pool
+scanner's reader processes, the channel to the cost service and the asyncpg pool
 are closed. `build_server` is what tests call: it takes a ready store and
 optionally a scanner and a cost stub, and returns the running server on an
 ephemeral port when `settings.port` is 0 (`ManifestServer.close` releases
