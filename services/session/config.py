@@ -42,6 +42,11 @@ class SessionSettings(ServiceSettings):
     stall_after: float = 600.0
     # Seconds between heartbeats on idle watch streams.
     heartbeat_interval: float = 15.0
+    # Days a finished session's events stay in the database for watchers to
+    # replay (resume_after_seq); older ones are deleted by the reconciler, and
+    # a watcher resuming into them gets the session's snapshot instead.
+    # 0 keeps them forever.
+    event_retention_days: float = 30.0
     # Events kept in memory per watched session (shared by its watchers).
     watch_buffer: int = 8192
     # A watcher further behind than this many events (a slow client, or a

@@ -241,8 +241,11 @@ async def watch(
             events = tail.read(position, FETCH_PAGE)
             if events is None:
                 events = await store.events_after(session_id, position, FETCH_PAGE)
+                pruned = (events[0].seq != position + 1) if events else position < tail.known_seq
+                if pruned:  # deleted after the retention period: the present state is what is left
+                    events = None
             behind = max(tail.known_seq, tail.last_seq) - position
-            if events and behind > coalesce_after:
+            if events is None or (events and behind > coalesce_after):
                 snap = await store.snapshot(session_id, stall_after=stall_after)
                 position, state = snap.session.last_seq, snap.session.state
                 yield WatchItem("snapshot", position, snapshot=snap)

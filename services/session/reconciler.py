@@ -11,7 +11,9 @@ Owns a background task of `server.serve` (`stop()` ends it). Every
 - records progress samples (documents per second, ETA);
 - resumes budget_exhausted sessions whose budget was raised;
 - finishes sessions left with no active document (a safety net: reports
-  already finish them in the same transaction).
+  already finish them in the same transaction);
+- deletes the events of sessions finished more than `event_retention_days`
+  ago (watchers resuming into them get a snapshot).
 Retryable errors reported by workers back off exponentially
 (`retry_backoff_base` * 2**(attempt-1), capped by `retry_backoff_max`): the
 store sets the document's `not_before` when the report lands, and the
@@ -67,7 +69,21 @@ class Reconciler:
         await self._resume_raised_budgets()
         await self._store.complete_idle_sessions()
         await self._store.sample_progress()
+        await self._prune_events()
         return expired
+
+    async def _prune_events(self) -> None:
+        days = self._settings.event_retention_days
+        if days <= 0:
+            return
+        pruned = 0
+        while True:
+            count = await self._store.prune_events(days * 86400, limit=10000)
+            pruned += count
+            if count < 10000:
+                break
+        if pruned:
+            logger.info("deleted %d events of sessions finished over %g days ago", pruned, days)
 
     async def _resume_raised_budgets(self) -> None:
         if self._cost is None:

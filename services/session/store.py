@@ -2637,6 +2637,34 @@ class SessionStore:
             for r in rows
         ]
 
+    async def prune_events(self, older_than_seconds: float, limit: int = 10000) -> int:
+        """Deletes up to `limit` events of sessions finished more than `older_than_seconds` ago.
+
+        Only terminal sessions lose events; a session's `last_seq` stays, so
+        a watcher resuming into the deleted range gets a snapshot (see
+        `events.watch`). Returns how many were deleted (the reconciler calls
+        again while a pass deletes a full `limit`).
+        """
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(
+                """
+                WITH old AS (
+                    SELECT e.session_id, e.seq
+                    FROM session.import_sessions s
+                    JOIN session.session_events e ON e.session_id = s.session_id
+                    WHERE s.state = ANY($1::text[])
+                      AND s.finished_at < now() - make_interval(secs => $2)
+                    LIMIT $3
+                )
+                DELETE FROM session.session_events e USING old
+                WHERE e.session_id = old.session_id AND e.seq = old.seq
+                """,
+                sorted(st.SESSION_TERMINAL),
+                older_than_seconds,
+                limit,
+            )
+        return int(status.split()[-1])
+
     async def last_seq(self, session_id: str) -> tuple[int, str] | None:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(

@@ -108,6 +108,41 @@ async def test_resume_after_seq_has_no_gap_and_no_duplicate(harness):
     assert everything == list(range(first + 1, final.last_seq + 1))
 
 
+async def test_events_of_long_finished_sessions_are_pruned_and_resumes_get_a_snapshot(harness):
+    old = (await harness.create([mfile("a.pdf"), mfile("b.pdf")])).session
+    recent = (await harness.create([mfile("c.pdf")])).session
+    old_final = await harness.run_to_end(old.session_id)
+    recent_final = await harness.run_to_end(recent.session_id)
+    live = (await harness.create([mfile("d.pdf")])).session
+    await harness.dispatch()
+
+    async def events_of(session_id: str) -> int:
+        return await harness.pool.fetchval(
+            "SELECT count(*) FROM session.session_events WHERE session_id = $1", uuid.UUID(session_id))
+
+    assert await events_of(old.session_id) == old_final.last_seq > 5
+    await harness.pool.execute(
+        "UPDATE session.import_sessions SET finished_at = now() - interval '31 days' WHERE session_id = $1",
+        uuid.UUID(old.session_id))
+    await harness.reconciler.run_once()  # retention: 30 days by default
+    assert await events_of(old.session_id) == 0
+    assert await events_of(recent.session_id) == recent_final.last_seq
+    assert await events_of(live.session_id) > 0
+    # A resume into deleted events gets the final state as a snapshot, then the stream ends.
+    resumed = Collector(harness, old.session_id, after=2)
+    await asyncio.wait_for(resumed.done.wait(), 5)
+    assert [i.WhichOneof("event") for i in resumed.items] == ["snapshot"]
+    snap = resumed.items[0]
+    assert snap.seq == old_final.last_seq and snap.snapshot.counts.completed == 2
+    # Retention 0 keeps everything.
+    tune(harness, event_retention_days=0)
+    await harness.pool.execute(
+        "UPDATE session.import_sessions SET finished_at = now() - interval '400 days' WHERE session_id = $1",
+        uuid.UUID(recent.session_id))
+    await harness.reconciler.run_once()
+    assert await events_of(recent.session_id) == recent_final.last_seq
+
+
 async def test_heartbeats_keep_an_idle_stream_alive(harness):
     session = (await harness.create(start=False)).session
     watcher = Collector(harness, session.session_id, heartbeat=0.1)
