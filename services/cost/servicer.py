@@ -584,6 +584,14 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
             check.add("top_documents", f"must be between 0 and {MAX_TOP_DOCUMENTS}")
         check.check()
         assert session_id is not None
+        if request.totals_only:
+            totals = await self._store.snapshot(session_id)
+            return pb.GetSessionCostsResponse(
+                session_id=str(totals.session_id),
+                actual_total=money(totals.actual_total),
+                estimate_total=money(totals.estimate_total),
+                event_count=totals.event_count,
+            )
         costs = await self._store.session_costs(session_id, top_documents=request.top_documents or 10)
         return pb.GetSessionCostsResponse(
             session_id=str(costs.session_id),

@@ -314,8 +314,10 @@ class CostPeer:
         )
 
     async def session_costs(self, session_id: str) -> SessionCosts:
+        """The session's ledger totals (totals only: GetSession asks every second)."""
         response = await self._stub.GetSessionCosts(
-            cost_service_pb2.GetSessionCostsRequest(session_id=session_id), timeout=self._timeout
+            cost_service_pb2.GetSessionCostsRequest(session_id=session_id, totals_only=True),
+            timeout=self._timeout,
         )
         return SessionCosts(
             _money(response.actual_total), _money(response.estimate_total), response.event_count

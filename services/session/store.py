@@ -1949,17 +1949,24 @@ class SessionStore:
     # ------------------------------------------------------------ dispatch
 
     async def dispatchable_sessions(self) -> list[str]:
-        """Running sessions with a document ready to dispatch, oldest first."""
+        """Running sessions with a document ready to dispatch, oldest first.
+
+        A probe per session along the pending index, in dispatch order: as an
+        EXISTS, the planner turned it into a scan of the session's documents,
+        which grows with the session (the pending ones are the last rows).
+        """
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 """
                 SELECT s.session_id FROM session.import_sessions s
-                WHERE s.state IN ('running', 'budget_exhausted') AND EXISTS (
+                CROSS JOIN LATERAL (
                     SELECT 1 FROM session.session_documents d
                     WHERE d.session_id = s.session_id AND d.state = 'pending'
                       AND (d.not_before IS NULL OR d.not_before <= now())
                       AND (s.state = 'running' OR d.reservation_id IS NOT NULL)
-                    LIMIT 1)  -- a probe per session, never a join over every document
+                    ORDER BY d.dispatch_rank, d.ordinal
+                    LIMIT 1) ready
+                WHERE s.state IN ('running', 'budget_exhausted')
                 ORDER BY s.created_at
                 """
             )

@@ -54,6 +54,17 @@ async def test_record_prices_each_event_and_a_replay_answers_as_the_first_call(c
     assert dec(costs.actual_total) == dec(first.total)
     assert costs.event_count == 3 and costs.cache_hits == 1
     assert dec(costs.cache_savings) == Decimal("0.5") * CPU_RATE
+    assert costs.by_service and costs.top_documents
+
+    # Totals only (what GetSession polls): the same totals, no breakdowns.
+    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[
+        event(session, document_id=doc, attempt=2, kind=pb.COST_KIND_ESTIMATE)]))
+    full = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session))
+    totals = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session, totals_only=True))
+    assert dec(full.estimate_total) > 0
+    assert (totals.actual_total, totals.estimate_total, totals.event_count) == (
+        full.actual_total, full.estimate_total, full.event_count)
+    assert not totals.by_service and not totals.top_documents and not totals.price_book_versions
 
 
 async def test_a_new_attempt_or_kind_is_a_new_event(cost: CostHarness) -> None:

@@ -277,12 +277,14 @@ class RecordCostsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[CostEvent, _Mapping]]] = ..., replayed_count: _Optional[int] = ..., total: _Optional[_Union[_common_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class GetSessionCostsRequest(_message.Message):
-    __slots__ = ("session_id", "top_documents")
+    __slots__ = ("session_id", "top_documents", "totals_only")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOP_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_ONLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     top_documents: int
-    def __init__(self, session_id: _Optional[str] = ..., top_documents: _Optional[int] = ...) -> None: ...
+    totals_only: bool
+    def __init__(self, session_id: _Optional[str] = ..., top_documents: _Optional[int] = ..., totals_only: _Optional[bool] = ...) -> None: ...
 
 class DocumentCost(_message.Message):
     __slots__ = ("document_id", "category", "amount")
