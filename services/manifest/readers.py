@@ -116,7 +116,7 @@ def _grow_pipe(conn: multiprocessing.connection.Connection) -> int:
 class Reader:
     """One reader process and the scan side of its two pipes."""
 
-    __slots__ = ("process", "_tasks", "_answers", "fd", "out", "_sizes", "_capacity")
+    __slots__ = ("_answers", "_capacity", "_sizes", "_tasks", "fd", "out", "process")
 
     def __init__(self, context: Any, read_as: tuple[int, int] | None) -> None:
         tasks_in, self._tasks = context.Pipe(duplex=False)

@@ -88,7 +88,13 @@ from typing import Any
 from services.common.errors import InvalidArgument, NotFound
 from services.manifest import classify, content
 from services.manifest.errors import PermissionDenied, ReaderFailed
-from services.manifest.model import ManifestFile, Progress, ScanOptions, ManifestFileDraft, new_manifest_file
+from services.manifest.model import (
+    ManifestFile,
+    ManifestFileDraft,
+    Progress,
+    ScanOptions,
+    new_manifest_file,
+)
 from services.manifest.readers import Reader, ReaderPool
 
 BATCH_MAX_FILES = 192  # per pipe round trip; ~7 ms of small files for one reader

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE_CASE
 
 from services.manifest import scanner as scanner_module
 from services.manifest.errors import ReaderFailed
 from services.manifest.model import ScanOptions
 from services.manifest.scanner import ScanCancelled, Scanner, new_tracker, resolve_source
-from conftest import SAMPLE_CASE
 
 
 def rows(result) -> list[tuple]:  # type: ignore[no-untyped-def]
