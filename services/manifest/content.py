@@ -297,7 +297,7 @@ def _pdfium_source(stream: io.FileIO | None) -> Any:
     for 300 scanned pages of 1 MiB); handed `/proc/self/fd/N` it reopens the
     very file the worker opened and checked (the same inode, whatever has
     happened to its path since) and reads it in C (0.05 s). Without /proc,
-    the stream.
+    or when it cannot be opened, the stream.
     """
     assert stream is not None
     return f"/proc/self/fd/{stream.fileno()}" if _FD_PATHS else stream
@@ -309,7 +309,14 @@ def _check_content(content: classify.ContentType, name: bytes, data: bytes | Non
     """(content, pages, ocr pages, problem kind, problem message) of a non-empty file."""
     mime = content.mime
     if mime == classify.MIME_PDF:
-        pages, ocr, problem, message = pdf_pages(data if data is not None else _pdfium_source(stream))
+        if data is not None:
+            pages, ocr, problem, message = pdf_pages(data)
+        else:
+            try:
+                pages, ocr, problem, message = pdf_pages(_pdfium_source(stream))
+            except OSError:  # /proc/self/fd could not be opened (a restricted /proc): the slow way
+                assert stream is not None
+                pages, ocr, problem, message = pdf_pages(stream)
         return content, pages, ocr, problem, message
     if mime in (classify.MIME_ZIP, classify.MIME_DOCX, classify.MIME_XLSX, classify.MIME_PPTX):
         return _check_zip(content, name, data, stream)

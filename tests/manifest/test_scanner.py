@@ -321,3 +321,58 @@ def test_long_pdfs_are_counted_exactly_across_reopenings(tmp_path: Path) -> None
     with open(path, "rb", buffering=0) as stream:
         assert content.pdf_pages(content._pdfium_source(stream)) == want
         assert content.pdf_pages(stream) == want
+
+
+def _pdf_with_a_big_scan(image_bytes: int) -> bytes:
+    """Two pages: a scanned image of `image_bytes` (no text layer), then a line of text."""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [4 0 R 6 0 R] /Count 2 >>",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /XObject << /Im0 8 0 R >> >>"
+        b" /Contents 5 0 R >>",
+        b"<< /Length 31 >>\nstream\nq 612 0 0 792 0 0 cm /Im0 Do Q\nendstream",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >>"
+        b" /Contents 7 0 R >>",
+        b"<< /Length 41 >>\nstream\nBT /F1 12 Tf 72 720 Td (page two) Tj ET\nendstream",
+        b"<< /Type /XObject /Subtype /Image /Width 1024 /Height %d /ColorSpace /DeviceGray"
+        b" /BitsPerComponent 8 /Length %d >>\nstream\n" % (image_bytes // 1024, image_bytes)
+        + bytes(image_bytes) + b"\nendstream",
+    ]
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+async def test_a_large_pdf_is_counted_by_an_unprivileged_reader(case_root: Path) -> None:
+    """Over WHOLE_READ_BYTES: hashed in chunks, then opened by PDFium through /proc/self/fd."""
+    data = _pdf_with_a_big_scan(content.WHOLE_READ_BYTES + (1 << 20))
+    (case_root / "scan.pdf").write_bytes(data)
+    (case_root / "scan.pdf").chmod(0o644)
+    unprivileged = Scanner(1, read_as=(NOBODY, NOBODY) if IS_ROOT else None)
+    try:
+        (row,) = (await scan(unprivileged, case_root)).values()
+    finally:
+        unprivileged.close()
+    assert (row.size_bytes, row.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (row.problem_kind, row.page_count, row.ocr_page_count, row.plan) == (None, 2, 1, "ocr")
+
+
+def test_a_large_pdf_falls_back_to_reading_through_python(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """When /proc/self/fd cannot be opened, PDFium reads the open file through the stream instead."""
+    data = _pdf_with_a_big_scan(1 << 20)
+    path = tmp_path / "scan.pdf"
+    path.write_bytes(data)
+    monkeypatch.setattr(content, "WHOLE_READ_BYTES", 0)
+    monkeypatch.setattr(content, "_pdfium_source", lambda stream: str(tmp_path / "no-such-file"))
+    st = path.stat()
+    result = content.inspect_file((1, os.fsencode(path), b"scan.pdf", st.st_dev, st.st_ino), frozenset(), 1 << 40)
+    assert result[content.R_SHA256] == hashlib.sha256(data).hexdigest()
+    assert (result[content.R_PROBLEM], result[content.R_PAGES], result[content.R_OCR_PAGES]) == (None, 2, 1)
