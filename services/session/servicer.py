@@ -143,11 +143,11 @@ class MicroBatcher(Generic[T, R]):
     applied together in the next one, up to `max_batch`; an idle batcher
     first lets the event loop turn `gather_turns` times (calls already
     received join the batch), never waiting on a timer; `busy_gather_turns`
-    times when its last batch held several calls (many callers: a longer
-    gathering makes fewer, larger transactions; with 16 reports in flight,
-    6 turns instead of 2 raised the ingest rate by about a tenth), and
-    `gather_turns` again once a batch holds a single call (few callers, who
-    would only wait).
+    times when its last batch held at least `busy_batch` calls (many callers:
+    a longer gathering makes fewer, larger transactions; with 16 reports in
+    flight, 6 turns instead of 2 raised the ingest rate by about a tenth),
+    and `gather_turns` again once a batch is smaller (few callers, who would
+    only wait: with two workers, 6 turns made an import 5% slower).
     """
 
     def __init__(
@@ -158,10 +158,12 @@ class MicroBatcher(Generic[T, R]):
         concurrency: int = 2,
         gather_turns: int = 2,
         busy_gather_turns: int = 6,
+        busy_batch: int = 3,
     ) -> None:
         self._apply = apply
         self._idle_turns = gather_turns
         self._busy_turns = max(gather_turns, busy_gather_turns)
+        self._busy_batch = busy_batch
         self._gather_turns = gather_turns
         self._max = max(1, max_batch)
         self._slots = max(1, concurrency)
@@ -183,7 +185,8 @@ class MicroBatcher(Generic[T, R]):
                 await asyncio.sleep(0)
             while self._queue:
                 batch, self._queue = self._queue[: self._max], self._queue[self._max :]
-                self._gather_turns = self._busy_turns if len(batch) > 1 else self._idle_turns
+                busy = len(batch) >= self._busy_batch
+                self._gather_turns = self._busy_turns if busy else self._idle_turns
                 await self._run(batch)
         finally:
             self._running -= 1

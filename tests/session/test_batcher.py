@@ -14,7 +14,8 @@ async def test_gathering_is_short_when_idle_and_longer_while_busy() -> None:
         sizes.append(len(items))
         return [item.upper() for item in items]
 
-    batcher = MicroBatcher(apply, max_batch=100, concurrency=1, gather_turns=2, busy_gather_turns=6)
+    batcher = MicroBatcher(apply, max_batch=100, concurrency=1, gather_turns=2, busy_gather_turns=6,
+                           busy_batch=3)
 
     async def late(item: str, turns: int) -> str:
         for _ in range(turns):
@@ -29,10 +30,12 @@ async def test_gathering_is_short_when_idle_and_longer_while_busy() -> None:
 
     # Idle: a call four loop turns after the first misses the first one's batch.
     assert await phase(("a", 0), ("b", 4)) == [1, 1]
-    # Calls that arrive together share one transaction, and the batcher is now busy...
+    # Two calls together share one transaction; two are not "busy" (two workers would only wait).
     assert await phase(("c", 0), ("d", 0)) == [2]
+    assert await phase(("e", 0), ("f", 4)) == [1, 1]
+    # Three together make it busy...
+    assert await phase(("g", 0), ("h", 0), ("i", 0)) == [3]
     # ...so it gathers longer: the late call joins.
-    assert await phase(("e", 0), ("f", 4)) == [2]
-    # A lone call makes it idle again.
-    assert await phase(("g", 0)) == [1]
-    assert await phase(("h", 0), ("i", 4)) == [1, 1]
+    assert await phase(("j", 0), ("k", 4)) == [2]
+    # A smaller batch makes it idle again.
+    assert await phase(("l", 0), ("m", 4)) == [1, 1]
