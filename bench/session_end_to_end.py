@@ -36,6 +36,17 @@ cores, against ~3 ms a bare task. The pipeline is CPU-bound, not waiting
 on its calls: with `--concurrency 4` docimport takes as long as with 2. A
 ratio near 1.3x needs far fewer calls and statements per run (reports
 batched across runs), not faster ones.
+
+What grew with N (found 2026-12-04 with pg_stat_statements and
+auto_explain; fixed): the dispatcher's "which sessions have pending work"
+probe had become a sequential scan of the session's documents (0.8 ms a
+call at 6,000 documents, thousands of calls), and GetSession, polled here
+once a second, had the cost service compute its full breakdown (37 ms at
+6,000 documents). With both fixed, 10,000 documents took 281-340 s instead
+of 436-446 s. py-spy over every process of a 2,000-document run: worker
+children ~1/3 of their samples in blocking gRPC calls and ~14% writing the
+fsync'ed artifact, the worker parent ~18% publishing Celery task events
+(the bare side too), the session service ~19% in dispatch rounds.
 """
 
 from __future__ import annotations
