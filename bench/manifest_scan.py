@@ -46,7 +46,7 @@ loop, then sniffing the type ~2.3 us for text, ~6 us for e-mail; pickling
 the batch and its answers ~1 us), and the scan's own process ~6-7 us (walk
 ~2, rows ~2, pickling ~1) against the bare loop's ~2. For large files the
 PDFs' page count adds ~0.05 s of PDFium to each 0.2 s hash (see
-`content._pdfium_source` and `readers._keep_freed_memory`).
+`content._large_pdf_pages` and `readers._keep_freed_memory`).
 
 Corpus (generated under --dir, default a temporary folder, deleted after
 unless --keep): `--small` files in case-like folders, 1-128 KiB each

@@ -29,7 +29,7 @@ Pages: PDFium opens the document (error 4 or 5: encrypted, any other:
 corrupt) and loads each page; a page has a text layer when it holds a text
 object (also inside form XObjects). That is the exact count of pages that
 need OCR, at a third of the cost of building PDFium text pages. A large PDF
-is opened by PDFium through `/proc/self/fd` (see `_pdfium_source`).
+is opened by PDFium through `/proc/self/fd` (see `_large_pdf_pages`).
 """
 
 from __future__ import annotations
@@ -289,18 +289,29 @@ def _read_stream(stream: io.FileIO | None) -> bytes:
 _FD_PATHS = os.path.isdir("/proc/self/fd")
 
 
-def _pdfium_source(stream: io.FileIO | None) -> Any:
-    """What PDFium should open a large PDF from: the open file itself, read natively.
+def _native_path(stream: io.FileIO) -> str | None:
+    """A path that reopens the very file `stream` has open (Linux: /proc/self/fd), else None."""
+    return f"/proc/self/fd/{stream.fileno()}" if _FD_PATHS else None
+
+
+def _large_pdf_pages(stream: io.FileIO | None) -> tuple[int, int, str | None, str | None]:
+    """`pdf_pages` of a PDF too large to hold in memory, read natively where possible.
 
     Handed a Python stream, PDFium reads through a callback into Python for
     every block, which costs more than hashing the file (0.24 s against 0.2 s
     for 300 scanned pages of 1 MiB); handed `/proc/self/fd/N` it reopens the
     very file the worker opened and checked (the same inode, whatever has
     happened to its path since) and reads it in C (0.05 s). Without /proc,
-    or when it cannot be opened, the stream.
+    or when it cannot be opened (a restricted /proc), the stream.
     """
     assert stream is not None
-    return f"/proc/self/fd/{stream.fileno()}" if _FD_PATHS else stream
+    path = _native_path(stream)
+    if path is not None:
+        try:
+            return pdf_pages(path)
+        except OSError:
+            pass
+    return pdf_pages(stream)
 
 
 def _check_content(content: classify.ContentType, name: bytes, data: bytes | None,
@@ -309,14 +320,7 @@ def _check_content(content: classify.ContentType, name: bytes, data: bytes | Non
     """(content, pages, ocr pages, problem kind, problem message) of a non-empty file."""
     mime = content.mime
     if mime == classify.MIME_PDF:
-        if data is not None:
-            pages, ocr, problem, message = pdf_pages(data)
-        else:
-            try:
-                pages, ocr, problem, message = pdf_pages(_pdfium_source(stream))
-            except OSError:  # /proc/self/fd could not be opened (a restricted /proc): the slow way
-                assert stream is not None
-                pages, ocr, problem, message = pdf_pages(stream)
+        pages, ocr, problem, message = pdf_pages(data) if data is not None else _large_pdf_pages(stream)
         return content, pages, ocr, problem, message
     if mime in (classify.MIME_ZIP, classify.MIME_DOCX, classify.MIME_XLSX, classify.MIME_PPTX):
         return _check_zip(content, name, data, stream)

@@ -56,10 +56,9 @@ class ManifestFile:
         )
 
 
-# A twin of ManifestFile, unfrozen, with the same slots in the same order (see
-# `new_manifest_file`; the scanner builds its rows through it the same way).
-ManifestFileDraft = make_dataclass(
-    "ManifestFileDraft",
+# A twin of ManifestFile, unfrozen, with the same slots in the same order.
+_ManifestFileDraft = make_dataclass(
+    "_ManifestFileDraft",
     [(f.name, f.type, field(default=f.default)) if f.default is not MISSING else (f.name, f.type)
      for f in fields(ManifestFile)],
     slots=True,
@@ -76,7 +75,7 @@ def new_manifest_file(*args: Any, **kwargs: Any) -> ManifestFile:
     assignment: the two classes have the same slot layout, which Python
     checks, so a field added to one and not the other fails at once).
     """
-    made = ManifestFileDraft(*args, **kwargs)
+    made = _ManifestFileDraft(*args, **kwargs)
     made.__class__ = ManifestFile  # type: ignore[assignment]
     return made  # type: ignore[return-value]
 

@@ -105,6 +105,11 @@ def _serve(tasks: multiprocessing.connection.Connection, answers: multiprocessin
         send(dumps(inspect(batch, exclude, max_bytes), _PICKLE))
 
 
+def encode_batch(tasks: list[Any], exclude_families: frozenset[str], max_bytes: int) -> bytes:
+    """A batch as a reader receives it (see `_serve`); made once, its size known before sending."""
+    return pickle.dumps((tasks, exclude_families, max_bytes), _PICKLE)
+
+
 def _grow_pipe(conn: multiprocessing.connection.Connection) -> int:
     """The capacity of the pipe under `conn`, grown to 1 MiB where the system allows."""
     try:
@@ -140,6 +145,7 @@ class Reader:
         return len(self.out) == 1 and self._sizes[0] + size <= self._capacity
 
     def send(self, message: bytes, tag: Any) -> None:
+        """Writes a batch from `encode_batch`; `tag` is what its answer stands for."""
         try:
             self._tasks.send_bytes(message)
         except OSError as exc:
@@ -202,8 +208,12 @@ class ReaderPool:
     def start(self) -> None:
         """Starts the pool's readers now (not on the first scan)."""
         with self._changed:
-            while self._count < self.size:
-                self._idle.append(self._start_one())
+            self._fill()
+
+    def _fill(self) -> None:
+        """Starts readers until the pool has its size (the caller holds the lock)."""
+        while self._count < self.size:
+            self._idle.append(self._start_one())
 
     def _start_one(self) -> Reader:
         reader = Reader(self._context, self._read_as)
@@ -221,8 +231,7 @@ class ReaderPool:
                 self._idle.remove(reader)
                 self._count -= 1
                 reader.stop()
-            while self._count < self.size:
-                self._idle.append(self._start_one())
+            self._fill()
             while not self._idle and self._count >= 2 * self.size:
                 self._changed.wait()
             if self._idle:

@@ -73,7 +73,6 @@ import datetime as dt
 import gc
 import operator
 import os
-import pickle
 import re
 import select
 import stat
@@ -90,15 +89,13 @@ from services.manifest import classify, content
 from services.manifest.errors import PermissionDenied, ReaderFailed
 from services.manifest.model import (
     ManifestFile,
-    ManifestFileDraft,
     Progress,
     ScanOptions,
     new_manifest_file,
 )
-from services.manifest.readers import Reader, ReaderPool
+from services.manifest.readers import Reader, ReaderPool, encode_batch
 
 BATCH_MAX_FILES = 192  # per pipe round trip; ~7 ms of small files for one reader
-_PICKLE = pickle.HIGHEST_PROTOCOL
 _WAIT_MS = 100  # how long a scan waits for answers before it looks at its cancel flag again
 
 
@@ -469,13 +466,6 @@ class Scanner:
         with self.readers.lease() as readers, _gc_relaxed():
             return _Scan(self, readers, options, tracker, cancel).run(source)
 
-    def assemble(self, entries: list[_Entry], exclude: frozenset[str] = frozenset()) -> list[ManifestFile]:
-        """Rows from walked entries whose reader results are in (see `_Assembler`)."""
-        assembler = _Assembler(self.categorizer)
-        for entry in entries:
-            assembler.add(entry)
-        return assembler.rows
-
 
 _gc_lock = threading.Lock()
 _gc_scans = 0
@@ -595,7 +585,7 @@ class _Scan:
 
     def queue(self, items: list[_Entry], first: bool = False) -> None:
         """Queues a batch, pickled once, for the next reader that can take it."""
-        batch = (items, pickle.dumps(([item.task for item in items], self.exclude, self.max_bytes), _PICKLE))
+        batch = (items, encode_batch([item.task for item in items], self.exclude, self.max_bytes))
         if first:
             self.queued.appendleft(batch)
         else:
@@ -654,7 +644,6 @@ def _load(reader: Reader) -> int:
 _new_uuid = uuid.UUID.__new__
 _set = object.__setattr__
 _UUID_SAFE_UNKNOWN = uuid.SafeUUID.unknown
-_UUID = uuid.UUID
 _from_timestamp = dt.datetime.fromtimestamp
 _UTC = dt.UTC
 
@@ -683,15 +672,11 @@ class _Assembler:
         _set(made, "is_safe", _UUID_SAFE_UNKNOWN)
         return made
 
-    def add(self, entry: _Entry) -> None:
-        self.extend((entry,))
-
     def extend(self, entries: Iterable[_Entry]) -> None:
         """Rows for `entries`, in order (one loop with its lookups hoisted: 100,000 rows)."""
         rows_append = self.rows.append
         categories, plans, canonical = self._categories, self._plans, self._canonical
-        base = self._base
-        new_row, row_class = ManifestFileDraft, ManifestFile
+        new_id, new_row = self._id, new_manifest_file
         ordinal = self._ordinal
         for entry in entries:
             ordinal += 1
@@ -701,28 +686,18 @@ class _Assembler:
                 category = self._categorizer.category(folders)
                 known = categories[folders] = (category, self._categorizer.priority(category))
             category, priority = known
-            file_id = _new_uuid(_UUID)
-            _set(file_id, "int", base | ordinal)
-            _set(file_id, "is_safe", _UUID_SAFE_UNKNOWN)
+            file_id = new_id(ordinal)
             raw_path = entry.raw_path
-            try:
-                path = raw_path.decode()
-            except UnicodeDecodeError:
-                path = display_path(raw_path)
-            else:
-                if not path.isprintable():
-                    path = display_path(raw_path)
+            path = display_path(raw_path)
             result = entry.result
             if result is None:
                 mtime = entry.mtime
                 kind, message = entry.problem if entry.problem else (None, None)
-                row = new_row(
+                rows_append(new_row(
                     file_id, ordinal, path, raw_path, entry.size,
                     _from_timestamp(mtime, _UTC) if mtime is not None else None, None, "", False,
                     "other", category, priority, "unsupported", 0, 0, kind, message, None, entry.exclusion,
-                )
-                row.__class__ = row_class
-                rows_append(row)
+                ))
                 continue
             (_, size, sha, mime, family, mismatch, pages, ocr, problem, message,
              excluded_type, attachments, mtime) = result
@@ -740,13 +715,11 @@ class _Assembler:
                 duplicate_of = canonical.setdefault(sha, file_id)
                 if duplicate_of is file_id:
                     duplicate_of = None
-            row = new_row(
+            rows_append(new_row(
                 file_id, ordinal, path, raw_path, size, modified, sha, mime, mismatch,
                 family, category, priority, plan, pages, ocr, problem, message,
                 duplicate_of, exclusion,
-            )
-            row.__class__ = row_class
-            rows_append(row)
+            ))
             if attachments:
                 self._ordinal = ordinal
                 self._attachments(entry, attachments, file_id, path, modified, category, priority)

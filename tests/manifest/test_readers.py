@@ -56,24 +56,28 @@ async def test_concurrent_scans_share_the_readers_and_agree(own_scanner: Scanner
     together = await asyncio.gather(*(own_scanner.scan(source, ScanOptions()) for _ in range(5)))
     assert all(rows(r) == rows(alone) for r in together)
     assert len(rows(alone)) > 10
-    # More readers were started while every reader was leased, but never more than twice the pool,
-    # and those beyond the pool's size ended when they came back.
+    # Readers started while every reader was leased ended when they came back.
     assert len(readers_of(own_scanner)) == own_scanner.workers
 
 
-def test_a_reader_killed_mid_scan_fails_that_scan_only(own_scanner: Scanner, many_files: Path) -> None:
-    source = resolve_source(str(many_files), [many_files])
-    want = rows(own_scanner.scan_blocking(source, ScanOptions(), new_tracker()))
-    readers = readers_of(own_scanner)
+def scan_with_readers_stopped(
+    scanner: Scanner, source: bytes, cancel: threading.Event | None = None
+) -> tuple[list[multiprocessing.Process], threading.Thread, list[BaseException]]:
+    """Stops the scanner's readers (they take batches but answer none), then starts a scan in a thread.
+
+    Returns once the scan has walked its first file: the readers, the thread, and
+    the list that receives the scan's exception.
+    """
+    readers = readers_of(scanner)
     assert len(readers) == 2
-    for process in readers:  # stopped: they take batches but answer none
+    for process in readers:
         os.kill(process.pid, signal.SIGSTOP)
     tracker = new_tracker()
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            own_scanner.scan_blocking(source, ScanOptions(), tracker)
+            scanner.scan_blocking(source, ScanOptions(), tracker, cancel)
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             failure.append(exc)
 
@@ -82,6 +86,13 @@ def test_a_reader_killed_mid_scan_fails_that_scan_only(own_scanner: Scanner, man
     deadline = time.monotonic() + 10
     while tracker.files_seen == 0 and time.monotonic() < deadline:
         time.sleep(0.001)
+    return readers, thread, failure
+
+
+def test_a_reader_killed_mid_scan_fails_that_scan_only(own_scanner: Scanner, many_files: Path) -> None:
+    source = resolve_source(str(many_files), [many_files])
+    want = rows(own_scanner.scan_blocking(source, ScanOptions(), new_tracker()))
+    readers, thread, failure = scan_with_readers_stopped(own_scanner, source)
     os.kill(readers[0].pid, signal.SIGKILL)
     os.kill(readers[1].pid, signal.SIGCONT)
     thread.join(10)
@@ -108,23 +119,8 @@ def test_a_cancelled_scan_leaves_the_readers_ready(own_scanner: Scanner, many_fi
     source = resolve_source(str(many_files), [many_files])
     want = rows(own_scanner.scan_blocking(source, ScanOptions(), new_tracker()))
     cancel = threading.Event()
-    tracker = new_tracker()
-    readers = readers_of(own_scanner)
-    for process in readers:  # hold their answers back, so the scan is cancelled with batches out
-        os.kill(process.pid, signal.SIGSTOP)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            own_scanner.scan_blocking(source, ScanOptions(), tracker, cancel)
-        except BaseException as exc:  # noqa: BLE001
-            failure.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while tracker.files_seen == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    # Answers held back, so the scan is cancelled with batches out.
+    readers, thread, failure = scan_with_readers_stopped(own_scanner, source, cancel)
     cancel.set()
     for process in readers:
         os.kill(process.pid, signal.SIGCONT)

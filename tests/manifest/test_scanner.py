@@ -301,7 +301,7 @@ def test_large_files_are_inspected_like_small_ones(monkeypatch: pytest.MonkeyPat
     assert any(r[content.R_OCR_PAGES] for r in chunked) and any(r[content.R_PAGES] > r[content.R_OCR_PAGES] for r in chunked)
     if content._FD_PATHS:  # the native path was the one taken, and it names the open file
         with open(pdfs[0], "rb", buffering=0) as stream:
-            assert os.path.samefile(content._pdfium_source(stream), pdfs[0])
+            assert os.path.samefile(content._native_path(stream), pdfs[0])
 
 
 def test_long_pdfs_are_counted_exactly_across_reopenings(tmp_path: Path) -> None:
@@ -319,7 +319,7 @@ def test_long_pdfs_are_counted_exactly_across_reopenings(tmp_path: Path) -> None
     want = (pages, pages - with_text, None, None)
     assert content.pdf_pages(path.read_bytes()) == want
     with open(path, "rb", buffering=0) as stream:
-        assert content.pdf_pages(content._pdfium_source(stream)) == want
+        assert content.pdf_pages(content._native_path(stream)) == want
         assert content.pdf_pages(stream) == want
 
 
@@ -371,7 +371,7 @@ def test_a_large_pdf_falls_back_to_reading_through_python(monkeypatch: pytest.Mo
     path = tmp_path / "scan.pdf"
     path.write_bytes(data)
     monkeypatch.setattr(content, "WHOLE_READ_BYTES", 0)
-    monkeypatch.setattr(content, "_pdfium_source", lambda stream: str(tmp_path / "no-such-file"))
+    monkeypatch.setattr(content, "_native_path", lambda stream: str(tmp_path / "no-such-file"))
     st = path.stat()
     result = content.inspect_file((1, os.fsencode(path), b"scan.pdf", st.st_dev, st.st_ino), frozenset(), 1 << 40)
     assert result[content.R_SHA256] == hashlib.sha256(data).hexdigest()
