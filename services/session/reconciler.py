@@ -39,6 +39,8 @@ from services.session.store import SessionStore
 
 logger = logging.getLogger(__name__)
 
+PRUNE_BATCH = 10_000  # events deleted per statement (a pass repeats until one deletes fewer)
+
 
 class Reconciler:
     def __init__(
@@ -78,9 +80,9 @@ class Reconciler:
             return
         pruned = 0
         while True:
-            count = await self._store.prune_events(days * 86400, limit=10000)
+            count = await self._store.prune_events(days * 86400, limit=PRUNE_BATCH)
             pruned += count
-            if count < 10000:
+            if count < PRUNE_BATCH:
                 break
         if pruned:
             logger.info("deleted %d events of sessions finished over %g days ago", pruned, days)

@@ -164,7 +164,7 @@ class MicroBatcher(Generic[T, R]):
         self._idle_turns = gather_turns
         self._busy_turns = max(gather_turns, busy_gather_turns)
         self._busy_batch = busy_batch
-        self._gather_turns = gather_turns
+        self._last_batch = 0  # calls in the batch applied last
         self._max = max(1, max_batch)
         self._slots = max(1, concurrency)
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
@@ -181,12 +181,12 @@ class MicroBatcher(Generic[T, R]):
     async def _drain(self) -> None:
         try:
             # Let the calls that already arrived (the next loop turns) join this batch.
-            for _ in range(self._gather_turns):
+            busy = self._last_batch >= self._busy_batch
+            for _ in range(self._busy_turns if busy else self._idle_turns):
                 await asyncio.sleep(0)
             while self._queue:
                 batch, self._queue = self._queue[: self._max], self._queue[self._max :]
-                busy = len(batch) >= self._busy_batch
-                self._gather_turns = self._busy_turns if busy else self._idle_turns
+                self._last_batch = len(batch)
                 await self._run(batch)
         finally:
             self._running -= 1

@@ -2644,7 +2644,7 @@ class SessionStore:
             for r in rows
         ]
 
-    async def prune_events(self, older_than_seconds: float, limit: int = 10000) -> int:
+    async def prune_events(self, older_than_seconds: float, limit: int) -> int:
         """Deletes up to `limit` events of sessions finished more than `older_than_seconds` ago.
 
         Only terminal sessions lose events; a session's `last_seq` stays, so
