@@ -56,6 +56,8 @@ class StoredArtifact:
 
 class ArtifactStore(Protocol):
     url: str
+    # True when reads and writes are billed requests (counted by `take_requests`).
+    bills_requests: bool
 
     def take_requests(self) -> dict[tuple[str, str], int]:
         """Billable requests this thread made since the last call, by (service, operation)."""
@@ -86,6 +88,8 @@ def _ref(uri: str, data: bytes) -> ArtifactRef:
 
 class LocalArtifactStore:
     """Artifacts as files under a root directory."""
+
+    bills_requests = False
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -164,6 +168,8 @@ def _fsync_dir(path: Path) -> None:
 
 class S3ArtifactStore:
     """Artifacts as objects under s3://bucket/prefix (any S3-compatible store)."""
+
+    bills_requests = True
 
     def __init__(self, url: str, client: Any = None) -> None:
         bucket, prefix = split_s3(url)

@@ -8,7 +8,10 @@ Owns the protocol a run follows with the services:
    version). A hit does no work and costs nothing: its cost events carry
    `cache_hit=True` and the units the original run used (kept in the
    artifact), so the cost service can report what the cache `saved`. A miss
-   runs the stage and stores the artifact.
+   runs the stage and stores the artifact: on a store that bills requests
+   (S3) before step 3, so that its PUT is counted; on one that does not (a
+   local folder, whose put waits for two fsyncs) while step 3's call is in
+   flight, from a thread of the runner's own.
 3. `RecordCosts` (kind ACTUAL): CPU seconds of the run as local/
    compute_second (`time.process_time`, which in a prefork child is this
    task's CPU, onnxruntime's threads included), Textract pages as
@@ -33,6 +36,8 @@ payload's `lease_seconds` and the lease ReportStageStarted returns).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -124,6 +129,20 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
     return False
 
 
+def _stage_error(exc: BaseException, stage: str) -> StageError:
+    """What a failure of a run's work is reported as: its own class, else retryable."""
+    if isinstance(exc, StageError):
+        return exc
+    if isinstance(exc, SoftTimeLimitExceeded) or _caused_by(exc, SoftTimeLimitExceeded):
+        # Libraries may wrap the soft limit (rapidocr raises ONNXRuntimeError from it).
+        return RetryableError("time_limit", "the task hit its soft time limit")
+    if isinstance(exc, OSError):
+        logger.warning("I/O error in stage %s", stage, exc_info=exc)
+        return RetryableError("io_error", f"{type(exc).__name__}: {exc}")
+    logger.error("stage %s failed unexpectedly", stage, exc_info=exc)
+    return RetryableError("internal", f"{type(exc).__name__}: {exc}")
+
+
 def worker_name(hostname: str | None = None) -> str:
     """`celery@host:pid`, as reported in `worker` fields (at most 200 characters)."""
     name = f"{hostname or socket.gethostname()}"[:180]
@@ -161,6 +180,7 @@ class StageRunner:
         self.store = store
         self.reporter = reporter
         self.metrics = metrics
+        self._recording: concurrent.futures.ThreadPoolExecutor | None = None
 
     def run(
         self, payload_json: dict[str, Any], *, task_id: str, worker: str, stage: str
@@ -230,6 +250,8 @@ class StageRunner:
         outcome = RunOutcome(proceed=True)
         stored_usage: dict[str, Any] | None = None
         error: StageError | None = None
+        # an artifact not yet stored: (sha256, stage, version, data, replace)
+        unstored: tuple[str, str, str, bytes, bool] | None = None
         try:
             if task_stage != payload.stage or payload.stage not in self.stages:
                 raise PermanentError(
@@ -265,37 +287,37 @@ class StageRunner:
                     **output.body,
                 }
                 data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-                outcome.artifacts = [
-                    self.store.put(
-                        payload.sha256, stage.name, prepared.version, data, replace=hit is not None
-                    )
-                ]
                 outcome.stats = dict(output.stats)
+                unstored = (payload.sha256, stage.name, prepared.version, data, hit is not None)
+                if self.store.bills_requests:
+                    # the put is a billed request: store first, so that the cost events count it
+                    outcome.artifacts = [self._put(unstored)]
+                    unstored = None
             outcome.succeeded = True
-        except StageError as exc:
-            error = exc
-        except SoftTimeLimitExceeded:
-            error = RetryableError("time_limit", "the task hit its soft time limit")
-        except OSError as exc:
-            logger.warning("I/O error in stage %s", payload.stage, exc_info=True)
-            error = RetryableError("io_error", f"{type(exc).__name__}: {exc}")
-        except Exception as exc:  # noqa: BLE001 - reported as retryable, with the traceback logged
-            # Libraries may wrap the soft limit (rapidocr raises ONNXRuntimeError from it).
-            if _caused_by(exc, SoftTimeLimitExceeded):
-                error = RetryableError("time_limit", "the task hit its soft time limit")
-            else:
-                logger.exception("stage %s failed unexpectedly", payload.stage)
-                error = RetryableError("internal", f"{type(exc).__name__}: {exc}")
-        if error is not None:
-            outcome.error_code = error.code
-            outcome.permanent = error.permanent
-            outcome.stats.setdefault("ocr_pages", usage.total_ocr_pages)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported (see _stage_error)
+            error = _stage_error(exc, payload.stage)
 
         cpu_seconds = time.process_time() - cpu_start
         duration = time.monotonic() - wall_start
         outcome.seconds = duration
         events = self._cost_events(payload, stage_enum, cpu_seconds, usage, stored_usage)
-        cost = self._record(events)
+        if unstored is None:
+            cost = self._record(events)
+        else:
+            # A store that bills no requests (a local folder): its put (two fsyncs) and the
+            # RecordCosts round trip overlap; the result waits for both.
+            # (in this run's context: its log fields and trace)
+            recording = self._recorder().submit(contextvars.copy_context().run, self._record, events)
+            try:
+                outcome.artifacts = [self._put(unstored)]
+            except Exception as exc:  # noqa: BLE001 - reported like a failure of the stage
+                outcome.succeeded = False
+                error = _stage_error(exc, payload.stage)
+            cost = recording.result()
+        if error is not None:
+            outcome.error_code = error.code
+            outcome.permanent = error.permanent
+            outcome.stats.setdefault("ocr_pages", usage.total_ocr_pages)
         outcome.cost = cost.amount if cost is not None else ""
 
         request = session_service_pb2.ReportStageResultRequest(
@@ -346,6 +368,19 @@ class StageRunner:
         return outcome
 
     # -- helpers --------------------------------------------------------------
+
+    def _put(self, unstored: tuple[str, str, str, bytes, bool]) -> ArtifactRef:
+        sha256, stage, version, data, replace = unstored
+        return self.store.put(sha256, stage, version, data, replace=replace)
+
+    def _recorder(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread that records a run's costs while its artifact is stored (made on first use,
+        so in the process that runs tasks, never in a prefork parent)."""
+        if self._recording is None:
+            self._recording = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="record-costs"
+            )
+        return self._recording
 
     @staticmethod
     def _lease_left(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +13,6 @@ from services.common.artifacts import path_of, verify_artifact
 from services.worker.artifacts import LocalArtifactStore, S3ArtifactStore, artifact_key, open_store
 
 SHA = hashlib.sha256(b"source").hexdigest()
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A moto S3 with one bucket (fake credentials: moto never calls AWS)."""
-    import boto3
-    from moto import mock_aws
-
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        client = boto3.client("s3", region_name="us-east-1")
-        client.create_bucket(Bucket="docimport-artifacts")
-        yield client
 
 
 def test_key_is_content_addressed_and_refuses_unsafe_parts() -> None:

@@ -8,6 +8,7 @@ test_worker_integration.py.
 from __future__ import annotations
 
 import json
+import threading
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from docimport.cost.v1 import cost_service_pb2
 from docimport.session.v1 import session_service_pb2
 
 from services.common.artifacts import path_of, verify_artifact
-from services.worker.artifacts import LocalArtifactStore
+from services.worker.artifacts import LocalArtifactStore, S3ArtifactStore
 from services.worker.config import WorkerSettings
 from services.worker.processors.extract import Extractor
 from services.worker.reporting import Reporter
@@ -350,6 +351,79 @@ def test_events_the_price_book_does_not_price_are_dropped_not_the_rest(
     assert [e.operation for e in recorded.events] == ["compute_second"]
     (result,) = reporter.results
     assert result.succeeded and result.HasField("cost")
+
+
+def test_a_local_artifact_is_stored_while_the_costs_are_recorded(
+    runner: StageRunner,
+    store: LocalArtifactStore,
+    reporter: RecordingReporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The put waits until RecordCosts is in flight: run one after the other, it would wait
+    its 10 s out and the run would fail."""
+    in_flight = threading.Event()
+    record, put = reporter.record_costs, store.put
+
+    def recording(request: Any) -> Any:
+        in_flight.set()
+        return record(request)
+
+    def put_once_recording(*args: Any, **kwargs: Any) -> Any:
+        assert in_flight.wait(10), "the artifact was stored before RecordCosts was sent"
+        return put(*args, **kwargs)
+
+    monkeypatch.setattr(reporter, "record_costs", recording)
+    monkeypatch.setattr(store, "put", put_once_recording)
+    summary = run(runner, payload("correspondence/call_notes.txt"))
+    assert summary["succeeded"], summary
+    (result,) = reporter.results
+    assert result.HasField("cost") and Decimal(result.cost.amount) > 0
+    (artifact,) = result.artifacts
+    assert verify_artifact(artifact.uri, artifact.sha256, artifact.size_bytes, deep=True).ok
+
+
+def test_a_failed_put_is_a_retryable_io_error_and_its_costs_are_recorded(
+    runner: StageRunner,
+    store: LocalArtifactStore,
+    reporter: RecordingReporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def full_disk(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "put", full_disk)
+    summary = run(runner, payload("correspondence/call_notes.txt"))
+    assert not summary["succeeded"] and summary["error_code"] == "io_error"
+    (costs,) = reporter.costs
+    assert [e.operation for e in costs.events] == ["compute_second"]
+    (result,) = reporter.results
+    assert not result.succeeded and not result.artifacts and result.HasField("cost")
+    assert (result.error_class, result.error_code) == (
+        session_service_pb2.ERROR_CLASS_RETRYABLE,
+        "io_error",
+    )
+    assert "No space left on device" in result.error_message
+
+
+def test_an_s3_artifact_is_stored_before_the_costs_so_that_its_put_is_billed(
+    s3: Any, reporter: RecordingReporter
+) -> None:
+    store = S3ArtifactStore("s3://docimport-artifacts/runs", client=s3)
+    runner = StageRunner(
+        stages={"extract": ExtractStage(Extractor(None))},
+        store=store,
+        reporter=reporter,  # type: ignore[arg-type]
+    )
+    assert run(runner, payload("correspondence/call_notes.txt"))["succeeded"]
+    (costs,) = reporter.costs
+    assert [(e.service, e.operation, e.units) for e in costs.events] == [
+        ("local", "compute_second", costs.events[0].units),
+        ("s3", "get_request", "1"),
+        ("s3", "put_request", "1"),
+    ]
+    (result,) = reporter.results
+    (artifact,) = result.artifacts
+    assert artifact.uri.startswith("s3://docimport-artifacts/runs/")
 
 
 def test_cost_service_down_fails_the_task(runner: StageRunner, reporter: RecordingReporter) -> None:
