@@ -20,6 +20,11 @@ class SessionSettings(ServiceSettings):
     # Seconds a woken dispatcher waits before its round, so that the stage
     # results arriving meanwhile are dispatched in the same round (0: none).
     dispatch_coalesce: float = 0.02
+    # A session gets a dispatch round once this fraction of its in-flight cap
+    # is free, or as soon as fewer runs than that wait in the queue (so the
+    # workers never run dry): a round then carries several documents rather
+    # than the one each stage result frees. Caps of 4 or less: every free slot.
+    dispatch_topup: float = 0.25
     # Messages per Redis pipeline when publishing.
     publish_batch: int = 1000
     # Run time of a stage: base seconds plus seconds per MiB of the file. The

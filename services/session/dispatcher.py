@@ -24,7 +24,11 @@ The loop wakes on `wake()` (a stage result, start, resume or retry in this
 process) or on any session NOTIFY (another replica), else every
 `dispatch_interval` seconds. A woken loop waits `dispatch_coalesce` before
 its round, so a stream of stage results makes one round per window rather
-than one per result (each round is several statements and a publish). The
+than one per result (each round is several statements and a publish), and
+a session takes part only when it can be topped up by a batch
+(`dispatch_topup` of its cap free) or its queue is running low: with two
+workers and the default cap of 32, rounds of about 8 documents instead of
+about 2. The
 overall cap counts live runs at the start of a round: with several replicas
 it may be passed by at most one batch per other replica; the per-session
 cap is exact (the session row is locked while its round is computed).
@@ -137,12 +141,15 @@ class Dispatcher:
         the pass returns only when everything it created is published.
         """
         total = 0
+        sessions = await self._store.dispatchable_sessions(self._settings.dispatch_topup)
+        if not sessions:
+            return 0
         room_total = self._settings.max_in_flight_total - await self._store.live_runs()
         if room_total <= 0:
             return 0
         publishing: asyncio.Task[None] | None = None
         try:
-            for session_id in await self._store.dispatchable_sessions():
+            for session_id in sessions:
                 while room_total > 0 and not self._stopping:
                     limit = min(self._settings.dispatch_batch, room_total)
                     round_ = await self._store.dispatch_session(

@@ -468,7 +468,8 @@ class Dispatched:
 class DispatchRound:
     session_id: str
     dispatched: tuple[Dispatched, ...]
-    # True when the round stopped at a cap or its limit (more may be waiting).
+    # True when the round stopped at its `limit` (more may be waiting and fit
+    # the session's cap); False when it stopped at the session's cap or ran out.
     saturated: bool
     budget_exhausted: bool = False
     # The session's trace context: its runs are published as children of it.
@@ -1948,8 +1949,13 @@ class SessionStore:
 
     # ------------------------------------------------------------ dispatch
 
-    async def dispatchable_sessions(self) -> list[str]:
-        """Running sessions with a document ready to dispatch, oldest first.
+    async def dispatchable_sessions(self, topup: float = 0.0) -> list[str]:
+        """Running sessions with a document ready to dispatch and room to top up, oldest first.
+
+        Room to top up: at least `topup` of the session's in-flight cap free
+        (at least one slot), or, with any slot free, fewer runs than that
+        queued (the workers are about to run dry). Its counters say how many
+        runs are queued and running (see `dispatch_session`).
 
         A probe per session along the pending index, in dispatch order: as an
         EXISTS, the planner turned it into a scan of the session's documents,
@@ -1960,6 +1966,9 @@ class SessionStore:
                 """
                 SELECT s.session_id FROM session.import_sessions s
                 CROSS JOIN LATERAL (
+                    SELECT greatest(1, ceil(s.max_in_flight * $1::float8))::int AS batch,
+                           s.max_in_flight - s.count_queued - s.count_running AS room) t
+                CROSS JOIN LATERAL (
                     SELECT 1 FROM session.session_documents d
                     WHERE d.session_id = s.session_id AND d.state = 'pending'
                       AND (d.not_before IS NULL OR d.not_before <= now())
@@ -1967,8 +1976,10 @@ class SessionStore:
                     ORDER BY d.dispatch_rank, d.ordinal
                     LIMIT 1) ready
                 WHERE s.state IN ('running', 'budget_exhausted')
+                  AND t.room > 0 AND (t.room >= t.batch OR s.count_queued < t.batch)
                 ORDER BY s.created_at
-                """
+                """,
+                topup,
             )
         return [str(r["session_id"]) for r in rows]
 
@@ -2021,7 +2032,7 @@ class SessionStore:
             live = session.counts.queued + session.counts.running
             room = min(limit, session.max_in_flight - live)
             if room <= 0:
-                return DispatchRound(session_id, (), True)
+                return DispatchRound(session_id, (), False)
             cols = ", ".join(_DOC_COLUMNS)
             # Out of budget, only documents already admitted (reserved) go on.
             admitted_only = session.state == st.S_BUDGET
@@ -2155,7 +2166,7 @@ class SessionStore:
         return DispatchRound(
             session_id,
             tuple(dispatched),
-            saturated=len(rows) >= room and not reservations.exhausted_reason,
+            saturated=len(rows) >= limit and not reservations.exhausted_reason,
             budget_exhausted=reservations.exhausted_reason is not None,
             trace_context=session.trace_context,
         )
