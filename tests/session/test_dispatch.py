@@ -29,6 +29,28 @@ async def test_per_session_cap(harness):
     assert s.counts.queued == 2 and s.counts.pending == 3
 
 
+async def test_a_session_is_topped_up_in_batches_unless_its_queue_runs_low(harness):
+    # cap 8, top-up a quarter: a round once 2 slots are free, or once fewer than 2 runs are queued
+    await harness.create([mfile(f"{i}.pdf") for i in range(20)], max_in_flight=8)
+    first = await harness.dispatch()
+    assert len(first) == 8
+    await harness.started(first[0])
+    await harness.result(first[0])  # one slot free, 7 still queued: no round for one
+    assert await harness.dispatch() == []
+    await harness.started(first[1])
+    await harness.result(first[1])  # two free: a round of two (both documents' next stage)
+    second = await harness.dispatch()
+    assert sorted((m.payload.document_id, m.payload.stage) for m in second) == (
+        sorted((m.payload.document_id, "chunk") for m in first[:2])
+    )
+    # now every queued run starts: the queue is empty and one free slot is worth a round
+    for m in first[2:] + second:
+        await harness.started(m)
+    await harness.result(first[2])
+    [low] = await harness.dispatch()
+    assert (low.payload.document_id, low.payload.stage) == (first[2].payload.document_id, "chunk")
+
+
 async def test_overall_cap_across_sessions(harness):
     tune(harness, max_in_flight_total=3)
     await harness.create([mfile(f"a{i}.pdf") for i in range(5)])
