@@ -26,16 +26,22 @@ prefork, `--concurrency` processes, prefetch 1, acks_late, task events), the
 same Redis and machine; the two alternate `--rounds` times. DESIGN.md's
 target: docimport <= 1.3x the bare wall time.
 
-Where the time goes (measured 2026-12-04 on the 2-core machine, 2,000
-documents, CPU seconds of each process from /proc over the run, divided by
-the 6,000 stage runs): session service ~3.9 ms, worker children ~3.8 ms
-(three blocking gRPC calls and an fsync'ed artifact a run), Postgres ~3.5
-ms, worker parent ~2.9 ms (Celery itself: the bare parent spends ~2.4 ms a
-task), cost service ~1.6 ms, Redis ~0.3 ms: ~16 ms of CPU a stage run on 2
-cores, against ~3 ms a bare task. The pipeline is CPU-bound, not waiting
-on its calls: with `--concurrency 4` docimport takes as long as with 2. A
-ratio near 1.3x needs far fewer calls and statements per run (reports
-batched across runs), not faster ones.
+Where the time goes (2,000 documents on the 2-core machine, CPU seconds of
+each process from /proc over the run, divided by the 6,000 stage runs).
+Before the dispatcher topped sessions up in batches: session service ~4.6
+ms, worker children ~4.3, Postgres ~3.8, worker parent ~3.8, cost service
+~1.9, Redis ~0.4 (a bare task: parent ~3.1, child ~1.6). After it: session
+service ~3.1 ms, worker children ~3.8, worker parent ~3.3, Postgres ~2.8,
+cost ~1.7; 111k -> 67k SQL statements for the run. The machine is then ~73% busy and the pipeline
+is bound by the latency of the two worker processes, not by CPU: with
+`--concurrency 4` the 2,000 documents take 42 s instead of 65 s. A run
+waits on three round trips, each ~3.3 ms under this load against ~1.4 ms
+alone (ReportStageStarted; RecordCosts, overlapped with the artifact's put
+and its two fsyncs; ReportStageResult), ~12 ms in all, on top of Celery's
+own ~8 ms hand-off per task that the bare side pays too. Sending the result
+from a background thread (the task returning meanwhile) made no measurable
+difference and was not kept. A ratio near 1.3x needs a run that waits on
+at most one short round trip.
 
 What grew with N (found 2026-12-04 with pg_stat_statements and
 auto_explain; fixed): the dispatcher's "which sessions have pending work"
@@ -43,10 +49,8 @@ probe had become a sequential scan of the session's documents (0.8 ms a
 call at 6,000 documents, thousands of calls), and GetSession, polled here
 once a second, had the cost service compute its full breakdown (37 ms at
 6,000 documents). With both fixed, 10,000 documents took 281-340 s instead
-of 436-446 s. py-spy over every process of a 2,000-document run: worker
-children ~1/3 of their samples in blocking gRPC calls and ~14% writing the
-fsync'ed artifact, the worker parent ~18% publishing Celery task events
-(the bare side too), the session service ~19% in dispatch rounds.
+of 436-446 s; with the batched top-up and the overlapped put, 275 s
+(bare: 101.5 s in the same run, 2.71x).
 """
 
 from __future__ import annotations
