@@ -288,11 +288,12 @@ class StageRunner:
                 }
                 data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
                 outcome.stats = dict(output.stats)
-                unstored = (payload.sha256, stage.name, prepared.version, data, hit is not None)
+                artifact = (payload.sha256, stage.name, prepared.version, data, hit is not None)
                 if self.store.bills_requests:
                     # the put is a billed request: store first, so that the cost events count it
-                    outcome.artifacts = [self._put(unstored)]
-                    unstored = None
+                    outcome.artifacts = [self._put(artifact)]
+                else:
+                    unstored = artifact
             outcome.succeeded = True
         except Exception as exc:  # noqa: BLE001 - every failure is reported (see _stage_error)
             error = _stage_error(exc, payload.stage)

@@ -426,6 +426,35 @@ def test_an_s3_artifact_is_stored_before_the_costs_so_that_its_put_is_billed(
     assert artifact.uri.startswith("s3://docimport-artifacts/runs/")
 
 
+def test_a_failed_s3_put_is_tried_once_and_reported_with_its_billed_requests(
+    s3: Any, reporter: RecordingReporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = S3ArtifactStore("s3://docimport-artifacts/runs", client=s3)
+    puts = []
+
+    def refused_put(*args: Any, **kwargs: Any) -> Any:
+        puts.append(args)
+        store._count("put_request")
+        raise OSError(5, "connection reset by the object store")
+
+    monkeypatch.setattr(store, "put", refused_put)
+    runner = StageRunner(
+        stages={"extract": ExtractStage(Extractor(None))},
+        store=store,
+        reporter=reporter,  # type: ignore[arg-type]
+    )
+    summary = run(runner, payload("correspondence/call_notes.txt"))
+    assert not summary["succeeded"] and summary["error_code"] == "io_error"
+    assert len(puts) == 1
+    (costs,) = reporter.costs
+    assert [(e.operation, e.units) for e in costs.events[1:]] == [
+        ("get_request", "1"),
+        ("put_request", "1"),
+    ]
+    (result,) = reporter.results
+    assert not result.succeeded and not result.artifacts
+
+
 def test_cost_service_down_fails_the_task(runner: StageRunner, reporter: RecordingReporter) -> None:
     reporter.cost_error = grpc.StatusCode.UNAVAILABLE
     with pytest.raises(grpc.RpcError):
