@@ -1949,7 +1949,7 @@ class SessionStore:
 
     # ------------------------------------------------------------ dispatch
 
-    async def dispatchable_sessions(self, topup: float = 0.0) -> list[str]:
+    async def dispatchable_sessions(self, topup: float) -> list[str]:
         """Running sessions with a document ready to dispatch and room to top up, oldest first.
 
         Room to top up: at least `topup` of the session's in-flight cap free

@@ -39,12 +39,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import datetime as dt
+import functools
 import json
 import logging
 import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -250,8 +252,7 @@ class StageRunner:
         outcome = RunOutcome(proceed=True)
         stored_usage: dict[str, Any] | None = None
         error: StageError | None = None
-        # an artifact not yet stored: (sha256, stage, version, data, replace)
-        unstored: tuple[str, str, str, bytes, bool] | None = None
+        store_artifact: Callable[[], ArtifactRef] | None = None  # a put still to be done
         try:
             if task_stage != payload.stage or payload.stage not in self.stages:
                 raise PermanentError(
@@ -288,12 +289,15 @@ class StageRunner:
                 }
                 data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
                 outcome.stats = dict(output.stats)
-                artifact = (payload.sha256, stage.name, prepared.version, data, hit is not None)
+                put = functools.partial(
+                    self.store.put,
+                    payload.sha256, stage.name, prepared.version, data, replace=hit is not None,
+                )
                 if self.store.bills_requests:
                     # the put is a billed request: store first, so that the cost events count it
-                    outcome.artifacts = [self._put(artifact)]
+                    outcome.artifacts = [put()]
                 else:
-                    unstored = artifact
+                    store_artifact = put
             outcome.succeeded = True
         except Exception as exc:  # noqa: BLE001 - every failure is reported (see _stage_error)
             error = _stage_error(exc, payload.stage)
@@ -302,15 +306,15 @@ class StageRunner:
         duration = time.monotonic() - wall_start
         outcome.seconds = duration
         events = self._cost_events(payload, stage_enum, cpu_seconds, usage, stored_usage)
-        if unstored is None:
+        if store_artifact is None:
             cost = self._record(events)
         else:
             # A store that bills no requests (a local folder): its put (two fsyncs) and the
-            # RecordCosts round trip overlap; the result waits for both.
-            # (in this run's context: its log fields and trace)
+            # RecordCosts round trip overlap, the call in this run's context (log fields, trace);
+            # the result waits for both.
             recording = self._recorder().submit(contextvars.copy_context().run, self._record, events)
             try:
-                outcome.artifacts = [self._put(unstored)]
+                outcome.artifacts = [store_artifact()]
             except Exception as exc:  # noqa: BLE001 - reported like a failure of the stage
                 outcome.succeeded = False
                 error = _stage_error(exc, payload.stage)
@@ -369,10 +373,6 @@ class StageRunner:
         return outcome
 
     # -- helpers --------------------------------------------------------------
-
-    def _put(self, unstored: tuple[str, str, str, bytes, bool]) -> ArtifactRef:
-        sha256, stage, version, data, replace = unstored
-        return self.store.put(sha256, stage, version, data, replace=replace)
 
     def _recorder(self) -> concurrent.futures.ThreadPoolExecutor:
         """The thread that records a run's costs while its artifact is stored (made on first use,

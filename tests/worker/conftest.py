@@ -54,11 +54,8 @@ def case_copy(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A moto S3 with one bucket (fake credentials: moto never calls AWS)."""
-    import boto3
-    from moto import mock_aws
-
+def fake_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake AWS credentials and region, for the moto emulators (moto never calls AWS)."""
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -66,6 +63,14 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def s3(fake_aws: None) -> Iterator[Any]:
+    """A moto S3 with one bucket."""
+    import boto3
+    from moto import mock_aws
+
     with mock_aws():
         client = boto3.client("s3", region_name="us-east-1")
         client.create_bucket(Bucket="docimport-artifacts")

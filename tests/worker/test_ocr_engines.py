@@ -22,19 +22,12 @@ from .helpers import SAMPLE_CASE
 
 
 @pytest.fixture
-def textract(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def textract(fake_aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A moto Textract whose DetectDocumentText answers two lines per page."""
     import boto3
     from moto import mock_aws
     from moto.textract.models import TextractBackend
 
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
     monkeypatch.setattr(
         TextractBackend,
         "BLOCKS",

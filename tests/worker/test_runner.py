@@ -368,12 +368,12 @@ def test_a_local_artifact_is_stored_while_the_costs_are_recorded(
         in_flight.set()
         return record(request)
 
-    def put_once_recording(*args: Any, **kwargs: Any) -> Any:
+    def put_once_recording_began(*args: Any, **kwargs: Any) -> Any:
         assert in_flight.wait(10), "the artifact was stored before RecordCosts was sent"
         return put(*args, **kwargs)
 
     monkeypatch.setattr(reporter, "record_costs", recording)
-    monkeypatch.setattr(store, "put", put_once_recording)
+    monkeypatch.setattr(store, "put", put_once_recording_began)
     summary = run(runner, payload("correspondence/call_notes.txt"))
     assert summary["succeeded"], summary
     (result,) = reporter.results
@@ -405,16 +405,20 @@ def test_a_failed_put_is_a_retryable_io_error_and_its_costs_are_recorded(
     assert "No space left on device" in result.error_message
 
 
-def test_an_s3_artifact_is_stored_before_the_costs_so_that_its_put_is_billed(
-    s3: Any, reporter: RecordingReporter
-) -> None:
-    store = S3ArtifactStore("s3://docimport-artifacts/runs", client=s3)
-    runner = StageRunner(
+@pytest.fixture
+def s3_runner(s3: Any, reporter: RecordingReporter) -> StageRunner:
+    """An extract-only runner on an S3 store (moto)."""
+    return StageRunner(
         stages={"extract": ExtractStage(Extractor(None))},
-        store=store,
+        store=S3ArtifactStore("s3://docimport-artifacts/runs", client=s3),
         reporter=reporter,  # type: ignore[arg-type]
     )
-    assert run(runner, payload("correspondence/call_notes.txt"))["succeeded"]
+
+
+def test_an_s3_artifact_is_stored_before_the_costs_so_that_its_put_is_billed(
+    s3_runner: StageRunner, reporter: RecordingReporter
+) -> None:
+    assert run(s3_runner, payload("correspondence/call_notes.txt"))["succeeded"]
     (costs,) = reporter.costs
     assert [(e.service, e.operation, e.units) for e in costs.events] == [
         ("local", "compute_second", costs.events[0].units),
@@ -427,23 +431,18 @@ def test_an_s3_artifact_is_stored_before_the_costs_so_that_its_put_is_billed(
 
 
 def test_a_failed_s3_put_is_tried_once_and_reported_with_its_billed_requests(
-    s3: Any, reporter: RecordingReporter, monkeypatch: pytest.MonkeyPatch
+    s3_runner: StageRunner, reporter: RecordingReporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = S3ArtifactStore("s3://docimport-artifacts/runs", client=s3)
+    store = s3_runner.store
     puts = []
 
     def refused_put(*args: Any, **kwargs: Any) -> Any:
         puts.append(args)
-        store._count("put_request")
+        store._count("put_request")  # type: ignore[attr-defined]
         raise OSError(5, "connection reset by the object store")
 
     monkeypatch.setattr(store, "put", refused_put)
-    runner = StageRunner(
-        stages={"extract": ExtractStage(Extractor(None))},
-        store=store,
-        reporter=reporter,  # type: ignore[arg-type]
-    )
-    summary = run(runner, payload("correspondence/call_notes.txt"))
+    summary = run(s3_runner, payload("correspondence/call_notes.txt"))
     assert not summary["succeeded"] and summary["error_code"] == "io_error"
     assert len(puts) == 1
     (costs,) = reporter.costs
