@@ -89,6 +89,7 @@ def docimport_app(settings: WorkerSettings) -> Any:
             stages={stage: NoopStage(stage) for stage in STAGES},
             store=open_store(settings.store_url),
             reporter=Reporter(settings),
+            started_after=settings.started_after,
         )
 
     return create_app(settings, runner_factory=runner)

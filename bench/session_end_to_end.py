@@ -164,7 +164,7 @@ def bare_round(broker_url: str, client: Any, n: int, concurrency: int) -> float:
 
 
 async def docimport_round(
-    broker_url: str, client: Any, n: int, concurrency: int
+    broker_url: str, client: Any, n: int, concurrency: int, worker_env: dict[str, str]
 ) -> tuple[float, dict[str, int]]:
     client.flushdb()
     enqueuer = CeleryEnqueuer(broker_url)
@@ -184,6 +184,7 @@ async def docimport_round(
                         "DOCIMPORT_COST_ADDR": f"127.0.0.1:{stack.cost_port}",
                         "DOCIMPORT_TOKEN": TOKENS["worker"],
                         "DOCIMPORT_ARTIFACT_DIR": artifacts,
+                        **worker_env,
                     },
                 )
                 try:
@@ -247,7 +248,16 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", choices=("bare", "docimport"), help="run one side (profiling)")
+    parser.add_argument(
+        "--started-after",
+        type=float,
+        help="the docimport worker's DOCIMPORT_STARTED_AFTER (0: every run reports its start "
+        "before working, the protocol before short runs reported only their result)",
+    )
     args = parser.parse_args()
+    worker_env = (
+        {} if args.started_after is None else {"DOCIMPORT_STARTED_AFTER": str(args.started_after)}
+    )
     n = args.documents
     bare_times, di_times = [], []
     with private_redis(13) as (broker_url, client):
@@ -257,7 +267,9 @@ async def main() -> None:
                     await asyncio.to_thread(bare_round, broker_url, client, n, args.concurrency)
                 )
             if args.only != "bare":
-                elapsed, runs = await docimport_round(broker_url, client, n, args.concurrency)
+                elapsed, runs = await docimport_round(
+                    broker_url, client, n, args.concurrency, worker_env
+                )
                 di_times.append(elapsed)
     if args.only:
         print(f"{args.only}: {min(bare_times or di_times):.2f} s")

@@ -1048,9 +1048,17 @@ class SessionServicer:
     ) -> pb.ReportStageStartedResponse:
         v = Validator()
         document_id, stage = self._run_key(request, v)
+        began = None
+        if request.HasField("started_at"):
+            try:
+                began = convert.from_timestamp(request.started_at)
+            except (ValueError, OverflowError):
+                v.add("started_at", "is not a valid timestamp")
         v.check()
         outcome = await self._started.submit(
-            StartedReport(document_id, stage, request.attempt, request.task_id, request.worker)
+            StartedReport(
+                document_id, stage, request.attempt, request.task_id, request.worker, began
+            )
         )
         if not outcome.found:
             raise NotFound("stage run", f"{document_id}/{stage}/{request.attempt}")

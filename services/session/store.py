@@ -483,6 +483,8 @@ class StartedReport:
     attempt: int
     task_id: str
     worker: str
+    # When the worker began the run, when it reports the start late (None: now).
+    began: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -1085,7 +1087,10 @@ nd AS (
 runs AS (
     UPDATE session.stage_runs r SET
         state = CASE WHEN nd.ok THEN 'succeeded' ELSE 'failed' END, finished_at = now(),
-        worker = coalesce(nullif(nd.worker, ''), r.worker), started_at = coalesce(r.started_at, now()),
+        worker = coalesce(nullif(nd.worker, ''), r.worker),
+        -- a run that reported only its result (a short one) began its duration ago
+        started_at = coalesce(r.started_at,
+                              now() - make_interval(secs => coalesce(nd.duration, 0)::float8)),
         duration_seconds = round(nd.duration, 6), error_class = nd.d_error_class,
         error_code = nd.d_error_code,
         error_message = CASE WHEN nd.ok THEN NULL ELSE nd.error_message END,
@@ -1122,7 +1127,10 @@ ORDER BY u.ord
 # session starts (run and document running, lease extended); a run already
 # running is a redelivery or a duplicate and goes on (its lease extended); a
 # queued run of a paused, out-of-budget (unless its document was admitted)
-# or cancelled session is refused: the run is cancelled and its document
+# or cancelled session is refused, unless the worker says it began the run
+# earlier (`began`: a start reported late, see the worker's
+# `started_after`), which lets it finish while its session is paused or out
+# of budget: a refused run is cancelled and its document
 # goes back to pending (the attempt does not count), or is cancelled with
 # its session. Anything else (another task id, a finished run) is refused
 # without a change. The runs and documents are looked up one by one by
@@ -1133,8 +1141,9 @@ ORDER BY u.ord
 _STARTED_SQL = _numbered(
     """
 WITH u AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[])
-      WITH ORDINALITY AS u(document_id, stage, attempt, task_id, worker, ord)
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[],
+                         $6::timestamptz[])
+      WITH ORDINALITY AS u(document_id, stage, attempt, task_id, worker, began, ord)
 ),
 cur AS (
     SELECT u.ord, r.state AS r_state, r.task_id AS r_task, d.session_id, d.state AS d_state,
@@ -1157,9 +1166,11 @@ act AS (
              WHEN c.r_state <> 'queued' THEN 'none'
              WHEN c.s_state = 'running'
                   OR (c.s_state = 'budget_exhausted' AND c.reservation_id IS NOT NULL) THEN 'start'
+             -- a run already under way (reported late) finishes while its session is paused
+             WHEN u.began IS NOT NULL AND c.s_state IN ('paused', 'budget_exhausted') THEN 'start'
              ELSE 'refuse' END AS action,
         -- the running lease: time limit (scaled by size) plus grace
-        ceil($6 + $7 * c.size_bytes / 1048576.0) + ceil($8) + $8 AS lease_seconds
+        ceil($7 + $8 * c.size_bytes / 1048576.0) + ceil($9) + $9 AS lease_seconds
     FROM u JOIN cur c USING (ord)
 ),
 nd0 AS (
@@ -1184,7 +1195,8 @@ runs AS (
     UPDATE session.stage_runs r SET
         state = CASE a.action WHEN 'start' THEN 'running' WHEN 'refuse' THEN 'cancelled'
                 ELSE r.state END,
-        started_at = CASE WHEN a.action = 'start' THEN now() ELSE r.started_at END,
+        started_at = CASE WHEN a.action = 'start' THEN least(coalesce(a.began, now()), now())
+                          ELSE r.started_at END,
         finished_at = CASE WHEN a.action = 'refuse' THEN now() ELSE r.finished_at END,
         worker = CASE WHEN a.action = 'refuse' THEN r.worker
                       ELSE coalesce(nullif(a.worker, ''), r.worker) END,
@@ -1220,7 +1232,7 @@ FROM u LEFT JOIN cur c USING (ord) LEFT JOIN act a USING (ord) LEFT JOIN nd USIN
 LEFT JOIN runs ON runs.document_id = u.document_id AND runs.stage = u.stage AND runs.attempt = u.attempt
 ORDER BY u.ord
 """,
-    9,
+    10,
     _TAIL_PARAMS,
 )
 
@@ -2245,6 +2257,7 @@ class SessionStore:
                     [r.attempt for r in first],
                     [r.task_id for r in first],
                     [r.worker for r in first],
+                    [r.began for r in first],
                     lease[0],
                     lease[1],
                     lease[2],

@@ -68,7 +68,13 @@ def build_runner(settings: WorkerSettings, metrics: WorkerMetrics | None = None)
         ),
         "entities": EntitiesStage(store, extractor),
     }
-    return StageRunner(stages=stages, store=store, reporter=Reporter(settings), metrics=metrics)
+    return StageRunner(
+        stages=stages,
+        store=store,
+        reporter=Reporter(settings),
+        metrics=metrics,
+        started_after=settings.started_after,
+    )
 
 
 class _LazyRunner:
@@ -183,6 +189,7 @@ def create_app(
                 task_id=self.request.id,
                 worker=worker_name(self.request.hostname),
                 stage=stage,
+                expires=self.request.expires,
             )
 
     for stage in STAGES:

@@ -66,6 +66,12 @@ class WorkerSettings(ClientSettings):
     # Hard and soft time limits when the message carries none, seconds.
     default_time_limit: float = 3600.0
     default_soft_time_limit: float = 3300.0
+    # A run reports its start (ReportStageStarted) only once it has lasted
+    # this many seconds; a shorter run reports only its result, one round trip
+    # to the session service instead of two. A run is still asked about first
+    # (the old protocol) when its message has less than this plus a margin
+    # left before it expires. 0 = every run reports its start before working.
+    started_after: float = 1.0
     # Attempts of a report to a service that answers UNAVAILABLE.
     report_attempts: int = 4
     report_backoff: float = 0.5

@@ -4,6 +4,20 @@ Owns the protocol a run follows with the services:
 
 1. `ReportStageStarted`; if the session service answers proceed=false (the
    run was cancelled, superseded or is done), stop without doing anything.
+   A run whose message has more than `started_after` seconds (plus a
+   margin for clock skew) left before it expires does not wait for this:
+   it starts at once and reports its start, with the time it began, from a
+   thread of the runner's own only if it is still working `started_after`
+   seconds later (one round trip instead of two for the many short runs).
+   Celery drops an expired message, and the reconciler supersedes a run
+   only once its lease, at least as long as its message's life, has run
+   out; so such a run is not superseded before it reports. (An operator's
+   RetryDocuments of a stalled run whose message is still queued is the
+   exception: both attempts may then run, each charged for its own work.)
+   If the late answer is no (the session was cancelled), the run stops at
+   its next deadline check, its costs so far are recorded and nothing is
+   reported or stored; a paused session lets a run already under way
+   finish.
 2. Look the output up in the artifact store by (sha256, stage, processor
    version). A hit does no work and costs nothing: its cost events carry
    `cache_hit=True` and the units the original run used (kept in the
@@ -45,6 +59,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +96,9 @@ OCR_PAGE = "ocr_page"
 # Engines whose pages are priced per page; local engines are priced by CPU time.
 PER_PAGE_OCR_SERVICES = frozenset({"aws_textract"})
 MAX_MESSAGE = 2000
+# Seconds of a message's life a run keeps in hand before it may skip reporting its start:
+# clock skew between the session service and this worker, and a report's retries.
+START_MARGIN = 60.0
 _MICRO = Decimal("0.000001")
 # Session-service answers to ReportStageStarted that mean "this run is not wanted".
 _NOT_WANTED = frozenset(
@@ -177,16 +195,26 @@ class StageRunner:
         store: ArtifactStore,
         reporter: Reporter,
         metrics: WorkerMetrics | None = None,
+        started_after: float = 0.0,
     ) -> None:
         self.stages = stages
         self.store = store
         self.reporter = reporter
         self.metrics = metrics
+        # Seconds a run works before it reports its start (0: it reports first; see step 1).
+        self.started_after = started_after
         self._recording: concurrent.futures.ThreadPoolExecutor | None = None
 
     def run(
-        self, payload_json: dict[str, Any], *, task_id: str, worker: str, stage: str
+        self,
+        payload_json: dict[str, Any],
+        *,
+        task_id: str,
+        worker: str,
+        stage: str,
+        expires: str | dt.datetime | None = None,
     ) -> dict[str, Any]:
+        """Runs one task; `expires` is when its message expires (Celery's `expires`)."""
         try:
             payload = StagePayload.from_json(payload_json)
         except (TypeError, ValueError, AttributeError) as exc:
@@ -195,7 +223,13 @@ class StageRunner:
             return RunOutcome(proceed=False, error_code="bad_payload").summary()
         with bind(session_id=payload.session_id, document_id=payload.document_id):
             try:
-                outcome = self._run(payload, task_id=task_id, worker=worker, task_stage=stage)
+                outcome = self._run(
+                    payload,
+                    task_id=task_id,
+                    worker=worker,
+                    task_stage=stage,
+                    expires=_expiry(expires),
+                )
             except BaseException:
                 if self.metrics is not None:
                     self.metrics.failed(payload.stage)
@@ -223,28 +257,38 @@ class StageRunner:
     # -- the protocol -------------------------------------------------------
 
     def _run(
-        self, payload: StagePayload, *, task_id: str, worker: str, task_stage: str
+        self,
+        payload: StagePayload,
+        *,
+        task_id: str,
+        worker: str,
+        task_stage: str,
+        expires: dt.datetime | None = None,
     ) -> RunOutcome:
         stage_enum = convert.stage_value(payload.stage) if payload.stage in ARTIFACT_KINDS else 0
-        try:
-            started = self.reporter.stage_started(
-                session_service_pb2.ReportStageStartedRequest(
-                    document_id=payload.document_id,
-                    stage=stage_enum,
-                    attempt=payload.attempt,
-                    task_id=task_id,
-                    worker=worker,
-                )
-            )
-        except grpc.RpcError as exc:
-            if exc.code() in _NOT_WANTED:
-                logger.warning("session service refused the run: %s: %s", exc.code(), exc.details())
+        start = session_service_pb2.ReportStageStartedRequest(
+            document_id=payload.document_id,
+            stage=stage_enum,
+            attempt=payload.attempt,
+            task_id=task_id,
+            worker=worker,
+        )
+        started = None
+        if not self._may_start_unasked(expires):
+            try:
+                started = self.reporter.stage_started(start)
+            except grpc.RpcError as exc:
+                if exc.code() in _NOT_WANTED:
+                    logger.warning(
+                        "session service refused the run: %s: %s", exc.code(), exc.details()
+                    )
+                    return RunOutcome(proceed=False)
+                raise
+            if not started.proceed:
                 return RunOutcome(proceed=False)
-            raise
-        if not started.proceed:
-            return RunOutcome(proceed=False)
 
         deadline = Deadline(self._lease_left(payload, started))
+        late = None if started is not None else _LateStart(self, start, deadline)
         wall_start = time.monotonic()
         cpu_start = time.process_time()
         self.store.take_requests()  # forget anything counted before this run
@@ -302,10 +346,15 @@ class StageRunner:
         except Exception as exc:  # noqa: BLE001 - every failure is reported (see _stage_error)
             error = _stage_error(exc, payload.stage)
 
+        refused = late is not None and late.finish()
         cpu_seconds = time.process_time() - cpu_start
         duration = time.monotonic() - wall_start
         outcome.seconds = duration
         events = self._cost_events(payload, stage_enum, cpu_seconds, usage, stored_usage)
+        if refused:
+            # No longer wanted (its session was cancelled): what it did is charged, nothing stored.
+            self._record(events)
+            return RunOutcome(proceed=False, seconds=duration)
         if store_artifact is None:
             cost = self._record(events)
         else:
@@ -383,15 +432,22 @@ class StageRunner:
             )
         return self._recording
 
+    def _may_start_unasked(self, expires: dt.datetime | None) -> bool:
+        """True when a run may work before it reports its start (step 1)."""
+        if self.started_after <= 0 or expires is None:
+            return False
+        left = (expires - dt.datetime.now(dt.UTC)).total_seconds()
+        return left > self.started_after + START_MARGIN
+
     @staticmethod
     def _lease_left(
-        payload: StagePayload, started: session_service_pb2.ReportStageStartedResponse
+        payload: StagePayload, started: session_service_pb2.ReportStageStartedResponse | None
     ) -> float:
         """Seconds the run may take: the earlier lease, less a margin for the reports."""
         left = float(payload.lease_seconds or 0) or 600.0
         expires = (
             convert.from_timestamp(started.lease_expires_at)
-            if started.HasField("lease_expires_at")
+            if started is not None and started.HasField("lease_expires_at")
             else None
         )
         if expires is not None:
@@ -484,6 +540,72 @@ class StageRunner:
     def _record_batch(self, events: list[cost_service_pb2.CostEvent]) -> common_pb2.Money:
         response = self.reporter.record_costs(cost_service_pb2.RecordCostsRequest(events=events))
         return response.total
+
+
+class _LateStart:
+    """Reports a run's start if it is still working `started_after` seconds after it began.
+
+    The report waits in the runner's thread (the one RecordCosts uses, which
+    is free while the run works). `finish()`, called when the work is done,
+    cancels a report not sent yet, or waits for its answer; a refusal stops
+    the run at its next deadline check. A report that cannot be delivered is
+    logged and forgotten: the run's result, reported next, settles the run.
+    """
+
+    def __init__(
+        self,
+        runner: StageRunner,
+        request: session_service_pb2.ReportStageStartedRequest,
+        deadline: Deadline,
+    ) -> None:
+        self._done = threading.Event()
+        request.started_at.CopyFrom(convert.timestamp(dt.datetime.now(dt.UTC)))
+        self._answer = runner._recorder().submit(
+            contextvars.copy_context().run,
+            self._report,
+            runner.reporter,
+            request,
+            runner.started_after,
+            deadline,
+        )
+
+    def _report(
+        self,
+        reporter: Reporter,
+        request: session_service_pb2.ReportStageStartedRequest,
+        after: float,
+        deadline: Deadline,
+    ) -> bool:
+        if self._done.wait(after):
+            return False  # finished before its start was worth reporting
+        try:
+            refused = not reporter.stage_started(request).proceed
+        except grpc.RpcError as exc:
+            if exc.code() not in _NOT_WANTED:
+                logger.warning("could not report the run's start: %s: %s", exc.code(), exc.details())
+                return False
+            logger.warning("session service refused the run: %s: %s", exc.code(), exc.details())
+            refused = True
+        if refused:
+            deadline.stop(RetryableError("not_wanted", "the session service stopped this run"))
+        return refused
+
+    def finish(self) -> bool:
+        """True when the session service said it no longer wants the run."""
+        self._done.set()
+        return self._answer.result()
+
+
+def _expiry(value: str | dt.datetime | None) -> dt.datetime | None:
+    """A message's `expires` (ISO 8601 text or a datetime) as an aware datetime; None if unknown."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, dt.datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 _UNPRICED_FIELD = re.compile(r"^events\[(\d+)\]\.operation$")

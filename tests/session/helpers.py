@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import os
 import shutil
@@ -231,18 +232,20 @@ class Harness:
         )
 
     async def started(
-        self, message: StageMessage, worker: str = "w1"
+        self, message: StageMessage, worker: str = "w1", began: dt.datetime | None = None
     ) -> pb.ReportStageStartedResponse:
+        """ReportStageStarted; `began`: the start is reported late, the run began then."""
         p = message.payload
-        return await self.worker.ReportStageStarted(
-            pb.ReportStageStartedRequest(
-                document_id=p.document_id,
-                stage=convert.stage_value(p.stage),
-                attempt=p.attempt,
-                task_id=message.task_id,
-                worker=worker,
-            )
+        request = pb.ReportStageStartedRequest(
+            document_id=p.document_id,
+            stage=convert.stage_value(p.stage),
+            attempt=p.attempt,
+            task_id=message.task_id,
+            worker=worker,
         )
+        if began is not None:
+            request.started_at.CopyFrom(convert.timestamp(began))
+        return await self.worker.ReportStageStarted(request)
 
     async def result(
         self,
@@ -255,6 +258,7 @@ class Harness:
         artifacts: Sequence[Any] = (),
         code: str = "",
         cache_hit: bool = False,
+        duration: float | None = None,
     ) -> pb.ReportStageResultResponse:
         p = message.payload
         request = pb.ReportStageResultRequest(
@@ -272,6 +276,8 @@ class Harness:
         )
         if cost is not None:
             request.cost.CopyFrom(convert.money(cost))
+        if duration is not None:
+            request.duration.CopyFrom(convert.duration(duration))
         return await self.worker.ReportStageResult(request)
 
     async def dispatch(self) -> list[StageMessage]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from decimal import Decimal
 
@@ -136,6 +137,47 @@ async def test_pause_resume(harness):
     for m in again:
         await harness.result(m)
     assert (await harness.run_to_end(session.session_id)).state == pb.SESSION_STATE_COMPLETED
+
+
+async def test_a_start_reported_late_runs_on_while_paused_and_a_result_alone_dates_its_run(
+    harness,
+):
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(4)], max_in_flight=4)).session
+    queued = await harness.dispatch()
+    assert len(queued) == 4
+    await harness.operator.PauseSession(pb.PauseSessionRequest(session_id=session.session_id))
+    began = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=2)
+    # a worker that began before the pause and reports its start late: the run goes on
+    late = await harness.started(queued[0], began=began)
+    assert late.proceed and late.lease_expires_at.seconds > 0
+    # a start reported before working is refused, as before
+    assert not (await harness.started(queued[1])).proceed
+
+    async def run_of(m) -> pb.StageRun:
+        doc = (
+            await harness.operator.GetDocument(
+                pb.GetDocumentRequest(document_id=m.payload.document_id)
+            )
+        ).document
+        (run,) = [r for r in doc.stage_runs if r.attempt == m.payload.attempt]
+        return run
+
+    running = await run_of(queued[0])
+    assert running.state == pb.STAGE_RUN_STATE_RUNNING and running.worker == "w1"
+    assert abs(running.started_at.ToDatetime(dt.UTC) - began) < dt.timedelta(milliseconds=1)
+    assert (await harness.result(queued[0])).document_state == pb.DOCUMENT_STATE_PENDING
+    # a short run reports only its result: it began its duration before it finished
+    assert (await harness.result(queued[2], duration=1.5)).document_state == (
+        pb.DOCUMENT_STATE_PENDING
+    )
+    short = await run_of(queued[2])
+    assert short.state == pb.STAGE_RUN_STATE_SUCCEEDED
+    took = short.finished_at.ToDatetime(dt.UTC) - short.started_at.ToDatetime(dt.UTC)
+    assert abs(took - dt.timedelta(seconds=1.5)) < dt.timedelta(milliseconds=1)
+    # once the session is cancelled, a late start is refused: the worker stops the run
+    await harness.operator.CancelSession(pb.CancelSessionRequest(session_id=session.session_id))
+    assert not (await harness.started(queued[3], began=began)).proceed
+    assert (await run_of(queued[3])).state == pb.STAGE_RUN_STATE_CANCELLED
 
 
 async def test_cancel(harness):

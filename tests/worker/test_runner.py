@@ -7,8 +7,10 @@ test_worker_integration.py.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,13 @@ from services.worker.config import WorkerSettings
 from services.worker.processors.extract import Extractor
 from services.worker.reporting import Reporter
 from services.worker.runner import StageRunner
-from services.worker.stages import ChunkStage, EntitiesStage, ExtractStage
+from services.worker.stages import (
+    ChunkStage,
+    EntitiesStage,
+    ExtractStage,
+    Prepared,
+    StageOutput,
+)
 
 from .helpers import payload
 
@@ -266,6 +274,108 @@ def test_proceed_false_does_nothing(
     assert summary["proceed"] is False
     assert len(reporter.started) == 1 and not reporter.costs and not reporter.results
     assert not store.root.exists()
+
+
+def _expiring_in(seconds: float) -> str:
+    """A message's `expires`, as Celery gives it to a task."""
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)).isoformat()
+
+
+class SlowStage:
+    """An extract stage that works `seconds` (checking its deadline) and notes what it saw."""
+
+    name = "extract"
+    processor = "slow"
+
+    def __init__(self, seconds: float, reporter: RecordingReporter) -> None:
+        self.seconds, self.reporter = seconds, reporter
+        self.start_reported_while_working = False
+
+    def prepare(self, payload: Any) -> Prepared:
+        return Prepared("slow-1")
+
+    def run(self, payload: Any, prepared: Any, usage: Any, deadline: Any) -> StageOutput:
+        end = time.monotonic() + self.seconds
+        while time.monotonic() < end:
+            deadline.check()
+            time.sleep(0.01)
+        self.start_reported_while_working = bool(self.reporter.started)
+        return StageOutput(body={"text": ""}, stats={"characters": 0})
+
+
+def test_a_short_run_reports_only_its_result(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
+    runner.started_after = 1.0
+    p = payload("pleadings/complaint.pdf")
+    summary = runner.run(
+        p.to_json(), task_id="t1", worker="test:1", stage="extract", expires=_expiring_in(3600)
+    )
+    assert summary["succeeded"]
+    assert reporter.started == []
+    (costs,) = reporter.costs
+    (result,) = reporter.results
+    assert result.succeeded and result.artifacts and result.duration.ToNanoseconds() > 0
+    assert [e.operation for e in costs.events] == ["compute_second"]
+
+
+@pytest.mark.parametrize("expires", [None, "not a time", "near"])
+def test_a_run_asks_before_working_when_its_message_is_near_expiry_or_has_none(
+    runner: StageRunner, reporter: RecordingReporter, expires: str | None
+) -> None:
+    runner.started_after = 1.0
+    p = payload("pleadings/complaint.pdf")
+    when = _expiring_in(30) if expires == "near" else expires  # under started_after + margin
+    runner.run(p.to_json(), task_id="t1", worker="test:1", stage="extract", expires=when)
+    (started,) = reporter.started
+    assert not started.HasField("started_at")
+    assert len(reporter.results) == 1
+
+
+def test_a_run_that_lasts_reports_its_start_while_it_works(
+    store: LocalArtifactStore, reporter: RecordingReporter
+) -> None:
+    slow = SlowStage(0.5, reporter)
+    runner = StageRunner(
+        stages={"extract": slow},  # type: ignore[dict-item]
+        store=store,
+        reporter=reporter,  # type: ignore[arg-type]
+        started_after=0.1,
+    )
+    p = payload("pleadings/complaint.pdf")
+    began = dt.datetime.now(dt.UTC)
+    summary = runner.run(
+        p.to_json(), task_id="t1", worker="test:1", stage="extract", expires=_expiring_in(3600)
+    )
+    assert summary["succeeded"], summary
+    assert slow.start_reported_while_working
+    (started,) = reporter.started
+    assert (started.document_id, started.task_id, started.worker) == (p.document_id, "t1", "test:1")
+    assert abs(started.started_at.ToDatetime(dt.UTC) - began) < dt.timedelta(seconds=0.1)
+    assert len(reporter.costs) == 1 and reporter.results[0].succeeded
+
+
+def test_a_run_refused_while_it_works_stops_and_only_its_costs_are_recorded(
+    store: LocalArtifactStore, reporter: RecordingReporter
+) -> None:
+    reporter.proceed = False  # the session was cancelled meanwhile
+    runner = StageRunner(
+        stages={"extract": SlowStage(20.0, reporter)},  # type: ignore[dict-item]
+        store=store,
+        reporter=reporter,  # type: ignore[arg-type]
+        started_after=0.1,
+    )
+    p = payload("pleadings/complaint.pdf")
+    clock = time.monotonic()
+    summary = runner.run(
+        p.to_json(), task_id="t1", worker="test:1", stage="extract", expires=_expiring_in(3600)
+    )
+    assert time.monotonic() - clock < 5, "the run did not stop when it was refused"
+    assert summary["proceed"] is False
+    assert len(reporter.started) == 1 and not reporter.results
+    (costs,) = reporter.costs  # the work it did is charged
+    assert [e.operation for e in costs.events] == ["compute_second"]
+    assert not store.root.exists()  # and nothing stored
 
 
 def test_chunk_before_extract_is_retryable_then_chunk_and_entities_follow(

@@ -56,11 +56,18 @@ class Deadline:
 
     def __init__(self, seconds: float | None) -> None:
         self.expires = None if seconds is None else time.monotonic() + max(0.0, seconds)
+        self._stopped: StageError | None = None
 
     def remaining(self) -> float | None:
         return None if self.expires is None else self.expires - time.monotonic()
 
+    def stop(self, error: StageError) -> None:
+        """Makes every later `check()` raise `error` (the run is no longer wanted)."""
+        self._stopped = error
+
     def check(self) -> None:
+        if self._stopped is not None:
+            raise self._stopped
         if self.expires is not None and time.monotonic() > self.expires:
             raise RetryableError(
                 "lease_expired",

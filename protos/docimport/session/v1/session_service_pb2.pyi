@@ -545,18 +545,20 @@ class WatchSessionResponse(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[Session, _Mapping]] = ..., document: _Optional[_Union[DocumentEvent, _Mapping]] = ..., state_change: _Optional[_Union[SessionStateChange, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class ReportStageStartedRequest(_message.Message):
-    __slots__ = ("document_id", "stage", "attempt", "task_id", "worker")
+    __slots__ = ("document_id", "stage", "attempt", "task_id", "worker", "started_at")
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     document_id: str
     stage: _common_pb2.Stage
     attempt: int
     task_id: str
     worker: str
-    def __init__(self, document_id: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., attempt: _Optional[int] = ..., task_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
+    started_at: _timestamp_pb2.Timestamp
+    def __init__(self, document_id: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., attempt: _Optional[int] = ..., task_id: _Optional[str] = ..., worker: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReportStageStartedResponse(_message.Message):
     __slots__ = ("proceed", "lease_expires_at")
