@@ -43,6 +43,8 @@ class RunningServer:
     service_names: tuple[str, ...]
     metrics: ServiceMetrics | None = None
     metrics_http: MetricsHTTPServer | None = None
+    # Run after the server stopped (calls drained): give back what the handlers held.
+    on_stop: tuple[Callable[[], Awaitable[object]], ...] = ()
 
     @property
     def metrics_port(self) -> int | None:
@@ -55,6 +57,8 @@ class RunningServer:
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for step in self.on_stop:
+            await step()
         self.stop_metrics()
 
 
@@ -65,6 +69,7 @@ async def build_server(
     service_names: Sequence[str],
     policy: Mapping[str, Iterable[Scope]],
     metrics: ServiceMetrics | None = None,
+    on_stop: Sequence[Callable[[], Awaitable[object]]] = (),
 ) -> RunningServer:
     """Builds, binds and starts a server; every named service is SERVING.
 
@@ -111,7 +116,7 @@ async def build_server(
         await server.stop(None)
         raise
     return RunningServer(
-        server, port, health_servicer, tuple(service_names), metrics, metrics_http
+        server, port, health_servicer, tuple(service_names), metrics, metrics_http, tuple(on_stop)
     )
 
 

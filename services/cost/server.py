@@ -1,7 +1,8 @@
 """Wires the cost service: pool, store, servicer, gRPC server, shutdown.
 
 Owns the process's asyncpg pool (opened in `serve`, closed after the server
-has drained and the store has given back its LISTEN connection) and the
+has drained and, in its stop, the store has given back its LISTEN and ledger
+connections) and the
 background sweep that marks overdue budget reservations expired.
 The Prometheus metrics (`metrics.CostMetrics`) are served on
 `DOCIMPORT_METRICS_PORT` with the gRPC server's lifetime.
@@ -40,6 +41,7 @@ async def build_server(settings: CostSettings, *, store: CostStore) -> RunningSe
         service_names=[SERVICE_NAME],
         policy=POLICY,
         metrics=metrics,
+        on_stop=[store.close],  # the ledger's held connection and the LISTEN one go back
     )
 
 
@@ -73,4 +75,4 @@ async def serve(settings: CostSettings) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
 
-    await serve_until_stopped(running, settings, cleanup=[stop_sweeper, store.close, pool.close])
+    await serve_until_stopped(running, settings, cleanup=[stop_sweeper, pool.close])

@@ -45,6 +45,7 @@ from typing import Any
 
 import asyncpg
 
+from services.common import db
 from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -319,10 +320,14 @@ class CostStore:
         # (version, monotonic time read) of the current price book; see CURRENT_VERSION_TTL.
         self._current: tuple[int, float] | None = None
         self.changes = ChangeFeed(pool)
+        # RecordCosts comes once a stage run, one short statement after another: its connection
+        # is kept (no pool reset round trip per call; see db.HeldConnection).
+        self._ledger = db.HeldConnection(pool)
 
     async def close(self) -> None:
-        """Gives back the LISTEN connection (before the pool is closed)."""
+        """Gives back the LISTEN and the ledger's connections (before the pool is closed)."""
         await self.changes.close()
+        await self._ledger.close()
 
     # ------------------------------------------------------------ price books
 
@@ -489,7 +494,7 @@ class CostStore:
         for event in events:
             unique.setdefault(event.event_id, event)
         batch = list(unique.values())
-        async with self._pool.acquire() as conn:
+        async with self._ledger.acquire() as conn:
             rows = await conn.fetch(
                 _INSERT_EVENTS,
                 [e.event_id for e in batch],
