@@ -7,8 +7,8 @@ Owns the protocol a run follows with the services:
    A run whose message has more than `started_after` seconds (plus a
    margin for clock skew) left before it expires does not wait for this:
    it starts at once and reports its start, with the time it began, from a
-   thread of the runner's own only if it is still working `started_after`
-   seconds later (one round trip instead of two for the many short runs).
+   watch thread of the runner's own only if it is still working about
+   `started_after` seconds later (one round trip instead of two for the many short runs).
    Celery drops an expired message, and the reconciler supersedes a run
    only once its lease, at least as long as its message's life, has run
    out; so such a run is not superseded before it reports. (An operator's
@@ -204,6 +204,7 @@ class StageRunner:
         # Seconds a run works before it reports its start (0: it reports first; see step 1).
         self.started_after = started_after
         self._recording: concurrent.futures.ThreadPoolExecutor | None = None
+        self._starts: _StartWatch | None = None
 
     def run(
         self,
@@ -288,7 +289,7 @@ class StageRunner:
                 return RunOutcome(proceed=False)
 
         deadline = Deadline(self._lease_left(payload, started))
-        late = None if started is not None else _LateStart(self, start, deadline)
+        late = None if started is not None else self._start_watch().begin(start, deadline)
         wall_start = time.monotonic()
         cpu_start = time.process_time()
         self.store.take_requests()  # forget anything counted before this run
@@ -346,7 +347,7 @@ class StageRunner:
         except Exception as exc:  # noqa: BLE001 - every failure is reported (see _stage_error)
             error = _stage_error(exc, payload.stage)
 
-        refused = late is not None and late.finish()
+        refused = late is not None and self._start_watch().finish(late)
         cpu_seconds = time.process_time() - cpu_start
         duration = time.monotonic() - wall_start
         outcome.seconds = duration
@@ -422,6 +423,12 @@ class StageRunner:
         return outcome
 
     # -- helpers --------------------------------------------------------------
+
+    def _start_watch(self) -> _StartWatch:
+        """The watch that reports the start of runs that last (made on first use)."""
+        if self._starts is None:
+            self._starts = _StartWatch(self.reporter, self.started_after)
+        return self._starts
 
     def _recorder(self) -> concurrent.futures.ThreadPoolExecutor:
         """The thread that records a run's costs while its artifact is stored (made on first use,
@@ -543,57 +550,98 @@ class StageRunner:
 
 
 class _LateStart:
-    """Reports a run's start if it is still working `started_after` seconds after it began.
+    """One run's start, reported by `_StartWatch` if the run lasts; `finish()` when its work ends."""
 
-    The report waits in the runner's thread (the one RecordCosts uses, which
-    is free while the run works). `finish()`, called when the work is done,
-    cancels a report not sent yet, or waits for its answer; a refusal stops
-    the run at its next deadline check. A report that cannot be delivered is
-    logged and forgotten: the run's result, reported next, settles the run.
-    """
+    __slots__ = ("request", "deadline", "due", "state", "refused", "answered")
 
     def __init__(
         self,
-        runner: StageRunner,
         request: session_service_pb2.ReportStageStartedRequest,
         deadline: Deadline,
+        due: float,
     ) -> None:
-        self._done = threading.Event()
         request.started_at.CopyFrom(convert.timestamp(dt.datetime.now(dt.UTC)))
-        self._answer = runner._recorder().submit(
-            contextvars.copy_context().run,
-            self._report,
-            runner.reporter,
-            request,
-            runner.started_after,
-            deadline,
-        )
+        self.request, self.deadline, self.due = request, deadline, due
+        self.state = "waiting"  # -> "reporting" (taken by the watch) or "finished"
+        self.refused = False
+        self.answered = threading.Event()
 
-    def _report(
-        self,
-        reporter: Reporter,
-        request: session_service_pb2.ReportStageStartedRequest,
-        after: float,
-        deadline: Deadline,
-    ) -> bool:
-        if self._done.wait(after):
-            return False  # finished before its start was worth reporting
+
+class _StartWatch:
+    """Reports the start of runs still working `after` seconds after they began.
+
+    One daemon thread per process (made on first use, so in the process that
+    runs tasks) looks at the runs under way every tenth of `after` or so: a
+    run that ends before its start is due costs a dictionary entry and no
+    thread switch. The report carries the time the run began; a refusal
+    stops the run at its next deadline check. A report that cannot be
+    delivered is logged and forgotten: the run's result, reported next,
+    settles the run.
+    """
+
+    def __init__(self, reporter: Reporter, after: float) -> None:
+        self._reporter = reporter
+        self._after = after
+        self._tick = min(max(after / 10, 0.01), 0.5)
+        self._lock = threading.Lock()
+        self._runs: dict[int, _LateStart] = {}
+        self._thread: threading.Thread | None = None
+
+    def begin(
+        self, request: session_service_pb2.ReportStageStartedRequest, deadline: Deadline
+    ) -> _LateStart:
+        run = _LateStart(request, deadline, time.monotonic() + self._after)
+        with self._lock:
+            self._runs[id(run)] = run
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=contextvars.copy_context().run,
+                    args=(self._watch,),
+                    name="report-started",
+                    daemon=True,
+                )
+                self._thread.start()
+        return run
+
+    def finish(self, run: _LateStart) -> bool:
+        """True when the session service said it no longer wants the run."""
+        with self._lock:
+            self._runs.pop(id(run), None)
+            reporting = run.state == "reporting"
+            run.state = "finished"
+        if reporting:
+            run.answered.wait()
+        return run.refused
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._tick)
+            now = time.monotonic()
+            with self._lock:
+                due = [r for r in self._runs.values() if r.state == "waiting" and r.due <= now]
+                for run in due:
+                    run.state = "reporting"
+            for run in due:
+                try:
+                    self._report(run)
+                finally:
+                    run.answered.set()
+
+    def _report(self, run: _LateStart) -> None:
         try:
-            refused = not reporter.stage_started(request).proceed
+            refused = not self._reporter.stage_started(run.request).proceed
         except grpc.RpcError as exc:
             if exc.code() not in _NOT_WANTED:
                 logger.warning("could not report the run's start: %s: %s", exc.code(), exc.details())
-                return False
+                return
             logger.warning("session service refused the run: %s: %s", exc.code(), exc.details())
             refused = True
+        except Exception:  # the watch thread must go on; the result will follow
+            logger.exception("could not report the run's start")
+            return
         if refused:
-            deadline.stop(RetryableError("not_wanted", "the session service stopped this run"))
-        return refused
-
-    def finish(self) -> bool:
-        """True when the session service said it no longer wants the run."""
-        self._done.set()
-        return self._answer.result()
+            run.refused = True
+            run.deadline.stop(RetryableError("not_wanted", "the session service stopped this run"))
 
 
 def _expiry(value: str | dt.datetime | None) -> dt.datetime | None:
