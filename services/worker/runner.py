@@ -552,7 +552,7 @@ class StageRunner:
 class _LateStart:
     """One run's start, reported by `_StartWatch` if the run lasts; `finish()` when its work ends."""
 
-    __slots__ = ("request", "deadline", "due", "state", "refused", "answered")
+    __slots__ = ("answered", "deadline", "due", "refused", "request", "state")
 
     def __init__(
         self,
