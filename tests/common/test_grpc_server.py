@@ -19,6 +19,8 @@ from services.common.config import ClientSettings, ServiceSettings
 from services.common.grpc_server import build_server, serve_until_stopped
 
 SERVICE = "test.v1.EchoService"
+# Requests whose handler has returned after its sleep (server side).
+_SLEPT: list[bytes] = []
 
 
 def _identity(data: bytes) -> bytes:
@@ -39,6 +41,7 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise RuntimeError("SELECT secret FROM table")  # a bug: must not leak
     if request.startswith(b"sleep:"):
         await asyncio.sleep(float(request[6:]))
+        _SLEPT.append(request)
     return request
 
 
@@ -184,11 +187,11 @@ async def test_domain_errors_map_to_precise_codes_with_details(running):
 
 async def test_shutdown_drains_an_in_flight_call_within_the_grace():
     config = settings()
-    calls: list[asyncio.Future] = []
-    released: list[bool] = []  # per on_stop run: had the in-flight call ended by then?
+    _SLEPT.clear()
+    released: list[list[bytes]] = []  # per on_stop run: the handlers that had returned by then
 
     async def release() -> None:
-        released.append(all(c.done() for c in calls))
+        released.append(list(_SLEPT))
 
     running = await build_server(
         config, register=_register, service_names=[SERVICE], policy=POLICY, on_stop=[release]
@@ -202,7 +205,6 @@ async def test_shutdown_drains_an_in_flight_call_within_the_grace():
     serving = asyncio.create_task(serve_until_stopped(running, config, cleanup=[cleanup], stop_event=stop))
     async with aio_channel(f"127.0.0.1:{running.port}", ClientSettings(), token=TOKENS["operator"]) as channel:
         in_flight = asyncio.ensure_future(call(channel, "Echo", b"sleep:1.0"))
-        calls.append(in_flight)
         await asyncio.sleep(0.2)
         started = time.monotonic()
         stop.set()
@@ -210,7 +212,7 @@ async def test_shutdown_drains_an_in_flight_call_within_the_grace():
         await asyncio.wait_for(serving, timeout=config.shutdown_grace + 1)
     assert time.monotonic() - started < config.shutdown_grace
     assert cleaned, "cleanup ran after the drain"
-    assert released == [True], "on_stop ran once, after the in-flight call was answered"
+    assert released == [[b"sleep:1.0"]], "on_stop ran once, after the in-flight call's handler"
     # New calls are refused once stopped (a channel without retries, to see the code).
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         echo = channel.unary_unary(f"/{SERVICE}/Echo", _identity, _identity)
