@@ -50,14 +50,15 @@ for a run that ends within `started_after` (1 s). 1,000 documents, three
 alternating pairs against `--started-after 0`: 33.7 s against 37.4 s
 (mean); session service CPU -31%, Postgres -27%. Then RecordCosts keeps
 its database connection (no pool reset round trip a call): cost service
-CPU about -12%. A run now waits on the artifact put (two fsyncs, ~4 ms
-under this load; RecordCosts overlaps it) and then ReportStageResult
-(~3 ms), on top of Celery's hand-off. Per stage run all processes
-together spend about 14 ms of CPU against about 7 for a bare task (whose
-run keeps the 2 cores ~73% busy), so even a pipeline that never waited
-would take ~1.5x the bare time on 2 cores: what is left is the CPU of
-the session service, Postgres and the cost service per run (~2.4, ~2.1
-and ~1.7 ms) and the worker's own (~2.3 ms more than a bare task's).
+CPU about -12%. A run now waits on the artifact put (two fsyncs;
+RecordCosts overlaps it) and then ReportStageResult, on top of Celery's
+hand-off (py-spy of a worker child: 11% and 16% of its time). Per stage
+run all processes together spend about 14 ms of CPU against about 7 for
+a bare task (whose run keeps the 2 cores ~73% busy; one run of each on
+1,000 documents), so even a pipeline that never waited would take ~1.5x
+the bare time on 2 cores: what is left is the CPU of the session
+service, Postgres and the cost service per run (~2.4, ~2.1 and ~1.7 ms)
+and the worker child's own (~2 ms more than a bare task's).
 
 What grew with N (found 2026-12-04 with pg_stat_statements and
 auto_explain; fixed): the dispatcher's "which sessions have pending work"

@@ -8,7 +8,8 @@ Owns the protocol a run follows with the services:
    margin for clock skew) left before it expires does not wait for this:
    it starts at once and reports its start, with the time it began, from a
    watch thread of the runner's own only if it is still working about
-   `started_after` seconds later (one round trip instead of two for the many short runs).
+   `started_after` seconds later (one round trip instead of two for the
+   many short runs).
    Celery drops an expired message, and the reconciler supersedes a run
    only once its lease, at least as long as its message's life, has run
    out; so such a run is not superseded before it reports. (An operator's
@@ -267,13 +268,15 @@ class StageRunner:
         expires: dt.datetime | None = None,
     ) -> RunOutcome:
         stage_enum = convert.stage_value(payload.stage) if payload.stage in ARTIFACT_KINDS else 0
-        start = session_service_pb2.ReportStageStartedRequest(
-            document_id=payload.document_id,
-            stage=stage_enum,
-            attempt=payload.attempt,
-            task_id=task_id,
-            worker=worker,
-        )
+        # the run's key, as both reports give it
+        run_key = {
+            "document_id": payload.document_id,
+            "stage": stage_enum,
+            "attempt": payload.attempt,
+            "task_id": task_id,
+            "worker": worker,
+        }
+        start = session_service_pb2.ReportStageStartedRequest(**run_key)
         started = None
         if not self._may_start_unasked(expires):
             try:
@@ -376,11 +379,7 @@ class StageRunner:
         outcome.cost = cost.amount if cost is not None else ""
 
         request = session_service_pb2.ReportStageResultRequest(
-            document_id=payload.document_id,
-            stage=stage_enum,
-            attempt=payload.attempt,
-            task_id=task_id,
-            worker=worker,
+            **run_key,
             succeeded=error is None,
             cache_hit=outcome.cache_hit,
             duration=convert.duration(Decimal(f"{duration:.6f}")),
@@ -552,7 +551,7 @@ class StageRunner:
 class _LateStart:
     """One run's start, reported by `_StartWatch` if the run lasts; `finish()` when its work ends."""
 
-    __slots__ = ("answered", "deadline", "due", "refused", "request", "state")
+    __slots__ = ("answered", "deadline", "due", "refused", "request")
 
     def __init__(
         self,
@@ -562,7 +561,6 @@ class _LateStart:
     ) -> None:
         request.started_at.CopyFrom(convert.timestamp(dt.datetime.now(dt.UTC)))
         self.request, self.deadline, self.due = request, deadline, due
-        self.state = "waiting"  # -> "reporting" (taken by the watch) or "finished"
         self.refused = False
         self.answered = threading.Event()
 
@@ -584,7 +582,7 @@ class _StartWatch:
         self._after = after
         self._tick = min(max(after / 10, 0.01), 0.5)
         self._lock = threading.Lock()
-        self._runs: dict[int, _LateStart] = {}
+        self._runs: set[_LateStart] = set()  # under way, start not yet taken to be reported
         self._thread: threading.Thread | None = None
 
     def begin(
@@ -592,7 +590,7 @@ class _StartWatch:
     ) -> _LateStart:
         run = _LateStart(request, deadline, time.monotonic() + self._after)
         with self._lock:
-            self._runs[id(run)] = run
+            self._runs.add(run)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=contextvars.copy_context().run,
@@ -606,10 +604,9 @@ class _StartWatch:
     def finish(self, run: _LateStart) -> bool:
         """True when the session service said it no longer wants the run."""
         with self._lock:
-            self._runs.pop(id(run), None)
-            reporting = run.state == "reporting"
-            run.state = "finished"
-        if reporting:
+            taken = run not in self._runs  # the watch is reporting, or has reported, its start
+            self._runs.discard(run)
+        if taken:
             run.answered.wait()
         return run.refused
 
@@ -618,9 +615,8 @@ class _StartWatch:
             time.sleep(self._tick)
             now = time.monotonic()
             with self._lock:
-                due = [r for r in self._runs.values() if r.state == "waiting" and r.due <= now]
-                for run in due:
-                    run.state = "reporting"
+                due = [run for run in self._runs if run.due <= now]
+                self._runs.difference_update(due)
             for run in due:
                 try:
                     self._report(run)
