@@ -148,27 +148,18 @@ async def ingest(
         # Each call's request is built when its factory is made, before the
         # clock starts, as the echo's payload is: the rate is that of
         # sending and ingesting reports, not of building protobuf messages.
+        def run_key(m):  # type: ignore[no-untyped-def]
+            return {"document_id": m.payload.document_id, "stage": common_pb2.STAGE_EXTRACT,
+                    "attempt": m.payload.attempt, "task_id": m.task_id,
+                    "worker": "bench-worker@host"}
+
         def started(m):  # type: ignore[no-untyped-def]
-            p = m.payload
-            request = pb.ReportStageStartedRequest(
-                document_id=p.document_id,
-                stage=common_pb2.STAGE_EXTRACT,
-                attempt=p.attempt,
-                task_id=m.task_id,
-                worker="bench-worker@host",
-            )
+            request = pb.ReportStageStartedRequest(**run_key(m))
             return lambda: worker.ReportStageStarted(request)
 
         def result(m):  # type: ignore[no-untyped-def]
-            p = m.payload
             request = pb.ReportStageResultRequest(
-                document_id=p.document_id,
-                stage=common_pb2.STAGE_EXTRACT,
-                attempt=p.attempt,
-                task_id=m.task_id,
-                worker="bench-worker@host",
-                succeeded=True,
-                cost=convert.money("0.00012501"),
+                **run_key(m), succeeded=True, cost=convert.money("0.00012501")
             )
             return lambda: worker.ReportStageResult(request)
 
