@@ -52,17 +52,14 @@ class SessionServer(RunningServer):
     queue_depths: QueueDepths | None = None
 
     async def stop(self, grace: float | None) -> None:
-        await self.health.enter_graceful_shutdown()
+        """NOT_SERVING, then the background loops end, then the base stop: calls
+        drain, `on_stop` (the servicer's held connections, the event hub) and metrics."""
+        await self.health.enter_graceful_shutdown()  # first; the base stop's call is then a no-op
         if self.dispatcher is not None:
             await self.dispatcher.stop()
         if self.reconciler is not None:
             await self.reconciler.stop()
-        await self.server.stop(grace)
-        if self.servicer is not None:
-            await self.servicer.close()
-        if self.hub is not None:
-            await self.hub.stop()
-        self.stop_metrics()
+        await super().stop(grace)
         if self.queue_depths is not None:
             self.queue_depths.close()
 
@@ -102,6 +99,7 @@ async def build_server(
         service_names=[SERVICE_NAME],
         policy=POLICY,
         metrics=metrics,
+        on_stop=[servicer.close, hub.stop],
     )
     if background:
         dispatcher.start()
@@ -113,6 +111,7 @@ async def build_server(
         running.service_names,
         running.metrics,
         running.metrics_http,
+        running.on_stop,
         servicer=servicer,
         dispatcher=dispatcher,
         reconciler=reconciler,

@@ -279,16 +279,8 @@ class StageRunner:
         start = session_service_pb2.ReportStageStartedRequest(**run_key)
         started = None
         if not self._may_start_unasked(expires):
-            try:
-                started = self.reporter.stage_started(start)
-            except grpc.RpcError as exc:
-                if exc.code() in _NOT_WANTED:
-                    logger.warning(
-                        "session service refused the run: %s: %s", exc.code(), exc.details()
-                    )
-                    return RunOutcome(proceed=False)
-                raise
-            if not started.proceed:
+            started = _ask_start(self.reporter, start)
+            if started is None or not started.proceed:
                 return RunOutcome(proceed=False)
 
         deadline = Deadline(self._lease_left(payload, started))
@@ -570,7 +562,7 @@ class _StartWatch:
 
     One daemon thread per process (made on first use, so in the process that
     runs tasks) looks at the runs under way every tenth of `after` or so: a
-    run that ends before its start is due costs a dictionary entry and no
+    run that ends before its start is due costs a set entry and no
     thread switch. The report carries the time the run began; a refusal
     stops the run at its next deadline check. A report that cannot be
     delivered is logged and forgotten: the run's result, reported next,
@@ -625,19 +617,30 @@ class _StartWatch:
 
     def _report(self, run: _LateStart) -> None:
         try:
-            refused = not self._reporter.stage_started(run.request).proceed
+            started = _ask_start(self._reporter, run.request)
         except grpc.RpcError as exc:
-            if exc.code() not in _NOT_WANTED:
-                logger.warning("could not report the run's start: %s: %s", exc.code(), exc.details())
-                return
-            logger.warning("session service refused the run: %s: %s", exc.code(), exc.details())
-            refused = True
+            logger.warning("could not report the run's start: %s: %s", exc.code(), exc.details())
+            return
         except Exception:  # the watch thread must go on; the result will follow
             logger.exception("could not report the run's start")
             return
-        if refused:
+        if started is None or not started.proceed:
             run.refused = True
             run.deadline.stop(RetryableError("not_wanted", "the session service stopped this run"))
+
+
+def _ask_start(
+    reporter: Reporter, request: session_service_pb2.ReportStageStartedRequest
+) -> session_service_pb2.ReportStageStartedResponse | None:
+    """The session service's answer to a run's start; None when it refused the run outright
+    (an answer in `_NOT_WANTED`, logged). Any other gRPC error is raised."""
+    try:
+        return reporter.stage_started(request)
+    except grpc.RpcError as exc:
+        if exc.code() not in _NOT_WANTED:
+            raise
+        logger.warning("session service refused the run: %s: %s", exc.code(), exc.details())
+        return None
 
 
 def _expiry(value: str | dt.datetime | None) -> dt.datetime | None:
