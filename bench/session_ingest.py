@@ -14,8 +14,8 @@ micro-batched transactions that move documents on, counters, events and
 NOTIFY): ReportStageStarted, then ReportStageResult (success) for distinct
 runs, each request built before the clock starts, as the echo's payload is
 (until 2026-12-04 they were built inside the timed loop, which charged
-protobuf construction to the service: about 0.02x of the ratio). The three alternate in rounds so that load on the machine hits them
-alike; best and median rounds are printed. DESIGN.md's target: >= 0.5x the
+protobuf construction to the service). The three alternate in rounds so
+that load on the machine hits them alike; best and median rounds are printed. DESIGN.md's target: >= 0.5x the
 echo rate. Client and servers share this process, as in the echo baseline.
 """
 
