@@ -90,6 +90,8 @@ def docimport_app(settings: WorkerSettings) -> Any:
             store=open_store(settings.store_url),
             reporter=Reporter(settings),
             started_after=settings.started_after,
+            background_deliveries=settings.background_deliveries,
+            delivery_linger=settings.delivery_linger,
         )
 
     return create_app(settings, runner_factory=runner)

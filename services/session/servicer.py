@@ -44,6 +44,7 @@ from services.common import convert, telemetry
 from services.common.auth import Scope, policy_for
 from services.common.errors import (
     AlreadyExists,
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -83,6 +84,7 @@ POLICY = policy_for(
     {
         "ReportStageStarted": {Scope.WORKER},
         "ReportStageResult": {Scope.WORKER},
+        "ReportStageResults": {Scope.WORKER},
         "GetSession": _READ,
         "ListSessions": _READ,
         "ListSessionDocuments": _READ,
@@ -99,6 +101,10 @@ DEFAULT_MAX_IN_FLIGHT = 32
 # Live sessions whose cost so far is remembered at once (see _cost_so_far).
 _COST_CACHE_SIZE = 1024
 MAX_NAME = 200
+# Reports in one ReportStageResults call.
+MAX_RESULTS = 100
+# Errors of one report that fail a whole ReportStageResults call (the worker tries it again).
+_CALL_ERRORS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
 # Pipeline overview: finished sessions stay on it this long by default;
 # default and largest list lengths; the longest accepted windows.
 OVERVIEW_FINISHED_WITHIN = 3600.0
@@ -1140,6 +1146,24 @@ class SessionServicer:
         return pb.ReportStageResultResponse(
             replayed=outcome.replayed, document_state=_doc_state(outcome.document_state)
         )
+
+    async def ReportStageResults(
+        self, request: pb.ReportStageResultsRequest, context: Any
+    ) -> pb.ReportStageResultsResponse:
+        if not 1 <= len(request.reports) <= MAX_RESULTS:
+            raise InvalidArgument.field("reports", f"must hold 1 to {MAX_RESULTS} reports")
+
+        async def answer(report: pb.ReportStageResultRequest) -> pb.StageResultAnswer:
+            try:
+                return pb.StageResultAnswer(result=await self.ReportStageResult(report, context))
+            except DomainError as exc:
+                if exc.code in _CALL_ERRORS:
+                    raise
+                return pb.StageResultAnswer(code=exc.code.value[0], message=exc.message)
+
+        # All submitted at once: the micro-batcher applies them in one transaction.
+        answers = await asyncio.gather(*(answer(r) for r in request.reports))
+        return pb.ReportStageResultsResponse(answers=answers)
 
     async def _apply_results(self, reports: list[ResultReport]) -> list[Any]:
         outcomes = await self._store.apply_results(

@@ -74,6 +74,8 @@ def build_runner(settings: WorkerSettings, metrics: WorkerMetrics | None = None)
         reporter=Reporter(settings),
         metrics=metrics,
         started_after=settings.started_after,
+        background_deliveries=settings.background_deliveries,
+        delivery_linger=settings.delivery_linger,
     )
 
 
@@ -91,6 +93,16 @@ class _LazyRunner:
                 self._runner = self._factory()
             return self._runner
 
+    def drain(self, timeout: float) -> None:
+        """Delivers the runs this process's runner still holds (see outbox), if it has one."""
+        with self._lock:
+            runner = self._runner
+        if runner is not None:
+            runner.drain(timeout)
+
+
+# Seconds a process about to exit waits for its delivery thread (see outbox).
+DRAIN_SECONDS = 60.0
 
 _STAGE_TASKS = frozenset(TASK_NAMES.values())
 # task id -> the log context token to reset at postrun (one entry per running task).
@@ -195,6 +207,14 @@ def create_app(
     for stage in STAGES:
         register(stage)
     app.docimport_runner = runner  # type: ignore[attr-defined]
+
+    def deliver_before_exit(**_: Any) -> None:
+        # A prefork child (recycled, or at a warm shutdown) or a solo/threads worker.
+        runner.drain(DRAIN_SECONDS)
+
+    signals.worker_process_shutdown.connect(deliver_before_exit, weak=False)
+    signals.worker_shutdown.connect(deliver_before_exit, weak=False)
+    app.docimport_drain = deliver_before_exit  # type: ignore[attr-defined]
     if settings.health_port:
         from services.worker import health
 

@@ -16,6 +16,15 @@ a shallow verification can compare it without reading the body. The one
 exception is `replace=True`, used by the runner when a cached artifact is
 damaged (not JSON): the redone output overwrites it.
 
+Durability: a put returns once its artifact would survive a crash, unless
+it is given `durable=False`; then `sync()` makes every such put durable at
+once, and nothing may name the artifact to anyone before it. The worker's
+delivery thread stores a batch of runs' artifacts that way and calls
+`sync()` once before it reports them: locally, one `syncfs(2)` of the
+store's filesystem (Linux; the way PostgreSQL syncs its data directory at
+recovery) instead of two fsyncs per file; elsewhere an fsync of each file
+and its folder. S3 writes are durable when they return.
+
 Two implementations: `LocalArtifactStore` (the default, a directory) and
 `S3ArtifactStore` (boto3, optional). `open_store(url)` picks one. Checking an
 artifact later is `services.common.artifacts.verify_artifact`.
@@ -24,9 +33,12 @@ artifact later is `services.common.artifacts.verify_artifact`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import os
 import re
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -66,8 +78,19 @@ class ArtifactStore(Protocol):
     def get(self, sha256: str, stage: str, version: str) -> StoredArtifact | None: ...
 
     def put(
-        self, sha256: str, stage: str, version: str, data: bytes, *, replace: bool = False
+        self,
+        sha256: str,
+        stage: str,
+        version: str,
+        data: bytes,
+        *,
+        replace: bool = False,
+        durable: bool = True,
     ) -> ArtifactRef: ...
+
+    def sync(self) -> None:
+        """Makes every earlier `put(durable=False)` of this thread durable."""
+        ...
 
     def versions(self, sha256: str, stage: str) -> list[str]: ...
 
@@ -94,6 +117,7 @@ class LocalArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.url = file_uri(self.root)
+        self._unsynced = threading.local()  # paths put with durable=False, per thread
 
     def take_requests(self) -> dict[tuple[str, str], int]:
         return {}
@@ -110,9 +134,17 @@ class LocalArtifactStore:
         return StoredArtifact(_ref(file_uri(path), data), data)
 
     def put(
-        self, sha256: str, stage: str, version: str, data: bytes, *, replace: bool = False
+        self,
+        sha256: str,
+        stage: str,
+        version: str,
+        data: bytes,
+        *,
+        replace: bool = False,
+        durable: bool = True,
     ) -> ArtifactRef:
-        """Publishes `data` unless a complete artifact is there (or `replace`: a damaged one)."""
+        """Publishes `data` unless a complete artifact is there (or `replace`: a damaged one);
+        `durable=False` leaves the fsyncs to `sync()`."""
         path = self.path(sha256, stage, version)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -120,7 +152,8 @@ class LocalArtifactStore:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.chmod(temp, 0o644)
             if replace:
                 os.replace(temp, path)
@@ -138,8 +171,30 @@ class LocalArtifactStore:
             if temp:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
+        else:
+            self._pending().append(path)
         return _ref(file_uri(path), data)
+
+    def _pending(self) -> list[Path]:
+        if not hasattr(self._unsynced, "paths"):
+            self._unsynced.paths = []
+        paths: list[Path] = self._unsynced.paths
+        return paths
+
+    def sync(self) -> None:
+        """One syncfs of the store's filesystem for every put(durable=False) since the last
+        call (where the OS has it), else an fsync of each file and its folder."""
+        paths = self._pending()
+        if not paths:
+            return
+        if not _syncfs(self.root):
+            for path in paths:
+                _fsync_path(path)
+            for folder in {path.parent for path in paths}:
+                _fsync_dir(folder)
+        paths.clear()
 
     def versions(self, sha256: str, stage: str) -> list[str]:
         """Processor versions stored for (sha256, stage), newest file first."""
@@ -155,6 +210,41 @@ class LocalArtifactStore:
             return []
         entries.sort(key=lambda e: e.stat().st_mtime_ns, reverse=True)
         return [e.name[len(prefix) : -len(".json")] for e in entries]
+
+
+def _syncfs(path: Path) -> bool:
+    """syncfs(2) of the filesystem holding `path`; False where it is not available.
+
+    Raises OSError when the sync itself fails (the data may not be on disk)."""
+    syncfs = _libc_syncfs()
+    if syncfs is None:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}", str(path))
+    finally:
+        os.close(fd)
+    return True
+
+
+@functools.cache
+def _libc_syncfs() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        return None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -213,9 +303,17 @@ class S3ArtifactStore:
         return StoredArtifact(_ref(self._uri(key), data), data)
 
     def put(
-        self, sha256: str, stage: str, version: str, data: bytes, *, replace: bool = False
+        self,
+        sha256: str,
+        stage: str,
+        version: str,
+        data: bytes,
+        *,
+        replace: bool = False,
+        durable: bool = True,
     ) -> ArtifactRef:
-        """A conditional PUT (If-None-Match: *): the first complete object wins."""
+        """A conditional PUT (If-None-Match: *): the first complete object wins. It is durable
+        when it returns, whatever `durable` says."""
         from botocore.exceptions import ClientError
 
         key = self._key(sha256, stage, version)
@@ -239,6 +337,9 @@ class S3ArtifactStore:
                 raise
             return existing.ref
         return ref
+
+    def sync(self) -> None:
+        """Nothing to do: S3 PUTs are durable when they return."""
 
     def versions(self, sha256: str, stage: str) -> list[str]:
         folder = self._key(sha256, stage, "x").rsplit("/", 1)[0] + "/"

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from services.common.config import ClientSettings, CommaList
 from services.common.tasks import STAGES
@@ -72,6 +72,17 @@ class WorkerSettings(ClientSettings):
     # (the old protocol) when its message has less than this plus a margin
     # left before it expires. 0 = every run reports its start before working.
     started_after: float = 1.0
+    # Finished runs a worker process may hold for delivery by its background
+    # thread (their artifact's put, RecordCosts and ReportStageResult, several
+    # runs together): a task returns once its work is done. A process killed
+    # with runs still to deliver loses those deliveries; their leases run out
+    # and the session service runs them again. A process that exits normally
+    # delivers them first. 0 = every task delivers its own run before it
+    # returns (one RecordCosts and one ReportStageResult per run).
+    background_deliveries: int = Field(default=16, ge=0)
+    # Seconds the delivery thread waits for more finished runs after the first
+    # of a delivery (fewer, larger calls for a little latency).
+    delivery_linger: float = Field(default=0.01, ge=0, le=1)
     # Attempts of a report to a service that answers UNAVAILABLE.
     report_attempts: int = 4
     report_backoff: float = 0.5

@@ -91,6 +91,19 @@ class Reporter:
         session, _ = self._stubs()
         return self._call("ReportStageResult", session.ReportStageResult, request)
 
+    def stage_results(
+        self, requests: list[session_service_pb2.ReportStageResultRequest]
+    ) -> list[session_service_pb2.StageResultAnswer]:
+        """Several runs' results in one ReportStageResults call, retried as one; an answer per
+        run, in request order (a refusal of one run is in its answer, code non-zero)."""
+        session, _ = self._stubs()
+        response = self._call(
+            "ReportStageResults",
+            session.ReportStageResults,
+            session_service_pb2.ReportStageResultsRequest(reports=requests),
+        )
+        return list(response.answers)
+
     def close(self) -> None:
         with self._lock:
             for channel in self._channels:

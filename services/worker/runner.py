@@ -54,6 +54,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import datetime as dt
+import decimal
 import functools
 import json
 import logging
@@ -72,11 +73,13 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from docimport.common.v1 import common_pb2
 from docimport.cost.v1 import cost_service_pb2
 from docimport.session.v1 import session_service_pb2
+from opentelemetry import trace
 
 from services.common import convert
 from services.common.logging import bind
 from services.common.tasks import StagePayload
 from services.worker.artifacts import ArtifactRef, ArtifactStore
+from services.worker.outbox import Outbox
 from services.worker.processors.base import (
     Deadline,
     PermanentError,
@@ -91,6 +94,7 @@ if TYPE_CHECKING:
     from services.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 COMPUTE = ("local", "compute_second")
 OCR_PAGE = "ocr_page"
@@ -110,6 +114,11 @@ _NOT_WANTED = frozenset(
         grpc.StatusCode.INVALID_ARGUMENT,
     }
 )
+_NOT_WANTED_NAMES = frozenset(code.name for code in _NOT_WANTED)
+# google.rpc.Code values (a StageResultAnswer's code) -> names.
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# Results in one ReportStageResults call (the session service's limit).
+MAX_RESULTS = 100
 
 
 @dataclass
@@ -126,6 +135,8 @@ class RunOutcome:
     permanent: bool = False
     # Wall time of the stage work (what is reported as the run's duration).
     seconds: float = 0.0
+    # Handed to the delivery thread: artifacts and cost are not known when the task returns.
+    queued: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -136,7 +147,39 @@ class RunOutcome:
             "artifacts": [a.uri for a in self.artifacts],
             "cost": self.cost,
             "stats": self.stats,
+            **({"delivery": "queued"} if self.queued else {}),
         }
+
+
+@dataclass
+class _Done:
+    """A run whose work is over: what is left to store, charge and report."""
+
+    run_key: dict[str, Any]
+    stage: str
+    outcome: RunOutcome
+    events: list[cost_service_pb2.CostEvent]
+    # the artifact's put, still to be done (a store that bills no requests)
+    store_artifact: Callable[[], ArtifactRef] | None
+    error: StageError | None
+    ocr_pages: int
+    context: contextvars.Context  # the run's log fields, for what is logged on its behalf
+
+    def store(self, *, durable: bool = True) -> bool:
+        """Does the put, if any (True when it did one); its failure becomes the run's
+        (retryable) error."""
+        if self.store_artifact is None:
+            return False
+        try:
+            self.outcome.artifacts = [self.store_artifact(durable=durable)]
+        except Exception as exc:  # noqa: BLE001 - reported like a failure of the stage
+            self.fail(exc)
+        return True
+
+    def fail(self, exc: BaseException) -> None:
+        self.outcome.succeeded = False
+        self.outcome.artifacts = []
+        self.error = _stage_error(exc, self.stage)
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -197,6 +240,8 @@ class StageRunner:
         reporter: Reporter,
         metrics: WorkerMetrics | None = None,
         started_after: float = 0.0,
+        background_deliveries: int = 0,
+        delivery_linger: float = 0.0,
     ) -> None:
         self.stages = stages
         self.store = store
@@ -204,6 +249,11 @@ class StageRunner:
         self.metrics = metrics
         # Seconds a run works before it reports its start (0: it reports first; see step 1).
         self.started_after = started_after
+        # Runs a process may hand to its delivery thread (see outbox); 0: each task delivers
+        # its own run before it returns.
+        self.background_deliveries = background_deliveries
+        self.delivery_linger = delivery_linger
+        self._outbox: Outbox[_Done] | None = None
         self._recording: concurrent.futures.ThreadPoolExecutor | None = None
         self._starts: _StartWatch | None = None
 
@@ -351,30 +401,108 @@ class StageRunner:
             # No longer wanted (its session was cancelled): what it did is charged, nothing stored.
             self._record(events)
             return RunOutcome(proceed=False, seconds=duration)
-        if store_artifact is None:
-            cost = self._record(events)
+        done = _Done(
+            run_key=run_key,
+            stage=payload.stage,
+            outcome=outcome,
+            events=events,
+            store_artifact=store_artifact,
+            error=error,
+            ocr_pages=usage.total_ocr_pages,
+            context=contextvars.copy_context(),
+        )
+        if self.background_deliveries > 0:
+            # Steps 2 (the put), 3 and 4 from the process's delivery thread (see outbox).
+            outcome.queued = True
+            self._outbox_of_process().put(done)
+        else:
+            self._deliver(done)
+        return outcome
+
+    # -- delivery: the put, the costs and the result -------------------------
+
+    def _deliver(self, done: _Done) -> None:
+        """One run's delivery, before its task returns."""
+        if done.store_artifact is None:
+            cost = self._record(done.events)
         else:
             # A store that bills no requests (a local folder): its put (two fsyncs) and the
             # RecordCosts round trip overlap, the call in this run's context (log fields, trace);
             # the result waits for both.
-            recording = self._recorder().submit(contextvars.copy_context().run, self._record, events)
-            try:
-                outcome.artifacts = [store_artifact()]
-            except Exception as exc:  # noqa: BLE001 - reported like a failure of the stage
-                outcome.succeeded = False
-                error = _stage_error(exc, payload.stage)
+            recording = self._recorder().submit(
+                contextvars.copy_context().run, self._record, done.events
+            )
+            done.store()
             cost = recording.result()
+        try:
+            self.reporter.stage_result(self._result_request(done, cost))
+        except grpc.RpcError as exc:
+            if exc.code() not in _NOT_WANTED:
+                raise
+            logger.warning(
+                "session service refused the result: %s: %s", exc.code(), exc.details()
+            )
+
+    def _deliver_batch(self, batch: list[_Done]) -> None:
+        """Several runs' deliveries at once, from the delivery thread (see `_deliver_together`).
+
+        Traced as a part of the runs' own traces: one run's delivery in its context (its calls
+        are children of its task's span), several in a span of their own linked to each run's.
+        """
+        if len(batch) == 1:
+            # a copy: the run's own context is entered again inside, for each step
+            batch[0].context.copy().run(self._deliver_together, batch)
+            return
+        links = [
+            trace.Link(context)
+            for context in (done.context.run(trace.get_current_span).get_span_context()
+                            for done in batch)
+            if context.is_valid
+        ]
+        with _tracer.start_as_current_span(
+            "deliver stage runs", links=links, attributes={"docimport.runs": len(batch)}
+        ):
+            self._deliver_together(batch)
+
+    def _deliver_together(self, batch: list[_Done]) -> None:
+        """Their puts (made durable together by one `sync`), then one RecordCosts for all their
+        events, then one ReportStageResults."""
+        stored = [done for done in batch if done.context.run(done.store, durable=False)]
+        try:
+            self.store.sync()
+        except OSError as exc:  # the artifacts may not be on disk: none of them is reported
+            for done in stored:
+                if done.error is None:
+                    done.context.run(done.fail, exc)
+        costs = self._record_runs([done.events for done in batch])
+        requests = [self._result_request(d, c) for d, c in zip(batch, costs, strict=True)]
+        answers = []
+        for first in range(0, len(requests), MAX_RESULTS):
+            answers += self.reporter.stage_results(requests[first : first + MAX_RESULTS])
+        for done, answer in zip(batch, answers, strict=True):
+            if answer.code:
+                code = _STATUS_NAMES.get(answer.code, str(answer.code))
+                done.context.run(
+                    logger.warning if code in _NOT_WANTED_NAMES else logger.error,
+                    "session service refused the result: %s: %s",
+                    code,
+                    answer.message,
+                )
+
+    def _result_request(
+        self, done: _Done, cost: common_pb2.Money | None
+    ) -> session_service_pb2.ReportStageResultRequest:
+        outcome, error = done.outcome, done.error
         if error is not None:
             outcome.error_code = error.code
             outcome.permanent = error.permanent
-            outcome.stats.setdefault("ocr_pages", usage.total_ocr_pages)
+            outcome.stats.setdefault("ocr_pages", done.ocr_pages)
         outcome.cost = cost.amount if cost is not None else ""
-
         request = session_service_pb2.ReportStageResultRequest(
-            **run_key,
+            **done.run_key,
             succeeded=error is None,
             cache_hit=outcome.cache_hit,
-            duration=convert.duration(Decimal(f"{duration:.6f}")),
+            duration=convert.duration(Decimal(f"{outcome.seconds:.6f}")),
             stats=session_service_pb2.StageStats(
                 **{
                     k: int(v)
@@ -384,7 +512,7 @@ class StageRunner:
             ),
             artifacts=[
                 session_service_pb2.Artifact(
-                    kind=ARTIFACT_KINDS.get(payload.stage, ""),
+                    kind=ARTIFACT_KINDS.get(done.stage, ""),
                     uri=a.uri,
                     sha256=a.sha256,
                     size_bytes=a.size_bytes,
@@ -402,16 +530,14 @@ class StageRunner:
             )
             request.error_code = error.code
             request.error_message = error.message[:MAX_MESSAGE]
-        try:
-            self.reporter.stage_result(request)
-        except grpc.RpcError as exc:
-            if exc.code() in _NOT_WANTED:
-                logger.warning(
-                    "session service refused the result: %s: %s", exc.code(), exc.details()
-                )
-            else:
-                raise
-        return outcome
+        return request
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Delivers every run handed to the delivery thread (a process about to exit);
+        False if some were left after `timeout` seconds."""
+        if self._outbox is None:
+            return True
+        return self._outbox.close(timeout)
 
     # -- helpers --------------------------------------------------------------
 
@@ -429,6 +555,16 @@ class StageRunner:
                 max_workers=1, thread_name_prefix="record-costs"
             )
         return self._recording
+
+    def _outbox_of_process(self) -> Outbox[_Done]:
+        """The delivery thread's queue (made on first use, in the process that runs tasks)."""
+        if self._outbox is None:
+            self._outbox = Outbox(
+                self._deliver_batch,
+                max_pending=self.background_deliveries,
+                linger=self.delivery_linger,
+            )
+        return self._outbox
 
     def _may_start_unasked(self, expires: dt.datetime | None) -> bool:
         """True when a run may work before it reports its start (step 1)."""
@@ -534,6 +670,35 @@ class StageRunner:
                 "cost service refused the run's cost events: %s: %s", exc.code(), exc.details()
             )
             return None
+
+    def _record_runs(
+        self, runs: list[list[cost_service_pb2.CostEvent]]
+    ) -> list[common_pb2.Money | None]:
+        """Each run's RecordCosts total, from one call for all their events when the ledger takes
+        them; when it refuses some, one call per run (so one run's refusal costs no other its
+        charge)."""
+        charged = [i for i, events in enumerate(runs) if events]
+        if len(charged) <= 1:
+            return [self._record(events) for events in runs]
+        try:
+            response = self.reporter.record_costs(
+                cost_service_pb2.RecordCostsRequest(events=[e for i in charged for e in runs[i]])
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in TRANSIENT:
+                raise
+            return [self._record(events) for events in runs]
+        totals: list[common_pb2.Money | None] = [None] * len(runs)
+        first = 0
+        with decimal.localcontext(prec=60):  # exact sums of ledger amounts (16 places)
+            for i in charged:
+                recorded = response.events[first : first + len(runs[i])]
+                first += len(runs[i])
+                totals[i] = convert.money(
+                    sum((Decimal(e.amount.amount or "0") for e in recorded), Decimal(0)),
+                    response.total.currency_code or convert.CURRENCY,
+                )
+        return totals
 
     def _record_batch(self, events: list[cost_service_pb2.CostEvent]) -> common_pb2.Money:
         response = self.reporter.record_costs(cost_service_pb2.RecordCostsRequest(events=events))

@@ -284,8 +284,9 @@ async def test_metrics_of_every_service_and_the_worker_after_an_import(
             "docimport_stage_results_total", outcome="succeeded"
         ) == sum(runs.get((stage, "succeeded"), 0) for stage in STAGES)
         rpc = "docimport_rpc_duration_seconds_count"
-        assert session_metrics.one(rpc, method="ReportStageResult", code="OK") == sum(reported.values())
-        assert session_metrics.one(rpc, method="ReportStageResult", code="OK", type="unary") > 0
+        # the worker delivers its runs' results several to a call (see services/worker/outbox.py)
+        calls = session_metrics.one(rpc, method="ReportStageResults", code="OK", type="unary")
+        assert 0 < calls <= sum(reported.values())
         assert session_metrics.one(rpc, method="GetSession", code="INVALID_ARGUMENT") == 1
         assert session_metrics.one(rpc, method="ListSessions", code="UNAUTHENTICATED") == 1
         assert session_metrics.one(rpc, method="CreateSession", code="OK") == 1

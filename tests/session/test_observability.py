@@ -9,8 +9,9 @@ in-memory span exporter sees its spans too); the import is the real
 
 - One trace holds the CLI command, the session service's CreateSession, the
   publish of each stage run, the worker's task and its calls to the cost
-  service (RecordCosts) and the session service (ReportStageResult), each
-  side of those calls, parent to child.
+  service (RecordCosts) and the session service (ReportStageResults, from the
+  worker's delivery thread, in the run's context), each side of those calls,
+  parent to child.
 - The worker's JSON log lines of a stage carry the session id, document id
   and that trace's id, Celery's own "succeeded" line included.
 - A Celery event receiver (what Flower runs) sees task-received events whose
@@ -265,7 +266,7 @@ async def test_one_trace_holds_the_cli_call_the_services_the_publish_and_the_wor
         (task,) = find(SpanKind.CONSUMER, f"run/docimport.{stage}")
         assert parent(task) is publish
         # The worker's calls to the cost and session services, and both services serving them.
-        for service, method in (("cost", "RecordCosts"), ("session", "ReportStageResult")):
+        for service, method in (("cost", "RecordCosts"), ("session", "ReportStageResults")):
             calls = [c for c in find(SpanKind.CLIENT, method) if parent(c) is task]
             assert len(calls) == 1, (stage, method)
             served = [s for s in find(SpanKind.SERVER, method) if parent(s) is calls[0]]

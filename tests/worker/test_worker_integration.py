@@ -71,6 +71,13 @@ class RecordingSession(session_service_pb2_grpc.SessionServiceServicer):
             document_state=session_service_pb2.DOCUMENT_STATE_RUNNING
         )
 
+    async def ReportStageResults(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        answers = [
+            session_service_pb2.StageResultAnswer(result=await self.ReportStageResult(r, context))
+            for r in request.reports
+        ]
+        return session_service_pb2.ReportStageResultsResponse(answers=answers)
+
     def result_for(
         self, document_id: str, stage: int
     ) -> session_service_pb2.ReportStageResultRequest | None:
@@ -88,11 +95,17 @@ class RecordingCost(cost_service_pb2_grpc.CostServiceServicer):
     async def RecordCosts(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self.requests.append(request)
         total = Decimal(0)
+        recorded = []
         for event in request.events:
+            amount = Decimal(0)
             if not event.cache_hit:
-                total += Decimal(event.units) * PRICES[(event.service, event.operation)]
+                amount = Decimal(event.units) * PRICES[(event.service, event.operation)]
+            total += amount
+            recorded.append(cost_service_pb2.CostEvent())
+            recorded[-1].CopyFrom(event)
+            recorded[-1].amount.CopyFrom(common_pb2.Money(currency_code="USD", amount=str(amount)))
         return cost_service_pb2.RecordCostsResponse(
-            events=request.events, total=common_pb2.Money(currency_code="USD", amount=str(total))
+            events=recorded, total=common_pb2.Money(currency_code="USD", amount=str(total))
         )
 
     def events_for(self, document_id: str) -> list[cost_service_pb2.CostEvent]:

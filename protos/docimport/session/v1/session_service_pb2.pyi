@@ -622,6 +622,28 @@ class ReportStageResultResponse(_message.Message):
     document_state: DocumentState
     def __init__(self, replayed: _Optional[bool] = ..., document_state: _Optional[_Union[DocumentState, str]] = ...) -> None: ...
 
+class ReportStageResultsRequest(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[ReportStageResultRequest]
+    def __init__(self, reports: _Optional[_Iterable[_Union[ReportStageResultRequest, _Mapping]]] = ...) -> None: ...
+
+class ReportStageResultsResponse(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[StageResultAnswer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[StageResultAnswer, _Mapping]]] = ...) -> None: ...
+
+class StageResultAnswer(_message.Message):
+    __slots__ = ("code", "message", "result")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    result: ReportStageResultResponse
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., result: _Optional[_Union[ReportStageResultResponse, _Mapping]] = ...) -> None: ...
+
 class Finding(_message.Message):
     __slots__ = ("severity", "code", "message", "count", "document_ids")
     SEVERITY_FIELD_NUMBER: _ClassVar[int]

@@ -102,6 +102,11 @@ class SessionServiceStub:
                 request_serializer=docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultRequest.SerializeToString,
                 response_deserializer=docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultResponse.FromString,
                 _registered_method=True)
+        self.ReportStageResults = channel.unary_unary(
+                '/docimport.session.v1.SessionService/ReportStageResults',
+                request_serializer=docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultsRequest.SerializeToString,
+                response_deserializer=docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultsResponse.FromString,
+                _registered_method=True)
         self.VerifySession = channel.unary_unary(
                 '/docimport.session.v1.SessionService/VerifySession',
                 request_serializer=docimport_dot_session_dot_v1_dot_session__service__pb2.VerifySessionRequest.SerializeToString,
@@ -202,6 +207,16 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportStageResults(self, request, context):
+        """For workers: several stage runs have ended (a worker delivering the runs
+        it finished meanwhile in one call). Each report is handled as
+        ReportStageResult handles it alone, and answered on its own: one invalid
+        or unknown report does not refuse the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def VerifySession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -284,6 +299,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ReportStageResult,
                     request_deserializer=docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultRequest.FromString,
                     response_serializer=docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultResponse.SerializeToString,
+            ),
+            'ReportStageResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportStageResults,
+                    request_deserializer=docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultsRequest.FromString,
+                    response_serializer=docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultsResponse.SerializeToString,
             ),
             'VerifySession': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifySession,
@@ -650,6 +670,33 @@ class SessionService:
             '/docimport.session.v1.SessionService/ReportStageResult',
             docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultRequest.SerializeToString,
             docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportStageResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/docimport.session.v1.SessionService/ReportStageResults',
+            docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultsRequest.SerializeToString,
+            docimport_dot_session_dot_v1_dot_session__service__pb2.ReportStageResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,
