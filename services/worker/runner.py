@@ -23,29 +23,40 @@ Owns the protocol a run follows with the services:
    version). A hit does no work and costs nothing: its cost events carry
    `cache_hit=True` and the units the original run used (kept in the
    artifact), so the cost service can report what the cache `saved`. A miss
-   runs the stage and stores the artifact: on a store that bills requests
-   (S3) before step 3, so that its PUT is counted; on one that does not (a
-   local folder, whose put waits for two fsyncs) while step 3's call is in
-   flight, from a thread of the runner's own.
-3. `RecordCosts` (kind ACTUAL): CPU seconds of the run as local/
-   compute_second (`time.process_time`, which in a prefork child is this
-   task's CPU, onnxruntime's threads included), Textract pages as
-   aws_textract/ocr_page, S3 requests as s3/get_request and put_request.
-   Work done before a failure is charged too. Local OCR is charged through
-   its CPU seconds (the price book has no local per-page price). The
-   ledger key (session, document, stage, attempt, service, operation, kind)
-   makes a replay free. Events of an operation the price book in force
-   does not price are dropped (logged) and the rest recorded; any other
-   refusal is logged and the result reported without a cost.
-4. `ReportStageResult`: artifacts, stats, duration, the RecordCosts total,
+   runs the stage; its artifact is stored in step 3 (on a store that bills
+   requests (S3), before the run's cost events are made, so that its PUT is
+   counted).
+3. Deliver: store the artifact, `RecordCosts` (kind ACTUAL) and report the
+   result. By default (`background_deliveries` > 0) the task hands these
+   to its process's delivery thread (services/worker/outbox.py) and
+   returns; the thread delivers the runs that finished meanwhile together:
+   their local puts made durable by one `sync()` of the store, one
+   RecordCosts for all their events, one `ReportStageResults`. Otherwise
+   the task delivers its own run, its local put (two fsyncs) overlapping
+   the RecordCosts round trip, then `ReportStageResult`.
+   The cost events: CPU seconds of the run as local/compute_second
+   (`time.process_time`, which in a prefork child is this task's CPU,
+   onnxruntime's threads included), Textract pages as aws_textract/ocr_page,
+   S3 requests as s3/get_request and put_request. Work done before a
+   failure is charged too. Local OCR is charged through its CPU seconds
+   (the price book has no local per-page price). The ledger key (session,
+   document, stage, attempt, service, operation, kind) makes a replay free.
+   Events of an operation the price book in force does not price are
+   dropped (logged) and the rest recorded (a batch the ledger refuses is
+   recorded one run per call, so no run loses its charge to another's
+   refusal); any other refusal is logged and the result reported without a
+   cost.
+   The result: artifacts, stats, duration, the run's own RecordCosts total,
    and on failure the error class (PERMANENT for corrupt, encrypted,
-   unsupported, empty...; RETRYABLE otherwise), code and message.
+   unsupported, empty...; RETRYABLE otherwise), code and message. A put
+   (or the batch's sync) that fails turns the run into a retryable
+   `io_error` failure.
 
 A worker never enqueues anything and never retries a run itself: failures
 are reported and the session service decides. If a report cannot be
 delivered (UNAVAILABLE after the in-process retries) the exception
-propagates and the task fails; the run's lease expires and the reconciler
-runs it again. The run stops cooperatively at its lease (the earlier of the
+propagates and the task fails (the delivery thread logs it instead); the
+run's lease expires and the reconciler runs it again. The run stops cooperatively at its lease (the earlier of the
 payload's `lease_seconds` and the lease ReportStageStarted returns).
 """
 

@@ -197,7 +197,9 @@ async def stack(
         await cost.stop(0.5)
 
 
-def start_worker(stack: Stack, redis_url: str, tmp_path: Path, name: str) -> WorkerProcess:
+def start_worker(
+    stack: Stack, redis_url: str, tmp_path: Path, name: str, **env: str
+) -> WorkerProcess:
     """The real worker (prefork, one child) reporting to this stack."""
     return WorkerProcess(
         tmp_path,
@@ -212,6 +214,7 @@ def start_worker(stack: Stack, redis_url: str, tmp_path: Path, name: str) -> Wor
             "DOCIMPORT_CONCURRENCY": "1",
             "DOCIMPORT_LOG_LEVEL": "INFO",
             "DOCIMPORT_RPC_TIMEOUT": "10",
+            **env,
         },
     )
 
@@ -379,6 +382,31 @@ async def test_a_worker_killed_mid_task_is_recovered_exactly_once(
             worker.stop()
         if second is not None:
             second.stop()
+
+
+async def test_a_pool_child_exiting_after_each_task_delivers_its_runs_first(
+    stack: Stack, redis_url: str, small_case: Path, tmp_path: Path
+) -> None:
+    """A prefork child recycled after every task (`max_tasks_per_child` 1) exits right after its
+    task returns, its run still in the delivery thread's hands (held there by a long linger):
+    the child delivers before it exits, so no run is lost to its lease and run again."""
+    worker = start_worker(
+        stack,
+        redis_url,
+        tmp_path,
+        "recycled",
+        DOCIMPORT_MAX_TASKS_PER_CHILD="1",
+        DOCIMPORT_DELIVERY_LINGER="0.5",
+    )
+    try:
+        session_id = await scan_and_create(stack, small_case, start=True)
+        await wait_finished(stack, session_id, timeout=90)
+        runs = await assert_exactly_once(stack, session_id)
+        assert {(r["attempt"], r["state"]) for r in runs} == {(1, "succeeded")}, runs
+        log = worker.log_path.read_text(errors="replace")
+        assert "could not deliver" not in log and "were not delivered" not in log, log[-4000:]
+    finally:
+        worker.stop()
 
 
 async def test_a_session_service_restart_loses_nothing_and_watchers_resume(

@@ -325,3 +325,63 @@ async def test_cost_so_far_is_reused_for_a_moment_while_live_and_final_when_done
     ledger = await harness.cost.GetSessionCosts(cpb.GetSessionCostsRequest(session_id=sid))
     # finished: always the ledger's final figure, whatever was read before
     assert Decimal(final.cost_so_far.amount) == Decimal(ledger.actual_total.amount) == 6 * seen
+
+
+def result_request(m, **fields) -> pb.ReportStageResultRequest:
+    p = m.payload
+    key = {"document_id": p.document_id, "stage": common_pb2.STAGE_EXTRACT, "attempt": p.attempt}
+    return pb.ReportStageResultRequest(
+        task_id=m.task_id, worker="w1", **{**key, "succeeded": True, **fields}
+    )
+
+
+async def test_several_results_in_one_call_are_answered_each_on_its_own(harness):
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(3)], max_in_flight=3)).session
+    a, b, c = await harness.dispatch()
+    failed = result_request(
+        b,
+        succeeded=False,
+        error_class=pb.ERROR_CLASS_PERMANENT,
+        error_code="corrupt",
+        error_message="not a PDF",
+    )
+    unknown = result_request(c, attempt=9)
+    invalid = result_request(c, succeeded=False)  # a failure without its class or message
+    response = await harness.worker.ReportStageResults(
+        pb.ReportStageResultsRequest(reports=[result_request(a), failed, unknown, invalid])
+    )
+    codes = [grpc.StatusCode.OK.value[0], grpc.StatusCode.OK.value[0]]
+    codes += [grpc.StatusCode.NOT_FOUND.value[0], grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    assert [answer.code for answer in response.answers] == codes
+    assert "error_class" in response.answers[3].message
+    assert not response.answers[2].HasField("result")
+    assert response.answers[0].result.document_state == pb.DOCUMENT_STATE_PENDING  # next stage
+    assert response.answers[1].result.document_state == pb.DOCUMENT_STATE_FAILED
+    s = await get(harness, session.session_id)
+    assert s.stages[0].succeeded == 1 and s.counts.failed == 1 and s.counts.queued == 1
+    # the same call again is a replay of the two it applied
+    again = await harness.worker.ReportStageResults(
+        pb.ReportStageResultsRequest(reports=[result_request(a), failed])
+    )
+    assert [answer.result.replayed for answer in again.answers] == [True, True]
+    # c's run is still live: its own report goes through
+    [alone] = (
+        await harness.worker.ReportStageResults(
+            pb.ReportStageResultsRequest(reports=[result_request(c)])
+        )
+    ).answers
+    assert alone.code == 0 and not alone.result.replayed
+
+
+async def test_a_results_call_needs_one_to_a_hundred_reports_and_the_worker_scope(harness):
+    await harness.create([mfile("a.pdf")])
+    [m] = await harness.dispatch()
+    for reports in ([], [result_request(m)] * 101):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await harness.worker.ReportStageResults(pb.ReportStageResultsRequest(reports=reports))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.operator.ReportStageResults(
+            pb.ReportStageResultsRequest(reports=[result_request(m)])
+        )
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import threading
 import time
 from decimal import Decimal
@@ -77,6 +78,8 @@ class RecordingReporter:
         self.cost_error: grpc.StatusCode | None = None
         self.unpriced: set[tuple[str, str]] = set()
         self.result_error: grpc.StatusCode | None = None
+        self.result_calls: list[int] = []  # reports per ReportStageResults call
+        self.unknown: set[str] = set()  # documents whose results it answers NOT_FOUND
 
     def stage_started(self, request: Any) -> session_service_pb2.ReportStageStartedResponse:
         self.started.append(request)
@@ -104,16 +107,21 @@ class RecordingReporter:
                 "invalid",
                 error_details_pb2.BadRequest(field_violations=violations),
             )
-        total = sum(
-            (
+        recorded = []
+        for e in request.events:
+            amount = (
                 Decimal(e.units) * RATE
-                for e in request.events
                 if e.operation == "compute_second" and not e.cache_hit
-            ),
-            Decimal(0),
-        )
+                else Decimal(0)
+            )
+            recorded.append(cost_service_pb2.CostEvent(
+                document_id=e.document_id,
+                operation=e.operation,
+                amount=common_pb2.Money(currency_code="USD", amount=str(amount)),
+            ))
+        total = sum((Decimal(e.amount.amount) for e in recorded), Decimal(0))
         return cost_service_pb2.RecordCostsResponse(
-            total=common_pb2.Money(currency_code="USD", amount=str(total))
+            events=recorded, total=common_pb2.Money(currency_code="USD", amount=str(total))
         )
 
     def stage_result(self, request: Any) -> session_service_pb2.ReportStageResultResponse:
@@ -121,6 +129,18 @@ class RecordingReporter:
             raise FakeRpcError(self.result_error, "down")
         self.results.append(request)
         return session_service_pb2.ReportStageResultResponse()
+
+    def stage_results(self, requests: list[Any]) -> list[session_service_pb2.StageResultAnswer]:
+        if self.result_error is not None:
+            raise FakeRpcError(self.result_error, "down")
+        self.result_calls.append(len(requests))
+        self.results.extend(requests)
+        return [
+            session_service_pb2.StageResultAnswer(
+                code=grpc.StatusCode.NOT_FOUND.value[0] if r.document_id in self.unknown else 0
+            )
+            for r in requests
+        ]
 
 
 @pytest.fixture
@@ -609,3 +629,167 @@ def test_reporter_retries_unavailable_with_backoff_then_gives_up() -> None:
     with pytest.raises(grpc.RpcError):
         reporter._call("test", denied, None)
     assert sleeps == []  # only UNAVAILABLE and DEADLINE_EXCEEDED are tried again
+
+
+# -- background delivery (the production default: see services/worker/outbox.py) ---------------
+
+
+@pytest.fixture
+def background(store: LocalArtifactStore, reporter: RecordingReporter) -> Any:
+    """An extract runner that hands its runs to its delivery thread; drained at the end."""
+    runner = StageRunner(
+        stages={"extract": ExtractStage(Extractor(None))},
+        store=store,
+        reporter=reporter,  # type: ignore[arg-type]
+        background_deliveries=8,
+    )
+    yield runner
+    runner.drain(10)
+
+
+# distinct files with a text layer: no run is a cache hit of another
+FILES = (
+    "correspondence/call_notes.txt",
+    "pleadings/complaint.pdf",
+    "pleadings/answer.pdf",
+    "discovery/interrogatories.docx",
+)
+
+
+def gate_first_record(reporter: RecordingReporter, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Holds the first RecordCosts call until the returned event is set."""
+    release, record = threading.Event(), reporter.record_costs
+    calls = []
+
+    def held(request: Any) -> Any:
+        calls.append(request)
+        if len(calls) == 1:
+            assert release.wait(10)
+        return record(request)
+
+    monkeypatch.setattr(reporter, "record_costs", held)
+    return release
+
+
+def test_runs_are_delivered_in_the_background_several_to_a_call(
+    background: StageRunner, reporter: RecordingReporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = gate_first_record(reporter, monkeypatch)
+    first = run(background, payload(FILES[0]))
+    # the task returned while its delivery is held: nothing reported yet
+    assert first["delivery"] == "queued" and first["succeeded"] and not reporter.results
+    rest = [payload(f) for f in FILES[1:]]
+    for p in rest:
+        assert run(background, p)["delivery"] == "queued"
+    release.set()
+    assert background.drain(10)
+    # the first run alone, then the three queued meanwhile in one RecordCosts and one call
+    assert [len(r.events) for r in reporter.costs] == [1, 3]
+    assert reporter.result_calls == [1, 3]
+    by_document = {r.document_id: r for r in reporter.results}
+    assert set(by_document) == {p.document_id for p in rest} | {reporter.results[0].document_id}
+    for request in reporter.costs:
+        for event in request.events:
+            result = by_document[event.document_id]
+            # each run's cost is its own events' amount, not the call's total
+            assert Decimal(result.cost.amount) == Decimal(event.units) * RATE > 0
+            assert len(result.artifacts) == 1, result
+            (artifact,) = result.artifacts
+            assert verify_artifact(
+                artifact.uri, artifact.sha256, artifact.size_bytes, deep=True
+            ).ok
+
+
+def test_a_ledger_refusal_in_a_batch_costs_no_other_run_its_charge(
+    background: StageRunner, reporter: RecordingReporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = gate_first_record(reporter, monkeypatch)
+    run(background, payload(FILES[0]))
+    odd, even = payload(FILES[1]), payload(FILES[2])
+    events_of = background._cost_events
+
+    def with_an_unpriced_event(p: Any, *args: Any) -> Any:
+        events = events_of(p, *args)
+        if p.document_id == odd.document_id:
+            events.append(
+                cost_service_pb2.CostEvent(
+                    document_id=p.document_id, service="s3", operation="get_request", units="1"
+                )
+            )
+        return events
+
+    monkeypatch.setattr(background, "_cost_events", with_an_unpriced_event)
+    reporter.unpriced = {("s3", "get_request")}
+    run(background, odd)
+    run(background, even)
+    release.set()
+    assert background.drain(10)
+    # the batch's call refused; then one call per run (odd's twice: without its unpriced event)
+    assert [len(r.events) for r in reporter.costs] == [1, 3, 2, 1, 1]
+    assert all(r.succeeded and Decimal(r.cost.amount) > 0 for r in reporter.results)
+
+
+def test_a_failed_sync_fails_the_batch_runs_as_io_errors_with_their_costs(
+    background: StageRunner,
+    store: LocalArtifactStore,
+    reporter: RecordingReporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def failing() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store, "sync", failing)
+    run(background, payload(FILES[0]))
+    assert background.drain(10)
+    (result,) = reporter.results
+    assert not result.succeeded and not result.artifacts and result.HasField("cost")
+    assert (result.error_class, result.error_code) == (
+        session_service_pb2.ERROR_CLASS_RETRYABLE,
+        "io_error",
+    )
+
+
+def test_refused_and_undeliverable_results_are_logged_and_delivery_goes_on(
+    background: StageRunner, reporter: RecordingReporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    unknown = payload(FILES[0])
+    reporter.unknown = {unknown.document_id}
+    run(background, unknown)
+    assert background._outbox is not None and background._outbox.drain(10)
+    assert "refused the result: NOT_FOUND" in caplog.text
+    reporter.result_error = grpc.StatusCode.UNAVAILABLE
+    run(background, payload(FILES[1]))
+    assert background._outbox.drain(10)
+    assert "could not deliver 1 finished runs" in caplog.text
+    reporter.result_error = None
+    later = payload(FILES[2])
+    run(background, later)
+    assert background.drain(10)
+    assert reporter.results[-1].document_id == later.document_id
+
+
+def test_a_local_put_left_to_sync_is_made_durable_by_one_call(
+    store: LocalArtifactStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.worker.artifacts as artifacts
+
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    refs = [store.put(f"{i:064x}", "extract", "v1", b'{"stats":{}}', durable=False) for i in (1, 2)]
+    assert fsyncs == []
+    synced: list[Path] = []
+    monkeypatch.setattr(artifacts, "_syncfs", lambda path: synced.append(path) or True)
+    store.sync()
+    assert synced == [store.root] and fsyncs == []
+    store.sync()  # nothing new: no call
+    assert synced == [store.root]
+    # where syncfs is missing: each file and its folder
+    monkeypatch.setattr(artifacts, "_syncfs", lambda path: False)
+    store.put(f"{3:064x}", "extract", "v1", b'{"stats":{}}', durable=False)
+    store.sync()
+    assert len(fsyncs) == 2
+    for ref in refs:
+        assert verify_artifact(ref.uri, ref.sha256, ref.size_bytes, deep=True).ok
+    # the real syncfs, where the platform has it, returns without error
+    assert artifacts._syncfs(store.root) in (True, False)
