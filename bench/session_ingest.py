@@ -14,7 +14,10 @@ micro-batched transactions that move documents on, counters, events and
 NOTIFY): ReportStageStarted, then ReportStageResult (success) for distinct
 runs, each request built before the clock starts, as the echo's payload is
 (until 2026-12-04 they were built inside the timed loop, which charged
-protobuf construction to the service). The three alternate in rounds so
+protobuf construction to the service); and, on runs of their own,
+ReportStageResults calls of `--batch` reports each, the way a worker's
+delivery thread sends them (added 2026-12-04, later; reports per second, the same
+number of calls in flight). The three alternate in rounds so
 that load on the machine hits them alike; best and median rounds are printed. DESIGN.md's target: >= 0.5x the
 echo rate. Client and servers share this process, as in the echo baseline.
 """
@@ -97,9 +100,11 @@ async def echo_server() -> AsyncIterator[Any]:
 
 
 async def ingest(
-    db_url: str, broker_url: str, runs: int, concurrency: int, rounds: int
+    db_url: str, broker_url: str, runs: int, concurrency: int, rounds: int, batch: int
 ) -> dict[str, list[float]]:
     recorder = Recorder()
+    batched_runs = runs if batch > 1 else 0  # runs of their own, reported `batch` to a call
+    runs += batched_runs
     async with services(
         db_url,
         broker_url,
@@ -143,6 +148,10 @@ async def ingest(
             def ReportStageResult(request):  # type: ignore[no-untyped-def]
                 return stub.ReportStageResult(request, metadata=auth)
 
+            @staticmethod
+            def ReportStageResults(request):  # type: ignore[no-untyped-def]
+                return stub.ReportStageResults(request, metadata=auth)
+
         worker = Worker()
 
         # Each call's request is built when its factory is made, before the
@@ -163,25 +172,46 @@ async def ingest(
             )
             return lambda: worker.ReportStageResult(request)
 
+        def results(group):  # type: ignore[no-untyped-def]
+            request = pb.ReportStageResultsRequest(
+                reports=[
+                    pb.ReportStageResultRequest(
+                        **run_key(m), succeeded=True, cost=convert.money("0.00012501")
+                    )
+                    for m in group
+                ]
+            )
+            return lambda: worker.ReportStageResults(request)
+
+        separate, messages = messages[len(messages) - batched_runs :], messages[: len(messages) - batched_runs]
         await started(messages[0])()
         rest = messages[1:]
         size = len(rest) // rounds
-        rates: dict[str, list[float]] = {"echo": [], "started": [], "result": []}
+        rates: dict[str, list[float]] = {"echo": [], "started": [], "result": [], "results": []}
         async with echo_server() as echo_call:
             for i in range(rounds):
-                # alternate, so that a load spike on the machine hits all three alike
+                # alternate, so that a load spike on the machine hits all of them alike
                 part = rest[i * size : (i + 1) * size]
                 started_calls = [started(m) for m in part]
                 result_calls = [result(m) for m in part]
                 rates["echo"].append(await drive([echo_call for _ in part], concurrency))
                 rates["started"].append(await drive(started_calls, concurrency))
                 rates["result"].append(await drive(result_calls, concurrency))
+                if batched_runs:
+                    own = separate[i * size : (i + 1) * size]
+                    groups = [own[j : j + batch] for j in range(0, len(own), batch)]
+                    calls = [results(g) for g in groups]
+                    # reports per second: calls per second times the reports in each
+                    rates["results"].append(await drive(calls, concurrency) * len(own) / len(calls))
         LAST.clear()
         LAST.update(rates)
         for m in rest[rounds * size :]:
             await started(m)()
             await result(m)()
         await result(messages[0])()
+        if batched_runs:
+            for m in separate[rounds * size :]:
+                await result(m)()
         s = (
             await operator.GetSession(
                 pb.GetSessionRequest(session_id=messages[0].payload.session_id)
@@ -196,12 +226,19 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--batch", type=int, default=4,
+        help="reports per ReportStageResults call (as a worker's delivery thread sends "
+        "them; 1 = skip this measure)",
+    )
     args = parser.parse_args()
     with private_redis(13) as (broker_url, _client):
         async with private_database() as db_url:
-            rates = await ingest(db_url, broker_url, args.runs, args.concurrency, args.rounds)
-    best = {k: max(v) for k, v in rates.items()}
-    median = {k: statistics.median(v) for k, v in rates.items()}
+            rates = await ingest(
+                db_url, broker_url, args.runs, args.concurrency, args.rounds, args.batch
+            )
+    best = {k: max(v) for k, v in rates.items() if v}
+    median = {k: statistics.median(v) for k, v in rates.items() if v}
     per = (args.runs - 1) // args.rounds
     print(
         f"{args.rounds} alternating rounds of {per:,} calls each, {args.concurrency} in flight "
@@ -212,6 +249,13 @@ async def main() -> None:
         print(
             f"  {label:24}  {best[name]:7,.0f} / {median[name]:7,.0f} reports/s = "
             f"{best[name] / best['echo']:.2f}x / {median[name] / median['echo']:.2f}x echo"
+        )
+    if "results" in best:
+        label = f"ReportStageResults x{args.batch}"
+        print(
+            f"  {label:24}  {best['results']:7,.0f} / {median['results']:7,.0f} reports/s = "
+            f"{best['results'] / best['echo']:.2f}x / {median['results'] / median['echo']:.2f}x "
+            "echo (as workers deliver them)"
         )
     print("  target: >= 0.5x")
 

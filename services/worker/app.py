@@ -101,8 +101,9 @@ class _LazyRunner:
             runner.drain(timeout)
 
 
-# Seconds a process about to exit waits for its delivery thread (see outbox).
-DRAIN_SECONDS = 60.0
+# Seconds a process about to exit waits for its delivery thread (see outbox); the pods'
+# terminationGracePeriodSeconds leaves 60 s after the longest task's hard limit.
+DRAIN_SECONDS = 30.0
 
 _STAGE_TASKS = frozenset(TASK_NAMES.values())
 # task id -> the log context token to reset at postrun (one entry per running task).

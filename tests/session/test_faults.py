@@ -384,6 +384,7 @@ async def test_a_worker_killed_mid_task_is_recovered_exactly_once(
             second.stop()
 
 
+@pytest.mark.parametrize("lease_base", [60.0])  # a fresh child loads the OCR engine per task
 async def test_a_pool_child_exiting_after_each_task_delivers_its_runs_first(
     stack: Stack, redis_url: str, small_case: Path, tmp_path: Path
 ) -> None:
@@ -400,7 +401,8 @@ async def test_a_pool_child_exiting_after_each_task_delivers_its_runs_first(
     )
     try:
         session_id = await scan_and_create(stack, small_case, start=True)
-        await wait_finished(stack, session_id, timeout=90)
+        # a lost delivery would not come back before its lease (60 s) ran out
+        await wait_finished(stack, session_id, timeout=120)
         runs = await assert_exactly_once(stack, session_id)
         assert {(r["attempt"], r["state"]) for r in runs} == {(1, "succeeded")}, runs
         log = worker.log_path.read_text(errors="replace")
