@@ -8,7 +8,8 @@ worker's main process:
 - `docimport_worker_runs_total{stage,outcome}`: runs by outcome:
   `succeeded`, `failed_retryable`, `failed_permanent`, `not_wanted` (the
   session service answered proceed=false) and `error` (the report could
-  not be delivered: the task failed and the lease will bring it back);
+  not be delivered: the task failed, or the delivery thread gave up on it
+  after the task was counted by its outcome; the lease will bring it back);
 - `docimport_worker_cache_hits_total{stage}`;
 - `docimport_worker_processes{queue}`: pool processes consuming each queue
   (its absence across all workers is the "no workers" alert).
@@ -131,7 +132,8 @@ class WorkerMetrics:
                 self.cache_hits[stage].inc()
 
     def failed(self, stage: str) -> None:
-        """A run whose result could not be reported (the task fails)."""
+        """A run whose result could not be reported (the task fails, or the delivery thread
+        gave up on it)."""
         if stage in self.duration:
             self.runs[(stage, "error")].inc()
 

@@ -191,6 +191,14 @@ class _Done:
         self.outcome.succeeded = False
         self.outcome.artifacts = []
         self.error = _stage_error(exc, self.stage)
+        self.note_error()
+
+    def note_error(self) -> None:
+        """Puts the run's error, if any, on its outcome (what the task returns and logs)."""
+        if self.error is not None:
+            self.outcome.error_code = self.error.code
+            self.outcome.permanent = self.error.permanent
+            self.outcome.stats.setdefault("ocr_pages", self.ocr_pages)
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -422,6 +430,7 @@ class StageRunner:
             ocr_pages=usage.total_ocr_pages,
             context=contextvars.copy_context(),
         )
+        done.note_error()
         if self.background_deliveries > 0:
             # Steps 2 (the put), 3 and 4 from the process's delivery thread (see outbox).
             outcome.queued = True
@@ -460,6 +469,15 @@ class StageRunner:
         Traced as a part of the runs' own traces: one run's delivery in its context (its calls
         are children of its task's span), several in a span of their own linked to each run's.
         """
+        try:
+            self._deliver_traced(batch)
+        except Exception:
+            if self.metrics is not None:
+                for done in batch:
+                    self.metrics.failed(done.stage)
+            raise  # logged by the outbox
+
+    def _deliver_traced(self, batch: list[_Done]) -> None:
         if len(batch) == 1:
             # a copy: the run's own context is entered again inside, for each step
             batch[0].context.copy().run(self._deliver_together, batch)
@@ -504,10 +522,6 @@ class StageRunner:
         self, done: _Done, cost: common_pb2.Money | None
     ) -> session_service_pb2.ReportStageResultRequest:
         outcome, error = done.outcome, done.error
-        if error is not None:
-            outcome.error_code = error.code
-            outcome.permanent = error.permanent
-            outcome.stats.setdefault("ocr_pages", done.ocr_pages)
         outcome.cost = cost.amount if cost is not None else ""
         request = session_service_pb2.ReportStageResultRequest(
             **done.run_key,

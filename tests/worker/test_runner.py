@@ -793,3 +793,18 @@ def test_a_local_put_left_to_sync_is_made_durable_by_one_call(
         assert verify_artifact(ref.uri, ref.sha256, ref.size_bytes, deep=True).ok
     # the real syncfs, where the platform has it, returns without error
     assert artifacts._syncfs(store.root) in (True, False)
+
+
+def test_a_permanent_failure_delivered_later_is_known_when_the_task_returns(
+    background: StageRunner, reporter: RecordingReporter
+) -> None:
+    """What the task returns (Flower, logs, the worker's metrics) says permanent failure at once."""
+    summary = run(background, payload("medical_records/sealed_records.pdf"))
+    assert summary["delivery"] == "queued"
+    assert not summary["succeeded"] and summary["error_code"] == "encrypted"
+    assert background.drain(10)
+    (result,) = reporter.results
+    assert (result.error_class, result.error_code) == (
+        session_service_pb2.ERROR_CLASS_PERMANENT,
+        "encrypted",
+    )
