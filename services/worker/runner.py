@@ -56,8 +56,9 @@ A worker never enqueues anything and never retries a run itself: failures
 are reported and the session service decides. If a report cannot be
 delivered (UNAVAILABLE after the in-process retries) the exception
 propagates and the task fails (the delivery thread logs it instead); the
-run's lease expires and the reconciler runs it again. The run stops cooperatively at its lease (the earlier of the
-payload's `lease_seconds` and the lease ReportStageStarted returns).
+run's lease expires and the reconciler runs it again. The run stops
+cooperatively at its lease (the earlier of the payload's `lease_seconds`
+and the lease ReportStageStarted returns).
 """
 
 from __future__ import annotations
@@ -432,7 +433,7 @@ class StageRunner:
         )
         done.note_error()
         if self.background_deliveries > 0:
-            # Steps 2 (the put), 3 and 4 from the process's delivery thread (see outbox).
+            # Step 3 from the process's delivery thread (see outbox).
             outcome.queued = True
             self._outbox_of_process().put(done)
         else:
