@@ -274,6 +274,7 @@ class StageRunner:
         self.background_deliveries = background_deliveries
         self.delivery_linger = delivery_linger
         self._outbox: Outbox[_Done] | None = None
+        self._outbox_lock = threading.Lock()  # the threads pool's tasks share the runner
         self._recording: concurrent.futures.ThreadPoolExecutor | None = None
         self._starts: _StartWatch | None = None
 
@@ -584,13 +585,14 @@ class StageRunner:
 
     def _outbox_of_process(self) -> Outbox[_Done]:
         """The delivery thread's queue (made on first use, in the process that runs tasks)."""
-        if self._outbox is None:
-            self._outbox = Outbox(
-                self._deliver_batch,
-                max_pending=self.background_deliveries,
-                linger=self.delivery_linger,
-            )
-        return self._outbox
+        with self._outbox_lock:
+            if self._outbox is None:
+                self._outbox = Outbox(
+                    self._deliver_batch,
+                    max_pending=self.background_deliveries,
+                    linger=self.delivery_linger,
+                )
+            return self._outbox
 
     def _may_start_unasked(self, expires: dt.datetime | None) -> bool:
         """True when a run may work before it reports its start (step 1)."""
