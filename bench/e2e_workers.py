@@ -79,20 +79,11 @@ class NoopStage:
 
 
 def docimport_app(settings: WorkerSettings) -> Any:
-    from services.worker.app import create_app
-    from services.worker.artifacts import open_store
-    from services.worker.reporting import Reporter
-    from services.worker.runner import StageRunner
+    """docimport's worker app and runner as in production, with no-op stages."""
+    from services.worker.app import build_runner, create_app
 
-    def runner() -> StageRunner:
-        return StageRunner(
-            stages={stage: NoopStage(stage) for stage in STAGES},
-            store=open_store(settings.store_url),
-            reporter=Reporter(settings),
-            started_after=settings.started_after,
-            background_deliveries=settings.background_deliveries,
-            delivery_linger=settings.delivery_linger,
-        )
+    def runner() -> Any:
+        return build_runner(settings, stages=lambda store: {s: NoopStage(s) for s in STAGES})
 
     return create_app(settings, runner_factory=runner)
 

@@ -29,9 +29,10 @@ runner factory for tests.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, signals
 from kombu import Exchange, Queue
@@ -42,16 +43,43 @@ from services.worker.config import WorkerSettings
 from services.worker.metrics import WorkerMetrics
 from services.worker.runner import StageRunner, worker_name
 
+if TYPE_CHECKING:
+    from services.worker.artifacts import ArtifactStore
+    from services.worker.stages import Stage
 
-def build_runner(settings: WorkerSettings, metrics: WorkerMetrics | None = None) -> StageRunner:
-    """The production runner: store and OCR engine from settings, real gRPC stubs."""
+
+def build_runner(
+    settings: WorkerSettings,
+    metrics: WorkerMetrics | None = None,
+    *,
+    stages: Callable[[ArtifactStore], dict[str, Stage]] | None = None,
+) -> StageRunner:
+    """The production runner: store and OCR engine from settings, real gRPC stubs.
+
+    `stages` replaces the real stages (made from the store), e.g. by no-op ones in the
+    end-to-end benchmark; everything else is as in production.
+    """
     from services.worker.artifacts import open_store
-    from services.worker.processors.extract import Extractor
-    from services.worker.processors.ocr import select_engine
     from services.worker.reporting import Reporter
-    from services.worker.stages import ChunkStage, EntitiesStage, ExtractStage
 
     store = open_store(settings.store_url)
+    return StageRunner(
+        stages=(stages or functools.partial(real_stages, settings))(store),
+        store=store,
+        reporter=Reporter(settings),
+        metrics=metrics,
+        started_after=settings.started_after,
+        background_deliveries=settings.background_deliveries,
+        delivery_linger=settings.delivery_linger,
+    )
+
+
+def real_stages(settings: WorkerSettings, store: ArtifactStore) -> dict[str, Stage]:
+    """extract (with the OCR engine the settings choose), chunk and entities."""
+    from services.worker.processors.extract import Extractor
+    from services.worker.processors.ocr import select_engine
+    from services.worker.stages import ChunkStage, EntitiesStage, ExtractStage
+
     engine = select_engine(
         settings.ocr_engine,
         threads=settings.effective_ocr_threads,
@@ -61,22 +89,13 @@ def build_runner(settings: WorkerSettings, metrics: WorkerMetrics | None = None)
         textract_region=settings.textract_region,
     )
     extractor = Extractor(engine, dpi=settings.ocr_dpi)
-    stages = {
+    return {
         "extract": ExtractStage(extractor),
         "chunk": ChunkStage(
             store, extractor, size=settings.chunk_size, overlap=settings.chunk_overlap
         ),
         "entities": EntitiesStage(store, extractor),
     }
-    return StageRunner(
-        stages=stages,
-        store=store,
-        reporter=Reporter(settings),
-        metrics=metrics,
-        started_after=settings.started_after,
-        background_deliveries=settings.background_deliveries,
-        delivery_linger=settings.delivery_linger,
-    )
 
 
 class _LazyRunner:
@@ -215,7 +234,6 @@ def create_app(
 
     signals.worker_process_shutdown.connect(deliver_before_exit, weak=False)
     signals.worker_shutdown.connect(deliver_before_exit, weak=False)
-    app.docimport_drain = deliver_before_exit  # type: ignore[attr-defined]
     if settings.health_port:
         from services.worker import health
 

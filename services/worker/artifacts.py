@@ -117,7 +117,7 @@ class LocalArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.url = file_uri(self.root)
-        self._unsynced = threading.local()  # paths put with durable=False, per thread
+        self._unsynced = _Unsynced()
 
     def take_requests(self) -> dict[tuple[str, str], int]:
         return {}
@@ -174,24 +174,18 @@ class LocalArtifactStore:
         if durable:
             _fsync_dir(path.parent)
         else:
-            self._pending().append(path)
+            self._unsynced.paths.append(path)
         return _ref(file_uri(path), data)
-
-    def _pending(self) -> list[Path]:
-        if not hasattr(self._unsynced, "paths"):
-            self._unsynced.paths = []
-        paths: list[Path] = self._unsynced.paths
-        return paths
 
     def sync(self) -> None:
         """One syncfs of the store's filesystem for every put(durable=False) since the last
         call (where the OS has it), else an fsync of each file and its folder."""
-        paths = self._pending()
+        paths = self._unsynced.paths
         if not paths:
             return
         if not _syncfs(self.root):
             for path in paths:
-                _fsync_path(path)
+                _fsync(path)
             for folder in {path.parent for path in paths}:
                 _fsync_dir(folder)
         paths.clear()
@@ -239,7 +233,14 @@ def _libc_syncfs() -> Any:
         return None
 
 
-def _fsync_path(path: Path) -> None:
+class _Unsynced(threading.local):
+    """Paths put with durable=False and not yet synced, per thread."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -248,12 +249,8 @@ def _fsync_path(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    with contextlib.suppress(OSError):  # some filesystems refuse to fsync a directory
+        _fsync(path)
 
 
 class S3ArtifactStore:

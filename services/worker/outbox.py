@@ -43,9 +43,8 @@ class Outbox(Generic[T]):
         deliver: Callable[[list[T]], None],
         *,
         max_pending: int = 16,
-        max_batch: int = 64,
+        max_batch: int = 64,  # under the session service's 100 reports a call
         linger: float = 0.0,
-        name: str = "deliver-runs",
     ) -> None:
         self._deliver = deliver
         self.max_pending = max(1, max_pending)
@@ -53,8 +52,6 @@ class Outbox(Generic[T]):
         # Seconds the thread waits for more items after the first of a batch (fewer, larger
         # deliveries for a little latency).
         self.linger = max(0.0, linger)
-        self.batches = self.delivered = 0  # counts, for logs and tests
-        self._name = name
         self._cond = threading.Condition()
         self._items: list[T] = []
         self._busy = 0  # items taken by the thread and not yet delivered
@@ -70,7 +67,7 @@ class Outbox(Generic[T]):
                 self._cond.wait()
             self._items.append(item)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread = threading.Thread(target=self._loop, name="deliver-runs", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
 
@@ -132,7 +129,5 @@ class Outbox(Generic[T]):
                 )
             finally:
                 with self._cond:
-                    self.batches += 1
-                    self.delivered += len(batch)
                     self._busy = 0
                     self._cond.notify_all()

@@ -126,11 +126,8 @@ _NOT_WANTED = frozenset(
         grpc.StatusCode.INVALID_ARGUMENT,
     }
 )
-_NOT_WANTED_NAMES = frozenset(code.name for code in _NOT_WANTED)
-# google.rpc.Code values (a StageResultAnswer's code) -> names.
-_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
-# Results in one ReportStageResults call (the session service's limit).
-MAX_RESULTS = 100
+# google.rpc.Code values (a StageResultAnswer's code) -> status codes.
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 @dataclass
@@ -177,16 +174,14 @@ class _Done:
     ocr_pages: int
     context: contextvars.Context  # the run's log fields, for what is logged on its behalf
 
-    def store(self, *, durable: bool = True) -> bool:
-        """Does the put, if any (True when it did one); its failure becomes the run's
-        (retryable) error."""
+    def store(self, *, durable: bool = True) -> None:
+        """Does the put, if any; its failure becomes the run's (retryable) error."""
         if self.store_artifact is None:
-            return False
+            return
         try:
             self.outcome.artifacts = [self.store_artifact(durable=durable)]
         except Exception as exc:  # noqa: BLE001 - reported like a failure of the stage
             self.fail(exc)
-        return True
 
     def fail(self, exc: BaseException) -> None:
         self.outcome.succeeded = False
@@ -466,57 +461,54 @@ class StageRunner:
             )
 
     def _deliver_batch(self, batch: list[_Done]) -> None:
-        """Several runs' deliveries at once, from the delivery thread (see `_deliver_together`).
+        """Several runs' deliveries at once, from the delivery thread: their puts (made durable
+        together by one `sync`), then one RecordCosts for all their events, then one
+        ReportStageResults.
 
         Traced as a part of the runs' own traces: one run's delivery in its context (its calls
         are children of its task's span), several in a span of their own linked to each run's.
         """
         try:
-            self._deliver_traced(batch)
+            if len(batch) == 1:
+                # a copy: the run's own context is entered again inside, for each step
+                batch[0].context.copy().run(self._deliver_together, batch)
+                return
+            links = [
+                trace.Link(context)
+                for context in (
+                    done.context.run(trace.get_current_span).get_span_context() for done in batch
+                )
+                if context.is_valid
+            ]
+            with _tracer.start_as_current_span(
+                "deliver stage runs", links=links, attributes={"docimport.runs": len(batch)}
+            ):
+                self._deliver_together(batch)
         except Exception:
             if self.metrics is not None:
                 for done in batch:
                     self.metrics.failed(done.stage)
             raise  # logged by the outbox
 
-    def _deliver_traced(self, batch: list[_Done]) -> None:
-        if len(batch) == 1:
-            # a copy: the run's own context is entered again inside, for each step
-            batch[0].context.copy().run(self._deliver_together, batch)
-            return
-        links = [
-            trace.Link(context)
-            for context in (done.context.run(trace.get_current_span).get_span_context()
-                            for done in batch)
-            if context.is_valid
-        ]
-        with _tracer.start_as_current_span(
-            "deliver stage runs", links=links, attributes={"docimport.runs": len(batch)}
-        ):
-            self._deliver_together(batch)
-
     def _deliver_together(self, batch: list[_Done]) -> None:
-        """Their puts (made durable together by one `sync`), then one RecordCosts for all their
-        events, then one ReportStageResults."""
-        stored = [done for done in batch if done.context.run(done.store, durable=False)]
+        for done in batch:
+            done.context.run(done.store, durable=False)
         try:
             self.store.sync()
         except OSError as exc:  # the artifacts may not be on disk: none of them is reported
-            for done in stored:
-                if done.error is None:
+            for done in batch:
+                if done.store_artifact is not None and done.error is None:
                     done.context.run(done.fail, exc)
         costs = self._record_runs([done.events for done in batch])
         requests = [self._result_request(d, c) for d, c in zip(batch, costs, strict=True)]
-        answers = []
-        for first in range(0, len(requests), MAX_RESULTS):
-            answers += self.reporter.stage_results(requests[first : first + MAX_RESULTS])
+        answers = self.reporter.stage_results(requests)  # the outbox's batches fit one call
         for done, answer in zip(batch, answers, strict=True):
             if answer.code:
-                code = _STATUS_NAMES.get(answer.code, str(answer.code))
+                code = _STATUS_CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
                 done.context.run(
-                    logger.warning if code in _NOT_WANTED_NAMES else logger.error,
+                    logger.warning if code in _NOT_WANTED else logger.error,
                     "session service refused the result: %s: %s",
-                    code,
+                    code.name,
                     answer.message,
                 )
 
@@ -560,8 +552,9 @@ class StageRunner:
         return request
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Delivers every run handed to the delivery thread (a process about to exit);
-        False if some were left after `timeout` seconds."""
+        """Delivers every run handed to the delivery thread and stops it (a process about to
+        exit: no run may be handed over after this); False if some were left after `timeout`
+        seconds."""
         if self._outbox is None:
             return True
         return self._outbox.close(timeout)
