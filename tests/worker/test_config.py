@@ -78,6 +78,9 @@ def test_celery_configuration_follows_the_contract() -> None:
     assert conf.task_track_started and conf.worker_send_task_events and conf.task_send_sent_event
     assert conf.broker_transport_options["visibility_timeout"] == 7200 > conf.task_time_limit
     assert {q.name for q in conf.task_queues} == set(QUEUES.values())
+    # children are replaced by memory (KiB for Celery) and, as a backstop, by task count
+    assert conf.worker_max_memory_per_child == settings.max_memory_per_child * 1024 > 0
+    assert conf.worker_max_tasks_per_child == settings.max_tasks_per_child > 0
     for stage, name in TASK_NAMES.items():
         task = app.tasks[name]
         assert task.acks_late and task.ignore_result and task.queue == QUEUES[stage]
@@ -87,6 +90,16 @@ def test_celery_configuration_follows_the_contract() -> None:
         for name in app.tasks
         if name.startswith("docimport.") and name not in TASK_NAMES.values()
     ]
+    app.close()
+
+
+def test_child_replacement_can_be_turned_off() -> None:
+    settings = WorkerSettings(
+        broker_url="redis://localhost:6379/0", max_memory_per_child=0, max_tasks_per_child=0
+    )
+    app = create_app(settings)
+    assert app.conf.worker_max_memory_per_child is None
+    assert app.conf.worker_max_tasks_per_child is None
     app.close()
 
 
