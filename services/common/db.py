@@ -54,28 +54,41 @@ async def connect(dsn: str) -> asyncpg.Connection:
     return conn
 
 
+def _gone(conn: asyncpg.Connection) -> bool:
+    """Closed, or taken back by the pool (asyncpg detaches a pooled connection that closed)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
 class HeldConnection:
-    """One pooled connection kept checked out for a hot, mostly serial path.
+    """Up to `keep` pooled connections kept checked out for a hot path.
 
     `pool.acquire()` costs a reset round trip (`pg_advisory_unlock_all`,
     `UNLISTEN *`, `RESET ALL`) and some Python on every release; a path that
     runs one short transaction after another (the session service's report
-    ingest) keeps its connection instead. Concurrent use while the held one
-    is busy falls back to an ordinary pooled connection. After a failure the
-    held connection goes back to the pool (which resets it) and a fresh one
-    is taken on next use. Only for code that leaves no session state behind
+    ingest, the cost ledger) keeps its connections instead: a use takes an
+    idle held one, or checks one out while fewer than `keep` are held, and
+    puts it back without a reset. Use beyond `keep` at once falls back to an
+    ordinary pooled connection (reset on release). After a failure the
+    connection goes back to the pool (which resets it) and a fresh one is
+    taken on a later use. Only for code that leaves no session state behind
     (no LISTEN, no session-level locks, no open transaction). `settings` are
-    session settings (`SET name = value`) made on the held connection when it
-    is taken (and on a fallback connection, for that use); the pool's reset
-    undoes them when it goes back. `close()` returns it to the pool: call it
-    before closing the pool.
+    session settings (`SET name = value`) made on a connection when it is
+    taken (and on a fallback connection, for that use); the pool's reset
+    undoes them when it goes back. `close()` returns the held ones to the
+    pool: call it before closing the pool.
     """
 
-    def __init__(self, pool: asyncpg.Pool, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, settings: dict[str, str] | None = None, *, keep: int = 1
+    ) -> None:
         self._pool = pool
         self._settings = dict(settings or {})
-        self._conn: asyncpg.Connection | None = None
-        self._busy = False
+        self._keep = max(1, keep)
+        self._idle: list[asyncpg.Connection] = []
+        self._held = 0  # checked out and kept: idle ones plus those in use
 
     async def _apply(self, conn: asyncpg.Connection) -> None:
         for name, value in self._settings.items():
@@ -92,29 +105,37 @@ class HeldConnection:
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
-        if self._busy:
+        while self._idle and _gone(self._idle[-1]):
+            self._held -= 1
+            await self._pool.release(self._idle.pop())  # a no-op if asyncpg took it back
+        if not self._idle and self._held >= self._keep:
             async with self._pool.acquire() as conn:
                 await self._apply(conn)  # the pool's reset undoes them on release
                 yield conn
             return
-        self._busy = True
-        try:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await self._take()
-            conn = self._conn
+        if self._idle:
+            conn = self._idle.pop()
+        else:
+            self._held += 1
             try:
-                yield conn
+                conn = await self._take()
             except BaseException:
-                self._conn = None
-                await self._pool.release(conn)
+                self._held -= 1
                 raise
-            if conn.is_in_transaction():  # pragma: no cover - a caller bug; let the pool reset it
-                self._conn = None
-                await self._pool.release(conn)
-        finally:
-            self._busy = False
+        try:
+            yield conn
+        except BaseException:
+            self._held -= 1
+            await self._pool.release(conn)
+            raise
+        if conn.is_in_transaction():  # pragma: no cover - a caller bug; let the pool reset it
+            self._held -= 1
+            await self._pool.release(conn)
+        else:
+            self._idle.append(conn)
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        idle, self._idle = self._idle, []
+        self._held -= len(idle)
+        for conn in idle:
             await self._pool.release(conn)

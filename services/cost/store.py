@@ -320,9 +320,10 @@ class CostStore:
         # (version, monotonic time read) of the current price book; see CURRENT_VERSION_TTL.
         self._current: tuple[int, float] | None = None
         self.changes = ChangeFeed(pool)
-        # RecordCosts comes once a stage run, one short statement after another: its connection
-        # is kept (no pool reset round trip per call; see db.HeldConnection).
-        self._ledger = db.HeldConnection(pool)
+        # RecordCosts comes once a delivery of stage runs, one short statement after another,
+        # from every worker process at once: up to four connections are kept for it (no pool
+        # reset round trip per call; see db.HeldConnection).
+        self._ledger = db.HeldConnection(pool, keep=4)
 
     async def close(self) -> None:
         """Gives back the LISTEN and the ledger's connections (before the pool is closed)."""

@@ -1267,11 +1267,14 @@ class SessionStore:
         }
         self._started_conn = db.HeldConnection(pool, {"synchronous_commit": "off", **plan})
         self._results_conn = db.HeldConnection(pool, plan)
+        # A dispatcher's rounds: three short statements or transactions a round, serially.
+        self._dispatch_conn = db.HeldConnection(pool)
 
     async def close(self) -> None:
         """Returns the connections this store holds to the pool (before the pool closes)."""
         await self._started_conn.close()
         await self._results_conn.close()
+        await self._dispatch_conn.close()
 
     # ------------------------------------------------------------ projects
 
@@ -1973,7 +1976,7 @@ class SessionStore:
         EXISTS, the planner turned it into a scan of the session's documents,
         which grows with the session (the pending ones are the last rows).
         """
-        async with self.pool.acquire() as conn:
+        async with self._dispatch_conn.acquire() as conn:
             rows = await conn.fetch(
                 """
                 SELECT s.session_id FROM session.import_sessions s
@@ -1996,7 +1999,7 @@ class SessionStore:
         return [str(r["session_id"]) for r in rows]
 
     async def live_runs(self) -> int:
-        async with self.pool.acquire() as conn:
+        async with self._dispatch_conn.acquire() as conn:
             return await conn.fetchval(
                 "SELECT count(*) FROM session.stage_runs WHERE state IN ('queued', 'running')"
             )
@@ -2021,7 +2024,7 @@ class SessionStore:
         documents queued. The caller publishes after this returns.
         """
         sid = uuid.UUID(session_id)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._dispatch_conn.acquire() as conn, conn.transaction():
             # One dispatcher per session at a time, by a transaction-scoped
             # advisory lock rather than the session row's lock: stage reports
             # update that row (counters) all the time and must not wait for a

@@ -77,3 +77,40 @@ async def test_after_a_failure_the_connection_goes_back_and_a_fresh_one_is_taken
         assert await _name(fresh) == "held"
     await held.close()
     await asyncio.wait_for(pool.close(), timeout=5)  # nothing left checked out
+
+
+async def test_up_to_keep_connections_are_held_and_the_rest_fall_back(
+    pool: asyncpg.Pool,
+) -> None:
+    held = db.HeldConnection(pool, {"application_name": "held"}, keep=2)
+    async with held.acquire() as a, held.acquire() as b, held.acquire() as c:
+        kept = {a.get_server_pid(), b.get_server_pid()}
+        extra = c.get_server_pid()
+        assert len(kept | {extra}) == 3
+        assert [await _name(x) for x in (a, b, c)] == ["held"] * 3
+    # the two kept ones come back without a checkout; the third went back to the pool, reset
+    async with held.acquire() as a, held.acquire() as b:
+        assert {a.get_server_pid(), b.get_server_pid()} == kept
+        assert await _name(a) == await _name(b) == "held"
+    borrowed = [await pool.acquire() for _ in range(pool.get_max_size() - 2)]
+    try:
+        pids = {conn.get_server_pid() for conn in borrowed}
+        assert extra in pids and not pids & kept  # the kept ones are still checked out
+    finally:
+        for conn in borrowed:
+            await pool.release(conn)
+    await held.close()
+    await asyncio.wait_for(pool.close(), timeout=5)  # nothing left checked out
+
+
+async def test_a_held_connection_that_died_is_replaced(pool: asyncpg.Pool) -> None:
+    held = db.HeldConnection(pool)
+    async with held.acquire() as first:
+        pid = first.get_server_pid()
+    async with pool.acquire() as other:
+        await other.execute("SELECT pg_terminate_backend($1)", pid)
+    await asyncio.sleep(0.2)  # asyncpg sees the socket close and takes the connection back
+    async with held.acquire() as fresh:
+        assert fresh.get_server_pid() != pid and await fresh.fetchval("SELECT 1") == 1
+    await held.close()
+    await asyncio.wait_for(pool.close(), timeout=5)  # nothing left checked out
