@@ -87,6 +87,30 @@ per delivery instead of a call per run: 29.7 s, session service CPU 11
 (10,000 documents; bare: ~5.8, 2,000 documents); the worker processes
 spend about what bare Celery's do, the rest is the session service,
 Postgres and the cost service (~1.0, ~1.0 and ~0.55 ms a run).
+
+Worker children and held connections (2026-12-05). py-spy of the worker's
+main process showed 14-22% of its time replacing children: both sides
+recycled a child every 200 tasks (`max_tasks_per_child`), and a fresh
+docimport child also reconnects. Children are now replaced by memory
+(1,536 MiB) and after 5,000 tasks: 2,000 documents, best of 2, bare 16.8 ->
+14.0 s, docimport 24.5 -> 18.4 s. pg_stat_statements (3,000 documents): 2,585
+pool resets (a round trip each) came from the dispatcher's rounds (three
+checkouts a round) and from RecordCosts calls arriving at once; with the
+dispatcher and the ledger keeping their connections (db.HeldConnection,
+keep), 142, and 67k -> 57k statements. A 40 ms linger instead of 10 (runs a
+delivery ~4 -> ~7): session service CPU 7.1-8.7 -> 5.4-6.7 s, cost service
+3.6-4.4 -> 2.0-2.7 s, Postgres 5.9-6.8 -> 3.8-5.1 s (3,000 documents, two runs
+each; wall times within the noise). Then, per stage run (3,000 documents):
+worker main process ~1.9 ms and children ~1.2 (bare: ~1.6 and ~0.9), session
+service ~0.6, Postgres ~0.45, cost service ~0.25, Redis ~0.25; a bare task
+~3.1 ms in all. The bare pipeline leaves the 2 cores ~60% busy (its
+worker's main process, one thread, is its limit); docimport's keeps them
+~60-70% busy, and its worker's main process then waits for a core more
+often. Tried and not kept: fsync of each file and folder instead of one
+syncfs (no difference); artifacts in /var/tmp instead of /tmp (file
+creation in this machine's /tmp costs far more kernel time in a
+micro-benchmark, but the pipeline's wall time did not change); uvloop
+(speeds the echo as much as the service: ingest ratios unchanged).
 """
 
 from __future__ import annotations
@@ -320,6 +344,14 @@ async def main() -> None:
         f"  docimport session    {di:7.2f} s  ({n * len(STAGES) / di:,.0f} stage runs/s) "
         f"= {di / bare:.2f}x bare wall time"
     )
+    if args.rounds > 1:
+        print(
+            "  every round          bare "
+            + ", ".join(f"{t:.1f}" for t in bare_times)
+            + " s; docimport "
+            + ", ".join(f"{t:.1f}" for t in di_times)
+            + " s"
+        )
     print(f"  stage runs by state  {runs}")
     print("  target: <= 1.3x")
 
