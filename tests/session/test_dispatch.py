@@ -83,10 +83,11 @@ async def test_two_dispatchers_never_dispatch_a_document_twice(harness, db_url):
     await harness.create([mfile(f"{i}.pdf") for i in range(n)], max_in_flight=n)
     await harness.create([mfile(f"x{i}.pdf") for i in range(n)], max_in_flight=n)
     pools = [await db.create_pool(db_url, min_size=2, max_size=4) for _ in range(2)]
+    stores = [SessionStore(p) for p in pools]
     try:
         enqueuers = [RecordingEnqueuer(), RecordingEnqueuer()]
         dispatchers = [
-            Dispatcher(SessionStore(p), e, harness.settings) for p, e in zip(pools, enqueuers, strict=True)
+            Dispatcher(s, e, harness.settings) for s, e in zip(stores, enqueuers, strict=True)
         ]
 
         async def drain(d: Dispatcher) -> None:
@@ -95,6 +96,8 @@ async def test_two_dispatchers_never_dispatch_a_document_twice(harness, db_url):
 
         await asyncio.gather(*(drain(d) for d in dispatchers))
     finally:
+        for store in stores:
+            await store.close()  # its held connections go back before the pool closes
         for p in pools:
             await p.close()
     published = [m for e in enqueuers for m in e.messages]
