@@ -205,6 +205,14 @@ def to_status(error: DomainError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """The status code of a raw google.rpc.Code number (UNKNOWN for one gRPC does not define)."""
+    return _STATUS_CODES.get(value, grpc.StatusCode.UNKNOWN)
+
+
 def details_of(error: grpc.RpcError, kind: type) -> list[Any]:
     """Detail messages of type `kind` carried by a received error (for clients and tests)."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]

@@ -52,6 +52,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from services.common.errors import status_code
+
 logger = logging.getLogger(__name__)
 
 # RPC latency buckets, seconds: sub-millisecond ingest up to long unary calls.
@@ -161,9 +163,7 @@ class RpcRecorder:
         if isinstance(code, grpc.StatusCode):
             return code
         if isinstance(code, int):  # some grpcio versions keep the raw integer
-            for member in grpc.StatusCode:
-                if member.value[0] == code:
-                    return member
+            return status_code(code)
         if exc is not None and not isinstance(exc, grpc.aio.AbortError):
             return grpc.StatusCode.UNKNOWN
         return grpc.StatusCode.OK

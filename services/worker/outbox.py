@@ -12,9 +12,9 @@ What this trades: a task is acknowledged before its result is reported. A
 process killed with runs still queued here loses their deliveries; nothing
 is charged or reported for them, their leases run out and the session
 service's reconciler runs them again (the path every lost message takes).
-A process that exits normally (a prefork child recycled after
-`max_tasks_per_child`, a warm shutdown) delivers everything first:
-`drain`, called from Celery's process shutdown signals.
+A process that exits normally (a prefork child replaced for its memory
+or its task count, a warm shutdown) delivers everything first: `drain`,
+called from Celery's process shutdown signals.
 
 The queue is bounded (`max_pending` runs, artifacts included): a task that
 would go past it waits, so a slow service slows the worker down instead of

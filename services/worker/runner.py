@@ -88,6 +88,7 @@ from docimport.session.v1 import session_service_pb2
 from opentelemetry import trace
 
 from services.common import convert
+from services.common.errors import status_code
 from services.common.logging import bind
 from services.common.tasks import StagePayload
 from services.worker.artifacts import ArtifactRef, ArtifactStore
@@ -126,8 +127,6 @@ _NOT_WANTED = frozenset(
         grpc.StatusCode.INVALID_ARGUMENT,
     }
 )
-# google.rpc.Code values (a StageResultAnswer's code) -> status codes.
-_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 @dataclass
@@ -504,7 +503,7 @@ class StageRunner:
         answers = self.reporter.stage_results(requests)  # the outbox's batches fit one call
         for done, answer in zip(batch, answers, strict=True):
             if answer.code:
-                code = _STATUS_CODES.get(answer.code, grpc.StatusCode.UNKNOWN)
+                code = status_code(answer.code)
                 done.context.run(
                     logger.warning if code in _NOT_WANTED else logger.error,
                     "session service refused the result: %s: %s",
