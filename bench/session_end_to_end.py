@@ -97,10 +97,13 @@ docimport child also reconnects. Children are now replaced by memory
 pool resets (a round trip each) came from the dispatcher's rounds (three
 checkouts a round) and from RecordCosts calls arriving at once; with the
 dispatcher and the ledger keeping their connections (db.HeldConnection,
-keep), 142, and 67k -> 57k statements. A 40 ms linger instead of 10 (runs a
-delivery ~4 -> ~7): session service CPU 7.1-8.7 -> 5.4-6.7 s, cost service
-3.6-4.4 -> 2.0-2.7 s, Postgres 5.9-6.8 -> 3.8-5.1 s (3,000 documents, two runs
-each; wall times within the noise). Then, per stage run (3,000 documents):
+keep), 142, and 67k -> 57k statements. A 40 ms linger instead of 10: 9,000
+results in 926 batches instead of 2,291 and 942 RecordCosts calls instead of
+2,331 (about 10 runs a delivery instead of 4), 51.7k statements, the result
+statement's time 2.0 -> 1.1 s. The services' CPU looked lower in a first
+pair of runs (session service 8.1 and 8.7 s -> 5.9 and 6.7 s), but other
+10 ms runs of the same day measured 5.0-6.0 s: within the noise, as are
+the wall times. Then, per stage run (3,000 documents):
 worker main process ~1.9 ms and children ~1.2 (bare: ~1.6 and ~0.9), session
 service ~0.6, Postgres ~0.45, cost service ~0.25, Redis ~0.25; a bare task
 ~3.1 ms in all. The bare pipeline leaves the 2 cores ~60% busy (its
