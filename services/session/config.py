@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from services.common.config import ServiceSettings
 
 
@@ -13,6 +15,12 @@ class SessionSettings(ServiceSettings):
     broker_url: str
     # Most stage runs queued or running at once, all sessions together.
     max_in_flight_total: int = 512
+    # A session's own cap when its creator gives none (SessionOptions.max_in_flight).
+    # Enough to keep a fleet busy: the production overlay lets KEDA grow to
+    # 104 worker processes by queue length, and a queue must hold runs for it
+    # to grow. At 32, two no-op worker processes found their queues empty in
+    # 16% of the samples (bench/session_end_to_end.py, 2026-12-04).
+    default_max_in_flight: int = Field(default=256, ge=1, le=1_000_000)
     # Documents claimed per dispatcher round (per session).
     dispatch_batch: int = 500
     # Seconds between dispatcher rounds when there is nothing to wake it.

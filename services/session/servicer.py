@@ -97,7 +97,7 @@ POLICY = policy_for(
 
 # Session ids derived from request ids live in their own namespace.
 REQUEST_NAMESPACE = uuid.UUID("5d0c7a47-6f0e-4b6f-9a53-64f0d2a1c3b7")
-DEFAULT_MAX_IN_FLIGHT = 32
+DEFAULT_MAX_IN_FLIGHT = 256
 # Live sessions whose cost so far is remembered at once (see _cost_so_far).
 _COST_CACHE_SIZE = 1024
 MAX_NAME = 200
@@ -661,7 +661,7 @@ class SessionServicer:
                 project_id=project_id,
                 project_name=project_name,
                 budget_limit=budget,
-                max_in_flight=options.max_in_flight or DEFAULT_MAX_IN_FLIGHT,
+                max_in_flight=options.max_in_flight or self._settings.default_max_in_flight,
                 category_priority=tuple(c.strip() for c in options.category_priority),
                 estimated_cost=None,
                 start=request.start,

@@ -29,6 +29,16 @@ async def test_per_session_cap(harness):
     assert s.counts.queued == 2 and s.counts.pending == 3
 
 
+async def test_a_session_without_a_cap_gets_the_services_default(harness):
+    tune(harness, default_max_in_flight=3)
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(5)])).session
+    assert session.options.max_in_flight == 3
+    assert len(await harness.dispatch()) == 3
+    assert await harness.dispatch() == []
+    own = (await harness.create([mfile(f"x{i}.pdf") for i in range(5)], max_in_flight=4)).session
+    assert own.options.max_in_flight == 4
+
+
 async def test_a_session_is_topped_up_in_batches_unless_its_queue_runs_low(harness):
     # cap 8, top-up a quarter: a round once 2 slots are free, or once fewer than 2 runs are queued
     await harness.create([mfile(f"{i}.pdf") for i in range(20)], max_in_flight=8)

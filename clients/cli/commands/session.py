@@ -471,7 +471,8 @@ def import_(
         None, "--budget", help="Spending limit in USD, e.g. 250 or 12.50."
     ),
     max_in_flight: int = typer.Option(
-        0, "--max-in-flight", help="Most stage runs queued or running at once (default 32)."
+        0, "--max-in-flight", help="Most stage runs queued or running at once for this session "
+        "(default: the session service's DOCIMPORT_DEFAULT_MAX_IN_FLIGHT, 256).",
     ),
     priority: list[str] = typer.Option(
         [], "--priority", help="A category to process first; repeat for an order."
