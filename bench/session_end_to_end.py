@@ -125,6 +125,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,30 @@ def bare_round(broker_url: str, client: Any, n: int, concurrency: int) -> float:
     return elapsed
 
 
+async def time_get_session(stack: Any, stub: Any, session_id: str, n: int) -> None:
+    """GetSession's latency on the finished session, against counting its runs' stages."""
+    from services.session.store import _STAGE_RECOUNT_SQL, SessionStore
+
+    store = SessionStore(stack.pool)
+    calls, snapshots, recounts = [], [], []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        await stub.GetSession(pb.GetSessionRequest(session_id=session_id))
+        t1 = time.perf_counter()
+        await store.snapshot(session_id, stall_after=600.0)
+        t2 = time.perf_counter()
+        await stack.pool.fetch(_STAGE_RECOUNT_SQL, uuid.UUID(session_id))
+        t3 = time.perf_counter()
+        calls.append(t1 - t0)
+        snapshots.append(t2 - t1)
+        recounts.append(t3 - t2)
+    print(
+        f"  GetSession at {n:,} documents (median of 20): {statistics.median(calls) * 1000:.1f} ms;"
+        f" its database snapshot {statistics.median(snapshots) * 1000:.1f} ms; a recount of"
+        f" the runs' stages (what the snapshot did before) {statistics.median(recounts) * 1000:.1f} ms"
+    )
+
+
 async def docimport_round(
     broker_url: str, client: Any, n: int, concurrency: int, worker_env: dict[str, str]
 ) -> tuple[float, dict[str, int]]:
@@ -280,6 +305,7 @@ async def docimport_round(
                             break
                         await asyncio.sleep(1.0)
                     elapsed = time.perf_counter() - start
+                    await time_get_session(stack, stub, session_id, n)
                 finally:
                     stop_worker(worker)
                 counts = {

@@ -9,6 +9,8 @@ Owns a background task of `server.serve` (`stop()` ends it). Every
   fails (retryable class, so an operator's retry may reopen it) and its
   reservation is settled with what it cost;
 - records progress samples (documents per second, ETA);
+- folds the stage-count deltas that writes to stage runs left into the
+  per-session stage counts (GetSession reads those, not the runs);
 - resumes budget_exhausted sessions whose budget was raised;
 - finishes sessions left with no active document (a safety net: reports
   already finish them in the same transaction);
@@ -71,6 +73,7 @@ class Reconciler:
         await self._resume_raised_budgets()
         await self._store.complete_idle_sessions()
         await self._store.sample_progress()
+        await self._store.fold_stage_counts()
         await self._prune_events()
         return expired
 

@@ -210,6 +210,45 @@ class StageCount:
     cache_hits: int = 0
 
 
+_COUNT_KINDS = ("queued", "running", "succeeded", "failed", "cache_hits")
+
+# Stage-run counts of the sessions in $1: the folded counts plus the deltas
+# not folded yet (see migration 0043 and `fold_stage_counts`).
+_STAGE_COUNTS_SQL = """
+    SELECT session_id, stage, sum(queued)::int AS queued, sum(running)::int AS running,
+           sum(succeeded)::int AS succeeded, sum(failed)::int AS failed,
+           sum(cache_hits)::int AS cache_hits
+    FROM (SELECT session_id, stage, queued, running, succeeded, failed, cache_hits
+          FROM session.stage_counts WHERE session_id = ANY($1::uuid[])
+          UNION ALL
+          SELECT session_id, stage, queued, running, succeeded, failed, cache_hits
+          FROM session.stage_count_deltas WHERE session_id = ANY($1::uuid[])) t
+    GROUP BY session_id, stage
+"""
+
+# The same counts from the runs themselves (VerifySession's recount).
+_STAGE_RECOUNT_SQL = """
+    SELECT stage,
+           count(*) FILTER (WHERE state = 'queued') AS queued,
+           count(*) FILTER (WHERE state = 'running') AS running,
+           count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE state = 'failed') AS failed,
+           count(*) FILTER (WHERE state = 'succeeded' AND cache_hit) AS cache_hits
+    FROM session.stage_runs WHERE session_id = $1 GROUP BY stage
+"""
+
+
+def _stage_counts(rows: Iterable[Any]) -> tuple[StageCount, ...]:
+    """One StageCount per stage, in pipeline order, from rows of (stage, the kinds)."""
+    by_stage = {r["stage"]: r for r in rows}
+    return tuple(
+        StageCount(stage, *(by_stage[stage][k] for k in _COUNT_KINDS))
+        if stage in by_stage
+        else StageCount(stage)
+        for stage in STAGES
+    )
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     session_id: str
@@ -1500,40 +1539,16 @@ class SessionStore:
                 if row is None:
                     raise NotFound("session", session_id)
                 stalled = await self._stalled_count(conn, sid, stall_after)
-                stage_rows = await conn.fetch(
-                    """
-                    SELECT stage,
-                           count(*) FILTER (WHERE state = 'queued') AS queued,
-                           count(*) FILTER (WHERE state = 'running') AS running,
-                           count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
-                           count(*) FILTER (WHERE state = 'failed') AS failed,
-                           count(*) FILTER (WHERE state = 'succeeded' AND cache_hit) AS cache_hits
-                    FROM session.stage_runs WHERE session_id = $1 GROUP BY stage
-                    """,
-                    sid,
-                )
+                stage_rows = await conn.fetch(_STAGE_COUNTS_SQL, [sid])
                 samples = await conn.fetch(
                     "SELECT sampled_at, finished FROM session.progress_samples "
                     "WHERE session_id = $1 ORDER BY sampled_at",
                     sid,
                 )
                 db_now = await conn.fetchval("SELECT now()")
-        by_stage = {r["stage"]: r for r in stage_rows}
-        stages = tuple(
-            StageCount(
-                stage,
-                *(
-                    by_stage[stage][k]
-                    for k in ("queued", "running", "succeeded", "failed", "cache_hits")
-                ),
-            )
-            if stage in by_stage
-            else StageCount(stage)
-            for stage in STAGES
-        )
         return Snapshot(
             _session(row, stalled),
-            stages,
+            _stage_counts(stage_rows),
             tuple((r["sampled_at"], r["finished"]) for r in samples),
             db_now,
         )
@@ -1840,6 +1855,60 @@ class SessionStore:
             yield [_run(r) for r in rows]
             last = rows[-1]
             after = (last["document_id"], last["stage"], last["attempt"])
+
+    async def stage_count_drift(self, session_id: str) -> dict[str, tuple[int, int]]:
+        """Stage counts that differ from a recount of the runs: {"extract succeeded": (kept, recounted)}."""
+        sid = _uuid(session_id, "session_id")
+        async with self.pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                kept = _stage_counts(await conn.fetch(_STAGE_COUNTS_SQL, [sid]))
+                recounted = _stage_counts(await conn.fetch(_STAGE_RECOUNT_SQL, sid))
+        return {
+            f"{a.stage} {kind}": (getattr(a, kind), getattr(b, kind))
+            for a, b in zip(kept, recounted, strict=True)
+            for kind in _COUNT_KINDS
+            if getattr(a, kind) != getattr(b, kind)
+        }
+
+    async def fold_stage_counts(self) -> int:
+        """Adds the stage-count deltas written so far to `stage_counts`; returns how many.
+
+        One statement: the deltas it deletes and the counts it adds commit
+        together, so a reader sees each change once. Deltas written meanwhile
+        wait for the next fold; two replicas folding at once each fold what
+        the other did not (a delta row is deleted once).
+        """
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(
+                """
+                WITH gone AS (
+                    DELETE FROM session.stage_count_deltas RETURNING *
+                ), sums AS (
+                    SELECT session_id, stage, count(*) AS n, sum(queued) AS queued,
+                           sum(running) AS running, sum(succeeded) AS succeeded,
+                           sum(failed) AS failed, sum(cache_hits) AS cache_hits
+                    FROM gone GROUP BY session_id, stage
+                ), folded AS (
+                    INSERT INTO session.stage_counts AS c
+                        (session_id, stage, queued, running, succeeded, failed, cache_hits)
+                    SELECT s.session_id, s.stage, s.queued, s.running, s.succeeded, s.failed,
+                           s.cache_hits
+                    FROM sums s
+                    -- the deltas of a deleted session (its runs went with it) are dropped
+                    WHERE EXISTS (SELECT 1 FROM session.import_sessions i
+                                  WHERE i.session_id = s.session_id)
+                    ORDER BY s.session_id, s.stage
+                    ON CONFLICT (session_id, stage) DO UPDATE SET
+                        queued = c.queued + excluded.queued,
+                        running = c.running + excluded.running,
+                        succeeded = c.succeeded + excluded.succeeded,
+                        failed = c.failed + excluded.failed,
+                        cache_hits = c.cache_hits + excluded.cache_hits
+                    RETURNING 1
+                )
+                SELECT coalesce(sum(n), 0)::int FROM sums
+                """
+            )
 
     async def recount(self, session_id: str) -> DocumentCounts:
         sid = _uuid(session_id, "session_id")
@@ -2528,19 +2597,7 @@ class SessionStore:
                     session_limit,
                 )
                 ids = [r["session_id"] for r in rows]
-                stage_rows = await conn.fetch(
-                    """
-                    SELECT session_id, stage,
-                           count(*) FILTER (WHERE state = 'queued') AS queued,
-                           count(*) FILTER (WHERE state = 'running') AS running,
-                           count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
-                           count(*) FILTER (WHERE state = 'failed') AS failed,
-                           count(*) FILTER (WHERE state = 'succeeded' AND cache_hit) AS cache_hits
-                    FROM session.stage_runs WHERE session_id = ANY($1::uuid[])
-                    GROUP BY session_id, stage
-                    """,
-                    ids,
-                )
+                stage_rows = await conn.fetch(_STAGE_COUNTS_SQL, ids)
                 samples = await conn.fetch(
                     "SELECT session_id, sampled_at, finished FROM session.progress_samples "
                     "WHERE session_id = ANY($1::uuid[]) ORDER BY session_id, sampled_at",
@@ -2590,9 +2647,9 @@ class SessionStore:
                     failure_limit,
                 )
         stalled_by_session = Counter(str(r["session_id"]) for r in stalled_rows)
-        stages_by_session: dict[str, dict[str, asyncpg.Record]] = defaultdict(dict)
+        stages_by_session: dict[str, list[asyncpg.Record]] = defaultdict(list)
         for r in stage_rows:
-            stages_by_session[str(r["session_id"])][r["stage"]] = r
+            stages_by_session[str(r["session_id"])].append(r)
         samples_by_session: dict[str, list[tuple[dt.datetime, int]]] = defaultdict(list)
         for r in samples:
             samples_by_session[str(r["session_id"])].append((r["sampled_at"], r["finished"]))
@@ -2600,19 +2657,7 @@ class SessionStore:
         for row in rows:
             sid = str(row["session_id"])
             info = _session(row, stalled_by_session.get(sid, 0))
-            by_stage = stages_by_session.get(sid, {})
-            stages = tuple(
-                StageCount(
-                    stage,
-                    *(
-                        by_stage[stage][k]
-                        for k in ("queued", "running", "succeeded", "failed", "cache_hits")
-                    ),
-                )
-                if stage in by_stage
-                else StageCount(stage)
-                for stage in STAGES
-            )
+            stages = _stage_counts(stages_by_session.get(sid, ()))
             snapshots.append(
                 Snapshot(info, stages, tuple(samples_by_session.get(sid, ())), db_now)
             )

@@ -11,7 +11,8 @@ Checks:
 - every completed document has exactly one succeeded run per stage, and
   every artifact those runs reported exists with its size (and, deep,
   re-hashes to its SHA-256) - `services.common.artifacts.verify_artifact`;
-- the session's counters equal a recount of its documents;
+- the session's counters equal a recount of its documents, and its stage
+  counts a recount of its stage runs;
 - every succeeded run has its actual cost events in the ledger, and the
   costs workers reported add up to the ledger's total.
 
@@ -202,6 +203,7 @@ class Verifier:
         recount = await self._store.recount(session_id)
         stored = session.counts.as_dict()
         drift = {k: (stored[k], v) for k, v in recount.as_dict().items() if stored[k] != v}
+        drift.update(await self._store.stage_count_drift(session_id))
 
         # -- the ledger
         actual_cost: Decimal | None = None

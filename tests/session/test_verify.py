@@ -83,6 +83,20 @@ async def test_counter_drift_fails(harness, tmp_path):
     assert any(f.code == "counter_drift" for f in report.findings)
 
 
+async def test_stage_count_drift_fails(harness, tmp_path):
+    session = (await harness.create([mfile("a.pdf")])).session
+    await work_to_end(harness, session.session_id, tmp_path)
+    await harness.store.fold_stage_counts()
+    async with harness.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE session.stage_counts SET succeeded = succeeded + 1 WHERE stage = 'chunk'"
+        )
+    report = await verify(harness, session.session_id)
+    assert report.verdict == pb.VERDICT_FAIL
+    [drift] = [f for f in report.findings if f.code == "counter_drift"]
+    assert "chunk succeeded: stored 2, recounted 1" in drift.message
+
+
 async def test_a_running_session_warns(harness, tmp_path):
     session = (await harness.create([mfile("a.pdf"), mfile("b.pdf")])).session
     [m, _] = await harness.dispatch()
