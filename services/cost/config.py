@@ -24,11 +24,13 @@ class CostSettings(ServiceSettings):
     # How often overdue reservations are marked expired, seconds (0 = never;
     # reads discount them either way).
     expiry_sweep_interval: float = 30.0
+    # How often the ledger's per-session total deltas are folded, seconds (0 =
+    # never; reads add the deltas not folded yet, so only their speed depends on it).
+    totals_fold_interval: float = 5.0
     # WatchCosts: a stream re-reads its totals at least this often, seconds,
     # even without a change notification ...
     watch_poll_interval: float = 5.0
-    # ... and at most once per this many seconds (bursts are coalesced; each
-    # read sums the session's ledger).
+    # ... and at most once per this many seconds (bursts are coalesced).
     watch_min_interval: float = 0.5
     # /metrics exports the budgets with open reservations or changed within
     # this many seconds (DOCIMPORT_METRICS_BUDGET_WINDOW).

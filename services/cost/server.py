@@ -3,7 +3,8 @@
 Owns the process's asyncpg pool (opened in `serve`, closed after the server
 has drained and, in its stop, the store has given back its LISTEN and ledger
 connections) and the
-background sweep that marks overdue budget reservations expired.
+background loops that mark overdue budget reservations expired and fold
+the ledger's per-session total deltas (see `CostStore.fold_totals`).
 The Prometheus metrics (`metrics.CostMetrics`) are served on
 `DOCIMPORT_METRICS_PORT` with the gRPC server's lifetime.
 `build_server` is what tests call: it takes a ready store and returns the
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from docimport.cost.v1 import cost_service_pb2, cost_service_pb2_grpc
 
@@ -45,15 +47,21 @@ async def build_server(settings: CostSettings, *, store: CostStore) -> RunningSe
     )
 
 
-async def sweep_expired(store: CostStore, interval: float) -> None:
-    """Marks overdue reservations expired every `interval` seconds, until cancelled."""
+async def periodically(interval: float, action: Callable[[], Awaitable[int]], what: str) -> None:
+    """Runs `action` every `interval` seconds, again at once while it returns more, until cancelled."""
     while True:
         await asyncio.sleep(interval)
         try:
-            while await store.expire_reservations() > 0:
+            while await action() > 0:
                 pass
-        except Exception:  # noqa: BLE001 - a failed sweep is retried on the next tick
-            logger.warning("reservation expiry sweep failed", exc_info=True)
+        except Exception:  # noqa: BLE001 - a failed pass is retried on the next tick
+            logger.warning("%s failed", what, exc_info=True)
+
+
+async def fold_totals(store: CostStore) -> int:
+    """One fold a tick: under steady writes there is always more."""
+    await store.fold_totals()
+    return 0
 
 
 async def serve(settings: CostSettings) -> None:
@@ -65,14 +73,19 @@ async def serve(settings: CostSettings) -> None:
     store = CostStore(pool)
     await store.ensure_default_price_book(settings.price_book_file, settings.cpu_second_rate)
     running = await build_server(settings, store=store)
-    sweeper = None
-    if settings.expiry_sweep_interval > 0:
-        sweeper = asyncio.create_task(sweep_expired(store, settings.expiry_sweep_interval))
+    loops = [
+        asyncio.create_task(periodically(interval, action, what))
+        for interval, action, what in (
+            (settings.expiry_sweep_interval, store.expire_reservations, "reservation expiry sweep"),
+            (settings.totals_fold_interval, lambda: fold_totals(store), "folding ledger totals"),
+        )
+        if interval > 0
+    ]
 
-    async def stop_sweeper() -> None:
-        if sweeper is not None:
-            sweeper.cancel()
+    async def stop_loops() -> None:
+        for loop in loops:
+            loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+                await loop
 
-    await serve_until_stopped(running, settings, cleanup=[stop_sweeper, pool.close])
+    await serve_until_stopped(running, settings, cleanup=[stop_loops, pool.close])

@@ -816,10 +816,11 @@ class SessionServicer:
     async def _cost_so_far(self, info: SessionInfo) -> Decimal:
         """The session's actual cost from the ledger (reused for `cost_cache_seconds`).
 
-        Summing a session's ledger grows with the session; a live session's
+        The cost service keeps per-session totals (it no longer sums the
+        ledger for them), but a call is still a round trip: a live session's
         figure is reused for a moment, so that pollers (`status` in a loop,
-        dashboards) cost the cost service one summary per interval. A
-        finished session's figure is always fresh: it is the final one.
+        dashboards) cost the cost service one call per interval. A finished
+        session's figure is always fresh: it is the final one.
         """
         if self._cost is None:
             return info.reported_cost

@@ -120,6 +120,45 @@ async def test_replaying_every_call_twice_in_shuffled_order_leaves_identical_tot
     assert rows == len(distinct)
 
 
+async def test_totals_only_equal_the_ledger_while_folds_race_the_writes(cost: CostHarness) -> None:
+    # Totals only reads the folded per-session totals plus the deltas not folded yet;
+    # the full answer sums the events themselves.
+    rng = random.Random(99)
+    session = new_id()
+    calls = [
+        pb.RecordCostsRequest(events=[
+            event(session, document_id=new_id(), units=str(Decimal(rng.randint(0, 10**9)) / 10**6),
+                  kind=rng.choice([pb.COST_KIND_ACTUAL, pb.COST_KIND_ESTIMATE]), cache_hit=rng.random() < 0.1)
+            for _ in range(rng.randint(1, 20))
+        ])
+        for _ in range(60)
+    ]
+    done = asyncio.Event()
+
+    async def fold_again_and_again() -> int:
+        folds = 0
+        while not done.is_set():
+            folds += 1
+            await asyncio.gather(cost.store.fold_totals(), cost.store.fold_totals())
+        return folds
+
+    async def same_totals() -> None:
+        totals = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session, totals_only=True))
+        full = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session))
+        assert (totals.actual_total, totals.estimate_total, totals.event_count) == (
+            full.actual_total, full.estimate_total, full.event_count)
+        assert dec(full.actual_total) > 0 and dec(full.estimate_total) > 0
+
+    folder = asyncio.create_task(fold_again_and_again())
+    await asyncio.gather(*(cost.worker.RecordCosts(call) for call in calls + calls))  # each replayed once
+    done.set()
+    assert await folder > 1
+    await same_totals()
+    await cost.store.fold_totals()
+    assert await cost.pool.fetchval("SELECT count(*) FROM cost.session_total_deltas") == 0
+    await same_totals()
+
+
 async def test_session_costs_group_by_every_dimension(cost: CostHarness) -> None:
     session, a, b = new_id(), new_id(), new_id()
     await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[

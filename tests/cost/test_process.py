@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import grpc
 from conftest import TOKENS
 from docimport.cost.v1 import cost_service_pb2 as pb
@@ -20,7 +21,7 @@ from services.common.localinfra import free_port
 from services.common.channels import aio_channel
 from services.common.config import ClientSettings
 
-from .helpers import new_id
+from .helpers import event, new_id
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,9 @@ async def test_the_process_loads_the_book_serves_and_stops_on_sigterm(db_url: st
         "DOCIMPORT_PORT": str(port),
         "DOCIMPORT_OPERATOR_TOKENS": TOKENS["operator"],
         "DOCIMPORT_CPU_SECOND_RATE": "0.00004",
+        "DOCIMPORT_WORKER_TOKENS": TOKENS["worker"],
         "DOCIMPORT_EXPIRY_SWEEP_INTERVAL": "0.2",
+        "DOCIMPORT_TOTALS_FOLD_INTERVAL": "0.2",
         "DOCIMPORT_SHUTDOWN_GRACE": "2",
     }
     process = subprocess.Popen([sys.executable, "-m", "services.cost"], env=env, cwd=ROOT,
@@ -57,6 +60,26 @@ async def test_the_process_loads_the_book_serves_and_stops_on_sigterm(db_url: st
         book = (await stub.GetPriceBook(pb.GetPriceBookRequest())).price_book
         rates = {(p.service, p.operation): p.unit_price.amount for p in book.prices}
         assert book.version == 1 and rates["local", "compute_second"] == "0.00004"
+        # Its fold loop moves the ledger's total deltas into the session totals.
+        session = new_id()
+        worker_channel = aio_channel(f"127.0.0.1:{port}", ClientSettings(), token=TOKENS["worker"])
+        try:
+            await cost_service_pb2_grpc.CostServiceStub(worker_channel).RecordCosts(
+                pb.RecordCostsRequest(events=[event(session, document_id=new_id(), units="2")]))
+        finally:
+            await worker_channel.close()
+        conn = await asyncpg.connect(db_url)
+        try:
+            deadline = time.monotonic() + 10
+            while await conn.fetchval(
+                    "SELECT count(*) FROM cost.session_total_deltas WHERE session_id = $1", session):
+                assert time.monotonic() < deadline, "the deltas were not folded"
+                await asyncio.sleep(0.1)
+            assert await conn.fetchval(
+                "SELECT events FROM cost.session_totals WHERE session_id = $1 AND kind = 'actual'",
+                session) == 1
+        finally:
+            await conn.close()
         # An open stream holds the LISTEN connection; shutdown must still finish.
         watch = stub.WatchCosts(pb.WatchCostsRequest(session_id=new_id()))
         await asyncio.wait_for(watch.read(), 5)
