@@ -18,8 +18,9 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -152,3 +153,22 @@ def token_env() -> dict[str, str]:
         "port": 0,
         "shutdown_grace": 2.0,
     }
+
+
+async def racing(work: Awaitable[Any], action: Callable[[], Awaitable[Any]]) -> int:
+    """Awaits `work` while `action` runs twice at once, again and again; returns how many pairs ran."""
+    done = asyncio.Event()
+
+    async def again_and_again() -> int:
+        pairs = 0
+        while not done.is_set():
+            pairs += 1
+            await asyncio.gather(action(), action())
+        return pairs
+
+    racer = asyncio.create_task(again_and_again())
+    try:
+        await work
+    finally:
+        done.set()
+    return await racer

@@ -12,6 +12,8 @@ import pytest
 from docimport.common.v1 import common_pb2
 from docimport.cost.v1 import cost_service_pb2 as pb
 
+from conftest import racing
+
 from .conftest import CPU_RATE, CostHarness
 from .helpers import dec, event, new_id, violations
 from .test_price_book import SMALL_BOOK
@@ -133,14 +135,6 @@ async def test_totals_only_equal_the_ledger_while_folds_race_the_writes(cost: Co
         ])
         for _ in range(60)
     ]
-    done = asyncio.Event()
-
-    async def fold_again_and_again() -> int:
-        folds = 0
-        while not done.is_set():
-            folds += 1
-            await asyncio.gather(cost.store.fold_totals(), cost.store.fold_totals())
-        return folds
 
     async def same_totals() -> None:
         totals = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session, totals_only=True))
@@ -149,10 +143,8 @@ async def test_totals_only_equal_the_ledger_while_folds_race_the_writes(cost: Co
             full.actual_total, full.estimate_total, full.event_count)
         assert dec(full.actual_total) > 0 and dec(full.estimate_total) > 0
 
-    folder = asyncio.create_task(fold_again_and_again())
-    await asyncio.gather(*(cost.worker.RecordCosts(call) for call in calls + calls))  # each replayed once
-    done.set()
-    assert await folder > 1
+    writes = asyncio.gather(*(cost.worker.RecordCosts(call) for call in calls + calls))  # each replayed once
+    assert await racing(writes, cost.store.fold_totals) > 1
     await same_totals()
     await cost.store.fold_totals()
     assert await cost.pool.fetchval("SELECT count(*) FROM cost.session_total_deltas") == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import racing
 from docimport.session.v1 import session_service_pb2 as pb
 
 from .helpers import mfile, stage_of
@@ -79,21 +80,10 @@ async def test_folds_racing_with_reports_lose_and_repeat_nothing(harness):
     session = (await harness.create([mfile(f"{i}.pdf") for i in range(n)], max_in_flight=n)).session
     messages = await harness.dispatch()
     assert len(messages) == n
-    done = asyncio.Event()
-
-    async def fold_again_and_again() -> int:
-        folds = 0
-        while not done.is_set():
-            folds += 1
-            await asyncio.gather(harness.store.fold_stage_counts(), harness.store.fold_stage_counts())
-        return folds
-
     async def report(m) -> None:
         await harness.started(m)
         await harness.result(m)
 
-    folder = asyncio.create_task(fold_again_and_again())
-    await asyncio.gather(*(report(m) for m in messages))
-    done.set()
-    assert await folder > 1
+    reports = asyncio.gather(*(report(m) for m in messages))
+    assert await racing(reports, harness.store.fold_stage_counts) > 1
     await expect(harness, session.session_id, extract=(0, 0, n, 0, 0))
