@@ -47,21 +47,20 @@ async def build_server(settings: CostSettings, *, store: CostStore) -> RunningSe
     )
 
 
-async def periodically(interval: float, action: Callable[[], Awaitable[int]], what: str) -> None:
-    """Runs `action` every `interval` seconds, again at once while it returns more, until cancelled."""
+async def periodically(interval: float, action: Callable[[], Awaitable[object]], what: str) -> None:
+    """Runs `action` every `interval` seconds until cancelled; a failed pass waits for the next tick."""
     while True:
         await asyncio.sleep(interval)
         try:
-            while await action() > 0:
-                pass
+            await action()
         except Exception:  # noqa: BLE001 - a failed pass is retried on the next tick
             logger.warning("%s failed", what, exc_info=True)
 
 
-async def fold_totals(store: CostStore) -> int:
-    """One fold a tick: under steady writes there is always more."""
-    await store.fold_totals()
-    return 0
+async def expire_reservations(store: CostStore) -> None:
+    """Marks every overdue reservation expired (the store does a batch a call)."""
+    while await store.expire_reservations() > 0:
+        pass
 
 
 async def serve(settings: CostSettings) -> None:
@@ -76,8 +75,9 @@ async def serve(settings: CostSettings) -> None:
     loops = [
         asyncio.create_task(periodically(interval, action, what))
         for interval, action, what in (
-            (settings.expiry_sweep_interval, store.expire_reservations, "reservation expiry sweep"),
-            (settings.totals_fold_interval, lambda: fold_totals(store), "folding ledger totals"),
+            (settings.expiry_sweep_interval, lambda: expire_reservations(store),
+             "reservation expiry sweep"),
+            (settings.totals_fold_interval, store.fold_totals, "folding ledger totals"),
         )
         if interval > 0
     ]

@@ -621,49 +621,43 @@ class CostStore:
         return [_event(row) for row in await self._pool.fetch(sql, *args)]
 
     async def snapshot(self, session_id: uuid.UUID) -> CostSnapshot:
-        """The session's ledger totals and budget: its folded totals plus the deltas not folded yet."""
+        """The session's ledger totals and budget: its folded totals plus the deltas not folded yet.
+
+        One statement reads both, so it sees a fold entirely or not at all.
+        """
         async with self._pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                row = await conn.fetchrow(
-                    """
-                    SELECT coalesce(sum(events) FILTER (WHERE kind = 'actual'), 0)::bigint AS events,
-                           coalesce(sum(amount) FILTER (WHERE kind = 'actual'), 0) AS actual,
-                           coalesce(sum(amount) FILTER (WHERE kind = 'estimate'), 0) AS estimate
-                    FROM (SELECT kind, events, amount FROM cost.session_totals
-                          WHERE session_id = $1
-                          UNION ALL
-                          SELECT kind, events, amount FROM cost.session_total_deltas
-                          WHERE session_id = $1) t
-                    """,
-                    session_id,
-                )
-                budget = await conn.fetchrow(_READ_BUDGET, session_id)
+            row = await conn.fetchrow(
+                """
+                SELECT coalesce(sum(events) FILTER (WHERE kind = 'actual'), 0)::bigint AS events,
+                       coalesce(sum(amount) FILTER (WHERE kind = 'actual'), 0) AS actual,
+                       coalesce(sum(amount) FILTER (WHERE kind = 'estimate'), 0) AS estimate
+                FROM (SELECT kind, events, amount FROM cost.session_totals WHERE session_id = $1
+                      UNION ALL
+                      SELECT kind, events, amount FROM cost.session_total_deltas
+                      WHERE session_id = $1) t
+                """,
+                session_id,
+            )
+            budget = await conn.fetchrow(_READ_BUDGET, session_id)
         return CostSnapshot(session_id, row["actual"], row["estimate"], row["events"],
                             _budget(budget) if budget else None)
 
-    async def fold_totals(self) -> int:
-        """Adds the ledger-total deltas written so far to `session_totals`; returns how many.
+    async def fold_totals(self) -> None:
+        """Adds the ledger-total deltas written so far to `session_totals`.
 
         One statement: the deltas it deletes and the totals it adds commit
         together, so a reader counts each event once. Deltas written meanwhile
         wait for the next fold; replicas folding at once each fold what the
         others did not (a delta row is deleted once).
         """
-        return await self._pool.fetchval(
+        await self._pool.execute(
             """
-            WITH gone AS (
-                DELETE FROM cost.session_total_deltas RETURNING *
-            ), sums AS (
-                SELECT session_id, kind, count(*) AS n, sum(events) AS events, sum(amount) AS amount
-                FROM gone GROUP BY session_id, kind
-            ), folded AS (
-                INSERT INTO cost.session_totals AS t (session_id, kind, events, amount)
-                SELECT session_id, kind, events, amount FROM sums ORDER BY session_id, kind
-                ON CONFLICT (session_id, kind) DO UPDATE SET
-                    events = t.events + excluded.events, amount = t.amount + excluded.amount
-                RETURNING 1
-            )
-            SELECT coalesce(sum(n), 0)::int FROM sums
+            WITH gone AS (DELETE FROM cost.session_total_deltas RETURNING *)
+            INSERT INTO cost.session_totals AS t (session_id, kind, events, amount)
+            SELECT session_id, kind, sum(events), sum(amount) FROM gone
+            GROUP BY session_id, kind ORDER BY session_id, kind
+            ON CONFLICT (session_id, kind) DO UPDATE SET
+                events = t.events + excluded.events, amount = t.amount + excluded.amount
             """
         )
 

@@ -97,7 +97,6 @@ POLICY = policy_for(
 
 # Session ids derived from request ids live in their own namespace.
 REQUEST_NAMESPACE = uuid.UUID("5d0c7a47-6f0e-4b6f-9a53-64f0d2a1c3b7")
-DEFAULT_MAX_IN_FLIGHT = 256
 # Live sessions whose cost so far is remembered at once (see _cost_so_far).
 _COST_CACHE_SIZE = 1024
 MAX_NAME = 200

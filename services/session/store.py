@@ -1870,8 +1870,8 @@ class SessionStore:
             if getattr(a, kind) != getattr(b, kind)
         }
 
-    async def fold_stage_counts(self) -> int:
-        """Adds the stage-count deltas written so far to `stage_counts`; returns how many.
+    async def fold_stage_counts(self) -> None:
+        """Adds the stage-count deltas written so far to `stage_counts`.
 
         One statement: the deltas it deletes and the counts it adds commit
         together, so a reader sees each change once. Deltas written meanwhile
@@ -1879,34 +1879,24 @@ class SessionStore:
         the other did not (a delta row is deleted once).
         """
         async with self.pool.acquire() as conn:
-            return await conn.fetchval(
+            await conn.execute(
                 """
-                WITH gone AS (
-                    DELETE FROM session.stage_count_deltas RETURNING *
-                ), sums AS (
-                    SELECT session_id, stage, count(*) AS n, sum(queued) AS queued,
-                           sum(running) AS running, sum(succeeded) AS succeeded,
-                           sum(failed) AS failed, sum(cache_hits) AS cache_hits
-                    FROM gone GROUP BY session_id, stage
-                ), folded AS (
-                    INSERT INTO session.stage_counts AS c
-                        (session_id, stage, queued, running, succeeded, failed, cache_hits)
-                    SELECT s.session_id, s.stage, s.queued, s.running, s.succeeded, s.failed,
-                           s.cache_hits
-                    FROM sums s
-                    -- the deltas of a deleted session (its runs went with it) are dropped
-                    WHERE EXISTS (SELECT 1 FROM session.import_sessions i
-                                  WHERE i.session_id = s.session_id)
-                    ORDER BY s.session_id, s.stage
-                    ON CONFLICT (session_id, stage) DO UPDATE SET
-                        queued = c.queued + excluded.queued,
-                        running = c.running + excluded.running,
-                        succeeded = c.succeeded + excluded.succeeded,
-                        failed = c.failed + excluded.failed,
-                        cache_hits = c.cache_hits + excluded.cache_hits
-                    RETURNING 1
-                )
-                SELECT coalesce(sum(n), 0)::int FROM sums
+                WITH gone AS (DELETE FROM session.stage_count_deltas RETURNING *)
+                INSERT INTO session.stage_counts AS c
+                    (session_id, stage, queued, running, succeeded, failed, cache_hits)
+                SELECT g.session_id, g.stage, sum(g.queued), sum(g.running), sum(g.succeeded),
+                       sum(g.failed), sum(g.cache_hits)
+                FROM gone g
+                -- the deltas of a deleted session (its runs went with it) are dropped
+                WHERE EXISTS (SELECT 1 FROM session.import_sessions i
+                              WHERE i.session_id = g.session_id)
+                GROUP BY g.session_id, g.stage ORDER BY g.session_id, g.stage
+                ON CONFLICT (session_id, stage) DO UPDATE SET
+                    queued = c.queued + excluded.queued,
+                    running = c.running + excluded.running,
+                    succeeded = c.succeeded + excluded.succeeded,
+                    failed = c.failed + excluded.failed,
+                    cache_hits = c.cache_hits + excluded.cache_hits
                 """
             )
 

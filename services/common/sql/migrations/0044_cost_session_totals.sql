@@ -1,7 +1,8 @@
 -- cost: a session's ledger totals without summing its events. GetSession
--- asks for them every second and WatchCosts on every change; a sum over the
--- session's events took 16 ms at 10,000 documents and grows with the
--- session. Owned by the cost service.
+-- asks for them every second and WatchCosts on every change, and the sum
+-- grows with the session: GetSession on a finished 10,000-document session
+-- took 19.2 ms, of which its own database snapshot was 2.6 ms; with these
+-- totals, 4-6.5 ms. Owned by the cost service.
 --
 -- The ledger is append-only. A statement trigger appends one delta row per
 -- session and kind for the events a statement inserted (a replayed event,
