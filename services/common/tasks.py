@@ -24,6 +24,9 @@ STAGES = ("extract", "chunk", "entities")
 # Celery task name and queue of each stage.
 TASK_NAMES = {stage: f"docimport.{stage}" for stage in STAGES}
 QUEUES = {stage: stage for stage in STAGES}
+# The remote-control command a worker answers with the task ids of the runs it holds
+# ({"held": [...]}): prefetched, running, or finished and not yet delivered.
+HELD_COMMAND = "docimport_held"
 
 
 def next_stage(stage: str) -> str | None:
@@ -51,8 +54,11 @@ class StagePayload:
     category: str = "miscellaneous"
     page_count: int = 0
     ocr_page_count: int = 0
-    # Seconds the worker has before the run's lease expires.
+    # Seconds a started run may take (its deadline: the worker stops it by then).
     lease_seconds: float = 600.0
+    # Until when (ISO 8601) the run cannot have been superseded, its first lease
+    # running: before then a worker may start it without asking first.
+    start_unasked_until: str = ""
     # Extra per-stage hints; unknown keys are ignored.
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -59,14 +59,13 @@ from services.cost.pricing import (
     exact_sum,
     times,
 )
+from services.cost.budgets import Budget, Reservation
 from services.cost.store import (
-    Budget,
     CostEvent,
     CostGroup,
     CostSnapshot,
     CostStore,
     EventFilter,
-    Reservation,
 )
 
 SERVICE_FULL_NAME = pb.DESCRIPTOR.services_by_name["CostService"].full_name
@@ -705,15 +704,17 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
             check.add("items", "at least one item is required")
         if len(request.items) > MAX_RESERVATIONS:
             raise InvalidArgument.field("items", f"at most {MAX_RESERVATIONS:,} items per request")
-        items: list[tuple[str, Decimal]] = []
+        items: list[tuple[str, Decimal, uuid.UUID | None]] = []
         for i, item in enumerate(request.items):
             if not item.key:
                 check.add(f"items[{i}].key", "is required")
             elif len(item.key) > MAX_KEY:
                 check.add(f"items[{i}].key", f"is longer than {MAX_KEY} characters")
             amount = _money_in(item.amount, f"items[{i}].amount", check)
+            document_id = _uuid(item.document_id, f"items[{i}].document_id", check,
+                                required=False)
             if amount is not None:
-                items.append((item.key, amount))
+                items.append((item.key, amount, document_id))
         ttl = self._settings.reservation_ttl
         if request.HasField("ttl"):
             ttl = request.ttl.ToNanoseconds() / 1e9

@@ -1,4 +1,4 @@
-"""All SQL of the cost service: price books, the cost ledger, budgets, reservations.
+"""All SQL of the cost service: price books, the cost ledger (budgets: budgets.py).
 
 Owns the tables of the `cost` schema (`price_books`, `prices`, `plan_rules`,
 `cost_events`, `budgets`, `reservations`) and nothing else; it returns
@@ -17,13 +17,8 @@ Decisions:
   unnest(...) ON CONFLICT DO NOTHING`). An event's id is derived from its
   idempotency key, so the rows a batch did not insert (replays) are read back
   by primary key and the answer is the first recording, unchanged.
-- Budgets: `reserved` is the sum of open reservations. Every write to a
-  budget (reserve, settle, release, expiry) first locks its row, then expires
-  the session's overdue reservations, so the counters never drift; the grant
-  is additionally guarded in SQL (`reserved + spent + amount <= limit`).
-  Reads take no lock: they subtract overdue reservations on the fly, so an
-  expired reservation stops counting at once even before a write or the
-  sweep (`expire_reservations`) marks it.
+- Budgets and reservations: their methods and SQL are in budgets.py
+  (`Budgets`, a part of this class): a budget's spent amount is the ledger.
 - Change feed: NOTIFY `docimport_cost` with the session id when a session's
   ledger (the insert statement itself) or budget (a trigger) changes; one
   pooled connection LISTENs while at least one watcher is subscribed.
@@ -47,14 +42,11 @@ import asyncpg
 
 from services.common import db
 from services.common.errors import (
-    FailedPrecondition,
-    InvalidArgument,
     NotFound,
-    QuotaViolation,
-    ResourceExhausted,
 )
 from services.cost import pricing
-from services.cost.pricing import EXACT, ZERO, PlanRule, Price, PriceBook, PriceBookDraft
+from services.cost.budgets import Budget, Budgets
+from services.cost.pricing import ZERO, PlanRule, Price, PriceBook, PriceBookDraft
 
 logger = logging.getLogger(__name__)
 
@@ -157,52 +149,8 @@ class EventFilter:
     service: str | None = None
 
 
-@dataclass(frozen=True)
-class Budget:
-    session_id: uuid.UUID
-    limit: Decimal
-    reserved: Decimal
-    spent: Decimal
-    overrun: Decimal
-    updated_at: dt.datetime
-
-    @property
-    def remaining(self) -> Decimal:
-        """limit - reserved - spent, never below zero."""
-        left = EXACT.subtract(EXACT.subtract(self.limit, self.reserved), self.spent)
-        return max(left, ZERO)
-
-
-@dataclass(frozen=True)
-class Reservation:
-    reservation_id: uuid.UUID
-    session_id: uuid.UUID
-    key: str
-    amount: Decimal
-    actual: Decimal | None
-    state: str
-    expires_at: dt.datetime
-
-
-@dataclass(frozen=True)
-class Reserved:
-    reservations: tuple[Reservation, ...]
-    budget: Budget
-    exhausted: bool
-
-
-@dataclass(frozen=True)
-class Closed:
-    """Reservations after a settle or release, and their session's budget."""
-
-    reservations: tuple[Reservation, ...]
-    budget: Budget
-
-
 # ------------------------------------------------------------------------- SQL
 
-_BUDGET_COLUMNS = "session_id, limit_amount, reserved, spent, overrun, updated_at"
-_RESERVATION_COLUMNS = "reservation_id, session_id, key, amount, actual, state, expires_at"
 _EVENT_COLUMNS = (
     "event_id, session_id, document_id, stage, attempt, service, operation, kind, units, "
     "unit_price, amount, saved, cache_hit, category, price_book_version, occurred_at, recorded_at"
@@ -246,42 +194,6 @@ GROUP BY GROUPING SETS ((kind), (kind, service), (kind, service, operation),
 # GROUPING() bit masks (1 = column not grouped) of the grouping sets above.
 _TOTAL, _BY_SERVICE, _BY_OPERATION, _BY_STAGE, _BY_CATEGORY = 15, 7, 3, 13, 14
 
-_READ_BUDGET = """
-SELECT b.session_id, b.limit_amount, b.reserved - coalesce(o.overdue, 0) AS reserved,
-       b.spent, b.overrun, b.updated_at
-FROM cost.budgets b
-LEFT JOIN LATERAL (
-    SELECT sum(r.amount) AS overdue FROM cost.reservations r
-    WHERE r.session_id = b.session_id AND r.state = 'open' AND r.expires_at <= now()
-) o ON true
-WHERE b.session_id = $1
-"""
-
-_LOCK_BUDGET = f"SELECT {_BUDGET_COLUMNS} FROM cost.budgets WHERE session_id = $1 FOR UPDATE"
-
-_EXPIRE = f"""
-WITH gone AS (
-    UPDATE cost.reservations SET state = 'expired', closed_at = now()
-    WHERE session_id = $1 AND state = 'open' AND expires_at <= now()
-    RETURNING amount
-)
-UPDATE cost.budgets
-SET reserved = reserved - (SELECT sum(amount) FROM gone), updated_at = now()
-WHERE session_id = $1 AND EXISTS (SELECT 1 FROM gone)
-RETURNING {_BUDGET_COLUMNS}
-"""
-
-
-def _budget(row: asyncpg.Record) -> Budget:
-    return Budget(row["session_id"], row["limit_amount"], row["reserved"], row["spent"],
-                  row["overrun"], row["updated_at"])
-
-
-def _reservation(row: asyncpg.Record) -> Reservation:
-    return Reservation(row["reservation_id"], row["session_id"], row["key"], row["amount"],
-                       row["actual"], row["state"], row["expires_at"])
-
-
 def _event(row: asyncpg.Record) -> CostEvent:
     return CostEvent(
         row["event_id"], row["session_id"], row["document_id"], row["stage"], row["attempt"],
@@ -298,10 +210,6 @@ def _as_recorded(e: CostEvent, occurred_at: dt.datetime, recorded_at: dt.datetim
                      e.price_book_version, occurred_at, recorded_at)
 
 
-def _fmt(value: Decimal) -> str:
-    return format(value.normalize(EXACT), "f") if value else "0"
-
-
 # ----------------------------------------------------------------------- store
 
 
@@ -311,7 +219,7 @@ def _fmt(value: Decimal) -> str:
 CURRENT_VERSION_TTL = 1.0
 
 
-class CostStore:
+class CostStore(Budgets):
     """The cost service's persistence, on a pool the caller owns."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -638,9 +546,8 @@ class CostStore:
                 """,
                 session_id,
             )
-            budget = await conn.fetchrow(_READ_BUDGET, session_id)
-        return CostSnapshot(session_id, row["actual"], row["estimate"], row["events"],
-                            _budget(budget) if budget else None)
+            budget = await self.read_budget(conn, session_id)
+        return CostSnapshot(session_id, row["actual"], row["estimate"], row["events"], budget)
 
     async def fold_totals(self) -> None:
         """Adds the ledger-total deltas written so far to `session_totals`.
@@ -660,261 +567,6 @@ class CostStore:
                 events = t.events + excluded.events, amount = t.amount + excluded.amount
             """
         )
-
-    # ---------------------------------------------------------------- budgets
-
-    async def recent_budgets(self, within: float) -> list[Budget]:
-        """Budgets with open reservations or changed in the last `within` seconds (for /metrics)."""
-        rows = await self._pool.fetch(
-            f"SELECT {_BUDGET_COLUMNS} FROM cost.budgets "
-            "WHERE reserved > 0 OR updated_at > now() - make_interval(secs => $1)",
-            within,
-        )
-        return [_budget(row) for row in rows]
-
-    async def set_budget(self, session_id: uuid.UUID, limit: Decimal) -> Budget:
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO cost.budgets (session_id, limit_amount) VALUES ($1, $2) "
-                    "ON CONFLICT ON CONSTRAINT budgets_pkey "
-                    "DO UPDATE SET limit_amount = EXCLUDED.limit_amount, updated_at = now()",
-                    session_id, limit,
-                )
-                await conn.execute(_EXPIRE, session_id)
-                row = await conn.fetchrow(_READ_BUDGET, session_id)
-        return _budget(row)
-
-    async def get_budget(self, session_id: uuid.UUID) -> Budget:
-        row = await self._pool.fetchrow(_READ_BUDGET, session_id)
-        if row is None:
-            raise NotFound("budget", str(session_id), f"session {session_id} has no budget")
-        return _budget(row)
-
-    async def _lock_and_expire(self, conn: asyncpg.Connection, session_id: uuid.UUID) -> Budget:
-        row = await conn.fetchrow(_LOCK_BUDGET, session_id)
-        if row is None:
-            raise NotFound("budget", str(session_id), f"session {session_id} has no budget")
-        expired = await conn.fetchrow(_EXPIRE, session_id)
-        return _budget(expired or row)
-
-    async def reserve(self, session_id: uuid.UUID, items: Sequence[tuple[str, Decimal]], *,
-                      ttl_seconds: float, allow_partial: bool) -> Reserved:
-        """Holds budget for each (key, amount), all or nothing unless `allow_partial`.
-
-        A key reserved before answers with its first reservation and holds
-        nothing more. Refused: ResourceExhausted naming limit, reserved, spent.
-        """
-        refusal: ResourceExhausted | None = None
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                budget = await self._lock_and_expire(conn, session_id)
-                keys = list(dict.fromkeys(key for key, _ in items))
-                existing = {
-                    row["key"]: _reservation(row)
-                    for row in await conn.fetch(
-                        f"SELECT {_RESERVATION_COLUMNS} FROM cost.reservations "
-                        "WHERE session_id = $1 AND key = ANY($2::text[])",
-                        session_id, keys,
-                    )
-                }
-                available = EXACT.subtract(EXACT.subtract(budget.limit, budget.reserved), budget.spent)
-                wanted: dict[str, Decimal] = {}
-                asked = ZERO
-                exhausted = False
-                granted_any = False
-                for key, amount in items:
-                    if key in existing or key in wanted:
-                        granted_any = True
-                        continue
-                    if EXACT.add(asked, amount) <= available:
-                        wanted[key] = amount
-                        asked = EXACT.add(asked, amount)
-                        granted_any = True
-                        continue
-                    if allow_partial and granted_any:
-                        exhausted = True
-                        break
-                    needed = amount if allow_partial else sum_new(items, existing)
-                    refusal = _refused(budget, needed)
-                    break
-                if refusal is None and wanted:
-                    ids = [uuid.uuid4() for _ in wanted]
-                    rows = await conn.fetch(
-                        "INSERT INTO cost.reservations (reservation_id, session_id, key, amount, expires_at) "
-                        "SELECT r.id, $1, r.key, r.amount, now() + make_interval(secs => $5) "
-                        "FROM unnest($2::uuid[], $3::text[], $4::numeric[]) AS r(id, key, amount) "
-                        f"RETURNING {_RESERVATION_COLUMNS}",
-                        session_id, ids, list(wanted), list(wanted.values()), ttl_seconds,
-                    )
-                    for row in rows:
-                        existing[row["key"]] = _reservation(row)
-                    updated = await conn.fetchrow(
-                        "UPDATE cost.budgets SET reserved = reserved + $2, updated_at = now() "
-                        "WHERE session_id = $1 AND reserved + spent + $2 <= limit_amount "
-                        f"RETURNING {_BUDGET_COLUMNS}",
-                        session_id, asked,
-                    )
-                    if updated is None:  # the guard disagrees with the check above: a bug
-                        raise RuntimeError("budget guard refused a reservation the check allowed")
-                    budget = _budget(updated)
-        if refusal is not None:
-            raise refusal
-        granted = []
-        for key in dict.fromkeys(key for key, _ in items):
-            if key not in existing:
-                break
-            granted.append(existing[key])
-        return Reserved(tuple(granted), budget, exhausted)
-
-    async def _closing(self, ids: Sequence[uuid.UUID], conn: asyncpg.Connection
-                       ) -> tuple[Budget, dict[uuid.UUID, Reservation]]:
-        """Locks the budget of the reservations `ids` (one session) and them."""
-        rows = await conn.fetch(
-            "SELECT reservation_id, session_id FROM cost.reservations WHERE reservation_id = ANY($1::uuid[])",
-            list(ids),
-        )
-        found = {row["reservation_id"]: row["session_id"] for row in rows}
-        for rid in ids:
-            if rid not in found:
-                raise NotFound("reservation", str(rid))
-        sessions = set(found.values())
-        if len(sessions) > 1:
-            raise InvalidArgument.field("reservation_ids", "the reservations belong to more than one session")
-        budget = await self._lock_and_expire(conn, sessions.pop())
-        current = {
-            row["reservation_id"]: _reservation(row)
-            for row in await conn.fetch(
-                f"SELECT {_RESERVATION_COLUMNS} FROM cost.reservations "
-                "WHERE reservation_id = ANY($1::uuid[]) FOR UPDATE",
-                list(ids),
-            )
-        }
-        return budget, current
-
-    async def settle(self, settlements: Sequence[tuple[uuid.UUID, Decimal]]) -> Closed:
-        """Closes reservations with their actual cost; an excess counts as overrun.
-
-        Settling a settled reservation with the same actual is a no-op; an
-        expired one can still be settled (the work was done); a released one
-        cannot.
-        """
-        ids = list(dict.fromkeys(rid for rid, _ in settlements))
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                budget, current = await self._closing(ids, conn)
-                freed, spent, overrun = ZERO, ZERO, ZERO
-                changed: dict[uuid.UUID, Decimal] = {}
-                for rid, actual in settlements:
-                    r = current[rid]
-                    if r.state == "settled":
-                        if r.actual != actual:
-                            raise FailedPrecondition(
-                                f"reservation {rid} was settled with {_fmt(r.actual or ZERO)}, "
-                                f"not {_fmt(actual)}",
-                                subject=f"reservations/{rid}",
-                            )
-                        continue
-                    if r.state == "released":
-                        raise FailedPrecondition(f"reservation {rid} was released; it cannot be settled",
-                                                 subject=f"reservations/{rid}")
-                    if r.state == "open":
-                        freed = EXACT.add(freed, r.amount)
-                    spent = EXACT.add(spent, actual)
-                    overrun = EXACT.add(overrun, max(EXACT.subtract(actual, r.amount), ZERO))
-                    current[rid] = replace(r, state="settled", actual=actual)
-                    changed[rid] = actual
-                if changed:
-                    await conn.execute(
-                        "UPDATE cost.reservations r SET state = 'settled', actual = s.actual, closed_at = now() "
-                        "FROM unnest($1::uuid[], $2::numeric[]) AS s(id, actual) WHERE r.reservation_id = s.id",
-                        list(changed), list(changed.values()),
-                    )
-                    row = await conn.fetchrow(
-                        "UPDATE cost.budgets SET reserved = reserved - $2, spent = spent + $3, "
-                        f"overrun = overrun + $4, updated_at = now() WHERE session_id = $1 RETURNING {_BUDGET_COLUMNS}",
-                        budget.session_id, freed, spent, overrun,
-                    )
-                    budget = _budget(row)
-        return Closed(tuple(current[rid] for rid in ids), budget)
-
-    async def release(self, ids: Sequence[uuid.UUID]) -> Closed:
-        """Gives open reservations back; released or expired ones are left as they are."""
-        ids = list(dict.fromkeys(ids))
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                budget, current = await self._closing(ids, conn)
-                freed = ZERO
-                changed = []
-                for rid in ids:
-                    r = current[rid]
-                    if r.state == "settled":
-                        raise FailedPrecondition(f"reservation {rid} was settled; it cannot be released",
-                                                 subject=f"reservations/{rid}")
-                    if r.state == "open":
-                        freed = EXACT.add(freed, r.amount)
-                        current[rid] = replace(r, state="released")
-                        changed.append(rid)
-                if changed:
-                    await conn.execute(
-                        "UPDATE cost.reservations SET state = 'released', closed_at = now() "
-                        "WHERE reservation_id = ANY($1::uuid[])",
-                        changed,
-                    )
-                    row = await conn.fetchrow(
-                        "UPDATE cost.budgets SET reserved = reserved - $2, updated_at = now() "
-                        f"WHERE session_id = $1 RETURNING {_BUDGET_COLUMNS}",
-                        budget.session_id, freed,
-                    )
-                    budget = _budget(row)
-        return Closed(tuple(current[rid] for rid in ids), budget)
-
-    async def expire_reservations(self, *, sessions: int = 100) -> int:
-        """Marks overdue reservations expired in up to `sessions` sessions; returns how many sessions."""
-        due = await self._pool.fetch(
-            "SELECT DISTINCT session_id FROM cost.reservations WHERE state = 'open' AND expires_at <= now() "
-            "LIMIT $1",
-            sessions,
-        )
-        for row in due:
-            async with self._pool.acquire() as conn:
-                async with conn.transaction():
-                    await self._lock_and_expire(conn, row["session_id"])
-        return len(due)
-
-
-def sum_new(items: Sequence[tuple[str, Decimal]], existing: dict[str, Reservation]) -> Decimal:
-    """What the not-yet-reserved keys of `items` ask for in total."""
-    seen: set[str] = set()
-    total = ZERO
-    for key, amount in items:
-        if key in existing or key in seen:
-            continue
-        seen.add(key)
-        total = EXACT.add(total, amount)
-    return total
-
-
-def _refused(budget: Budget, requested: Decimal) -> ResourceExhausted:
-    remaining = budget.remaining
-    numbers = {
-        "limit": _fmt(budget.limit),
-        "reserved": _fmt(budget.reserved),
-        "spent": _fmt(budget.spent),
-        "requested": _fmt(requested),
-        "remaining": _fmt(remaining),
-        "currency_code": "USD",
-    }
-    description = (
-        f"limit {numbers['limit']} USD, reserved {numbers['reserved']}, spent {numbers['spent']}: "
-        f"{numbers['requested']} more does not fit in the {numbers['remaining']} remaining"
-    )
-    return ResourceExhausted(
-        f"the budget of session {budget.session_id} is exhausted: {description}",
-        violations=[QuotaViolation(f"sessions/{budget.session_id}/budget", description)],
-        metadata={**numbers, "session_id": str(budget.session_id)},
-    )
-
 
 # ----------------------------------------------------------------- change feed
 

@@ -37,13 +37,27 @@ class SessionSettings(ServiceSettings):
     publish_batch: int = 1000
     # Run time of a stage: base seconds plus seconds per MiB of the file. The
     # worker gets it as its soft time limit (the hard limit adds
-    # `time_limit_grace`); a running run's lease is the hard limit plus grace.
+    # `time_limit_grace`) and stops a run by then.
     lease_base: float = 300.0
     lease_per_mib: float = 2.0
     time_limit_grace: float = 30.0
-    # How long a queued message may wait for a worker before its run is
-    # considered lost (the message expires with the lease).
-    queue_wait: float = 900.0
+    # A queued or running stage run holds a lease of `lease_ttl` seconds that
+    # the lease keeper (services/session/leases.py) renews every
+    # `probe_interval` seconds while the run is seen alive: its message waits
+    # in a stage queue, or a worker holds it (prefetched, running, or finished
+    # and waiting in the worker's outbox). A run unseen for `lease_ttl` is
+    # lost (a killed worker, a flushed broker): the reconciler expires it and
+    # its document gets a new attempt. Expiry waits until the keeper has been
+    # seeing for a whole `lease_ttl` (after a start or an outage of Postgres
+    # or the broker), so nothing is expired for want of a look.
+    lease_ttl: float = Field(default=45.0, ge=1.0)
+    probe_interval: float = Field(default=5.0, gt=0)
+    # How long a probe waits for the workers' answers.
+    probe_timeout: float = Field(default=1.0, gt=0)
+    # How long a message may wait in its queue before a worker drops it unread
+    # (Celery's `expires`). Its run's lease is renewed meanwhile; a message
+    # older than this belongs to a run expired long ago.
+    queue_wait: float = 6 * 3600.0
     # Seconds between reconciler passes over expired leases.
     reconcile_interval: float = 5.0
     # Attempts of a stage before a retryable error becomes a failure.

@@ -66,15 +66,15 @@ MIB = 1024 * 1024
 
 
 def timing_for(settings: SessionSettings, size_bytes: int) -> Timing:
-    """Time limits and leases of a stage run, scaled by the file's size.
+    """Time limits, lease and deadline of a stage run, scaled by the file's size.
 
-    The running lease is computed the same way in the store's
-    ReportStageStarted statement (`lease_seconds` there).
+    The deadline is computed the same way in the store's ReportStageStarted
+    statement (`deadline_seconds` there).
     """
     soft = math.ceil(settings.lease_base + settings.lease_per_mib * (size_bytes / MIB))
     hard = soft + math.ceil(settings.time_limit_grace)
     grace = settings.time_limit_grace
-    return Timing(soft, hard, settings.queue_wait + hard + grace, hard + grace)
+    return Timing(soft, hard, settings.lease_ttl, hard + grace, settings.queue_wait)
 
 
 def message_for(d: Dispatched, trace_parent: str | None = None) -> StageMessage:
@@ -93,7 +93,8 @@ def message_for(d: Dispatched, trace_parent: str | None = None) -> StageMessage:
         category=doc.category,
         page_count=doc.page_count,
         ocr_page_count=doc.ocr_page_count,
-        lease_seconds=d.timing.running_lease,
+        lease_seconds=d.timing.deadline,
+        start_unasked_until=d.lease_expires_at.isoformat(),
         options={"task_id": d.task_id, "mime_type": doc.mime_type},
     )
     return StageMessage(
@@ -101,7 +102,7 @@ def message_for(d: Dispatched, trace_parent: str | None = None) -> StageMessage:
         payload=payload,
         soft_time_limit=d.timing.soft_time_limit,
         time_limit=d.timing.time_limit,
-        expires_at=d.lease_expires_at,
+        expires_at=d.message_expires_at,
         trace_parent=trace_parent,
     )
 
@@ -202,11 +203,13 @@ class Dispatcher:
         everything = frozenset(c.document.document_id for c in paid)
         if self._cost is None:
             return Reservations(refused=everything)
-        items = [(f"{c.document.document_id}/{c.stage}/{c.attempt}", c.estimate) for c in paid]
+        items = [
+            (f"{c.document.document_id}/{c.stage}/{c.attempt}", c.estimate, c.document.document_id)
+            for c in paid
+        ]
         # Held until the document is done: all its stages, retries included.
-        ttl = max(
-            24 * 3600.0, 3 * self.timing(max(c.document.size_bytes for c in paid)).queued_lease
-        )
+        longest = self.timing(max(c.document.size_bytes for c in paid))
+        ttl = max(24 * 3600.0, 3 * (longest.message_ttl + longest.deadline))
         try:
             try:
                 reserved = await self._cost.reserve(session.session_id, items, ttl)

@@ -272,12 +272,17 @@ class CostPeer:
         return _budget(response.budget)
 
     async def reserve(
-        self, session_id: str, items: Sequence[tuple[str, Decimal]], ttl_seconds: float
+        self, session_id: str, items: Sequence[tuple[str, Decimal, str]], ttl_seconds: float
     ) -> Reserved:
+        """Reserves (key, amount, document id) items; a document's charges count against its
+        reservation."""
         request = cost_service_pb2.ReserveBudgetRequest(
             session_id=session_id,
             items=[
-                cost_service_pb2.ReservationItem(key=k, amount=convert.money(a)) for k, a in items
+                cost_service_pb2.ReservationItem(
+                    key=k, amount=convert.money(a), document_id=document_id
+                )
+                for k, a, document_id in items
             ],
             ttl=convert.duration(ttl_seconds),
             allow_partial=True,

@@ -29,7 +29,9 @@ Flower shows each task's `argsrepr` (session, document, stage, attempt).
 
 `CeleryProbe` answers the pipeline overview's questions only the broker
 can: how deep each stage queue is and which workers are online (see its
-docstring for the costs and the caching).
+docstring for the costs and the caching). `CeleryRunTracker` tells the
+lease keeper which runs are alive (messages waiting in the stage queues,
+runs the workers hold) and takes unwanted runs back (revoke, purge).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import socket
 import threading
@@ -46,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from services.common import telemetry
-from services.common.tasks import QUEUES, TASK_NAMES, StagePayload
+from services.common.tasks import HELD_COMMAND, QUEUES, TASK_NAMES, StagePayload
 
 logger = logging.getLogger(__name__)
 
@@ -402,3 +405,151 @@ class CeleryProbe:
         await loop.run_in_executor(self._depths_thread, self._depths.close)
         self._workers_thread.shutdown(wait=True)
         self._depths_thread.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------- which runs are alive
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """Task ids seen alive in one look at the broker and the workers."""
+
+    # Messages waiting in the stage queues.
+    queued: frozenset[str]
+    # Runs held by the workers that answered: prefetched, running, or finished and
+    # waiting in their outbox.
+    held: frozenset[str]
+    workers: int
+
+    @property
+    def alive(self) -> frozenset[str]:
+        return self.queued | self.held
+
+
+class RunTracker(Protocol):
+    """Sees which runs are alive; takes back the messages of runs no longer wanted."""
+
+    async def sight(self) -> Sighting: ...
+
+    async def forget(self, task_ids: Sequence[str]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class CeleryRunTracker:
+    """Reads the stage queues (Redis lists) and asks the workers what they hold.
+
+    A look is one LRANGE per stage queue (and its priority lists), whose
+    messages carry their task id in their headers, and one broadcast of the
+    workers' `docimport_held` command, answered by each worker's main process
+    within `timeout` seconds. The queues hold at most the session service's
+    in-flight cap of messages, so a look stays small. `forget` revokes task
+    ids (every worker then drops such a message unrun) and removes their
+    messages from the queues. Own connection and thread (kombu connections
+    are not thread-safe); any broker failure raises, so that the caller
+    never takes a failed look for an empty broker.
+    """
+
+    def __init__(self, broker_url: str, *, timeout: float = 1.0) -> None:
+        from celery import Celery
+
+        self._app = Celery("docimport-session-tracker", broker=broker_url, set_as_current=False)
+        self._app.conf.update(
+            broker_connection_retry_on_startup=False,
+            broker_connection_timeout=max(timeout, 2.0),
+        )
+        self._timeout = timeout
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="celery-tracker")
+        # Two connections: the broadcasts' replies are consumed on one, and its Redis client
+        # is not free for other commands meanwhile; the queues are read on the other.
+        self._connections: dict[str, Any] = {}
+
+    def _conn(self, purpose: str) -> Any:
+        if purpose not in self._connections:
+            connection = self._app.connection_for_read()
+            connection.ensure_connection(max_retries=1, timeout=max(self._timeout, 2.0))
+            self._connections[purpose] = connection
+        return self._connections[purpose]
+
+    def _reset(self) -> None:
+        connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            try:
+                connection.release()
+            except Exception:  # noqa: BLE001 - the connection is already broken
+                pass
+
+    def _lists(self) -> tuple[Any, list[str]]:
+        """The Redis client and the names of every stage queue's lists."""
+        channel = self._conn("queues").default_channel
+        client = getattr(channel, "client", None)
+        if client is None or not hasattr(channel, "_q_for_pri"):
+            raise RuntimeError("the lease probe reads Redis queues; this broker is not Redis")
+        names = []
+        for queue in QUEUES.values():
+            for pri in getattr(channel, "priority_steps", [0]):
+                name = channel._q_for_pri(queue, pri)
+                if name not in names:
+                    names.append(name)
+        return client, names
+
+    def _sight_blocking(self) -> Sighting:
+        try:
+            client, names = self._lists()
+            queued = set()
+            for name in names:
+                for raw in client.lrange(name, 0, -1):
+                    task_id = _message_id(raw)
+                    if task_id:
+                        queued.add(task_id)
+            replies = self._app.control.broadcast(
+                HELD_COMMAND, reply=True, timeout=self._timeout, connection=self._conn("control")
+            ) or []
+        except Exception:
+            self._reset()
+            raise
+        held: set[str] = set()
+        workers = 0
+        for reply in replies:
+            for answer in reply.values():
+                if isinstance(answer, dict) and isinstance(answer.get("held"), list):
+                    workers += 1
+                    held.update(str(t) for t in answer["held"])
+        return Sighting(frozenset(queued), frozenset(held), workers)
+
+    def _forget_blocking(self, task_ids: list[str]) -> None:
+        wanted_gone = set(task_ids)
+        try:
+            self._app.control.revoke(task_ids, connection=self._conn("control"))
+            client, names = self._lists()
+            for name in names:
+                for raw in client.lrange(name, 0, -1):
+                    if _message_id(raw) in wanted_gone:
+                        client.lrem(name, 1, raw)
+        except Exception:
+            self._reset()
+            raise
+
+    async def sight(self) -> Sighting:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._sight_blocking)
+
+    async def forget(self, task_ids: Sequence[str]) -> None:
+        if task_ids:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._thread, self._forget_blocking, list(task_ids))
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._reset)
+        self._thread.shutdown(wait=True)
+
+
+def _message_id(raw: bytes | str) -> str | None:
+    """The task id in the headers of a queued message (kombu's JSON envelope), if any."""
+    try:
+        message = json.loads(raw)
+        task_id = message["headers"]["id"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return task_id if isinstance(task_id, str) else None

@@ -3,7 +3,8 @@
 Owns a background task of `server.serve` (`stop()` ends it). Every
 `reconcile_interval` seconds:
 - expires stage runs whose lease ran out (a dead worker, a broker that lost
-  its queue, a message that waited too long): the run becomes `expired`,
+  its queue: nobody saw the run alive for `lease_ttl`; see leases.py), when
+  the lease keeper says a lease that ran out means that: the run becomes `expired`,
   and the document goes back to pending so the dispatcher enqueues a new
   attempt at once (keeping its budget reservation); past `max_attempts` it
   fails (retryable class, so an operator's retry may reopen it) and its
@@ -36,6 +37,7 @@ from services.common import convert
 from services.session import states as st
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
+from services.session.leases import LeaseKeeper
 from services.session.peers import CostPeer
 from services.session.store import SessionStore
 
@@ -51,17 +53,19 @@ class Reconciler:
         dispatcher: Dispatcher,
         settings: SessionSettings,
         cost: CostPeer | None = None,
+        keeper: LeaseKeeper | None = None,
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
         self._settings = settings
         self._cost = cost
+        self._keeper = keeper
         self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> int:
         """One pass; returns the number of runs expired."""
         expired = 0
-        while True:
+        while self._keeper is None or self._keeper.may_expire():
             result = await self._store.expire_leases(max_attempts=self._settings.max_attempts)
             expired += result.count
             await self._dispatcher.settle(result.settle)

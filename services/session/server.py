@@ -3,7 +3,7 @@
 `serve()` owns, opens and closes everything of the process: the asyncpg
 pool, the channels to the manifest and cost services, the Celery
 publisher and broker probe, the event hub's LISTEN connection, and the
-dispatcher and reconciler tasks. On SIGTERM: health NOT_SERVING, in-flight calls drain
+dispatcher, lease keeper and reconciler tasks. On SIGTERM: health NOT_SERVING, in-flight calls drain
 (watch streams end), the background tasks stop, then the hub, the
 publisher, the channels and the pool close, in that order.
 
@@ -11,10 +11,12 @@ The Prometheus metrics (`metrics.SessionMetrics`) are made here and
 served on `DOCIMPORT_METRICS_PORT` with the gRPC server's lifetime.
 
 `build_server` is what tests call: it takes a ready store, Enqueuer, broker
-probe and peer stubs (the caller owns them; without a probe the pipeline
-overview reports the broker as not configured) and returns the running
+probe, run tracker and peer stubs (the caller owns them; without a probe the pipeline
+overview reports the broker as not configured; without a tracker one is made
+on the broker and closed with the server) and returns the running
 server on an ephemeral port when `settings.port` is 0; with `background=False` the
-dispatcher and reconciler do not loop, and tests drive `run_once()`.
+dispatcher, lease keeper and reconciler do not loop, and tests drive
+`run_once()` (leases then run out by time alone).
 """
 
 from __future__ import annotations
@@ -33,9 +35,18 @@ from services.common.grpc_server import build_server as build_grpc_server
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
 from services.session.events import EventHub
+from services.session.leases import LeaseKeeper
 from services.session.metrics import SessionMetrics
 from services.session.peers import CostPeer, ManifestPeer
-from services.session.queue import BrokerProbe, CeleryEnqueuer, CeleryProbe, Enqueuer, QueueDepths
+from services.session.queue import (
+    BrokerProbe,
+    CeleryEnqueuer,
+    CeleryProbe,
+    CeleryRunTracker,
+    Enqueuer,
+    QueueDepths,
+    RunTracker,
+)
 from services.session.reconciler import Reconciler
 from services.session.servicer import POLICY, SERVICE_NAME, SessionServicer
 from services.session.store import SessionStore
@@ -48,8 +59,10 @@ class SessionServer(RunningServer):
     servicer: SessionServicer | None = None
     dispatcher: Dispatcher | None = None
     reconciler: Reconciler | None = None
+    keeper: LeaseKeeper | None = None
     hub: EventHub | None = None
     queue_depths: QueueDepths | None = None
+    tracker: RunTracker | None = None  # closed here when build_server made it
 
     async def stop(self, grace: float | None) -> None:
         """NOT_SERVING, then the background loops end, then the base stop: calls
@@ -59,9 +72,13 @@ class SessionServer(RunningServer):
             await self.dispatcher.stop()
         if self.reconciler is not None:
             await self.reconciler.stop()
+        if self.keeper is not None:
+            await self.keeper.stop()
         await super().stop(grace)
         if self.queue_depths is not None:
             self.queue_depths.close()
+        if self.tracker is not None:
+            await self.tracker.close()
 
 
 async def build_server(
@@ -72,6 +89,7 @@ async def build_server(
     manifest_stub: Any = None,
     cost_stub: Any = None,
     probe: BrokerProbe | None = None,
+    tracker: RunTracker | None = None,
     background: bool = True,
 ) -> SessionServer:
     timeout = settings.dependency_timeout
@@ -82,7 +100,12 @@ async def build_server(
     queue_depths = QueueDepths(settings.broker_url)
     metrics.watch_queues(queue_depths.read)
     dispatcher = Dispatcher(store, enqueuer, settings, cost, metrics)
-    reconciler = Reconciler(store, dispatcher, settings, cost)
+    own_tracker = None
+    if tracker is None and background:
+        tracker = own_tracker = CeleryRunTracker(settings.broker_url, timeout=settings.probe_timeout)
+    # Without a tracker (tests driving the loops by hand) leases run out by time alone.
+    keeper = LeaseKeeper(store, tracker, settings)
+    reconciler = Reconciler(store, dispatcher, settings, cost, keeper)
     hub = EventHub(
         settings.database_url.get_secret_value(),
         store,
@@ -103,6 +126,7 @@ async def build_server(
     )
     if background:
         dispatcher.start()
+        keeper.start()
         reconciler.start()
     return SessionServer(
         running.server,
@@ -115,8 +139,10 @@ async def build_server(
         servicer=servicer,
         dispatcher=dispatcher,
         reconciler=reconciler,
+        keeper=keeper,
         hub=hub,
         queue_depths=queue_depths,
+        tracker=own_tracker,
     )
 
 

@@ -1071,14 +1071,16 @@ class SessionServicer:
         if outcome.release:
             await self._dispatcher.release([outcome.release])
         response = pb.ReportStageStartedResponse(proceed=outcome.proceed)
-        if outcome.lease_expires_at is not None:
-            response.lease_expires_at.CopyFrom(convert.timestamp(outcome.lease_expires_at))
+        if outcome.deadline is not None:
+            response.lease_expires_at.CopyFrom(convert.timestamp(outcome.deadline))
         return response
 
     async def _apply_started(self, reports: list[StartedReport]) -> list[Any]:
         settings = self._settings
         return await self._store.apply_started(
-            reports, lease=(settings.lease_base, settings.lease_per_mib, settings.time_limit_grace)
+            reports,
+            limits=(settings.lease_base, settings.lease_per_mib, settings.time_limit_grace),
+            lease_ttl=settings.lease_ttl,
         )
 
     async def ReportStageResult(

@@ -441,9 +441,12 @@ class Timing:
 
     soft_time_limit: float
     time_limit: float
-    # Lease while queued (waiting for a worker) and once running.
-    queued_lease: float
-    running_lease: float
+    # A new lease (renewed while the run is seen alive: see services/session/leases.py).
+    lease: float
+    # How long a started run may take before its worker stops it (hard limit plus grace).
+    deadline: float
+    # How long its message may wait in the queue before a worker drops it unread.
+    message_ttl: float
 
 
 @dataclass(frozen=True)
@@ -501,6 +504,8 @@ class Dispatched:
     task_id: str
     timing: Timing
     lease_expires_at: dt.datetime
+    # When its message expires (Celery's `expires`).
+    message_expires_at: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -530,7 +535,8 @@ class StartedReport:
 class StartedOutcome:
     found: bool
     proceed: bool = False
-    lease_expires_at: dt.datetime | None = None
+    # When the run must end (its worker stops it by then).
+    deadline: dt.datetime | None = None
     # Reservation to release when the run was refused.
     release: str | None = None
 
@@ -1208,8 +1214,8 @@ act AS (
              -- a run already under way (reported late) finishes while its session is paused
              WHEN u.began IS NOT NULL AND c.s_state IN ('paused', 'budget_exhausted') THEN 'start'
              ELSE 'refuse' END AS action,
-        -- the running lease: time limit (scaled by size) plus grace
-        ceil($7 + $8 * c.size_bytes / 1048576.0) + ceil($9) + $9 AS lease_seconds
+        -- the run's deadline: time limit (scaled by size) plus grace
+        ceil($7 + $8 * c.size_bytes / 1048576.0) + ceil($9) + $9 AS deadline_seconds
     FROM u JOIN cur c USING (ord)
 ),
 nd0 AS (
@@ -1240,7 +1246,8 @@ runs AS (
         worker = CASE WHEN a.action = 'refuse' THEN r.worker
                       ELSE coalesce(nullif(a.worker, ''), r.worker) END,
         lease_expires_at = CASE WHEN a.action = 'refuse' THEN r.lease_expires_at
-                                ELSE now() + make_interval(secs => a.lease_seconds) END,
+                                ELSE greatest(r.lease_expires_at,
+                                              now() + make_interval(secs => $10)) END,
         error_code = CASE WHEN a.action = 'refuse' THEN 'refused' ELSE r.error_code END,
         error_message = CASE WHEN a.action = 'refuse'
                              THEN 'session ' || a.s_state || ' when the run started'
@@ -1248,7 +1255,8 @@ runs AS (
     FROM act a
     WHERE r.document_id = a.document_id AND r.stage = a.stage AND r.attempt = a.attempt
       AND a.action IN ('start', 'extend', 'refuse')
-    RETURNING r.document_id, r.stage, r.attempt, r.lease_expires_at
+    RETURNING r.document_id, r.stage, r.attempt,
+              now() + make_interval(secs => a.deadline_seconds) AS deadline
 ),
 docs AS (
     UPDATE session.session_documents d SET
@@ -1264,14 +1272,14 @@ docs AS (
 """
     + _REPORT_TAIL
     + """
-SELECT u.ord, c.ord IS NOT NULL AS found, a.action, runs.lease_expires_at,
+SELECT u.ord, c.ord IS NOT NULL AS found, a.action, runs.deadline,
        CASE WHEN nd.release THEN nd.reservation_id END AS release_id,
        (SELECT count(*) FROM nt) AS notified
 FROM u LEFT JOIN cur c USING (ord) LEFT JOIN act a USING (ord) LEFT JOIN nd USING (ord)
 LEFT JOIN runs ON runs.document_id = u.document_id AND runs.stage = u.stage AND runs.attempt = u.attempt
 ORDER BY u.ord
 """,
-    10,
+    11,
     _TAIL_PARAMS,
 )
 
@@ -2163,7 +2171,7 @@ class SessionStore:
                 ids = _task_ids(len(claimed))
                 for c, r, task_id in zip(claimed, rows, ids, strict=True):
                     t = timing(c.document.size_bytes)
-                    lease = db_now + dt.timedelta(seconds=t.queued_lease)
+                    lease = db_now + dt.timedelta(seconds=t.lease)
                     doc = dict(r)
                     doc.update(
                         state=st.QUEUED,
@@ -2213,6 +2221,7 @@ class SessionStore:
                         task_id,
                         t,
                         lease,
+                        db_now + dt.timedelta(seconds=t.message_ttl),
                     )
                 )
             if run_records:
@@ -2301,11 +2310,16 @@ class SessionStore:
     # ------------------------------------------------------------ reports
 
     async def apply_started(
-        self, reports: Sequence[StartedReport], *, lease: tuple[float, float, float]
+        self,
+        reports: Sequence[StartedReport],
+        *,
+        limits: tuple[float, float, float],
+        lease_ttl: float,
     ) -> list[StartedOutcome]:
         """Applies ReportStageStarted calls in one statement; one outcome per report.
 
-        `lease` is (base seconds, seconds per MiB, grace) of the running lease.
+        `limits` is (base seconds, seconds per MiB, grace) of a run's deadline;
+        a started run's lease is renewed for `lease_ttl`.
         """
         unique, index = _dedupe([(r.document_id, r.stage, r.attempt) for r in reports])
         first = [reports[i] for i in unique]
@@ -2320,9 +2334,10 @@ class SessionStore:
                     [r.task_id for r in first],
                     [r.worker for r in first],
                     [r.began for r in first],
-                    lease[0],
-                    lease[1],
-                    lease[2],
+                    limits[0],
+                    limits[1],
+                    limits[2],
+                    lease_ttl,
                     False,
                     NOTIFY_CHANNEL,
                     ORIGIN,
@@ -2339,7 +2354,7 @@ class SessionStore:
                     StartedOutcome(
                         True,
                         proceed,
-                        row["lease_expires_at"] if proceed else None,
+                        row["deadline"] if proceed else None,
                         release=_s(row["release_id"]),
                     )
                 )
@@ -2427,6 +2442,43 @@ class SessionStore:
         return result
 
     # ------------------------------------------------------------ reconciler
+
+    async def renew_leases(self, task_ids: Sequence[str], ttl: float) -> tuple[int, list[str]]:
+        """Renews for `ttl` seconds the leases of the live runs among `task_ids` (seen alive).
+
+        Returns how many were renewed and the task ids among them of runs no
+        longer live (finished, cancelled, expired), whose messages must not
+        run. A run locked at the moment (a report of it being applied, which
+        is news of it too) is skipped; rows are locked in document order, like
+        every other writer's, and never waited for.
+        """
+        if not task_ids:
+            return 0, []
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                """
+                WITH live AS (
+                    SELECT r.document_id, r.stage, r.attempt FROM session.stage_runs r
+                    WHERE r.task_id = ANY($1::text[]) AND r.state IN ('queued', 'running')
+                    ORDER BY r.document_id FOR UPDATE SKIP LOCKED
+                ),
+                renewed AS (
+                    UPDATE session.stage_runs r SET lease_expires_at =
+                        greatest(r.lease_expires_at, now() + make_interval(secs => $2))
+                    FROM live
+                    WHERE r.document_id = live.document_id AND r.stage = live.stage
+                      AND r.attempt = live.attempt
+                    RETURNING 1
+                )
+                SELECT (SELECT count(*) FROM renewed) AS renewed,
+                       array(SELECT r.task_id FROM session.stage_runs r
+                             WHERE r.task_id = ANY($1::text[])
+                               AND r.state NOT IN ('queued', 'running')) AS gone
+                """,
+                list(task_ids),
+                ttl,
+            )
+        return row["renewed"], list(row["gone"])
 
     async def expire_leases(self, *, max_attempts: int, limit: int = 1000) -> Expired:
         """Expires live runs whose lease ran out; their documents get a new attempt."""

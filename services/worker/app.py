@@ -39,6 +39,7 @@ from kombu import Exchange, Queue
 
 from services.common import logging as jsonlog
 from services.common.tasks import QUEUES, STAGES, TASK_NAMES
+from services.worker import control
 from services.worker.config import WorkerSettings
 from services.worker.metrics import WorkerMetrics
 from services.worker.runner import StageRunner, worker_name
@@ -60,6 +61,7 @@ def build_runner(
     end-to-end benchmark; everything else is as in production.
     """
     from services.worker.artifacts import open_store
+    from services.worker.journal import Journal
     from services.worker.reporting import Reporter
 
     store = open_store(settings.store_url)
@@ -71,6 +73,8 @@ def build_runner(
         started_after=settings.started_after,
         background_deliveries=settings.background_deliveries,
         delivery_linger=settings.delivery_linger,
+        journal=Journal(settings.effective_outbox_dir),
+        outbox_max_age=settings.outbox_max_age,
     )
 
 
@@ -222,12 +226,27 @@ def create_app(
                 task_id=self.request.id,
                 worker=worker_name(self.request.hostname),
                 stage=stage,
-                expires=self.request.expires,
+                redelivered=bool((self.request.delivery_info or {}).get("redelivered")),
             )
 
     for stage in STAGES:
         register(stage)
     app.docimport_runner = runner  # type: ignore[attr-defined]
+    control.install(settings.effective_outbox_dir if settings.background_deliveries else None)
+
+    def deliver_left_runs(**_: Any) -> None:
+        # A process that runs tasks starts delivering at once: finished runs a killed process
+        # left in the outbox journal are delivered even if no task comes (see outbox). In a
+        # thread: building the runner (its OCR engine) may outlast Celery's patience with a
+        # pool process's start.
+        threading.Thread(
+            target=lambda: runner.get().start_deliveries(), name="start-deliveries", daemon=True
+        ).start()
+
+    if settings.background_deliveries:
+        signals.worker_process_init.connect(deliver_left_runs, weak=False)
+        if settings.pool != "prefork":
+            signals.worker_ready.connect(deliver_left_runs, weak=False)
 
     def deliver_before_exit(**_: Any) -> None:
         # A prefork child (recycled, or at a warm shutdown) or a solo/threads worker.

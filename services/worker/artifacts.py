@@ -88,8 +88,9 @@ class ArtifactStore(Protocol):
         durable: bool = True,
     ) -> ArtifactRef: ...
 
-    def sync(self) -> None:
-        """Makes every earlier `put(durable=False)` of this thread durable."""
+    def sync(self, *, everything: bool = False) -> None:
+        """Makes every earlier `put(durable=False)` of this process durable; `everything`:
+        also those of other processes (another process's runs, adopted from the outbox)."""
         ...
 
     def versions(self, sha256: str, stage: str) -> list[str]: ...
@@ -174,21 +175,23 @@ class LocalArtifactStore:
         if durable:
             _fsync_dir(path.parent)
         else:
-            self._unsynced.paths.append(path)
+            self._unsynced.add(path)
         return _ref(file_uri(path), data)
 
-    def sync(self) -> None:
-        """One syncfs of the store's filesystem for every put(durable=False) since the last
-        call (where the OS has it), else an fsync of each file and its folder."""
-        paths = self._unsynced.paths
-        if not paths:
+    def sync(self, *, everything: bool = False) -> None:
+        """One syncfs of the store's filesystem for every put(durable=False) of this process
+        since the last call (where the OS has it), else an fsync of each file and its folder
+        (with `everything`, where syncfs is missing: a sync of every filesystem)."""
+        paths = self._unsynced.take()
+        if not paths and not everything:
             return
         if not _syncfs(self.root):
+            if everything:
+                os.sync()
             for path in paths:
                 _fsync(path)
             for folder in {path.parent for path in paths}:
                 _fsync_dir(folder)
-        paths.clear()
 
     def versions(self, sha256: str, stage: str) -> list[str]:
         """Processor versions stored for (sha256, stage), newest file first."""
@@ -233,11 +236,22 @@ def _libc_syncfs() -> Any:
         return None
 
 
-class _Unsynced(threading.local):
-    """Paths put with durable=False and not yet synced, per thread."""
+class _Unsynced:
+    """Paths put with durable=False and not yet synced, in this process (a task puts, its
+    process's delivery thread syncs)."""
 
     def __init__(self) -> None:
-        self.paths: list[Path] = []
+        self._lock = threading.Lock()
+        self._paths: list[Path] = []
+
+    def add(self, path: Path) -> None:
+        with self._lock:
+            self._paths.append(path)
+
+    def take(self) -> list[Path]:
+        with self._lock:
+            paths, self._paths = self._paths, []
+        return paths
 
 
 def _fsync(path: Path) -> None:
@@ -335,7 +349,7 @@ class S3ArtifactStore:
             return existing.ref
         return ref
 
-    def sync(self) -> None:
+    def sync(self, *, everything: bool = False) -> None:
         """Nothing to do: S3 PUTs are durable when they return."""
 
     def versions(self, sha256: str, stage: str) -> list[str]:

@@ -73,13 +73,19 @@ class WorkerSettings(ClientSettings):
     # left before it expires. 0 = every run reports its start before working.
     started_after: float = 1.0
     # Finished runs a worker process may hold for delivery by its background
-    # thread (their artifact's put, RecordCosts and ReportStageResult, several
-    # runs together): a task returns once its work is done. A process killed
-    # with runs still to deliver loses those deliveries; their leases run out
-    # and the session service runs them again. A process that exits normally
-    # delivers them first. 0 = every task delivers its own run before it
-    # returns (one RecordCosts and one ReportStageResult per run).
+    # thread (RecordCosts and ReportStageResults, several runs together): a
+    # task returns once its work is done and its run is in the outbox. 0 =
+    # every task delivers its own run before it returns.
     background_deliveries: int = Field(default=16, ge=0)
+    # The outbox journal's directory (default: `outbox` beside artifact_dir):
+    # finished runs wait there until the session service has them, so a
+    # process killed before it delivered them loses nothing; the worker's
+    # next process on the same directory delivers them. In Kubernetes, a
+    # volume that outlives the container.
+    outbox_dir: Path | None = None
+    # How long a finished run's delivery is tried again (with backoff up to
+    # 30 s) while the services do not take it, seconds.
+    outbox_max_age: float = Field(default=7 * 24 * 3600.0, gt=0)
     # Seconds the delivery thread waits for more finished runs after the first
     # of a delivery (fewer, larger calls for a little latency). With no-op
     # stages, 40 ms instead of 10 made about 10 runs a delivery instead of 4
@@ -132,6 +138,10 @@ class WorkerSettings(ClientSettings):
         if self.pool == "solo":
             return os.cpu_count() or 1
         return max(1, (os.cpu_count() or 1) // self.effective_concurrency)
+
+    @property
+    def effective_outbox_dir(self) -> Path:
+        return self.outbox_dir or self.artifact_dir.parent / "outbox"
 
     @property
     def store_url(self) -> str:

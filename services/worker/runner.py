@@ -4,36 +4,31 @@ Owns the protocol a run follows with the services:
 
 1. `ReportStageStarted`; if the session service answers proceed=false (the
    run was cancelled, superseded or is done), stop without doing anything.
-   A run whose message has more than `started_after` seconds (plus a
-   margin for clock skew) left before it expires does not wait for this:
-   it starts at once and reports its start, with the time it began, from a
-   watch thread of the runner's own only if it is still working about
-   `started_after` seconds later (one round trip instead of two for the
-   many short runs).
-   Celery drops an expired message, and the reconciler supersedes a run
-   only once its lease, at least as long as its message's life, has run
-   out; so such a run is not superseded before it reports. (An operator's
-   RetryDocuments of a stalled run whose message is still queued is the
-   exception: both attempts may then run, each charged for its own work.)
-   If the late answer is no (the session was cancelled), the run stops at
-   its next deadline check, its costs so far are recorded and nothing is
-   reported or stored; a paused session lets a run already under way
-   finish.
+   A run may skip this and start at once when its run cannot have been
+   superseded yet: its message was not redelivered (by a worker that died
+   holding it) and its first lease has more than `START_MARGIN` seconds to
+   go (`start_unasked_until` in the payload; a lease only runs out unseen
+   for the session service's `lease_ttl`). It then reports its start, with
+   the time it began, from a watch thread of the runner's own only if it is
+   still working `started_after` seconds later (one round trip instead of
+   two for the many short runs). If that late answer is no (the session was
+   cancelled), the run stops at its next deadline check, nothing is stored,
+   and what it did is charged and reported as `not_wanted`; a paused
+   session lets a run already under way finish.
 2. Look the output up in the artifact store by (sha256, stage, processor
    version). A hit does no work and costs nothing: its cost events carry
    `cache_hit=True` and the units the original run used (kept in the
    artifact), so the cost service can report what the cache `saved`. A miss
-   runs the stage; its artifact is stored in step 3 (on a store that bills
-   requests (S3), before the run's cost events are made, so that its PUT is
-   counted).
-3. Deliver: store the artifact, `RecordCosts` (kind ACTUAL) and report the
-   result. By default (`background_deliveries` > 0) the task hands these
-   to its process's delivery thread (services/worker/outbox.py) and
-   returns; the thread delivers the runs that finished meanwhile together:
-   their local puts made durable by one `sync()` of the store, one
-   RecordCosts for all their events, one `ReportStageResults`. Otherwise
-   the task delivers its own run, its local put (two fsyncs) overlapping
-   the RecordCosts round trip, then `ReportStageResult`.
+   runs the stage and stores its artifact (with the background delivery, a
+   local put leaves its fsyncs to the delivery thread's one `sync()` for
+   several runs; a put that fails makes the run a retryable `io_error`).
+3. Deliver (services/worker/delivery.py): `RecordCosts` (kind ACTUAL) and
+   the result. By default (`background_deliveries` > 0) the task writes
+   its run to the outbox (durable: services/worker/outbox.py, journal.py)
+   and returns; the process's delivery thread delivers the runs that
+   finished meanwhile together and tries again, with backoff, until the
+   session service answers for each. Otherwise the task delivers its own
+   run and fails when that fails (its lease then runs out).
    The cost events: CPU seconds of the run as local/compute_second
    (`time.process_time`, which in a prefork child is this task's CPU,
    onnxruntime's threads included), Textract pages as aws_textract/ocr_page,
@@ -41,37 +36,24 @@ Owns the protocol a run follows with the services:
    failure is charged too. Local OCR is charged through its CPU seconds
    (the price book has no local per-page price). The ledger key (session,
    document, stage, attempt, service, operation, kind) makes a replay free.
-   Events of an operation the price book in force does not price are
-   dropped (logged) and the rest recorded (a batch the ledger refuses is
-   recorded one run per call, so no run loses its charge to another's
-   refusal); any other refusal is logged and the result reported without a
-   cost.
-   The result: artifacts, stats, duration, the run's own RecordCosts total,
+   The result: artifacts, stats, duration, the run's RecordCosts total,
    and on failure the error class (PERMANENT for corrupt, encrypted,
-   unsupported, empty...; RETRYABLE otherwise), code and message. A put
-   (or the batch's sync) that fails turns the run into a retryable
-   `io_error` failure.
+   unsupported, empty...; RETRYABLE otherwise), code and message.
 
 A worker never enqueues anything and never retries a run itself: failures
-are reported and the session service decides. If a report cannot be
-delivered (UNAVAILABLE after the in-process retries) the exception
-propagates and the task fails (the delivery thread logs it instead); the
-run's lease expires and the reconciler runs it again. The run stops
-cooperatively at its lease (the earlier of the payload's `lease_seconds`
-and the lease ReportStageStarted returns).
+are reported and the session service decides. The run stops cooperatively
+at its deadline (the earlier of the payload's `lease_seconds` and the
+deadline ReportStageStarted returns).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextvars
 import datetime as dt
-import decimal
 import functools
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -82,16 +64,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from billiard.exceptions import SoftTimeLimitExceeded
-from docimport.common.v1 import common_pb2
 from docimport.cost.v1 import cost_service_pb2
 from docimport.session.v1 import session_service_pb2
-from opentelemetry import trace
-
-from services.common import convert
-from services.common.errors import status_code
+from services.common import convert, telemetry
 from services.common.logging import bind
 from services.common.tasks import StagePayload
 from services.worker.artifacts import ArtifactRef, ArtifactStore
+from services.worker.delivery import Deliverer, Delivery
+from services.worker.journal import Journal
 from services.worker.outbox import Outbox
 from services.worker.processors.base import (
     Deadline,
@@ -100,23 +80,22 @@ from services.worker.processors.base import (
     StageError,
     Usage,
 )
-from services.worker.reporting import TRANSIENT, Reporter
+from services.worker.reporting import Reporter
 from services.worker.stages import ARTIFACT_KINDS, Stage
 
 if TYPE_CHECKING:
     from services.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
-_tracer = trace.get_tracer(__name__)
 
 COMPUTE = ("local", "compute_second")
 OCR_PAGE = "ocr_page"
 # Engines whose pages are priced per page; local engines are priced by CPU time.
 PER_PAGE_OCR_SERVICES = frozenset({"aws_textract"})
 MAX_MESSAGE = 2000
-# Seconds of a message's life a run keeps in hand before it may skip reporting its start:
-# clock skew between the session service and this worker, and a report's retries.
-START_MARGIN = 60.0
+# Seconds before its first lease ends (the payload's `start_unasked_until`) a run still
+# starts without asking: clock skew between the session service and this worker.
+START_MARGIN = 10.0
 _MICRO = Decimal("0.000001")
 # Session-service answers to ReportStageStarted that mean "this run is not wanted".
 _NOT_WANTED = frozenset(
@@ -157,43 +136,6 @@ class RunOutcome:
             "stats": self.stats,
             **({"delivery": "queued"} if self.queued else {}),
         }
-
-
-@dataclass
-class _Done:
-    """A run whose work is over: what is left to store, charge and report."""
-
-    run_key: dict[str, Any]
-    stage: str
-    outcome: RunOutcome
-    events: list[cost_service_pb2.CostEvent]
-    # the artifact's put, still to be done (a store that bills no requests)
-    store_artifact: Callable[[], ArtifactRef] | None
-    error: StageError | None
-    ocr_pages: int
-    context: contextvars.Context  # the run's log fields, for what is logged on its behalf
-
-    def store(self, *, durable: bool = True) -> None:
-        """Does the put, if any; its failure becomes the run's (retryable) error."""
-        if self.store_artifact is None:
-            return
-        try:
-            self.outcome.artifacts = [self.store_artifact(durable=durable)]
-        except Exception as exc:  # noqa: BLE001 - reported like a failure of the stage
-            self.fail(exc)
-
-    def fail(self, exc: BaseException) -> None:
-        self.outcome.succeeded = False
-        self.outcome.artifacts = []
-        self.error = _stage_error(exc, self.stage)
-        self.note_error()
-
-    def note_error(self) -> None:
-        """Puts the run's error, if any, on its outcome (what the task returns and logs)."""
-        if self.error is not None:
-            self.outcome.error_code = self.error.code
-            self.outcome.permanent = self.error.permanent
-            self.outcome.stats.setdefault("ocr_pages", self.ocr_pages)
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
@@ -256,10 +198,16 @@ class StageRunner:
         started_after: float = 0.0,
         background_deliveries: int = 0,
         delivery_linger: float = 0.0,
+        journal: Journal | None = None,
+        outbox_max_age: float = 7 * 24 * 3600.0,
     ) -> None:
         self.stages = stages
         self.store = store
         self.reporter = reporter
+        self.deliverer = Deliverer(store, reporter)
+        # The outbox's durable half (finished runs survive this process); None: memory only.
+        self.journal = journal
+        self.outbox_max_age = outbox_max_age
         self.metrics = metrics
         # Seconds a run works before it reports its start (0: it reports first; see step 1).
         self.started_after = started_after
@@ -267,9 +215,8 @@ class StageRunner:
         # its own run before it returns.
         self.background_deliveries = background_deliveries
         self.delivery_linger = delivery_linger
-        self._outbox: Outbox[_Done] | None = None
+        self._outbox: Outbox | None = None
         self._outbox_lock = threading.Lock()  # the threads pool's tasks share the runner
-        self._recording: concurrent.futures.ThreadPoolExecutor | None = None
         self._starts: _StartWatch | None = None
 
     def run(
@@ -279,9 +226,10 @@ class StageRunner:
         task_id: str,
         worker: str,
         stage: str,
-        expires: str | dt.datetime | None = None,
+        redelivered: bool = False,
     ) -> dict[str, Any]:
-        """Runs one task; `expires` is when its message expires (Celery's `expires`)."""
+        """Runs one task; `redelivered`: its message came back from a worker that did not
+        acknowledge it (Celery's delivery_info), so its run may have been superseded."""
         try:
             payload = StagePayload.from_json(payload_json)
         except (TypeError, ValueError, AttributeError) as exc:
@@ -295,7 +243,7 @@ class StageRunner:
                     task_id=task_id,
                     worker=worker,
                     task_stage=stage,
-                    expires=_expiry(expires),
+                    redelivered=redelivered,
                 )
             except BaseException:
                 if self.metrics is not None:
@@ -330,7 +278,7 @@ class StageRunner:
         task_id: str,
         worker: str,
         task_stage: str,
-        expires: dt.datetime | None = None,
+        redelivered: bool = False,
     ) -> RunOutcome:
         stage_enum = convert.stage_value(payload.stage) if payload.stage in ARTIFACT_KINDS else 0
         # the run's key, as both reports give it
@@ -343,7 +291,7 @@ class StageRunner:
         }
         start = session_service_pb2.ReportStageStartedRequest(**run_key)
         started = None
-        if not self._may_start_unasked(expires):
+        if not self._may_start_unasked(payload, redelivered):
             started = _ask_start(self.reporter, start)
             if started is None or not started.proceed:
                 return RunOutcome(proceed=False)
@@ -409,115 +357,54 @@ class StageRunner:
 
         refused = late is not None and self._start_watch().finish(late)
         cpu_seconds = time.process_time() - cpu_start
-        duration = time.monotonic() - wall_start
-        outcome.seconds = duration
-        events = self._cost_events(payload, stage_enum, cpu_seconds, usage, stored_usage)
+        outcome.seconds = time.monotonic() - wall_start
         if refused:
-            # No longer wanted (its session was cancelled): what it did is charged, nothing stored.
-            self._record(events)
-            return RunOutcome(proceed=False, seconds=duration)
-        done = _Done(
-            run_key=run_key,
-            stage=payload.stage,
-            outcome=outcome,
-            events=events,
-            store_artifact=store_artifact,
-            error=error,
-            ocr_pages=usage.total_ocr_pages,
+            # No longer wanted (its session was cancelled): nothing is stored; what it did is
+            # charged, reported as a failure the session service refuses.
+            outcome, store_artifact = RunOutcome(proceed=False, seconds=outcome.seconds), None
+            error = RetryableError("not_wanted", "the session service stopped this run")
+        needs_sync = False
+        if store_artifact is not None and error is None:
+            background = self.background_deliveries > 0
+            try:  # its fsyncs are left to the delivery thread's one sync for several runs
+                outcome.artifacts = [store_artifact(durable=not background)]
+                needs_sync = background
+            except Exception as exc:  # noqa: BLE001 - reported like a failure of the stage
+                outcome.succeeded, outcome.artifacts = False, []
+                error = _stage_error(exc, payload.stage)
+        events = self._cost_events(payload, stage_enum, cpu_seconds, usage, stored_usage)
+        if error is not None:
+            outcome.succeeded = False
+            outcome.error_code, outcome.permanent = error.code, error.permanent
+            outcome.stats.setdefault("ocr_pages", usage.total_ocr_pages)
+        delivery = Delivery(
+            task_id,
+            payload.session_id,
+            payload.document_id,
+            payload.stage,
+            self._result_request(run_key, payload.stage, outcome, error),
+            events,
+            needs_sync=needs_sync,
+            traceparent=telemetry.current_traceparent(),
             context=contextvars.copy_context(),
         )
-        done.note_error()
         if self.background_deliveries > 0:
             # Step 3 from the process's delivery thread (see outbox).
             outcome.queued = True
-            self._outbox_of_process().put(done)
-        else:
-            self._deliver(done)
+            self._outbox_of_process().put(delivery)
+        elif self.deliverer.deliver([delivery]):
+            raise RuntimeError(f"could not deliver the result of run {task_id}; see the log")
         return outcome
 
     # -- delivery: the put, the costs and the result -------------------------
 
-    def _deliver(self, done: _Done) -> None:
-        """One run's delivery, before its task returns."""
-        if done.store_artifact is None:
-            cost = self._record(done.events)
-        else:
-            # A store that bills no requests (a local folder): its put (two fsyncs) and the
-            # RecordCosts round trip overlap, the call in this run's context (log fields, trace);
-            # the result waits for both.
-            recording = self._recorder().submit(
-                contextvars.copy_context().run, self._record, done.events
-            )
-            done.store()
-            cost = recording.result()
-        try:
-            self.reporter.stage_result(self._result_request(done, cost))
-        except grpc.RpcError as exc:
-            if exc.code() not in _NOT_WANTED:
-                raise
-            logger.warning(
-                "session service refused the result: %s: %s", exc.code(), exc.details()
-            )
-
-    def _deliver_batch(self, batch: list[_Done]) -> None:
-        """Several runs' deliveries at once, from the delivery thread: their puts (made durable
-        together by one `sync`), then one RecordCosts for all their events, then one
-        ReportStageResults.
-
-        Traced as a part of the runs' own traces: one run's delivery in its context (its calls
-        are children of its task's span), several in a span of their own linked to each run's.
-        """
-        try:
-            if len(batch) == 1:
-                # a copy: the run's own context is entered again inside, for each step
-                batch[0].context.copy().run(self._deliver_together, batch)
-                return
-            links = [
-                trace.Link(context)
-                for context in (
-                    done.context.run(trace.get_current_span).get_span_context() for done in batch
-                )
-                if context.is_valid
-            ]
-            with _tracer.start_as_current_span(
-                "deliver stage runs", links=links, attributes={"docimport.runs": len(batch)}
-            ):
-                self._deliver_together(batch)
-        except Exception:
-            if self.metrics is not None:
-                for done in batch:
-                    self.metrics.failed(done.stage)
-            raise  # logged by the outbox
-
-    def _deliver_together(self, batch: list[_Done]) -> None:
-        for done in batch:
-            done.context.run(done.store, durable=False)
-        try:
-            self.store.sync()
-        except OSError as exc:  # the artifacts may not be on disk: none of them is reported
-            for done in batch:
-                if done.store_artifact is not None and done.error is None:
-                    done.context.run(done.fail, exc)
-        costs = self._record_runs([done.events for done in batch])
-        requests = [self._result_request(d, c) for d, c in zip(batch, costs, strict=True)]
-        answers = self.reporter.stage_results(requests)  # the outbox's batches fit one call
-        for done, answer in zip(batch, answers, strict=True):
-            if answer.code:
-                code = status_code(answer.code)
-                done.context.run(
-                    logger.warning if code in _NOT_WANTED else logger.error,
-                    "session service refused the result: %s: %s",
-                    code.name,
-                    answer.message,
-                )
-
+    @staticmethod
     def _result_request(
-        self, done: _Done, cost: common_pb2.Money | None
+        run_key: dict[str, Any], stage: str, outcome: RunOutcome, error: StageError | None
     ) -> session_service_pb2.ReportStageResultRequest:
-        outcome, error = done.outcome, done.error
-        outcome.cost = cost.amount if cost is not None else ""
+        """The run's result, without its cost (known once its events are recorded)."""
         request = session_service_pb2.ReportStageResultRequest(
-            **done.run_key,
+            **run_key,
             succeeded=error is None,
             cache_hit=outcome.cache_hit,
             duration=convert.duration(Decimal(f"{outcome.seconds:.6f}")),
@@ -530,7 +417,7 @@ class StageRunner:
             ),
             artifacts=[
                 session_service_pb2.Artifact(
-                    kind=ARTIFACT_KINDS.get(done.stage, ""),
+                    kind=ARTIFACT_KINDS.get(stage, ""),
                     uri=a.uri,
                     sha256=a.sha256,
                     size_bytes=a.size_bytes,
@@ -538,8 +425,6 @@ class StageRunner:
                 for a in outcome.artifacts
             ],
         )
-        if cost is not None:
-            request.cost.CopyFrom(cost)
         if error is not None:
             request.error_class = (
                 session_service_pb2.ERROR_CLASS_PERMANENT
@@ -566,32 +451,30 @@ class StageRunner:
             self._starts = _StartWatch(self.reporter, self.started_after)
         return self._starts
 
-    def _recorder(self) -> concurrent.futures.ThreadPoolExecutor:
-        """The thread that records a run's costs while its artifact is stored (made on first use,
-        so in the process that runs tasks, never in a prefork parent)."""
-        if self._recording is None:
-            self._recording = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="record-costs"
-            )
-        return self._recording
+    def start_deliveries(self) -> None:
+        """Starts this process's delivery thread (it adopts runs dead processes left)."""
+        if self.background_deliveries > 0:
+            self._outbox_of_process().start()
 
-    def _outbox_of_process(self) -> Outbox[_Done]:
+    def _outbox_of_process(self) -> Outbox:
         """The delivery thread's queue (made on first use, in the process that runs tasks)."""
         with self._outbox_lock:
             if self._outbox is None:
                 self._outbox = Outbox(
-                    self._deliver_batch,
+                    self.deliverer.deliver,
+                    self.journal,
                     max_pending=self.background_deliveries,
                     linger=self.delivery_linger,
+                    max_age=self.outbox_max_age,
                 )
             return self._outbox
 
-    def _may_start_unasked(self, expires: dt.datetime | None) -> bool:
+    def _may_start_unasked(self, payload: StagePayload, redelivered: bool) -> bool:
         """True when a run may work before it reports its start (step 1)."""
-        if self.started_after <= 0 or expires is None:
+        until = _expiry(payload.start_unasked_until)
+        if self.started_after <= 0 or redelivered or until is None:
             return False
-        left = (expires - dt.datetime.now(dt.UTC)).total_seconds()
-        return left > self.started_after + START_MARGIN
+        return (until - dt.datetime.now(dt.UTC)).total_seconds() > START_MARGIN
 
     @staticmethod
     def _lease_left(
@@ -658,71 +541,6 @@ class StageRunner:
         if cache_hit:
             logger.debug("cache hit: %d saved-cost events", len(events))
         return events
-
-    def _record(self, events: list[cost_service_pb2.CostEvent]) -> common_pb2.Money | None:
-        """The total RecordCosts charged, or None when the ledger refused the events."""
-        if not events:
-            return None
-        try:
-            return self._record_batch(events)
-        except grpc.RpcError as exc:
-            if exc.code() in TRANSIENT:
-                raise
-            unpriced = _unpriced(exc) if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else set()
-            kept = [e for i, e in enumerate(events) if i not in unpriced]
-            if not unpriced or not kept:
-                # A refusal no retry can fix (a bad token, a malformed event): report the
-                # stage anyway; the session's verification flags the missing costs.
-                logger.error(
-                    "cost service refused the run's cost events: %s: %s", exc.code(), exc.details()
-                )
-                return None
-            logger.warning(
-                "the price book has no price for %s; recording the other events",
-                ", ".join(sorted({f"{events[i].service}/{events[i].operation}" for i in unpriced})),
-            )
-        try:
-            return self._record_batch(kept)
-        except grpc.RpcError as exc:
-            if exc.code() in TRANSIENT:
-                raise
-            logger.error(
-                "cost service refused the run's cost events: %s: %s", exc.code(), exc.details()
-            )
-            return None
-
-    def _record_runs(
-        self, runs: list[list[cost_service_pb2.CostEvent]]
-    ) -> list[common_pb2.Money | None]:
-        """Each run's RecordCosts total, from one call for all their events when the ledger takes
-        them; when it refuses some, one call per run (so one run's refusal costs no other its
-        charge)."""
-        charged = [i for i, events in enumerate(runs) if events]
-        if len(charged) <= 1:
-            return [self._record(events) for events in runs]
-        try:
-            response = self.reporter.record_costs(
-                cost_service_pb2.RecordCostsRequest(events=[e for i in charged for e in runs[i]])
-            )
-        except grpc.RpcError as exc:
-            if exc.code() in TRANSIENT:
-                raise
-            return [self._record(events) for events in runs]
-        totals: list[common_pb2.Money | None] = [None] * len(runs)
-        first = 0
-        with decimal.localcontext(prec=60):  # exact sums of ledger amounts (16 places)
-            for i in charged:
-                recorded = response.events[first : first + len(runs[i])]
-                first += len(runs[i])
-                totals[i] = convert.money(
-                    sum((Decimal(e.amount.amount or "0") for e in recorded), Decimal(0)),
-                    response.total.currency_code or convert.CURRENCY,
-                )
-        return totals
-
-    def _record_batch(self, events: list[cost_service_pb2.CostEvent]) -> common_pb2.Money:
-        response = self.reporter.record_costs(cost_service_pb2.RecordCostsRequest(events=events))
-        return response.total
 
 
 class _LateStart:
@@ -838,25 +656,3 @@ def _expiry(value: str | dt.datetime | None) -> dt.datetime | None:
     if not isinstance(value, dt.datetime):
         return None
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
-
-
-_UNPRICED_FIELD = re.compile(r"^events\[(\d+)\]\.operation$")
-
-
-def _unpriced(error: grpc.RpcError) -> set[int]:
-    """Indexes of the events an INVALID_ARGUMENT says have no price (from its BadRequest)."""
-    from google.rpc import error_details_pb2
-
-    from services.common.errors import details_of
-
-    try:
-        requests = details_of(error, error_details_pb2.BadRequest)
-    except (AttributeError, TypeError, ValueError):  # an error without status details
-        return set()
-    found = set()
-    for request in requests:
-        for violation in request.field_violations:
-            match = _UNPRICED_FIELD.match(violation.field)
-            if match and "no price" in violation.description:
-                found.add(int(match.group(1)))
-    return found

@@ -9,7 +9,7 @@ from docimport.cost.v1 import cost_service_pb2 as pb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import CostHarness
+from .conftest import CPU_RATE, CostHarness
 from .helpers import dec, event, new_id, usd
 
 OPERATIONS = [("svc_a", "op_a"), ("svc_a", "op_b"), ("svc_b", "op_a"), ("svc_c", "op_c")]
@@ -86,30 +86,46 @@ async def test_ledger_totals_are_exact_decimal_sums(cost: CostHarness, unit_pric
 amounts = st.decimals(min_value=0, max_value=10**6, places=8, allow_nan=False, allow_infinity=False)
 
 
+units = st.decimals(min_value=0, max_value=10**6, places=6, allow_nan=False, allow_infinity=False)
+
+
 @PROPERTY
-@given(reserve=st.lists(st.tuples(amounts, amounts, st.booleans()), min_size=1, max_size=30))
-async def test_budget_spent_is_the_exact_sum_of_settled_actuals(cost: CostHarness, reserve) -> None:
+@given(reserve=st.lists(st.tuples(amounts, units, st.booleans()), min_size=1, max_size=30))
+async def test_budget_spent_is_the_exact_sum_of_the_ledger(cost: CostHarness, reserve) -> None:
+    """Whatever becomes of the reservations (settled or released), the budget's spent amount
+    is every charge of the ledger, exactly, and a settled reservation's actual its document's."""
     session = new_id()
     decimal.setcontext(EXACT)
     total_reserved = sum((r for r, _, _ in reserve), Decimal(0))
+    documents = [new_id() for _ in reserve]
     await cost.service.SetBudget(pb.SetBudgetRequest(session_id=session, limit=usd(total_reserved)))
     granted = await cost.service.ReserveBudget(pb.ReserveBudgetRequest(
         session_id=session,
-        items=[pb.ReservationItem(key=f"k{i}", amount=usd(r)) for i, (r, _, _) in enumerate(reserve)],
+        items=[pb.ReservationItem(key=f"k{i}", amount=usd(r), document_id=documents[i])
+               for i, (r, _, _) in enumerate(reserve)],
     ))
     assert dec(granted.budget.reserved) == total_reserved
-    settle = [(res, actual) for res, (_, actual, do) in zip(granted.reservations, reserve, strict=True) if do]
-    release = [res for res, (_, _, do) in zip(granted.reservations, reserve, strict=True) if not do]
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
+        event(session, document_id=documents[i], service="local", operation="compute_second",
+              units=str(u))
+        for i, (_, u, _) in enumerate(reserve)
+    ]))
+    charged = [u * CPU_RATE for _, u, _ in reserve]
+    settle = [i for i, (_, _, do) in enumerate(reserve) if do]
+    release = [i for i, (_, _, do) in enumerate(reserve) if not do]
     budget = granted.budget
     if settle:
-        budget = (await cost.service.SettleReservation(pb.SettleReservationRequest(settlements=[
-            pb.Settlement(reservation_id=res.reservation_id, actual=usd(actual)) for res, actual in settle
-        ]))).budget
+        closed = await cost.service.SettleReservation(pb.SettleReservationRequest(settlements=[
+            pb.Settlement(reservation_id=granted.reservations[i].reservation_id, actual=usd(0))
+            for i in settle
+        ]))
+        assert [dec(r.actual) for r in closed.reservations] == [charged[i] for i in settle]
+        budget = closed.budget
     if release:
         budget = (await cost.service.ReleaseReservation(pb.ReleaseReservationRequest(
-            reservation_ids=[res.reservation_id for res in release]))).budget
+            reservation_ids=[granted.reservations[i].reservation_id for i in release]))).budget
     assert dec(budget.reserved) == 0
-    assert dec(budget.spent) == sum((actual for _, actual in settle), Decimal(0))
-    assert dec(budget.overrun) == sum((max(actual - dec(res.amount), Decimal(0)) for res, actual in settle),
-                                      Decimal(0))
+    assert dec(budget.spent) == sum(charged, Decimal(0))
+    assert dec(budget.overrun) == sum(
+        (max(charged[i] - reserve[i][0], Decimal(0)) for i in settle), Decimal(0))
     assert dec(budget.remaining) == max(total_reserved - dec(budget.spent), Decimal(0))

@@ -48,7 +48,9 @@ async def test_watch_streams_totals_as_they_change(cost: CostHarness) -> None:
 
     await cost.service.SetBudget(pb.SetBudgetRequest(session_id=session, limit=usd("5")))
     fourth = await asyncio.wait_for(call.read(), 5)
-    assert fourth.budget.limit.amount == "5" and fourth.budget.remaining.amount == "5"
+    # what the session was charged before it had a budget is spent all the same
+    assert fourth.budget.limit.amount == "5" and fourth.budget.spent.amount == "0.003"
+    assert fourth.budget.remaining.amount == "4.997"
 
     # A replay changes nothing, so nothing is sent; another session's events neither.
     await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(session, units="2")]))
@@ -58,7 +60,7 @@ async def test_watch_streams_totals_as_they_change(cost: CostHarness) -> None:
     await cost.service.ReserveBudget(pb.ReserveBudgetRequest(
         session_id=session, items=[pb.ReservationItem(key="a", amount=usd("1"))]))
     fifth = await asyncio.wait_for(read, 5)
-    assert fifth.budget.reserved.amount == "1" and fifth.budget.remaining.amount == "4"
+    assert fifth.budget.reserved.amount == "1" and fifth.budget.remaining.amount == "3.997"
     call.cancel()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import asyncio
 import contextlib
 import datetime as dt
@@ -177,6 +179,7 @@ class Harness:
     stubs: dict[str, session_service_pb2_grpc.SessionServiceStub] = field(default_factory=dict)
     cost: cost_service_pb2_grpc.CostServiceStub | None = None
     worker_cost: cost_service_pb2_grpc.CostServiceStub | None = None
+    service_cost: cost_service_pb2_grpc.CostServiceStub | None = None
 
     @property
     def operator(self) -> session_service_pb2_grpc.SessionServiceStub:
@@ -259,8 +262,13 @@ class Harness:
         code: str = "",
         cache_hit: bool = False,
         duration: float | None = None,
+        charge: bool = False,
     ) -> pb.ReportStageResultResponse:
+        """Reports the run's result; with `charge`, records its cost in the ledger first, as a
+        worker does (Textract pages: `cost` must be a multiple of $0.0015)."""
         p = message.payload
+        if charge and cost is not None:
+            await self.charge(message, cost)
         request = pb.ReportStageResultRequest(
             document_id=p.document_id,
             stage=convert.stage_value(p.stage),
@@ -279,6 +287,25 @@ class Harness:
         if duration is not None:
             request.duration.CopyFrom(convert.duration(duration))
         return await self.worker.ReportStageResult(request)
+
+    async def charge(self, message: StageMessage, amount: str) -> None:
+        """Records `amount` (a multiple of a $0.0015 Textract page) for the message's run."""
+        from docimport.cost.v1 import cost_service_pb2 as cpb
+
+        pages = Decimal(amount) / Decimal("0.0015")
+        assert pages == pages.to_integral_value(), amount
+        p = message.payload
+        if self.service_cost is None:
+            channel = aio_channel(
+                f"127.0.0.1:{self.cost_port}", ClientSettings(), token="sv-test-token"
+            )
+            self.channels.append(channel)
+            self.service_cost = cost_service_pb2_grpc.CostServiceStub(channel)
+        await self.service_cost.RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
+            session_id=p.session_id, document_id=p.document_id,
+            stage=convert.stage_value(p.stage), attempt=p.attempt, service="aws_textract",
+            operation="ocr_page", units=str(int(pages)), kind=cpb.COST_KIND_ACTUAL,
+        )]))
 
     async def dispatch(self) -> list[StageMessage]:
         await self.dispatcher.run_once()

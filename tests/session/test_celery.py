@@ -27,6 +27,7 @@ from services.common.channels import sync_channel
 from services.common.config import ClientSettings
 from services.common.tasks import QUEUES, STAGES, TASK_NAMES, StagePayload
 from services.session.queue import CeleryEnqueuer, StageMessage
+from services.worker import control  # noqa: F401 - the stand-in worker answers docimport_held
 
 from .conftest import open_harness
 from .helpers import mfile, tune, wait_for
@@ -185,7 +186,8 @@ async def test_redis_losing_its_queues_loses_no_document(
         async with open_harness(
             session_settings, pool, db_url, token_env, enqueuer=enqueuer, background=True
         ) as h:
-            tune(h, queue_wait=0.5, lease_base=1.0, time_limit_grace=0.5, reconcile_interval=0.2)
+            # short leases: a run unseen (in no queue, held by no worker) for 1 s is lost
+            tune(h, lease_ttl=1.0, probe_interval=0.2, reconcile_interval=0.2)
             session = (
                 await h.create([mfile(f"{i}.pdf") for i in range(10)], max_in_flight=10)
             ).session

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 
 from docimport.session.v1 import session_service_pb2 as pb
@@ -157,6 +158,13 @@ async def test_messages_carry_the_recorded_task_id_and_scaled_limits(harness):
                 uuid.UUID(m.payload.document_id),
             )
             assert row["task_id"] == m.task_id
-            assert row["lease_expires_at"] == m.expires_at
+            # a short lease (renewed while the run is seen alive), which is also until when a
+            # worker may start the run unasked; the message itself lives for queue_wait
+            lease = row["lease_expires_at"]
+            assert m.payload.start_unasked_until == lease.isoformat()
+            settings = harness.settings
+            assert m.expires_at - lease == dt.timedelta(
+                seconds=settings.queue_wait - settings.lease_ttl
+            )
     p = messages["small.pdf"].payload
     assert p.source_path == "/data/case" and p.raw_path == b"small.pdf" and p.plan == "text_layer"

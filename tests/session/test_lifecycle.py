@@ -284,23 +284,28 @@ async def test_budget_admits_documents_and_settles_them(harness):
     # admitted documents go through every stage on their reservation
     for _stage in range(3):
         for m in messages:
-            await harness.result(m, cost="0.002")
+            await harness.result(m, cost="0.0015", charge=True)
+            if _stage < 2:  # not done yet: charged at once, held only for the rest of it
+                b = await budget(harness, session.session_id)
+                assert Decimal(b.spent.amount) + Decimal(b.reserved.amount) == Decimal("0.03")
         messages = await harness.dispatch()
         if _stage < 2:
             assert len(messages) == 3 and messages[0].payload.stage != "extract"
     assert messages == []
     await harness.server.servicer.drain()
     b = await budget(harness, session.session_id)
-    assert Decimal(b.spent.amount) == Decimal("0.018") and Decimal(b.reserved.amount) == 0
+    assert Decimal(b.spent.amount) == Decimal("0.0135") and Decimal(b.reserved.amount) == 0
     s = await get(harness, session.session_id)
     assert s.counts.completed == 3 and s.counts.pending == 7
-    # the spare budget admits one more document when the reconciler looks again
+    # the spare budget (0.0215) admits two more documents when the reconciler looks again
     await harness.reconciler.run_once()
     s = await get(harness, session.session_id)
     assert s.state == pb.SESSION_STATE_RUNNING and "budget raised" in s.state_reason
-    [m] = await harness.dispatch()
+    more = await harness.dispatch()
+    assert len(more) == 2
     assert (await get(harness, session.session_id)).state == pb.SESSION_STATE_BUDGET_EXHAUSTED
-    await harness.result(m, cost="0.002")
+    for m in more:
+        await harness.result(m, cost="0.0015", charge=True)
     # raising the budget lets the rest through
     await harness.cost.SetBudget(
         cpb.SetBudgetRequest(session_id=session.session_id, limit=convert.money("10"))

@@ -297,8 +297,8 @@ def test_proceed_false_does_nothing(
     assert not store.root.exists()
 
 
-def _expiring_in(seconds: float) -> str:
-    """A message's `expires`, as Celery gives it to a task."""
+def _unasked_for(seconds: float) -> str:
+    """The payload's `start_unasked_until`: when the run's first lease ends."""
     return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)).isoformat()
 
 
@@ -328,10 +328,8 @@ def test_a_short_run_reports_only_its_result(
     runner: StageRunner, reporter: RecordingReporter
 ) -> None:
     runner.started_after = 1.0
-    p = payload("pleadings/complaint.pdf")
-    summary = runner.run(
-        p.to_json(), task_id="t1", worker="test:1", stage="extract", expires=_expiring_in(3600)
-    )
+    p = payload("pleadings/complaint.pdf", start_unasked_until=_unasked_for(45))
+    summary = runner.run(p.to_json(), task_id="t1", worker="test:1", stage="extract")
     assert summary["succeeded"]
     assert reporter.started == []
     (costs,) = reporter.costs
@@ -340,14 +338,19 @@ def test_a_short_run_reports_only_its_result(
     assert [e.operation for e in costs.events] == ["compute_second"]
 
 
-@pytest.mark.parametrize("expires", [None, "not a time", "near"])
-def test_a_run_asks_before_working_when_its_message_is_near_expiry_or_has_none(
-    runner: StageRunner, reporter: RecordingReporter, expires: str | None
+@pytest.mark.parametrize("until", ["", "not a time", "near", "redelivered"])
+def test_a_run_asks_before_working_when_it_may_have_been_superseded(
+    runner: StageRunner, reporter: RecordingReporter, until: str
 ) -> None:
+    """Its first lease near its end (a message that waited long), unknown, or its message
+    back from a worker that died holding it: its run may be expired and run again."""
     runner.started_after = 1.0
-    p = payload("pleadings/complaint.pdf")
-    when = _expiring_in(30) if expires == "near" else expires  # under started_after + margin
-    runner.run(p.to_json(), task_id="t1", worker="test:1", stage="extract", expires=when)
+    when = {"near": _unasked_for(5), "redelivered": _unasked_for(45)}.get(until, until)
+    p = payload("pleadings/complaint.pdf", start_unasked_until=when)
+    runner.run(
+        p.to_json(), task_id="t1", worker="test:1", stage="extract",
+        redelivered=until == "redelivered",
+    )
     (started,) = reporter.started
     assert not started.HasField("started_at")
     assert len(reporter.results) == 1
@@ -363,11 +366,9 @@ def test_a_run_that_lasts_reports_its_start_while_it_works(
         reporter=reporter,  # type: ignore[arg-type]
         started_after=0.1,
     )
-    p = payload("pleadings/complaint.pdf")
+    p = payload("pleadings/complaint.pdf", start_unasked_until=_unasked_for(45))
     began = dt.datetime.now(dt.UTC)
-    summary = runner.run(
-        p.to_json(), task_id="t1", worker="test:1", stage="extract", expires=_expiring_in(3600)
-    )
+    summary = runner.run(p.to_json(), task_id="t1", worker="test:1", stage="extract")
     assert summary["succeeded"], summary
     assert slow.start_reported_while_working
     (started,) = reporter.started
@@ -376,7 +377,7 @@ def test_a_run_that_lasts_reports_its_start_while_it_works(
     assert len(reporter.costs) == 1 and reporter.results[0].succeeded
 
 
-def test_a_run_refused_while_it_works_stops_and_only_its_costs_are_recorded(
+def test_a_run_refused_while_it_works_stops_and_is_charged_as_not_wanted(
     store: LocalArtifactStore, reporter: RecordingReporter
 ) -> None:
     reporter.proceed = False  # the session was cancelled meanwhile
@@ -386,16 +387,18 @@ def test_a_run_refused_while_it_works_stops_and_only_its_costs_are_recorded(
         reporter=reporter,  # type: ignore[arg-type]
         started_after=0.1,
     )
-    p = payload("pleadings/complaint.pdf")
+    p = payload("pleadings/complaint.pdf", start_unasked_until=_unasked_for(45))
     clock = time.monotonic()
-    summary = runner.run(
-        p.to_json(), task_id="t1", worker="test:1", stage="extract", expires=_expiring_in(3600)
-    )
+    summary = runner.run(p.to_json(), task_id="t1", worker="test:1", stage="extract")
     assert time.monotonic() - clock < 5, "the run did not stop when it was refused"
     assert summary["proceed"] is False
-    assert len(reporter.started) == 1 and not reporter.results
+    assert len(reporter.started) == 1
     (costs,) = reporter.costs  # the work it did is charged
     assert [e.operation for e in costs.events] == ["compute_second"]
+    # and reported with its cost, so that the session's totals hold it (the service refuses it)
+    (result,) = reporter.results
+    assert not result.succeeded and result.error_code == "not_wanted"
+    assert Decimal(result.cost.amount) > 0
     assert not store.root.exists()  # and nothing stored
 
 
@@ -484,29 +487,24 @@ def test_events_the_price_book_does_not_price_are_dropped_not_the_rest(
     assert result.succeeded and result.HasField("cost")
 
 
-def test_a_local_artifact_is_stored_while_the_costs_are_recorded(
-    runner: StageRunner,
+def test_a_local_artifact_is_made_durable_before_its_result_is_reported(
+    background: StageRunner,
     store: LocalArtifactStore,
     reporter: RecordingReporter,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The put waits until RecordCosts is in flight: run one after the other, it would wait
-    its 10 s out and the run would fail."""
-    in_flight = threading.Event()
-    record, put = reporter.record_costs, store.put
-
-    def recording(request: Any) -> Any:
-        in_flight.set()
-        return record(request)
-
-    def put_once_recording_began(*args: Any, **kwargs: Any) -> Any:
-        assert in_flight.wait(10), "the artifact was stored before RecordCosts was sent"
-        return put(*args, **kwargs)
-
-    monkeypatch.setattr(reporter, "record_costs", recording)
-    monkeypatch.setattr(store, "put", put_once_recording_began)
-    summary = run(runner, payload("correspondence/call_notes.txt"))
-    assert summary["succeeded"], summary
+    """The task writes the artifact without its fsyncs; the delivery thread syncs the store
+    before it reports the run (a result never names an artifact that could still be lost)."""
+    order: list[str] = []
+    sync, results = store.sync, reporter.stage_results
+    monkeypatch.setattr(store, "sync", lambda **kw: (order.append("sync"), sync(**kw))[1])
+    monkeypatch.setattr(
+        reporter, "stage_results", lambda requests: (order.append("report"), results(requests))[1]
+    )
+    summary = run(background, payload("correspondence/call_notes.txt"))
+    assert summary["succeeded"] and summary["delivery"] == "queued"
+    assert background.drain(10)
+    assert order == ["sync", "report"]
     (result,) = reporter.results
     assert result.HasField("cost") and Decimal(result.cost.amount) > 0
     (artifact,) = result.artifacts
@@ -585,21 +583,25 @@ def test_a_failed_s3_put_is_tried_once_and_reported_with_its_billed_requests(
     assert not result.succeeded and not result.artifacts
 
 
-def test_cost_service_down_fails_the_task(runner: StageRunner, reporter: RecordingReporter) -> None:
+def test_cost_service_down_fails_a_task_that_delivers_its_own_run(
+    runner: StageRunner, reporter: RecordingReporter
+) -> None:
     reporter.cost_error = grpc.StatusCode.UNAVAILABLE
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(RuntimeError, match="could not deliver"):
         run(runner, payload("correspondence/call_notes.txt"))
     assert not reporter.results
 
 
-def test_session_service_down_fails_the_task(
+def test_session_service_down_fails_a_task_that_delivers_its_own_run(
     runner: StageRunner, reporter: RecordingReporter
 ) -> None:
     reporter.result_error = grpc.StatusCode.UNAVAILABLE
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(RuntimeError, match="could not deliver"):
         run(runner, payload("correspondence/call_notes.txt"))
-    reporter.result_error = grpc.StatusCode.FAILED_PRECONDITION  # e.g. the run was superseded
-    assert run(runner, payload("correspondence/call_notes.txt"))["succeeded"]
+    reporter.result_error = None
+    superseded = payload("correspondence/call_notes.txt")
+    reporter.unknown = {superseded.document_id}  # the service answers for it: refused for good
+    assert run(runner, superseded)["succeeded"]
 
 
 def test_reporter_retries_unavailable_with_backoff_then_gives_up() -> None:
@@ -736,7 +738,7 @@ def test_a_failed_sync_fails_the_batch_runs_as_io_errors_with_their_costs(
     reporter: RecordingReporter,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def failing() -> None:
+    def failing(**_: Any) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(store, "sync", failing)
@@ -750,7 +752,7 @@ def test_a_failed_sync_fails_the_batch_runs_as_io_errors_with_their_costs(
     )
 
 
-def test_refused_and_undeliverable_results_are_logged_and_delivery_goes_on(
+def test_refused_results_are_logged_and_undeliverable_ones_tried_again(
     background: StageRunner, reporter: RecordingReporter, caplog: pytest.LogCaptureFixture
 ) -> None:
     unknown = payload(FILES[0])
@@ -758,15 +760,22 @@ def test_refused_and_undeliverable_results_are_logged_and_delivery_goes_on(
     run(background, unknown)
     assert background._outbox is not None and background._outbox.drain(10)
     assert "refused the result: NOT_FOUND" in caplog.text
+    # a session service that is down: the run waits in the outbox and is tried again
+    background._outbox.retry_base = 0.05
     reporter.result_error = grpc.StatusCode.UNAVAILABLE
-    run(background, payload(FILES[1]))
-    assert background._outbox.drain(10)
-    assert "could not deliver 1 finished runs" in caplog.text
+    waiting = payload(FILES[1])
+    run(background, waiting)
+    assert not background._outbox.drain(0.5)
+    assert "will try again" in caplog.text
     reporter.result_error = None
     later = payload(FILES[2])
     run(background, later)
     assert background.drain(10)
-    assert reporter.results[-1].document_id == later.document_id
+    delivered = [r.document_id for r in reporter.results]
+    assert waiting.document_id in delivered and later.document_id in delivered
+    # charged once: its events were recorded before the first attempt to report and kept
+    charged = [e.document_id for c in reporter.costs for e in c.events]
+    assert charged.count(waiting.document_id) == 1
 
 
 def test_a_local_put_left_to_sync_is_made_durable_by_one_call(

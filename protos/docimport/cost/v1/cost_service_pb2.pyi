@@ -223,7 +223,7 @@ class EstimateCostResponse(_message.Message):
     def __init__(self, price_book_version: _Optional[int] = ..., lines: _Optional[_Iterable[_Union[PricedLine, _Mapping]]] = ..., files: _Optional[_Iterable[_Union[FileEstimate, _Mapping]]] = ..., total: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., by_service: _Optional[_Iterable[_Union[CostTotal, _Mapping]]] = ..., by_operation: _Optional[_Iterable[_Union[CostTotal, _Mapping]]] = ...) -> None: ...
 
 class CostEvent(_message.Message):
-    __slots__ = ("event_id", "session_id", "document_id", "stage", "attempt", "service", "operation", "units", "kind", "category", "cache_hit", "unit_price", "amount", "saved", "price_book_version", "occurred_at", "recorded_at")
+    __slots__ = ("event_id", "session_id", "document_id", "stage", "attempt", "service", "operation", "units", "kind", "category", "cache_hit", "unit_price", "amount", "saved", "price_book_version", "occurred_at", "recorded_at", "grant")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,7 @@ class CostEvent(_message.Message):
     PRICE_BOOK_VERSION_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_FIELD_NUMBER: _ClassVar[int]
+    GRANT_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     session_id: str
     document_id: str
@@ -258,7 +259,8 @@ class CostEvent(_message.Message):
     price_book_version: int
     occurred_at: _timestamp_pb2.Timestamp
     recorded_at: _timestamp_pb2.Timestamp
-    def __init__(self, event_id: _Optional[str] = ..., session_id: _Optional[str] = ..., document_id: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., attempt: _Optional[int] = ..., service: _Optional[str] = ..., operation: _Optional[str] = ..., units: _Optional[str] = ..., kind: _Optional[_Union[CostKind, str]] = ..., category: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., unit_price: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., amount: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., saved: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., price_book_version: _Optional[int] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    grant: str
+    def __init__(self, event_id: _Optional[str] = ..., session_id: _Optional[str] = ..., document_id: _Optional[str] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., attempt: _Optional[int] = ..., service: _Optional[str] = ..., operation: _Optional[str] = ..., units: _Optional[str] = ..., kind: _Optional[_Union[CostKind, str]] = ..., category: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., unit_price: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., amount: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., saved: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., price_book_version: _Optional[int] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., recorded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., grant: _Optional[str] = ...) -> None: ...
 
 class RecordCostsRequest(_message.Message):
     __slots__ = ("events",)
@@ -415,12 +417,14 @@ class GetBudgetResponse(_message.Message):
     def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class ReservationItem(_message.Message):
-    __slots__ = ("key", "amount")
+    __slots__ = ("key", "amount", "document_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     key: str
     amount: _common_pb2.Money
-    def __init__(self, key: _Optional[str] = ..., amount: _Optional[_Union[_common_pb2.Money, _Mapping]] = ...) -> None: ...
+    document_id: str
+    def __init__(self, key: _Optional[str] = ..., amount: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., document_id: _Optional[str] = ...) -> None: ...
 
 class ReserveBudgetRequest(_message.Message):
     __slots__ = ("session_id", "items", "ttl", "allow_partial")
