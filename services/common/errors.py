@@ -125,6 +125,13 @@ class FailedPrecondition(DomainError):
         return [failure, *super().details()]
 
 
+class PermissionDenied(DomainError):
+    """The caller may not do this (its token's scope allows the method, not this use of it)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
 class Aborted(DomainError):
     """A concurrent change got there first; try again."""
 

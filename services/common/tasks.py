@@ -59,6 +59,8 @@ class StagePayload:
     # Until when (ISO 8601) the run cannot have been superseded, its first lease
     # running: before then a worker may start it without asking first.
     start_unasked_until: str = ""
+    # What lets the worker charge this run's costs (services/common/grants.py).
+    grant: str = ""
     # Extra per-stage hints; unknown keys are ignored.
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -16,6 +16,9 @@ Decisions:
   operation): summing pages with seconds means nothing.
 - GetSessionCosts' `event_count`, `cache_hits` and `cache_savings` count
   actual events; estimates are reported separately.
+- A worker token records only actual costs of runs the session service
+  dispatched, each event carrying its run's grant (services/common/grants.py);
+  anything else is PERMISSION_DENIED, logged.
 - ListCostEvents needs a session or a document: both are indexed, so a
   page never sorts the whole ledger.
 - WatchCosts wakes on the store's change feed (LISTEN/NOTIFY), re-reads at
@@ -31,8 +34,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -42,9 +46,16 @@ from docimport.cost.v1 import cost_service_pb2 as pb
 from docimport.cost.v1 import cost_service_pb2_grpc
 
 from services.common import convert
-from services.common.auth import Scope, policy_for
+from services.common.auth import Scope, current_scope, policy_for
 from services.common.convert import LEDGER_PLACES, money
-from services.common.errors import FieldViolation, InvalidArgument, NotFound, Validator
+from services.common.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Validator,
+)
+from services.common.grants import GrantChecker
 from services.common.metrics import watching
 from services.cost import pricing
 from services.cost.config import CostSettings
@@ -67,6 +78,8 @@ from services.cost.store import (
     CostStore,
     EventFilter,
 )
+
+logger = logging.getLogger(__name__)
 
 SERVICE_FULL_NAME = pb.DESCRIPTOR.services_by_name["CostService"].full_name
 
@@ -338,6 +351,7 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         self._store = store
         self._settings = settings
         self._metrics = metrics if metrics is not None else CostMetrics()
+        self._grants = GrantChecker(settings.service_tokens)
 
     # ------------------------------------------------------------ price books
 
@@ -479,6 +493,8 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
             raise InvalidArgument.field("events", f"at most {MAX_EVENTS:,} events per request")
         if not request.events:
             return pb.RecordCostsResponse(total=money(0))
+        if current_scope.get() == Scope.WORKER:
+            self._check_worker_events(request.events)
         check = _Check()
         books: dict[int, PriceBook | None] = {}
         for version in {e.price_book_version for e in request.events}:
@@ -507,6 +523,24 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
             replayed_count=recorded.replayed,
             total=money(exact_sum(distinct.values())),
         )
+
+    def _check_worker_events(self, events: Sequence[pb.CostEvent]) -> None:
+        """A worker token records only actual costs of runs dispatched to workers, each event
+        carrying its run's grant (services/common/grants.py); anything else is refused."""
+        for i, e in enumerate(events):
+            if e.kind != pb.COST_KIND_ACTUAL:
+                why = "is not an actual cost (a worker records only what its runs did)"
+            elif not e.document_id:
+                why = "names no document (a worker records costs of its runs only)"
+            else:
+                why = self._grants.refusal(
+                    e.grant, e.session_id, e.document_id, _STAGE_NAMES.get(e.stage, ""),
+                    e.attempt,
+                )
+            if why is not None:
+                logger.warning("refused a worker's cost event %d of session %s: %s",
+                               i, e.session_id[:80], why)
+                raise PermissionDenied(f"events[{i}] {why}")
 
     @staticmethod
     def _event_in(e: pb.CostEvent, where: str, books: dict[int, PriceBook | None], check: _Check,

@@ -44,7 +44,7 @@ from decimal import Decimal
 
 import grpc
 
-from services.common import convert
+from services.common import convert, grants
 from services.common.errors import NotFound
 from services.common.tasks import StagePayload, encode_raw_path
 from services.session.config import SessionSettings
@@ -77,8 +77,19 @@ def timing_for(settings: SessionSettings, size_bytes: int) -> Timing:
     return Timing(soft, hard, settings.lease_ttl, hard + grace, settings.queue_wait)
 
 
-def message_for(d: Dispatched, trace_parent: str | None = None) -> StageMessage:
+# How long a run's grant outlives its message and its deadline: its worker may deliver its
+# costs that much later (a service unreachable for a while; see the worker's outbox).
+GRANT_SLACK = 7 * 24 * 3600.0
+
+
+def message_for(
+    d: Dispatched, trace_parent: str | None = None, grant_key: bytes | None = None
+) -> StageMessage:
     doc = d.document
+    grant = ""
+    if grant_key is not None:
+        until = d.message_expires_at.timestamp() + d.timing.deadline + GRANT_SLACK
+        grant = grants.sign(grant_key, d.session_id, doc.document_id, d.stage, d.attempt, until)
     payload = StagePayload(
         session_id=d.session_id,
         document_id=doc.document_id,
@@ -95,6 +106,7 @@ def message_for(d: Dispatched, trace_parent: str | None = None) -> StageMessage:
         ocr_page_count=doc.ocr_page_count,
         lease_seconds=d.timing.deadline,
         start_unasked_until=d.lease_expires_at.isoformat(),
+        grant=grant,
         options={"task_id": d.task_id, "mime_type": doc.mime_type},
     )
     return StageMessage(
@@ -127,6 +139,9 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.published = 0
+        # Runs are granted to workers with the key of this service's own token (see grants).
+        token = settings.token.get_secret_value()
+        self._grant_key = grants.grant_key(token) if token else None
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -184,7 +199,9 @@ class Dispatcher:
         self, dispatched: Sequence[Dispatched], trace_parent: str | None = None
     ) -> None:
         try:
-            await self._enqueuer.publish([message_for(d, trace_parent) for d in dispatched])
+            await self._enqueuer.publish(
+                [message_for(d, trace_parent, self._grant_key) for d in dispatched]
+            )
             self.published += len(dispatched)
             if self._metrics is not None:
                 self._metrics.published(d.stage for d in dispatched)

@@ -94,13 +94,17 @@ class LeaseKeeper:
         self._failing = False
         self._last_look = now
         if gone:
-            try:
-                await self._tracker.forget(gone)
-            except Exception as exc:  # noqa: BLE001 - the runner asks before a stale run
-                logger.warning("could not take back %d unwanted runs: %s", len(gone), exc)
-            else:
-                logger.info("took back %d runs no longer wanted", len(gone))
+            await self.take_back(gone)
         return sighting
+
+    async def take_back(self, task_ids: list[str]) -> None:
+        """Takes back the messages of runs no longer wanted now (a cancel), not at the next look."""
+        if self._tracker is None or not task_ids:
+            return
+        try:
+            await self._tracker.forget(task_ids)
+        except Exception as exc:  # noqa: BLE001 - the next look tries again
+            logger.warning("could not take back %d cancelled runs yet: %s", len(task_ids), exc)
 
     def start(self) -> None:
         if self._task is None and self._tracker is not None:

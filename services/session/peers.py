@@ -213,6 +213,8 @@ class CostEventIndex:
     """Actual cost events of a session, keyed by (document, stage, attempt)."""
 
     runs: dict[tuple[str, str, int], int] = field(default_factory=dict)
+    # what each run was charged
+    amounts: dict[tuple[str, str, int], Decimal] = field(default_factory=dict)
     total: Decimal = ZERO
 
 
@@ -343,8 +345,10 @@ class CostPeer:
             )
             for e in response.events:
                 key = (e.document_id, convert.stage_name(e.stage), e.attempt)
+                amount = _money(e.amount)
                 index.runs[key] = index.runs.get(key, 0) + 1
-                index.total += _money(e.amount)
+                index.amounts[key] = index.amounts.get(key, ZERO) + amount
+                index.total += amount
             token = response.next_page_token
             if not token:
                 return index

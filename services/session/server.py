@@ -113,7 +113,9 @@ async def build_server(
         on_foreign_change=lambda _session_id: dispatcher.wake(),
     )
     await hub.start()
-    servicer = SessionServicer(store, settings, dispatcher, hub, manifest, cost, metrics, probe)
+    servicer = SessionServicer(
+        store, settings, dispatcher, hub, manifest, cost, metrics, probe, keeper
+    )
     running = await build_grpc_server(
         settings,
         register=lambda server: session_service_pb2_grpc.add_SessionServiceServicer_to_server(

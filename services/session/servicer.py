@@ -48,6 +48,7 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Validator,
 )
 from services.common.logging import bind
@@ -57,8 +58,15 @@ from services.session import states as st
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
 from services.session.events import EventHub, WatchItem, watch
+from services.session.leases import LeaseKeeper
 from services.session.metrics import SessionMetrics
-from services.session.peers import CostPeer, FilePlanItem, ManifestFileInfo, ManifestPeer
+from services.session.peers import (
+    CostPeer,
+    FilePlanItem,
+    ManifestFileInfo,
+    ManifestInfo,
+    ManifestPeer,
+)
 from services.session.queue import BrokerProbe, BrokerView
 from services.session.store import (
     Document,
@@ -291,6 +299,7 @@ def session_proto(
             stalled=c.stalled,
         ),
         cost_so_far=convert.money(cost_so_far if cost_so_far is not None else info.reported_cost),
+        wasted_cost=convert.money(info.wasted_cost),
         created_at=convert.timestamp(info.created_at),
         started_at=convert.timestamp(info.started_at),
         finished_at=convert.timestamp(info.finished_at),
@@ -545,6 +554,7 @@ class SessionServicer:
         cost: CostPeer | None,
         metrics: SessionMetrics | None = None,
         probe: BrokerProbe | None = None,
+        keeper: LeaseKeeper | None = None,
     ) -> None:
         self._metrics = metrics if metrics is not None else SessionMetrics()
         self._store = store
@@ -554,6 +564,7 @@ class SessionServicer:
         self._manifest = manifest
         self._cost = cost
         self._probe = probe
+        self._keeper = keeper
         self._verifier = Verifier(store, manifest, cost, page_size=settings.manifest_page_size)
         self._started = MicroBatcher(
             self._apply_started,
@@ -616,14 +627,7 @@ class SessionServicer:
             if request.request_id and not dry_run:
                 existing = await self._store.find_by_request_id(request.request_id)
                 if existing is not None:
-                    if existing.manifest_id != manifest_id:
-                        raise AlreadyExists(
-                            f"request_id {request.request_id!r} already created session "
-                            f"{existing.session_id} from another manifest"
-                        )
-                    return pb.CreateSessionResponse(
-                        session=await self._session_message(existing.session_id)
-                    )
+                    return await self._created(existing, request, manifest_id, None)
             if self._manifest is None:
                 raise FailedPrecondition("no manifest service is configured")
             manifest = await self._manifest.get_manifest(manifest_id)
@@ -643,15 +647,6 @@ class SessionServicer:
                 if request.request_id
                 else str(uuid.uuid4())
             )
-            if budget is not None:
-                assert self._cost is not None
-                await self._cost.set_budget(session_id, budget)
-            if self._cost is not None and manifest.estimate_lines and manifest.price_book_version:
-                # Before the session exists, so a failed create retried with its
-                # request_id records it again (a no-op replay), never twice.
-                await self._cost.record_estimate(
-                    session_id, manifest.estimate_lines, manifest.price_book_version
-                )
             spec = NewSession(
                 session_id=session_id,
                 request_id=request.request_id or None,
@@ -676,9 +671,40 @@ class SessionServicer:
                     "session created",
                     extra={"session_id": info.session_id, "documents": info.total_documents},
                 )
-            if request.start:
-                self._dispatcher.wake()
-            return pb.CreateSessionResponse(session=await self._session_message(info.session_id))
+            return await self._created(info, request, manifest_id, manifest)
+
+    async def _created(
+        self,
+        info: SessionInfo,
+        request: pb.CreateSessionRequest,
+        manifest_id: str,
+        manifest: ManifestInfo | None,
+    ) -> pb.CreateSessionResponse:
+        """The answer to a create of `info`, made now or by an earlier call with its request id.
+
+        Every call with one request id gets the same session: the one whose
+        row was stored first. Its side effects at the cost service follow that
+        row, not the call (the budget its creator asked for, the estimate of
+        its manifest), and are idempotent, so a caller that lost a race, or
+        retries after a crash, changes nothing and repairs what is missing.
+        """
+        if info.manifest_id != manifest_id:
+            raise AlreadyExists(
+                f"request_id {request.request_id!r} already created session "
+                f"{info.session_id} from another manifest"
+            )
+        if self._cost is not None:
+            if info.budget_limit is not None:
+                await self._cost.set_budget(info.session_id, info.budget_limit)
+            if manifest is None and self._manifest is not None:
+                manifest = await self._manifest.get_manifest(manifest_id)
+            if manifest is not None and manifest.estimate_lines and manifest.price_book_version:
+                await self._cost.record_estimate(
+                    info.session_id, manifest.estimate_lines, manifest.price_book_version
+                )
+        if request.start:
+            self._dispatcher.wake()
+        return pb.CreateSessionResponse(session=await self._session_message(info.session_id))
 
     async def _documents(
         self, manifest_id: str, order: dict[str, int], *, price_unpriced: bool
@@ -800,7 +826,9 @@ class SessionServicer:
         self, request: pb.CancelSessionRequest, context: Any
     ) -> pb.CancelSessionResponse:
         session_id = self._session_id(request.session_id)
-        _, release = await self._store.cancel_session(session_id)
+        _, release, tasks = await self._store.cancel_session(session_id)
+        if self._keeper is not None:  # no queued run of it may start its work now
+            await self._keeper.take_back(tasks)
         await self._dispatcher.release(release)
         return pb.CancelSessionResponse(session=await self._session_message(session_id))
 
@@ -1035,6 +1063,11 @@ class SessionServicer:
 
     @staticmethod
     def _run_key(request: Any, v: Validator) -> tuple[str, str]:
+        """The run a report is about; its task id is required (a run is known by it too)."""
+        if not request.task_id:
+            v.add("task_id", "is required")
+        elif len(request.task_id) > MAX_NAME:
+            v.add("task_id", f"must be at most {MAX_NAME} characters")
         document_id = ""
         if not request.document_id:
             v.add("document_id", "is required")
@@ -1139,8 +1172,21 @@ class SessionServicer:
             },
         )
         outcome = await self._results.submit(report)
+        run = f"{document_id}/{stage}/{request.attempt}"
         if not outcome.found:
-            raise NotFound("stage run", f"{document_id}/{stage}/{request.attempt}")
+            raise NotFound("stage run", run)
+        if outcome.wrong_task:
+            logger.warning("refused a result of run %s from task %s: not the run's task",
+                           run, request.task_id[:80], extra={"document_id": document_id})
+            raise PermissionDenied(
+                f"stage run {run} was not dispatched as task {request.task_id[:80]!r}"
+            )
+        if outcome.stale:
+            raise FailedPrecondition(
+                f"stage run {run} is {outcome.stale}; its result was not applied"
+                + (" (its cost was recorded)" if cost is not None else ""),
+                subject=f"stage_runs/{run}",
+            )
         if not outcome.replayed:
             self._metrics.stage_reported(
                 stage, request.succeeded, error_class, request.cache_hit, duration

@@ -270,6 +270,8 @@ class SessionInfo:
     updated_at: dt.datetime
     counts: DocumentCounts
     reported_cost: Decimal
+    # The part of reported_cost spent on attempts that were lost or cancelled.
+    wasted_cost: Decimal = ZERO
     # W3C traceparent of the call that started the session's work (tracing on).
     trace_context: str | None = None
 
@@ -567,6 +569,10 @@ class ResultOutcome:
     # (reservation id, actual) to settle with the cost service.
     settle: tuple[str, Decimal] | None = None
     session_id: str = ""
+    # The report named a task id that is not the run's: nothing changed.
+    wrong_task: bool = False
+    # The run's state when it was no longer live (expired, cancelled): not applied.
+    stale: str = ""
 
 
 @dataclass(frozen=True)
@@ -646,6 +652,7 @@ def _session(row: asyncpg.Record, stalled: int = 0) -> SessionInfo:
         updated_at=row["updated_at"],
         counts=counts,
         reported_cost=row["reported_cost"],
+        wasted_cost=row["wasted_cost"],
         trace_context=row["trace_context"],
     )
 
@@ -1071,16 +1078,18 @@ _RESULTS_SQL = _numbered(
 WITH u AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::bool[], $6::text[],
                          $7::text[], $8::text[], $9::text[], $10::bool[], $11::numeric[],
-                         $12::numeric[], $13::text[])
+                         $12::numeric[], $13::text[], $14::text[])
       WITH ORDINALITY AS u(document_id, stage, attempt, worker, ok, error_class, error_code,
-                           error_message, artifacts, cache_hit, duration, cost, stats, ord)
+                           error_message, artifacts, cache_hit, duration, cost, stats, task_id,
+                           ord)
 ),
 cur AS (
-    SELECT u.ord, r.state AS r_state, d.session_id, d.state AS d_state, d.stage AS d_stage,
-           d.attempts, d.attempt_seq, d.cost AS d_cost, d.reservation_id, d.reserved_amount
+    SELECT u.ord, r.state AS r_state, r.task_id AS r_task, r.cost AS r_cost, d.session_id,
+           d.state AS d_state, d.stage AS d_stage, d.attempts, d.attempt_seq, d.cost AS d_cost,
+           d.reservation_id, d.reserved_amount
     FROM (SELECT * FROM u ORDER BY document_id) u
     CROSS JOIN LATERAL (
-        SELECT r.state FROM session.stage_runs r
+        SELECT r.state, r.task_id, r.cost FROM session.stage_runs r
         WHERE r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
         FOR UPDATE) r
     CROSS JOIN LATERAL (
@@ -1092,9 +1101,9 @@ dec AS (
            c.attempt_seq, c.d_cost, c.reservation_id, c.reserved_amount,
            CASE WHEN u.ok THEN CASE u.stage WHEN 'extract' THEN 'chunk' WHEN 'chunk' THEN 'entities' END
            END AS next_stage,
-           (NOT u.ok AND (u.error_class = 'permanent' OR c.attempts >= $14)) AS gives_up
+           (NOT u.ok AND (u.error_class = 'permanent' OR c.attempts >= $15)) AS gives_up
     FROM u JOIN cur c USING (ord)
-    WHERE c.r_state IN ('queued', 'running')
+    WHERE c.r_state IN ('queued', 'running') AND u.task_id = c.r_task
 ),
 nd0 AS (
     SELECT dec.*,
@@ -1110,7 +1119,7 @@ nd0 AS (
         CASE WHEN next_stage IS NOT NULL THEN 0 ELSE attempts END AS d_attempts,
         CASE WHEN next_stage IS NOT NULL THEN 0 ELSE attempt_seq END AS d_attempt_seq,
         CASE WHEN NOT ok AND NOT gives_up
-             THEN now() + make_interval(secs => least($15 * power(2, greatest(attempts - 1, 0)), $16))
+             THEN now() + make_interval(secs => least($16 * power(2, greatest(attempts - 1, 0)), $17))
         END AS d_not_before,
         d_cost + coalesce(cost, 0) AS d_new_cost,
         coalesce(cost, 0) AS cost_add,
@@ -1160,13 +1169,41 @@ docs AS (
     + """
 SELECT u.ord, c.r_state, c.d_state AS old_doc_state, nd.d_state AS new_doc_state, c.session_id,
        CASE WHEN nd.settle THEN nd.reservation_id END AS settle_id, nd.d_new_cost AS settle_amount,
+       u.task_id = c.r_task AS same_task, c.r_cost,
        (SELECT count(*) FROM nt) AS notified
 FROM u LEFT JOIN cur c USING (ord) LEFT JOIN nd USING (ord)
 ORDER BY u.ord
 """,
-    17,
+    18,
     _TAIL_PARAMS,
 )
+
+# What a run no longer live (expired, cancelled) was charged, reported with its late result:
+# its charge is on the run, its document and its session (the money it cost is spent all the
+# same), once; the run itself stays as it is. Runs locked in document order.
+_LATE_COSTS_SQL = """
+WITH u AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::numeric[])
+      AS u(document_id, stage, attempt, task_id, cost)
+),
+runs AS (
+    UPDATE session.stage_runs r SET cost = u.cost
+    FROM (SELECT * FROM u ORDER BY document_id) u
+    WHERE r.document_id = u.document_id AND r.stage = u.stage AND r.attempt = u.attempt
+      AND r.task_id = u.task_id AND r.state IN ('expired', 'cancelled') AND r.cost IS NULL
+    RETURNING r.session_id, r.document_id, u.cost
+),
+docs AS (
+    UPDATE session.session_documents d SET cost = coalesce(d.cost, 0) + x.cost
+    FROM (SELECT document_id, sum(cost) AS cost FROM runs GROUP BY document_id) x
+    WHERE d.document_id = x.document_id
+    RETURNING 1
+)
+UPDATE session.import_sessions s
+SET reported_cost = s.reported_cost + x.cost, wasted_cost = s.wasted_cost + x.cost
+FROM (SELECT session_id, sum(cost) AS cost FROM runs GROUP BY session_id ORDER BY session_id) x
+WHERE s.session_id = x.session_id
+"""
 
 # ReportStageStarted for a batch, in one statement: a queued run of a running
 # session starts (run and document running, lease extended); a run already
@@ -1471,7 +1508,11 @@ class SessionStore:
                         changes.session_state(session_id, st.S_RUNNING, "started")
                     await changes.flush(conn)
             except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name == "import_sessions_request_id_key" and spec.request_id:
+                # A concurrent create of the same request id got there first (its session id is
+                # derived from the request id, so either key may be the one that conflicts).
+                if spec.request_id and exc.constraint_name in (
+                    "import_sessions_request_id_key", "import_sessions_pkey"
+                ):
                     existing = await self.find_by_request_id(spec.request_id)
                     if existing is not None:
                         return existing, False
@@ -1685,10 +1726,11 @@ class SessionStore:
 
     async def cancel_session(
         self, session_id: str, *, batch: int = 5000
-    ) -> tuple[SessionInfo, list[str]]:
+    ) -> tuple[SessionInfo, list[str], list[str]]:
         """Cancels the session, then its active documents and live runs in batches.
 
-        Returns the session and the reservations of cancelled runs to release.
+        Returns the session, the reservations of cancelled runs to release and the task ids
+        of the runs cancelled (their messages are to be taken back).
         """
         await self._set_session_state(
             session_id,
@@ -1699,6 +1741,7 @@ class SessionStore:
         )
         sid = uuid.UUID(session_id)
         release: list[str] = []
+        tasks: list[str] = []
 
         async def one_batch() -> int:
             async with self.pool.acquire() as conn, conn.transaction():
@@ -1714,13 +1757,15 @@ class SessionStore:
                 if not rows:
                     return 0
                 ids = [r["document_id"] for r in rows]
-                await conn.execute(
+                cancelled = await conn.fetch(
                     """
                     UPDATE session.stage_runs SET state = 'cancelled', finished_at = now()
                     WHERE document_id = ANY($1::uuid[]) AND state IN ('queued', 'running')
+                    RETURNING task_id
                     """,
                     ids,
                 )
+                tasks.extend(r["task_id"] for r in cancelled)
                 changes = _Changes()
                 docs = []
                 for row in rows:
@@ -1737,7 +1782,7 @@ class SessionStore:
 
         while await _retrying(one_batch) == batch:
             pass
-        return await self.get_session(session_id), release
+        return await self.get_session(session_id), release, tasks
 
     # ------------------------------------------------------------ documents
 
@@ -2399,6 +2444,7 @@ class SessionStore:
                     ],
                     [r.cost for r in first],
                     [json.dumps(r.stats) for r in first],
+                    [r.task_id for r in first],
                     max_attempts,
                     backoff[0],
                     backoff[1],
@@ -2409,12 +2455,15 @@ class SessionStore:
 
         rows = await _retrying(run)
         outcomes = []
+        late: list[ResultReport] = []
         for report, row in zip(first, rows, strict=True):
             if row["r_state"] is None:
                 outcomes.append(ResultOutcome(found=False))
                 continue
             sid = str(row["session_id"])
-            if row["new_doc_state"] is not None:
+            if not row["same_task"]:
+                outcomes.append(ResultOutcome(True, session_id=sid, wrong_task=True))
+            elif row["new_doc_state"] is not None:
                 settle = (
                     (str(row["settle_id"]), row["settle_amount"] or ZERO)
                     if row["settle_id"]
@@ -2425,13 +2474,20 @@ class SessionStore:
                 outcomes.append(ResultOutcome(True, True, row["old_doc_state"], session_id=sid))
             else:
                 logger.info(
-                    "stale result for %s/%s attempt %d (run %s); ignored",
+                    "stale result for %s/%s attempt %d (run %s); not applied",
                     report.document_id,
                     report.stage,
                     report.attempt,
                     row["r_state"],
                 )
-                outcomes.append(ResultOutcome(True, False, row["old_doc_state"], session_id=sid))
+                if report.cost is not None and row["r_cost"] is None:
+                    late.append(report)
+                outcomes.append(
+                    ResultOutcome(True, False, row["old_doc_state"], session_id=sid,
+                                  stale=row["r_state"])
+                )
+        if late:
+            await self._record_late_costs(late)
         result = []
         for position, i in enumerate(index):
             outcome = outcomes[i]
@@ -2479,6 +2535,22 @@ class SessionStore:
                 ttl,
             )
         return row["renewed"], list(row["gone"])
+
+    async def _record_late_costs(self, reports: Sequence[ResultReport]) -> None:
+        """Puts what runs no longer live were charged on them, their documents and sessions."""
+
+        async def run() -> None:
+            async with self._results_conn.acquire() as conn:
+                await conn.execute(
+                    _LATE_COSTS_SQL,
+                    [uuid.UUID(r.document_id) for r in reports],
+                    [r.stage for r in reports],
+                    [r.attempt for r in reports],
+                    [r.task_id for r in reports],
+                    [r.cost for r in reports],
+                )
+
+        await _retrying(run)
 
     async def expire_leases(self, *, max_attempts: int, limit: int = 1000) -> Expired:
         """Expires live runs whose lease ran out; their documents get a new attempt."""

@@ -13,8 +13,11 @@ Checks:
   re-hashes to its SHA-256) - `services.common.artifacts.verify_artifact`;
 - the session's counters equal a recount of its documents, and its stage
   counts a recount of its stage runs;
-- every succeeded run has its actual cost events in the ledger, and the
-  costs workers reported add up to the ledger's total.
+- every succeeded run has its artifact and its actual cost events in the
+  ledger;
+- one money truth: every run (whatever became of it) was charged in the
+  ledger what it says it cost, the session's cost is the ledger's total, and
+  so is its budget's spent amount.
 
 Verdict: FAIL on any error finding, or when fewer than 90% of the
 processable files completed; WARN on warnings, documents still in
@@ -40,7 +43,7 @@ from services.common import artifacts as artifact_store
 from services.common.errors import NotFound
 from services.session import states as st
 from services.session.peers import CostPeer, ManifestPeer
-from services.session.store import SessionStore
+from services.session.store import SessionInfo, SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +179,15 @@ class Verifier:
         # -- stage runs and artifacts of completed documents
         stages_done: dict[str, Counter[str]] = defaultdict(Counter)
         succeeded_runs: list[tuple[str, str, int, bool]] = []
+        run_costs: dict[tuple[str, str, int], Decimal] = {}
         artifacts: list[tuple[str, dict]] = []
-        async for page in self._store.iter_runs(session_id, states=[st.RUN_SUCCEEDED]):
+        async for page in self._store.iter_runs(session_id):
             for run in page:
+                run_costs[run.document_id, run.stage, run.attempt] = run.cost or Decimal(0)
+                if run.state != st.RUN_SUCCEEDED:
+                    continue
+                if not run.artifacts:
+                    buckets["run_without_artifact"].add(run.document_id)
                 stages_done[run.document_id][run.stage] += 1
                 succeeded_runs.append((run.document_id, run.stage, run.attempt, run.cache_hit))
                 if run.document_id in completed_ids:
@@ -205,37 +214,10 @@ class Verifier:
         drift = {k: (stored[k], v) for k, v in recount.as_dict().items() if stored[k] != v}
         drift.update(await self._store.stage_count_drift(session_id))
 
-        # -- the ledger
-        actual_cost: Decimal | None = None
-        if self._cost is not None:
-            try:
-                ledger = await self._cost.actual_events(session_id)
-                actual_cost = ledger.total
-                for document_id, stage, attempt, cache_hit in succeeded_runs:
-                    if ledger.runs.get((document_id, stage, attempt), 0) == 0:
-                        buckets[
-                            "missing_cost_cache_hit" if cache_hit else "missing_cost_events"
-                        ].add(document_id)
-                if ledger.total != session.reported_cost:
-                    findings.append(
-                        Finding(
-                            WARNING,
-                            "cost_mismatch",
-                            f"workers reported ${session.reported_cost} but the ledger holds "
-                            f"${ledger.total} for this session",
-                        )
-                    )
-            except grpc.aio.AioRpcError as exc:
-                findings.append(
-                    Finding(
-                        WARNING,
-                        "costs_unverified",
-                        f"the cost ledger could not be read: {exc.details()}",
-                    )
-                )
-                recommendations.append("Run verify again when the cost service is reachable.")
-        else:
-            findings.append(Finding(WARNING, "costs_unverified", "no cost service configured"))
+        # -- the money
+        actual_cost = await self._check_money(
+            session, succeeded_runs, run_costs, buckets, findings, recommendations
+        )
 
         # -- findings
         def add(code: str, severity: str, message: str) -> None:
@@ -298,6 +280,12 @@ class Verifier:
             "{n} completed documents have artifacts this service cannot check",
         )
         add("no_artifacts", WARNING, "{n} completed documents reported no artifact at all")
+        add("run_without_artifact", ERROR, "{n} documents have a succeeded run with no artifact")
+        add(
+            "run_cost_mismatch",
+            ERROR,
+            "{n} documents have a run whose cost differs from what the ledger charged it",
+        )
         add(
             "missing_cost_events",
             ERROR,
@@ -432,6 +420,61 @@ class Verifier:
             actual_cost=actual_cost,
             estimated_cost=session.estimated_cost,
         )
+
+    async def _check_money(
+        self,
+        session: SessionInfo,
+        succeeded_runs: list[tuple[str, str, int, bool]],
+        run_costs: dict[tuple[str, str, int], Decimal],
+        buckets: dict[str, _Bucket],
+        findings: list[Finding],
+        recommendations: list[str],
+    ) -> Decimal | None:
+        """The ledger against the runs, the session and the budget; returns the ledger's total."""
+        if self._cost is None:
+            findings.append(Finding(WARNING, "costs_unverified", "no cost service configured"))
+            return None
+        try:
+            ledger = await self._cost.actual_events(session.session_id)
+            budget = await self._cost.get_budget(session.session_id)
+        except grpc.aio.AioRpcError as exc:
+            findings.append(
+                Finding(
+                    WARNING,
+                    "costs_unverified",
+                    f"the cost ledger could not be read: {exc.details()}",
+                )
+            )
+            recommendations.append("Run verify again when the cost service is reachable.")
+            return None
+        for document_id, stage, attempt, cache_hit in succeeded_runs:
+            if ledger.runs.get((document_id, stage, attempt), 0) == 0:
+                buckets["missing_cost_cache_hit" if cache_hit else "missing_cost_events"].add(
+                    document_id
+                )
+        for key in run_costs.keys() | ledger.amounts.keys():
+            if run_costs.get(key, Decimal(0)) != ledger.amounts.get(key, Decimal(0)):
+                buckets["run_cost_mismatch"].add(key[0])
+        totals = [("the ledger", ledger.total), ("the session's cost", session.reported_cost)]
+        if budget is not None:
+            totals.append(("the budget's spent amount", budget.spent))
+        if len({amount for _, amount in totals}) > 1:
+            text = ", ".join(f"{name} ${amount}" for name, amount in totals)
+            findings.append(Finding(ERROR, "cost_mismatch", f"the money disagrees: {text}"))
+            recommendations.append(
+                "Verify again once every worker has delivered its finished runs; if the figures "
+                "still differ, report it with this output."
+            )
+        if session.wasted_cost:
+            findings.append(
+                Finding(
+                    INFO,
+                    "wasted_cost",
+                    f"${session.wasted_cost} of it was spent on attempts that were lost or "
+                    "cancelled",
+                )
+            )
+        return ledger.total
 
     async def _check_artifacts(
         self, artifacts: list[tuple[str, dict]], deep: bool

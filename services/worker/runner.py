@@ -66,6 +66,7 @@ import grpc
 from billiard.exceptions import SoftTimeLimitExceeded
 from docimport.cost.v1 import cost_service_pb2
 from docimport.session.v1 import session_service_pb2
+
 from services.common import convert, telemetry
 from services.common.logging import bind
 from services.common.tasks import StagePayload
@@ -515,6 +516,7 @@ class StageRunner:
                 units=units,
                 kind=cost_service_pb2.COST_KIND_ACTUAL,
                 category=payload.category,
+                grant=payload.grant,
                 cache_hit=hit,
                 occurred_at=now,
             )

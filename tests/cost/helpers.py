@@ -42,6 +42,19 @@ def event(
     )
 
 
+def granted(e: pb.CostEvent, token: str = "sv-test-token", until: float | None = None
+            ) -> pb.CostEvent:
+    """`e` with the grant the session service (holding `token`) gives its run."""
+    import time
+
+    from services.common import convert, grants
+
+    e.grant = grants.sign(grants.grant_key(token), e.session_id, e.document_id,
+                          convert.stage_name(e.stage), e.attempt,
+                          time.time() + 3600 if until is None else until)
+    return e
+
+
 def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     """Field -> description of an INVALID_ARGUMENT's BadRequest detail."""
     found: dict[str, str] = {}

@@ -11,7 +11,7 @@ from services.common.auth import Scope
 from services.cost.servicer import POLICY, SERVICE_FULL_NAME
 
 from .conftest import CostHarness
-from .helpers import event, new_id, usd
+from .helpers import event, granted, new_id, usd
 
 OP, SVC, WK = Scope.OPERATOR, Scope.SERVICE, Scope.WORKER
 
@@ -42,7 +42,7 @@ def test_policy_lists_scopes_per_method() -> None:
 )
 async def test_scopes_are_enforced(cost: CostHarness, scope: str, call: str, allowed: bool) -> None:
     requests = {
-        "RecordCosts": pb.RecordCostsRequest(events=[event(new_id())]),
+        "RecordCosts": pb.RecordCostsRequest(events=[granted(event(new_id(), document_id=new_id()))]),
         "SetBudget": pb.SetBudgetRequest(session_id=new_id(), limit=usd("1")),
         "ReserveBudget": pb.ReserveBudgetRequest(session_id=new_id()),
         "GetSessionCosts": pb.GetSessionCostsRequest(session_id=new_id()),
@@ -72,3 +72,34 @@ async def test_no_token_is_unauthenticated_but_health_is_open(cost: CostHarness)
     health = health_pb2_grpc.HealthStub(channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_FULL_NAME))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no grant", "another run's grant", "expired grant", "forged key", "estimate", "no document"],
+)
+async def test_a_worker_records_only_actual_costs_of_runs_granted_to_it(
+    cost: CostHarness, case: str
+) -> None:
+    """Least privilege: a worker token charges only runs the session service dispatched."""
+    session, document = new_id(), new_id()
+    good = granted(event(session, document_id=document, attempt=2))
+    bad = {
+        "no grant": event(session, document_id=document, attempt=2),
+        "another run's grant": pb.CostEvent(
+            **{**{f.name: getattr(good, f.name) for f, _ in good.ListFields()}, "attempt": 3}),
+        "expired grant": granted(event(session, document_id=document, attempt=2), until=1.0),
+        "forged key": granted(event(session, document_id=document, attempt=2), token="forged"),
+        "estimate": granted(event(session, document_id=document, attempt=2,
+                                  kind=pb.COST_KIND_ESTIMATE)),
+        "no document": granted(event(session, attempt=2)),
+    }[case]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[good, bad]))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "events[1]" in caught.value.details()
+    assert await cost.pool.fetchval("SELECT count(*) FROM cost.cost_events") == 0
+    recorded = await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[good]))
+    assert recorded.total.amount == "0.0015"
+    # the service scope (the session service, the manifest service) needs no grant
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[bad]))

@@ -87,7 +87,7 @@ async def test_prices_publish(cost: CostHarness, cli: None, tmp_path: Path) -> N
 
 async def test_costs_of_a_session(cost: CostHarness, cli: None) -> None:
     session, doc = new_id(), new_id()
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
         event(session, document_id=doc, units="1000", category="pleadings"),
         event(session, document_id=doc, units="1200", kind=pb.COST_KIND_ESTIMATE),
         event(session, document_id=doc, stage=2, service="local", operation="compute_second", units="3",

@@ -34,7 +34,7 @@ async def test_record_prices_each_event_and_a_replay_answers_as_the_first_call(c
         event(session, document_id=doc, stage=common_pb2.STAGE_CHUNK, service="local",
               operation="compute_second", units="0.5", cache_hit=True),
     ])
-    first = await cost.worker.RecordCosts(request)
+    first = await cost.service.RecordCosts(request)
     assert first.replayed_count == 0
     ocr, cpu, cached = first.events
     assert (ocr.unit_price.amount, ocr.amount.amount, ocr.price_book_version) == ("0.0015", "0.0045", 1)
@@ -59,7 +59,7 @@ async def test_record_prices_each_event_and_a_replay_answers_as_the_first_call(c
     assert costs.by_service and costs.top_documents
 
     # Totals only (what GetSession polls): the same totals, no breakdowns.
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
         event(session, document_id=doc, attempt=2, kind=pb.COST_KIND_ESTIMATE)]))
     full = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session))
     totals = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session, totals_only=True))
@@ -71,7 +71,7 @@ async def test_record_prices_each_event_and_a_replay_answers_as_the_first_call(c
 
 async def test_a_new_attempt_or_kind_is_a_new_event(cost: CostHarness) -> None:
     session, doc = new_id(), new_id()
-    reply = await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[
+    reply = await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
         event(session, document_id=doc, attempt=1),
         event(session, document_id=doc, attempt=2),
         event(session, document_id=doc, attempt=1, kind=pb.COST_KIND_ESTIMATE),
@@ -102,12 +102,12 @@ async def test_replaying_every_call_twice_in_shuffled_order_leaves_identical_tot
             ))
         calls.append(pb.RecordCostsRequest(events=batch))
 
-    firsts = [await cost.worker.RecordCosts(call) for call in calls]
+    firsts = [await cost.service.RecordCosts(call) for call in calls]
     before = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session, top_documents=100))
 
     replays = [i for i in range(len(calls)) for _ in range(2)]
     rng.shuffle(replays)
-    answers = await asyncio.gather(*(cost.worker.RecordCosts(calls[i]) for i in replays))
+    answers = await asyncio.gather(*(cost.service.RecordCosts(calls[i]) for i in replays))
     for i, answer in zip(replays, answers, strict=True):
         assert answer.replayed_count == len(calls[i].events)
         assert _without_replay_count(answer) == _without_replay_count(firsts[i])
@@ -143,7 +143,7 @@ async def test_totals_only_equal_the_ledger_while_folds_race_the_writes(cost: Co
             full.actual_total, full.estimate_total, full.event_count)
         assert dec(full.actual_total) > 0 and dec(full.estimate_total) > 0
 
-    writes = asyncio.gather(*(cost.worker.RecordCosts(call) for call in calls + calls))  # each replayed once
+    writes = asyncio.gather(*(cost.service.RecordCosts(call) for call in calls + calls))  # each replayed once
     assert await racing(writes, cost.store.fold_totals) > 1
     await same_totals()
     await cost.store.fold_totals()
@@ -153,7 +153,7 @@ async def test_totals_only_equal_the_ledger_while_folds_race_the_writes(cost: Co
 
 async def test_session_costs_group_by_every_dimension(cost: CostHarness) -> None:
     session, a, b = new_id(), new_id(), new_id()
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
         event(session, document_id=a, units="10", category="discovery"),                       # 0.015
         event(session, document_id=a, stage=2, service="local", operation="compute_second",
               units="2", category="discovery"),                                                # 0.00004
@@ -164,7 +164,7 @@ async def test_session_costs_group_by_every_dimension(cost: CostHarness) -> None
         event(session, stage=0, service="s3", operation="storage_gb_month", units="1.5"),      # 0.0345
     ]))
     await cost.operator.PublishPriceBook(pb.PublishPriceBookRequest(toml=SMALL_BOOK))
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
         event(session, document_id=b, attempt=2, units="1", category="pleadings"),             # 0.002 (v2)
     ]))
     costs = await cost.operator.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session, top_documents=1))
@@ -224,7 +224,7 @@ async def test_bad_events_are_refused_naming_the_field(cost: CostHarness, bad: d
     session_id = fields.pop("session_id")
     good = event(new_id())
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(session_id, **fields), good]))
+        await cost.service.RecordCosts(pb.RecordCostsRequest(events=[event(session_id, **fields), good]))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in violations(caught.value), violations(caught.value)
     # Nothing of a refused batch is recorded.
@@ -233,14 +233,14 @@ async def test_bad_events_are_refused_naming_the_field(cost: CostHarness, bad: d
 
 async def test_oversized_batches_and_many_problems_are_bounded(cost: CostHarness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(new_id())] * 10_001))
+        await cost.service.RecordCosts(pb.RecordCostsRequest(events=[event(new_id())] * 10_001))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event("bad")] * 500))
+        await cost.service.RecordCosts(pb.RecordCostsRequest(events=[event("bad")] * 500))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(violations(caught.value)) == 51
     assert "450 more" in caught.value.details()
-    empty = await cost.worker.RecordCosts(pb.RecordCostsRequest())
+    empty = await cost.service.RecordCosts(pb.RecordCostsRequest())
     assert (len(empty.events), empty.total.amount) == (0, "0")
 
 
@@ -259,8 +259,8 @@ async def test_list_cost_events_pages_through_filters(cost: CostHarness) -> None
     batch = [event(session, document_id=doc if i % 2 else new_id(), attempt=i,
                    kind=pb.COST_KIND_ESTIMATE if i % 5 == 0 else pb.COST_KIND_ACTUAL) for i in range(1, 31)]
     for start in range(0, 30, 7):
-        await cost.worker.RecordCosts(pb.RecordCostsRequest(events=batch[start:start + 7]))
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(new_id())]))  # another session
+        await cost.service.RecordCosts(pb.RecordCostsRequest(events=batch[start:start + 7]))
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[event(new_id())]))  # another session
 
     async def all_pages(**filters) -> list[pb.CostEvent]:
         seen, token = [], ""
@@ -308,7 +308,7 @@ async def test_100000_events_of_a_fifteenth_of_a_cent_sum_exactly(cost: CostHarn
 
     async def send(batch: pb.RecordCostsRequest) -> Decimal:
         async with semaphore:
-            reply = await cost.worker.RecordCosts(batch)
+            reply = await cost.service.RecordCosts(batch)
         return dec(reply.total)
 
     totals = await asyncio.gather(*(send(b) for b in batches))
@@ -330,7 +330,7 @@ async def test_large_amounts_keep_every_digit(cost: CostHarness) -> None:
                                                      unit_price={"currency_code": "USD", "amount": "1000"})])
     version = (await cost.operator.PublishPriceBook(pb.PublishPriceBookRequest(price_book=book))).price_book.version
     session = new_id()
-    reply = await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[
+    reply = await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
         event(session, document_id=new_id(), service="x", operation="y", units="999999999.99999704",
               price_book_version=version),
         event(session, document_id=new_id(), service="x", operation="y", units="0.00000001",

@@ -54,7 +54,7 @@ async def test_ledger_totals_are_exact_decimal_sums(cost: CostHarness, unit_pric
         ))
     recorded = []
     for start in range(0, len(events), split):
-        reply = await cost.worker.RecordCosts(pb.RecordCostsRequest(events=events[start:start + split]))
+        reply = await cost.service.RecordCosts(pb.RecordCostsRequest(events=events[start:start + split]))
         recorded.extend(reply.events)
 
     decimal.setcontext(EXACT)

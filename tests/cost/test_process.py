@@ -21,7 +21,7 @@ from services.common.localinfra import free_port
 from services.common.channels import aio_channel
 from services.common.config import ClientSettings
 
-from .helpers import event, new_id
+from .helpers import event, granted, new_id
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,6 +36,8 @@ async def test_the_process_loads_the_book_serves_and_stops_on_sigterm(db_url: st
         "DOCIMPORT_OPERATOR_TOKENS": TOKENS["operator"],
         "DOCIMPORT_CPU_SECOND_RATE": "0.00004",
         "DOCIMPORT_WORKER_TOKENS": TOKENS["worker"],
+        # the session service's token: its runs' grants are checked against it
+        "DOCIMPORT_SERVICE_TOKENS": TOKENS["service"],
         "DOCIMPORT_EXPIRY_SWEEP_INTERVAL": "0.2",
         "DOCIMPORT_TOTALS_FOLD_INTERVAL": "0.2",
         "DOCIMPORT_SHUTDOWN_GRACE": "2",
@@ -65,7 +67,7 @@ async def test_the_process_loads_the_book_serves_and_stops_on_sigterm(db_url: st
         worker_channel = aio_channel(f"127.0.0.1:{port}", ClientSettings(), token=TOKENS["worker"])
         try:
             await cost_service_pb2_grpc.CostServiceStub(worker_channel).RecordCosts(
-                pb.RecordCostsRequest(events=[event(session, document_id=new_id(), units="2")]))
+                pb.RecordCostsRequest(events=[granted(event(session, document_id=new_id(), units="2"))]))
         finally:
             await worker_channel.close()
         conn = await asyncpg.connect(db_url)

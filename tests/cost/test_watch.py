@@ -36,12 +36,12 @@ async def test_watch_streams_totals_as_they_change(cost: CostHarness) -> None:
     assert not first.HasField("budget") and first.observed_at.seconds > 0
 
     started = time.monotonic()
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(session, units="2")]))
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[event(session, units="2")]))
     second = await asyncio.wait_for(call.read(), 5)
     assert (second.actual_total.amount, second.event_count) == ("0.003", 1)
     assert time.monotonic() - started < 2  # woken by NOTIFY, not by the 60 s poll
 
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
         event(session, units="1", kind=pb.COST_KIND_ESTIMATE)]))
     third = await asyncio.wait_for(call.read(), 5)
     assert (third.actual_total.amount, third.estimate_total.amount, third.event_count) == ("0.003", "0.0015", 1)
@@ -53,8 +53,8 @@ async def test_watch_streams_totals_as_they_change(cost: CostHarness) -> None:
     assert fourth.budget.remaining.amount == "4.997"
 
     # A replay changes nothing, so nothing is sent; another session's events neither.
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(session, units="2")]))
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(new_id(), units="2")]))
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[event(session, units="2")]))
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[event(new_id(), units="2")]))
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(read := asyncio.ensure_future(call.read())), 0.5)
     await cost.service.ReserveBudget(pb.ReserveBudgetRequest(
@@ -69,7 +69,7 @@ async def test_a_burst_is_coalesced(cost: CostHarness) -> None:
     call = cost.operator.WatchCosts(pb.WatchCostsRequest(session_id=session))
     await asyncio.wait_for(call.read(), 5)
     for attempt in range(50):
-        await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(session, attempt=attempt)]))
+        await cost.service.RecordCosts(pb.RecordCostsRequest(events=[event(session, attempt=attempt)]))
     seen = []
     while not seen or seen[-1].event_count < 50:
         seen.append(await asyncio.wait_for(call.read(), 5))
@@ -114,7 +114,7 @@ async def test_a_lost_listen_connection_is_replaced(cost: CostHarness, cost_sett
     # The stream is woken by the loss, listens again and re-reads.
     await wait_until(lambda: feed.listening and feed._conn is not old)  # noqa: SLF001
     assert await feed._conn.fetchval("SELECT pg_backend_pid()") != pid  # noqa: SLF001
-    await cost.worker.RecordCosts(pb.RecordCostsRequest(events=[event(session)]))
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[event(session)]))
     update = await asyncio.wait_for(call.read(), 5)
     assert update.event_count == 1
     call.cancel()

@@ -395,6 +395,7 @@ async def work(
                         units="1.5",
                         kind=cpb.COST_KIND_ACTUAL,
                         category=p.category,
+                        grant=p.grant,  # as a worker does: the run's grant, from its message
                     )
                 ]
             )

@@ -7,6 +7,7 @@ import uuid
 import grpc
 import pytest
 from docimport.manifest.v1 import manifest_service_pb2 as mpb
+from docimport.cost.v1 import cost_service_pb2 as cpb
 from docimport.session.v1 import session_service_pb2 as pb
 from google.rpc import error_details_pb2
 
@@ -46,14 +47,26 @@ async def test_concurrent_creates_with_one_request_id_make_one_session(harness):
     import asyncio
 
     manifest_id = harness.manifests.add([mfile(f"a/{i}.pdf") for i in range(50)])
+    # each caller asks for another budget: the one stored first is the session's, and the only
+    # one the cost service enforces (no side effect of the losers survives)
     results = await asyncio.gather(
-        *(harness.create(manifest_id=manifest_id, request_id="same") for _ in range(4)),
+        *(
+            harness.create(manifest_id=manifest_id, request_id="same", budget=f"{i + 1}0")
+            for i in range(5)
+        ),
         return_exceptions=True,
     )
-    ids = {r.session.session_id for r in results if not isinstance(r, BaseException)}
-    assert len(ids) == 1, results
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors  # every caller gets the answer, none ALREADY_EXISTS
+    assert len({r.session.session_id for r in results}) == 1
+    assert len({r.session.options.budget.amount for r in results}) == 1
+    session = results[0].session
     counts = await table_counts(harness.pool)
     assert counts["import_sessions"] == 1 and counts["session_documents"] == 50
+    budget = (
+        await harness.cost.GetBudget(cpb.GetBudgetRequest(session_id=session.session_id))
+    ).budget
+    assert budget.limit.amount == session.options.budget.amount
 
 
 async def test_projects_are_reused_never_duplicated(harness):

@@ -49,8 +49,15 @@ async def test_expired_lease_is_re_enqueued_as_a_new_attempt(harness):
     assert "lease expired while running" in doc.stage_runs[0].error_message
     # the late worker of attempt 1 is told to stop, and its late result changes nothing
     assert not (await harness.started(lost[1])).proceed
-    late = await harness.result(lost[0])
-    assert not late.replayed and late.document_state == pb.DOCUMENT_STATE_QUEUED
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await harness.result(lost[0])
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    doc = (
+        await harness.operator.GetDocument(
+            pb.GetDocumentRequest(document_id=lost[0].payload.document_id)
+        )
+    ).document
+    assert doc.state == pb.DOCUMENT_STATE_QUEUED
     for m in retried:
         await harness.result(m)
     final = await harness.run_to_end(session.session_id)
@@ -190,8 +197,13 @@ async def test_cancel(harness):
     assert cancelled.state == pb.SESSION_STATE_CANCELLED
     assert cancelled.counts.cancelled == 5 and cancelled.counts.pending == 0
     assert not (await harness.started(queued[1])).proceed
-    late = await harness.result(queued[0])
-    assert late.document_state == pb.DOCUMENT_STATE_CANCELLED
+    # the run under way when it was cancelled: its result is refused, what it cost is kept
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await harness.result(queued[0], cost="0.0015", charge=True)
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cancelled" in late.value.details()
+    s = await get(harness, session.session_id)
+    assert Decimal(s.cost_so_far.amount) == Decimal("0.0015")
     assert await harness.dispatch() == []
     for call in (
         harness.operator.ResumeSession(pb.ResumeSessionRequest(session_id=session.session_id)),

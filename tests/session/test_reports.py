@@ -211,10 +211,24 @@ async def test_report_errors_have_precise_codes(harness):
                 document_id=m.payload.document_id,
                 stage=common_pb2.STAGE_EXTRACT,
                 attempt=7,
+                task_id=m.task_id,
                 succeeded=True,
             )
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # a report must say which task it comes from, and only the run's own task may report it
+    for task_id, code in (("", grpc.StatusCode.INVALID_ARGUMENT),
+                          ("another", grpc.StatusCode.PERMISSION_DENIED)):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await harness.worker.ReportStageResult(
+                pb.ReportStageResultRequest(
+                    document_id=m.payload.document_id, stage=common_pb2.STAGE_EXTRACT,
+                    attempt=1, task_id=task_id, succeeded=True,
+                )
+            )
+        assert err.value.code() == code, task_id
+    doc = await document(harness, m.payload.document_id)
+    assert doc.state == pb.DOCUMENT_STATE_QUEUED  # nothing changed
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await harness.result(m, ok=False, error_class=0, message_text="")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -385,3 +399,35 @@ async def test_a_results_call_needs_one_to_a_hundred_reports_and_the_worker_scop
             pb.ReportStageResultsRequest(reports=[result_request(m)])
         )
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_late_result_of_a_lost_run_is_refused_but_its_cost_is_kept(harness):
+    """A run expired while its worker still had it: its result is not applied, but what it was
+    charged is on the run, its document and its session (the money was spent)."""
+    session = (await harness.create([mfile("a.pdf")])).session
+    [m] = await harness.dispatch()
+    await harness.started(m)
+    async with harness.pool.acquire() as conn:
+        await conn.execute("UPDATE session.stage_runs SET lease_expires_at = now() - interval '1 s'")
+    await harness.reconciler.run_once()
+    [again] = await harness.dispatch()
+    assert again.payload.attempt == 2
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.result(m, cost="0.003")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expired" in err.value.details() and "cost was recorded" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError):  # a replay adds nothing
+        await harness.result(m, cost="0.003")
+    await harness.result(again, cost="0.001")
+    doc = await document(harness, m.payload.document_id)
+    costs = {r.attempt: Decimal(r.cost.amount) for r in doc.stage_runs if r.stage == 1}
+    assert costs == {1: Decimal("0.003"), 2: Decimal("0.001")}
+    assert Decimal(doc.cost.amount) == Decimal("0.004")
+    async with harness.pool.acquire() as conn:
+        reported = await conn.fetchval(
+            "SELECT reported_cost FROM session.import_sessions WHERE session_id = $1",
+            uuid.UUID(session.session_id),
+        )
+    assert reported == Decimal("0.004")
+    s = (await harness.operator.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
+    assert Decimal(s.wasted_cost.amount) == Decimal("0.003")

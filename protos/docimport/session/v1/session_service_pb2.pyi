@@ -159,7 +159,7 @@ class StageCounts(_message.Message):
     def __init__(self, stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cache_hits: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "project", "manifest_id", "state", "options", "counts", "stages", "documents_per_second", "eta", "cost_so_far", "estimated_cost", "created_at", "started_at", "finished_at", "request_id", "last_seq", "state_reason")
+    __slots__ = ("session_id", "project", "manifest_id", "state", "options", "counts", "stages", "documents_per_second", "eta", "cost_so_far", "estimated_cost", "created_at", "started_at", "finished_at", "request_id", "last_seq", "state_reason", "wasted_cost")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class Session(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     STATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    WASTED_COST_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     project: Project
     manifest_id: str
@@ -194,7 +195,8 @@ class Session(_message.Message):
     request_id: str
     last_seq: int
     state_reason: str
-    def __init__(self, session_id: _Optional[str] = ..., project: _Optional[_Union[Project, _Mapping]] = ..., manifest_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., options: _Optional[_Union[SessionOptions, _Mapping]] = ..., counts: _Optional[_Union[DocumentCounts, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageCounts, _Mapping]]] = ..., documents_per_second: _Optional[float] = ..., eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cost_so_far: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., state_reason: _Optional[str] = ...) -> None: ...
+    wasted_cost: _common_pb2.Money
+    def __init__(self, session_id: _Optional[str] = ..., project: _Optional[_Union[Project, _Mapping]] = ..., manifest_id: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., options: _Optional[_Union[SessionOptions, _Mapping]] = ..., counts: _Optional[_Union[DocumentCounts, _Mapping]] = ..., stages: _Optional[_Iterable[_Union[StageCounts, _Mapping]]] = ..., documents_per_second: _Optional[float] = ..., eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cost_so_far: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., estimated_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., last_seq: _Optional[int] = ..., state_reason: _Optional[str] = ..., wasted_cost: _Optional[_Union[_common_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class Artifact(_message.Message):
     __slots__ = ("kind", "uri", "sha256", "size_bytes")
