@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 import asyncio
 import contextlib
 import datetime as dt
@@ -17,6 +15,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -446,13 +445,16 @@ def readable_case(files: Sequence[str] | None = None) -> Iterator[Path]:
 
 
 class WorkerProcess:
-    """`python -m services.worker` in its own process group, configured by `env` only."""
+    """`python -m services.worker` (or another component's `module`) in its own process group,
+    configured by `env` only, its output in `<name>.log`."""
 
-    def __init__(self, tmp_path: Path, name: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, tmp_path: Path, name: str, env: dict[str, str], module: str = "services.worker"
+    ) -> None:
         self.log_path = tmp_path / f"{name}.log"
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.worker"],
+            [sys.executable, "-m", module],
             env={"PATH": os.environ.get("PATH", ""), **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -1,67 +1,51 @@
-"""Fault tests of an import through the real stack (issue 5, "Done when").
+"""Faults mid-import against the real stack, at default settings (issue 19, "Done when").
 
-The manifest, cost and session services run in-process on ephemeral ports
-(the session service with its dispatcher and reconciler, publishing through
-the Celery enqueuer to a real Redis), and the worker is the real console
-process (`python -m services.worker`, prefork pool, acks_late and
-reject_on_worker_lost) in its own process group. A small source root (a
-few files of the sample case, one of them a scan that needs OCR) is
-scanned and imported, and a fault is injected mid-import:
+The session service and the worker (prefork) run as processes of their own
+(tests/session/faults.py), with the lease settings they ship with: a lease
+of 45 s renewed every 5 s while a run is seen alive. A small case (a scan
+that needs OCR, which takes seconds: a run to break, and quick text files
+queued behind it) is imported while a watcher follows it, and one fault is
+injected mid-import:
 
-- the worker's whole process group is SIGKILLed while a stage run is
-  running; a fresh worker is started and the reconciler (short leases)
-  re-enqueues the lost run as a new attempt;
-- Redis loses every message (FLUSHDB of its database: queued tasks, the
-  unacked set, results) while a stage runs and others wait in the queues;
-  the reconciler re-enqueues the lost runs once their queue lease expires;
-- the session service is stopped (server, dispatcher, reconciler, event hub)
-  while documents are in flight and a new one is started on the same
-  database and port; a watcher reconnects with `resume_after_seq`.
+- SIGKILL of the worker's whole process group (its main process and its
+  pool process) while the scan's OCR runs; a new worker starts at once;
+- SIGKILL of the worker's pool process only (Celery gives its message back);
+- Redis losing every message (FLUSHDB: queued tasks, unacknowledged ones);
+- SIGKILL of the session service while a run finishes into the worker's
+  outbox, then of the worker too; both are started again;
+- Postgres stopped at once (SIGQUIT: immediate shutdown, no checkpoint)
+  for 60 s.
 
-Each time every document completes exactly once (one succeeded stage run per
-stage), is charged exactly once (actual cost events of one attempt per stage,
-the succeeded one), the budget has nothing left reserved, and VerifySession
-says PASS.
+Each time every document completes within 120 s of the fault's end, no
+stage succeeds twice, the ledger, the session's cost and the budget's spent
+amount agree (and each run's cost is what the ledger charged it), verify
+says PASS, and the watcher saw every event once, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
-from typing import Any
+
+from decimal import Decimal
 
 import asyncpg
-import grpc
 import pytest
 import redis
 from conftest import TOKENS
 from docimport.cost.v1 import cost_service_pb2 as cpb
 from docimport.cost.v1 import cost_service_pb2_grpc
-from docimport.manifest.v1 import manifest_service_pb2 as mpb
-from docimport.manifest.v1 import manifest_service_pb2_grpc
 from docimport.session.v1 import session_service_pb2 as pb
-from docimport.session.v1 import session_service_pb2_grpc
 
-from services.common import convert
-from services.common.channels import aio_channel
-from services.common.config import ClientSettings
-from services.cost.config import CostSettings
-from services.cost.server import build_server as build_cost
-from services.cost.store import CostStore
-from services.manifest.config import ManifestSettings
-from services.manifest.server import build_server as build_manifest
-from services.manifest.store import ManifestStore
-from services.session.config import SessionSettings
-from services.session.queue import CeleryEnqueuer
-from services.session.server import SessionServer
-from services.session.server import build_server as build_session
-from services.session.store import SessionStore
+from services.common import db, localinfra
+from services.common.migrate import migrate
 
-from .helpers import WorkerProcess, readable_case, wait_for
+from .faults import FaultStack, Watcher, assert_one_truth
+from .helpers import readable_case, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +57,8 @@ FILES = (
     "correspondence/call_notes.txt",
 )
 SCAN = "scanned_deposition_excerpt.pdf"
-STAGES = ("extract", "chunk", "entities")
+# Every document completes within this many seconds of a fault's end.
+RECOVERY = 120.0
 
 
 @pytest.fixture
@@ -82,456 +67,256 @@ def small_case() -> Iterator[Path]:
         yield target
 
 
-@dataclass
-class Stack:
-    settings: SessionSettings
-    session_server: SessionServer
-    pool: asyncpg.Pool
-    enqueuer: CeleryEnqueuer
-    cost_port: int
-    manifests: Any
-    costs: Any
-    session_builder: Any
-    channels: list[grpc.aio.Channel] = field(default_factory=list)
-
-    @property
-    def session_port(self) -> int:
-        return self.session_server.port
-
-    def sessions(self) -> session_service_pb2_grpc.SessionServiceStub:
-        channel = aio_channel(
-            f"127.0.0.1:{self.session_port}", ClientSettings(), token=TOKENS["operator"]
-        )
-        self.channels.append(channel)
-        return session_service_pb2_grpc.SessionServiceStub(channel)
-
-    async def restart_session_service(self, down_for: float) -> None:
-        """Stops the session service and starts a new one on the same database and port."""
-        port = self.session_server.port
-        await self.session_server.stop(0.5)
-        await asyncio.sleep(down_for)
-        self.settings = self.settings.model_copy(update={"port": port})
-        self.session_server = await self.session_builder(self.settings)
-        assert self.session_server.port == port
-
-
-@pytest.fixture
-def lease_base() -> float:
-    """Seconds a stage run may take; a test whose point is not the OCR's speed raises it."""
-    return 12.0
-
-
 @pytest.fixture
 async def stack(
-    db_url: str,
-    pool: asyncpg.Pool,
-    redis_url: str,
-    token_env: dict[str, Any],
-    small_case: Path,
-    lease_base: float,
-) -> AsyncIterator[Stack]:
-    client = ClientSettings()
-    cost_settings = CostSettings(database_url=db_url, **token_env)
-    await CostStore(pool).ensure_default_price_book(cost_settings.price_book_file, None)
-    cost = await build_cost(cost_settings, store=CostStore(pool))
-    cost_channel = aio_channel(f"127.0.0.1:{cost.port}", client, token=TOKENS["service"])
-    manifest = await build_manifest(
-        ManifestSettings(
-            database_url=db_url, source_roots=(small_case.parent,), scan_workers=1, **token_env
-        ),
-        store=ManifestStore(pool),
-        cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
-    )
-    manifest_channel = aio_channel(f"127.0.0.1:{manifest.port}", client, token=TOKENS["service"])
-    enqueuer = CeleryEnqueuer(redis_url)
-    # Short leases: a run's soft limit is 12 s (the scan's OCR takes about 6 s
-    # here), its running lease 14 s, and a queued message is given up 10 s
-    # after its hard limit.
-    settings = SessionSettings(
-        database_url=db_url,
-        broker_url=redis_url,
-        dispatch_interval=0.1,
-        reconcile_interval=0.5,
-        lease_base=lease_base,
-        lease_per_mib=0.0,
-        time_limit_grace=1.0,
-        queue_wait=10.0,
-        retry_backoff_base=0.0,
-        max_attempts=5,
-        heartbeat_interval=1.0,
-        **token_env,
-    )
-
-    async def session_builder(s: SessionSettings) -> SessionServer:
-        return await build_session(
-            s,
-            store=SessionStore(pool),
-            enqueuer=enqueuer,
-            manifest_stub=manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel),
-            cost_stub=cost_service_pb2_grpc.CostServiceStub(cost_channel),
-            background=True,
-        )
-
-    session_server = await session_builder(settings)
-    operator_manifest = aio_channel(f"127.0.0.1:{manifest.port}", client, token=TOKENS["operator"])
-    operator_cost = aio_channel(f"127.0.0.1:{cost.port}", client, token=TOKENS["operator"])
-    s = Stack(
-        settings,
-        session_server,
-        pool,
-        enqueuer,
-        cost.port,
-        manifest_service_pb2_grpc.ManifestServiceStub(operator_manifest),
-        cost_service_pb2_grpc.CostServiceStub(operator_cost),
-        session_builder,
-        channels=[manifest_channel, cost_channel, operator_manifest, operator_cost],
-    )
-    try:
+    db_url: str, pool: asyncpg.Pool, redis_url: str, tmp_path: Path, small_case: Path
+) -> AsyncIterator[FaultStack]:
+    async with FaultStack.running(db_url, redis_url, tmp_path, small_case, pool) as s:
         yield s
-    finally:
-        await s.session_server.stop(0.5)
-        await enqueuer.close()
-        for channel in s.channels:
-            await channel.close()
-        await manifest.close(0.5)
-        await cost.stop(0.5)
 
 
-def start_worker(
-    stack: Stack, redis_url: str, tmp_path: Path, name: str, **env: str
-) -> WorkerProcess:
-    """The real worker (prefork, one child) reporting to this stack."""
-    return WorkerProcess(
-        tmp_path,
-        name,
-        {
-            "DOCIMPORT_BROKER_URL": redis_url,
-            "DOCIMPORT_SESSION_ADDR": f"127.0.0.1:{stack.session_port}",
-            "DOCIMPORT_COST_ADDR": f"127.0.0.1:{stack.cost_port}",
-            "DOCIMPORT_TOKEN": TOKENS["worker"],
-            "DOCIMPORT_ARTIFACT_DIR": str(tmp_path / "artifacts"),
-            "DOCIMPORT_POOL": "prefork",
-            "DOCIMPORT_CONCURRENCY": "1",
-            "DOCIMPORT_LOG_LEVEL": "INFO",
-            "DOCIMPORT_RPC_TIMEOUT": "10",
-            **env,
-        },
+async def scan_running(stack: FaultStack, session_id: str) -> asyncpg.Record | None:
+    return await stack.pool.fetchrow(
+        "SELECT r.document_id, r.attempt, r.task_id FROM session.stage_runs r"
+        " JOIN session.session_documents d USING (document_id)"
+        " WHERE r.session_id = $1 AND r.state = 'running' AND r.stage = 'extract'"
+        " AND d.relative_path LIKE $2",
+        session_id,
+        f"%{SCAN}",
     )
 
 
-async def scan_and_create(stack: Stack, source: Path, *, start: bool) -> str:
-    scanned = None
-    async for event in stack.manifests.AnalyzeSource(
-        mpb.AnalyzeSourceRequest(request_id="faults", source_path=str(source), case_name="Faults")
-    ):
-        if event.HasField("manifest"):
-            scanned = event.manifest
-    assert scanned is not None and scanned.state == mpb.MANIFEST_STATE_READY
-    created = await stack.sessions().CreateSession(
-        pb.CreateSessionRequest(
-            request_id="faults-import",
-            manifest_id=scanned.manifest_id,
-            project_name="Faults",
-            options=pb.SessionOptions(budget=convert.money("25")),
-            start=start,
+async def runs_of(stack: FaultStack, session_id: str, document_id: object, stage: str) -> list:
+    return await stack.pool.fetch(
+        "SELECT attempt, state FROM session.stage_runs"
+        " WHERE session_id = $1 AND document_id = $2 AND stage = $3 ORDER BY attempt",
+        session_id,
+        document_id,
+        stage,
+    )
+
+
+async def test_a_worker_killed_mid_task_is_recovered_within_two_minutes(
+    stack: FaultStack,
+) -> None:
+    worker = stack.start_worker("worker-1")
+    session_id = await stack.analyze_and_import()
+    watcher = Watcher(stack, session_id)
+    watcher.start()
+    await wait_for(lambda: scan_running(stack, session_id), timeout=60, interval=0.05)
+    killed = await scan_running(stack, session_id)
+    assert killed is not None, await stack.describe(session_id)
+    await asyncio.sleep(0.5)  # well inside the OCR
+    worker.kill()
+    stack.start_worker("worker-2")
+    took = await stack.wait_finished(session_id, timeout=RECOVERY)
+    await assert_one_truth(stack, session_id, len(FILES))
+    await watcher.finish()
+    # the run the killed worker held was lost (nobody saw it any more) and done again
+    redone = await runs_of(stack, session_id, killed["document_id"], "extract")
+    assert [(r["attempt"], r["state"]) for r in redone][:1] == [(killed["attempt"], "expired")]
+    assert redone[-1]["state"] == "succeeded", (took, redone)
+
+
+async def test_a_killed_pool_process_gives_its_run_back_at_once(stack: FaultStack) -> None:
+    """Only the pool process dies: Celery gives its message back (reject_on_worker_lost) and
+    the same attempt runs again, asked about first: no lease has to run out."""
+    worker = stack.start_worker("worker")
+    session_id = await stack.analyze_and_import()
+    watcher = Watcher(stack, session_id)
+    watcher.start()
+    await wait_for(lambda: scan_running(stack, session_id), timeout=60, interval=0.05)
+    killed = await scan_running(stack, session_id)
+    assert killed is not None
+    main = worker.process.pid
+    (child,) = Path(f"/proc/{main}/task/{main}/children").read_text().split()
+    os.kill(int(child), signal.SIGKILL)
+    took = await stack.wait_finished(session_id, timeout=RECOVERY)
+    runs = await assert_one_truth(stack, session_id, len(FILES))
+    await watcher.finish()
+    assert took < 40, f"{took:.0f} s: the run waited for its lease"
+    assert {(r["attempt"], r["state"]) for r in runs} == {(1, "succeeded")}, runs
+
+
+async def test_redis_losing_its_data_mid_import_is_recovered_within_two_minutes(
+    stack: FaultStack,
+) -> None:
+    stack.start_worker("worker")
+    session_id = await stack.analyze_and_import()
+    watcher = Watcher(stack, session_id)
+    watcher.start()
+
+    async def queued_behind_the_scan() -> bool:
+        counts = await stack.pool.fetchrow(
+            "SELECT count(*) FILTER (WHERE state = 'running') AS running,"
+            " count(*) FILTER (WHERE state = 'queued') AS queued"
+            " FROM session.stage_runs WHERE session_id = $1",
+            session_id,
         )
-    )
-    return created.session.session_id
+        return counts["running"] >= 1 and counts["queued"] >= 1
+
+    await wait_for(queued_behind_the_scan, timeout=60, interval=0.02)
+    lost = {
+        (r["document_id"], r["stage"], r["attempt"])
+        for r in await stack.pool.fetch(
+            "SELECT document_id, stage, attempt FROM session.stage_runs"
+            " WHERE session_id = $1 AND state = 'queued'",
+            session_id,
+        )
+    }
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        assert client.dbsize() > 0, "nothing was in Redis to lose"
+        client.flushdb()
+    finally:
+        client.close()
+    await stack.wait_finished(session_id, timeout=RECOVERY)
+    runs = await assert_one_truth(stack, session_id, len(FILES))
+    await watcher.finish()
+    state = {(r["document_id"], r["stage"], r["attempt"]): r["state"] for r in runs}
+    # what Redis lost was given up and enqueued again; what a worker had already taken ran
+    assert any(state[run] == "expired" for run in lost), (lost, state)
+    assert all(state[run] in ("expired", "succeeded") for run in lost), (lost, state)
 
 
-async def wait_finished(stack: Stack, session_id: str, timeout: float) -> pb.Session:
-    async def finished() -> bool:
-        try:
-            s = (
-                await stack.sessions().GetSession(pb.GetSessionRequest(session_id=session_id))
-            ).session
-        except grpc.aio.AioRpcError:
-            return False
-        return s.state in (pb.SESSION_STATE_COMPLETED, pb.SESSION_STATE_COMPLETED_WITH_ERRORS)
+async def test_the_session_service_and_the_worker_killed_lose_no_finished_run(
+    stack: FaultStack,
+) -> None:
+    """The session service dies; the worker finishes a run it cannot deliver (it waits in its
+    outbox), then dies too. Both come back: the new worker delivers the dead one's finished
+    run, which is not run again, and the watcher resumes without a gap."""
+    worker = stack.start_worker("worker-1")
+    session_id = await stack.analyze_and_import()
+    watcher = Watcher(stack, session_id)
+    watcher.start()
+    await wait_for(lambda: scan_running(stack, session_id), timeout=60, interval=0.05)
+    stack.kill_session()
+    await wait_for(lambda: stack.outbox_runs() > 0, timeout=60, interval=0.1)
+    worker.kill()
+    waiting = stack.outbox_runs()
+    stack.start_worker("worker-2")
+    await asyncio.sleep(2)
+    await stack.start_session()
+    await stack.wait_finished(session_id, timeout=RECOVERY)
+    runs = await assert_one_truth(stack, session_id, len(FILES))
+    await watcher.finish(timeout=60)
+    assert watcher.connects >= 2, "the watcher never had to reconnect"
+    assert stack.outbox_runs() == 0
+    # the scan's extract finished while the service was down: delivered, not done again
+    assert waiting >= 1
+    scan = [r for r in runs if r["stage"] == "extract" and r["attempt"] == 1]
+    assert all(r["state"] == "succeeded" for r in scan), runs
 
-    await wait_for(finished, timeout=timeout, interval=0.3)
-    return (await stack.sessions().GetSession(pb.GetSessionRequest(session_id=session_id))).session
+
+@pytest.fixture
+async def own_postgres(tmp_path: Path) -> AsyncIterator[tuple[localinfra.PostgresInstance, str]]:
+    """A Postgres of this test's own (it is stopped mid-test), migrated, and a database URL."""
+    instance = await asyncio.to_thread(localinfra.start_postgres, tmp_path / "pg")
+    url = localinfra.with_database(instance.dsn, "postgres")
+    await migrate(url)
+    try:
+        yield instance, url
+    finally:
+        current = localinfra.load_postgres(tmp_path / "pg")
+        if current is not None:
+            await asyncio.to_thread(localinfra.stop, current)
 
 
-async def assert_exactly_once(stack: Stack, session_id: str) -> list[asyncpg.Record]:
-    """Every document completed once and was charged once; returns its stage runs."""
-    final = (await stack.sessions().GetSession(pb.GetSessionRequest(session_id=session_id))).session
-    assert final.state == pb.SESSION_STATE_COMPLETED, await stack.pool.fetch(
-        "SELECT stage, attempt, state, error_message FROM session.stage_runs"
-        " WHERE session_id = $1 AND state <> 'succeeded' ORDER BY stage, attempt",
+async def test_postgres_stopped_for_a_minute_is_recovered_within_two_minutes(
+    own_postgres: tuple[localinfra.PostgresInstance, str],
+    redis_url: str,
+    tmp_path: Path,
+    small_case: Path,
+) -> None:
+    instance, url = own_postgres
+    pool = await db.create_pool(url, min_size=1, max_size=8)
+    try:
+        async with FaultStack.running(url, redis_url, tmp_path, small_case, pool) as stack:
+            stack.start_worker("worker")
+            session_id = await stack.analyze_and_import()
+            watcher = Watcher(stack, session_id)
+            watcher.start()
+            await wait_for(lambda: scan_running(stack, session_id), timeout=60, interval=0.05)
+            os.kill(instance.pid, signal.SIGQUIT)  # immediate shutdown
+            await asyncio.sleep(60)
+            again = await asyncio.to_thread(localinfra.start_postgres, tmp_path / "pg")
+            assert again.port == instance.port
+            began = time.monotonic()
+            await stack.wait_finished(session_id, timeout=RECOVERY)
+            await assert_one_truth(stack, session_id, len(FILES))
+            await watcher.finish(timeout=60)
+            assert time.monotonic() - began < RECOVERY
+    finally:
+        await pool.close()
+
+
+async def test_after_a_cancel_no_queued_run_starts_and_what_was_spent_shows_everywhere(
+    stack: FaultStack,
+) -> None:
+    """Runs queued behind the scan (one prefetched by the worker, the others in Redis) when
+    the session is cancelled: none of them starts its work. The scan's run, under way, ends,
+    and its charge is in the ledger, the session's cost (as waste) and the budget."""
+    stack.start_worker("worker")
+    session_id = await stack.analyze_and_import()
+    await wait_for(lambda: scan_running(stack, session_id), timeout=60, interval=0.05)
+    scan = await scan_running(stack, session_id)
+    assert scan is not None
+    queued = await stack.pool.fetch(
+        "SELECT document_id, stage, attempt FROM session.stage_runs"
+        " WHERE session_id = $1 AND state = 'queued'",
         session_id,
     )
-    docs = await stack.pool.fetch(
-        "SELECT document_id, relative_path, state FROM session.session_documents"
+    assert queued, await stack.describe(session_id)
+    sessions = stack.sessions()
+    await sessions.CancelSession(pb.CancelSessionRequest(session_id=session_id))
+
+    async def scan_charged() -> bool:
+        return await stack.pool.fetchval(
+            "SELECT cost IS NOT NULL FROM session.stage_runs"
+            " WHERE document_id = $1 AND stage = 'extract' AND attempt = $2",
+            scan["document_id"],
+            scan["attempt"],
+        )
+
+    await wait_for(scan_charged, timeout=60, interval=0.2)
+    await asyncio.sleep(3)  # a queued run that started anyway would have reported by now
+    runs = await stack.pool.fetch(
+        "SELECT document_id, stage, attempt, state, started_at, cost FROM session.stage_runs"
         " WHERE session_id = $1",
         session_id,
     )
-    assert len(docs) == len(FILES)
-    assert {d["state"] for d in docs} == {"completed"}, docs
-    runs = await stack.pool.fetch(
-        "SELECT document_id, stage, attempt, state, cost, error_message FROM session.stage_runs"
-        " WHERE session_id = $1 ORDER BY document_id, stage, attempt",
-        session_id,
-    )
-    succeeded: dict[tuple[Any, str], list[int]] = {}
-    for r in runs:
-        if r["state"] == "succeeded":
-            succeeded.setdefault((r["document_id"], r["stage"]), []).append(r["attempt"])
-    assert not [r for r in runs if r["state"] in ("queued", "running")]
-    for d in docs:
-        for stage in STAGES:
-            assert len(succeeded.get((d["document_id"], stage), [])) == 1, (d, stage, runs)
-    # Charged once: every attempt that ran to its end (succeeded, or failed
-    # after doing real work, e.g. a time limit on a loaded machine) is charged
-    # for what it did, once; an attempt that was lost (expired: killed, or its
-    # message gone from the broker) or never ran is charged nothing; no
-    # (document, stage, attempt, service, operation) is charged twice, and
-    # each succeeded stage has its charge.
-    events = await stack.pool.fetch(
-        "SELECT document_id, stage, attempt, service, operation, amount, cache_hit"
-        " FROM cost.cost_events WHERE session_id = $1 AND kind = 'actual'",
-        session_id,
-    )
-    ended = {
+    state = {(r["document_id"], r["stage"], r["attempt"]): r for r in runs}
+    for key in ((q["document_id"], q["stage"], q["attempt"]) for q in queued):
+        assert state[key]["state"] == "cancelled" and state[key]["started_at"] is None, key
+        assert state[key]["cost"] is None, key
+    charged = {
         (r["document_id"], r["stage"], r["attempt"])
-        for r in runs
-        if r["state"] in ("succeeded", "failed")
-    }
-    charged: set[tuple[Any, str, int]] = set()
-    seen: set[tuple[Any, str, int, str, str]] = set()
-    for e in events:
-        run = (e["document_id"], e["stage"], e["attempt"])
-        key = (*run, e["service"], e["operation"])
-        assert key not in seen, f"charged twice: {key}"
-        assert run in ended, f"charged for an attempt that did not run to its end: {run}, {runs}"
-        seen.add(key)
-        charged.add(run)
-    # the run's recorded cost is what the ledger holds for it
-    for r in runs:
-        run = (r["document_id"], r["stage"], r["attempt"])
-        ledger = sum(
-            (e["amount"] for e in events if (e["document_id"], e["stage"], e["attempt"]) == run),
-            Decimal(0),
-        )
-        assert ledger == (r["cost"] or Decimal(0)), (run, ledger, r["cost"])
-    for (document_id, stage), attempts in succeeded.items():
-        assert (document_id, stage, attempts[0]) in charged, f"no cost events for {document_id}, {stage}"
-    budget = (await stack.costs.GetBudget(cpb.GetBudgetRequest(session_id=session_id))).budget
-    assert convert.parse_money(budget.reserved, "reserved", places=16) == 0
-    open_reservations = await stack.pool.fetchval(
-        "SELECT count(*) FROM cost.reservations WHERE session_id = $1 AND state = 'open'",
-        session_id,
-    )
-    assert open_reservations == 0
-    report = await stack.sessions().VerifySession(
-        pb.VerifySessionRequest(session_id=session_id, deep=True)
-    )
-    assert report.verdict == pb.VERDICT_PASS, report
-    assert report.counts.completed == len(FILES) and report.counts.unaccounted == 0
-    return runs
-
-
-async def test_a_worker_killed_mid_task_is_recovered_exactly_once(
-    stack: Stack, redis_url: str, small_case: Path, tmp_path: Path
-) -> None:
-    worker = start_worker(stack, redis_url, tmp_path, "worker-1")
-    second: WorkerProcess | None = None
-    try:
-        session_id = await scan_and_create(stack, small_case, start=True)
-
-        async def scan_running() -> asyncpg.Record | None:
-            return await stack.pool.fetchrow(
-                "SELECT r.document_id, r.attempt, r.task_id FROM session.stage_runs r"
-                " JOIN session.session_documents d USING (document_id)"
-                " WHERE r.session_id = $1 AND r.state = 'running' AND r.stage = 'extract'"
-                " AND d.relative_path LIKE $2",
-                session_id,
-                f"%{SCAN}",
-            )
-
-        await wait_for(scan_running, timeout=40, interval=0.05)
-        killed = await scan_running()
-        assert killed is not None, worker.tail()
-        await asyncio.sleep(0.5)  # well inside the OCR
-        worker.kill()
-        still = await stack.pool.fetchval(
-            "SELECT state FROM session.stage_runs"
-            " WHERE document_id = $1 AND stage = 'extract' AND attempt = $2",
-            killed["document_id"],
-            killed["attempt"],
-        )
-        assert still == "running", "the run finished before the kill; OCR was too quick"
-
-        second = start_worker(stack, redis_url, tmp_path, "worker-2")
-        await wait_finished(stack, session_id, timeout=60)
-        runs = await assert_exactly_once(stack, session_id)
-        lost = [
-            r
-            for r in runs
-            if r["document_id"] == killed["document_id"]
-            and r["stage"] == "extract"
-            and r["attempt"] == killed["attempt"]
-        ]
-        assert [r["state"] for r in lost] == ["expired"]
-        redone = [
-            r for r in runs if r["document_id"] == killed["document_id"] and r["stage"] == "extract"
-        ]
-        assert redone[-1]["state"] == "succeeded" and redone[-1]["attempt"] > killed["attempt"]
-    finally:
-        if worker.process.poll() is None:
-            worker.stop()
-        if second is not None:
-            second.stop()
-
-
-@pytest.mark.parametrize("lease_base", [60.0])  # a fresh child loads the OCR engine per task
-async def test_a_pool_child_exiting_after_each_task_delivers_its_runs_first(
-    stack: Stack, redis_url: str, small_case: Path, tmp_path: Path
-) -> None:
-    """A prefork child recycled after every task (`max_tasks_per_child` 1) exits right after its
-    task returns, its run still in the delivery thread's hands (held there by a long linger):
-    the child delivers before it exits, so no run is lost to its lease and run again."""
-    worker = start_worker(
-        stack,
-        redis_url,
-        tmp_path,
-        "recycled",
-        DOCIMPORT_MAX_TASKS_PER_CHILD="1",
-        DOCIMPORT_DELIVERY_LINGER="0.5",
-    )
-    try:
-        session_id = await scan_and_create(stack, small_case, start=True)
-        # a lost delivery would not come back before its lease (60 s) ran out
-        await wait_finished(stack, session_id, timeout=120)
-        runs = await assert_exactly_once(stack, session_id)
-        assert {(r["attempt"], r["state"]) for r in runs} == {(1, "succeeded")}, runs
-        log = worker.log_path.read_text(errors="replace")
-        assert "could not deliver" not in log and "were not delivered" not in log, log[-4000:]
-    finally:
-        worker.stop()
-
-
-async def test_a_session_service_restart_loses_nothing_and_watchers_resume(
-    stack: Stack, redis_url: str, small_case: Path, tmp_path: Path
-) -> None:
-    session_id = await scan_and_create(stack, small_case, start=False)
-    seqs: list[int] = []
-    snapshot_seqs: list[int] = []
-    connects = 0
-    done = asyncio.Event()
-
-    async def watch() -> None:
-        nonlocal connects
-        last = 0
-        while not done.is_set():
-            channel = aio_channel(
-                f"127.0.0.1:{stack.session_port}", ClientSettings(), token=TOKENS["operator"]
-            )
-            try:
-                stub = session_service_pb2_grpc.SessionServiceStub(channel)
-                connects += 1
-                async for item in stub.WatchSession(
-                    pb.WatchSessionRequest(session_id=session_id, resume_after_seq=last)
-                ):
-                    kind = item.WhichOneof("event")
-                    if kind == "snapshot":
-                        snapshot_seqs.append(item.seq)
-                        last = max(last, item.seq)
-                    elif kind in ("document", "state_change"):
-                        seqs.append(item.seq)
-                        last = item.seq
-                        if kind == "state_change" and item.state_change.state in (
-                            pb.SESSION_STATE_COMPLETED,
-                            pb.SESSION_STATE_COMPLETED_WITH_ERRORS,
-                        ):
-                            done.set()
-                            return
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.2)
-            finally:
-                await channel.close()
-
-    watcher = asyncio.create_task(watch())
-    await wait_for(lambda: snapshot_seqs, timeout=10)
-    worker = start_worker(stack, redis_url, tmp_path, "worker")
-    try:
-        await stack.sessions().StartSession(pb.StartSessionRequest(session_id=session_id))
-
-        async def in_flight() -> bool:
-            counts = await stack.pool.fetchrow(
-                "SELECT count(*) FILTER (WHERE state = 'completed') AS done,"
-                " count(*) FILTER (WHERE state IN ('queued', 'running')) AS busy"
-                " FROM session.session_documents WHERE session_id = $1",
-                session_id,
-            )
-            return counts["done"] >= 1 and counts["busy"] >= 1
-
-        await wait_for(in_flight, timeout=40, interval=0.05)
-        seen_before = len(seqs)
-        await stack.restart_session_service(down_for=1.0)
-        await wait_finished(stack, session_id, timeout=60)
-        await asyncio.wait_for(watcher, timeout=15)
-        await assert_exactly_once(stack, session_id)
-    finally:
-        done.set()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await watcher
-        worker.stop()
-    assert connects >= 2, "the watcher never had to reconnect"
-    assert 0 < seen_before < len(seqs)
-    stored = [
-        r["seq"]
         for r in await stack.pool.fetch(
-            "SELECT seq FROM session.session_events WHERE session_id = $1 ORDER BY seq",
+            "SELECT DISTINCT document_id, stage, attempt FROM cost.cost_events"
+            " WHERE session_id = $1 AND kind = 'actual'",
             session_id,
         )
-    ]
-    first = snapshot_seqs[0]
-    assert seqs == [s for s in stored if s > first], (seqs, stored, snapshot_seqs)
-    assert seqs == list(range(first + 1, first + 1 + len(seqs)))
-
-
-# The scan's OCR must not hit its time limit on a loaded machine here: what is
-# lost is the broker's data, not a slow run.
-@pytest.mark.parametrize("lease_base", [25.0])
-async def test_redis_losing_its_data_mid_import_loses_no_document(
-    stack: Stack, redis_url: str, small_case: Path, tmp_path: Path
-) -> None:
-    worker = start_worker(stack, redis_url, tmp_path, "worker")
-    try:
-        session_id = await scan_and_create(stack, small_case, start=True)
-
-        async def queued_behind_a_running_run() -> bool:
-            counts = await stack.pool.fetchrow(
-                "SELECT count(*) FILTER (WHERE state = 'running') AS running,"
-                " count(*) FILTER (WHERE state = 'queued') AS queued"
-                " FROM session.stage_runs WHERE session_id = $1",
-                session_id,
-            )
-            return counts["running"] >= 1 and counts["queued"] >= 1
-
-        await wait_for(queued_behind_a_running_run, timeout=40, interval=0.02)
-        lost = {
-            (r["document_id"], r["stage"], r["attempt"])
-            for r in await stack.pool.fetch(
-                "SELECT document_id, stage, attempt FROM session.stage_runs"
-                " WHERE session_id = $1 AND state = 'queued'",
-                session_id,
-            )
-        }
-        client = redis.Redis.from_url(redis_url)
-        try:
-            assert client.dbsize() > 0, "nothing was in Redis to lose"
-            client.flushdb()
-        finally:
-            client.close()
-        await wait_finished(stack, session_id, timeout=90)
-        runs = await assert_exactly_once(stack, session_id)
-        state = {(r["document_id"], r["stage"], r["attempt"]): r["state"] for r in runs}
-        # The messages Redis lost were given up (expired) and re-enqueued as new
-        # attempts; a run the worker had already taken before the flush ran.
-        assert any(state[run] == "expired" for run in lost), (lost, state)
-        assert all(state[run] in ("expired", "succeeded") for run in lost), (lost, state)
-    finally:
-        worker.stop()
+    }
+    assert not charged & {(q["document_id"], q["stage"], q["attempt"]) for q in queued}
+    log = stack.workers[0].log_path.read_text(errors="replace")
+    assert "revoked" in log.lower() or "discarding revoked" in log.lower() or len(queued) == 0
+    # one money truth after a cancel
+    final = (await sessions.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+    assert final.state == pb.SESSION_STATE_CANCELLED
+    ledger = await stack.pool.fetchval(
+        "SELECT sum(amount) FROM cost.cost_events WHERE session_id = $1 AND kind = 'actual'",
+        session_id,
+    )
+    budget = await stack.pool.fetchrow(
+        "SELECT limit_amount FROM cost.budgets WHERE session_id = $1", session_id
+    )
+    assert budget is not None
+    costs = cost_service_pb2_grpc.CostServiceStub(
+        stack._channel(stack.cost_port, TOKENS["operator"])
+    )
+    spent = (await costs.GetBudget(cpb.GetBudgetRequest(session_id=session_id))).budget
+    assert Decimal(final.cost_so_far.amount) == ledger == Decimal(spent.spent.amount) > 0
+    assert Decimal(spent.reserved.amount) == 0
+    assert Decimal(final.wasted_cost.amount) == state[scan["document_id"], "extract", scan["attempt"]]["cost"]
+    report = await sessions.VerifySession(pb.VerifySessionRequest(session_id=session_id))
+    assert "cost_mismatch" not in {f.code for f in report.findings}, report
