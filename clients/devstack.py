@@ -141,7 +141,9 @@ def up(
     log_dir.mkdir(parents=True, exist_ok=True)
 
     say("starting Postgres ...")
-    pg = localinfra.start_postgres(var_dir / "postgres")
+    # Durable: what the stack confirmed (a result to a worker, an event to a
+    # watcher) must survive a crash; only the test suite's Postgres runs without.
+    pg = localinfra.start_postgres(var_dir / "postgres", durable=True)
     stack.database_url = pg.url_for(DATABASE)
     asyncio.run(_prepare_database(pg.dsn, stack.database_url))
     say(f"  Postgres {pg.version} ({pg.strategy}) on {pg.host}:{pg.port}, schema migrated")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from clients import devstack
@@ -42,6 +44,18 @@ def _answers(url: str, timeout: float = 30.0) -> bool:
     return False
 
 
+def _durability(dsn: str) -> dict[str, str]:
+    async def read() -> dict[str, str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return {k: await conn.fetchval(f"SHOW {k}")
+                    for k in ("fsync", "synchronous_commit", "full_page_writes")}
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
 @pytest.fixture
 def work_dir():
     # Not under pytest's tmp_path: as root, the unprivileged Postgres account must reach it.
@@ -52,7 +66,7 @@ def work_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_dev_up_starts_everything_and_dev_down_stops_it(work_dir: Path):
+def test_dev_up_starts_everything_and_dev_down_stops_it(work_dir: Path, pg_admin_url: str):
     up = _docimport(
         "dev", "up", "--var", "var", "--source-root", str(ROOT / "examples"), "--flower", cwd=work_dir
     )
@@ -64,6 +78,10 @@ def test_dev_up_starts_everything_and_dev_down_stops_it(work_dir: Path):
     pids = {name: info["pid"] for name, info in stack["processes"].items()}
     assert set(pids) == {"cost", "manifest", "session", "worker", "flower"}
     assert _answers(stack["flower_url"]), "Flower does not answer HTTP"
+    # The stack's Postgres keeps what it confirmed; the suite's own may run without.
+    assert set(_durability(stack["database_url"]).values()) == {"on"}
+    if not os.environ.get("DOCIMPORT_TEST_DATABASE_URL"):
+        assert set(_durability(pg_admin_url).values()) == {"off"}
 
     # A second `up` reuses what runs; the CLI in that folder finds the stack by itself.
     again = _docimport("dev", "up", "--var", "var", "--source-root", str(ROOT / "examples"), cwd=work_dir)

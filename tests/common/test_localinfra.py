@@ -157,6 +157,31 @@ def test_postgres_major_version_mismatch_is_explained(pg_dir: Path, no_env_strat
     assert pg.strategy == first
 
 
+def _durability(dsn: str) -> dict[str, str]:
+    async def read() -> dict[str, str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return {k: await conn.fetchval(f"SHOW {k}")
+                    for k in ("fsync", "synchronous_commit", "full_page_writes")}
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def test_postgres_is_durable_unless_asked_not_to_be(pg_dir: Path, no_env_strategy: None) -> None:
+    fast = li.start_postgres(pg_dir, durable=False)
+    assert set(_durability(fast.dsn).values()) == {"off"}
+    assert li.start_postgres(pg_dir, durable=False).pid == fast.pid  # reused as it is
+    # The other setting restarts the running server, on its port, with its data.
+    durable = li.start_postgres(pg_dir)
+    assert durable.pid != fast.pid and durable.port == fast.port
+    assert_gone(fast.pid)
+    assert set(_durability(durable.dsn).values()) == {"on"}
+    assert json.loads((pg_dir / "localinfra-postgres.json").read_text())["durable"] is True
+    assert li.start_postgres(pg_dir, durable=True).pid == durable.pid
+
+
 def test_postgres_start_failure_shows_log_tail(pg_dir: Path, no_env_strategy: None) -> None:
     li.stop(li.start_postgres(pg_dir))
     with (pg_dir / "pgdata" / "postgresql.conf").open("a") as f:
