@@ -16,7 +16,7 @@ scanned and imported, and a fault is injected mid-import:
   the reconciler re-enqueues the lost runs once their queue lease expires;
 - the session service is stopped (server, dispatcher, reconciler, event hub)
   while documents are in flight and a new one is started on the same
-  database and port; a watcher reconnects with `resume_after_seq`.
+  database and port; a watcher reconnects with its resume token.
 
 Each time every document completes exactly once (one succeeded stage run per
 stage), is charged exactly once (actual cost events of one attempt per stage,
@@ -422,7 +422,7 @@ async def test_a_session_service_restart_loses_nothing_and_watchers_resume(
 
     async def watch() -> None:
         nonlocal connects
-        last = 0
+        token = ""  # resume after the last message had, named by its token
         while not done.is_set():
             channel = aio_channel(
                 f"127.0.0.1:{stack.session_port}", ClientSettings(), token=TOKENS["operator"]
@@ -431,15 +431,14 @@ async def test_a_session_service_restart_loses_nothing_and_watchers_resume(
                 stub = session_service_pb2_grpc.SessionServiceStub(channel)
                 connects += 1
                 async for item in stub.WatchSession(
-                    pb.WatchSessionRequest(session_id=session_id, resume_after_seq=last)
+                    pb.WatchSessionRequest(session_id=session_id, resume_token=token)
                 ):
                     kind = item.WhichOneof("event")
+                    token = item.resume_token
                     if kind == "snapshot":
                         snapshot_seqs.append(item.seq)
-                        last = max(last, item.seq)
                     elif kind in ("document", "state_change"):
                         seqs.append(item.seq)
-                        last = item.seq
                         if kind == "state_change" and item.state_change.state in (
                             pb.SESSION_STATE_COMPLETED,
                             pb.SESSION_STATE_COMPLETED_WITH_ERRORS,
@@ -487,6 +486,7 @@ async def test_a_session_service_restart_loses_nothing_and_watchers_resume(
             session_id,
         )
     ]
+    assert len(snapshot_seqs) == 1, "resuming across the restart took a snapshot"
     first = snapshot_seqs[0]
     assert seqs == [s for s in stored if s > first], (seqs, stored, snapshot_seqs)
     assert seqs == list(range(first + 1, first + 1 + len(seqs)))
