@@ -182,6 +182,35 @@ def test_postgres_is_durable_unless_asked_not_to_be(pg_dir: Path, no_env_strateg
     assert li.start_postgres(pg_dir, durable=True).pid == durable.pid
 
 
+def test_a_durable_postgres_keeps_every_confirmed_commit_through_a_kill(
+    pg_dir: Path, no_env_strategy: None
+) -> None:
+    pg = li.start_postgres(pg_dir, durable=True)
+
+    async def commit(n: int) -> None:
+        conn = await asyncpg.connect(pg.dsn)
+        try:
+            await conn.execute("CREATE TABLE confirmed (n int)")
+            for i in range(n):  # each INSERT its own transaction, confirmed before the next
+                await conn.execute("INSERT INTO confirmed VALUES ($1)", i)
+        finally:
+            conn.terminate()
+
+    asyncio.run(commit(300))
+    os.killpg(pg.pid, 9)  # no shutdown at all: what is not on disk now is gone
+    assert li._wait_gone(pg.pid, 10)
+    again = li.start_postgres(pg_dir, durable=True)
+
+    async def count() -> int:
+        conn = await asyncpg.connect(again.dsn)
+        try:
+            return await conn.fetchval("SELECT count(*) FROM confirmed")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(count()) == 300
+
+
 def test_postgres_start_failure_shows_log_tail(pg_dir: Path, no_env_strategy: None) -> None:
     li.stop(li.start_postgres(pg_dir))
     with (pg_dir / "pgdata" / "postgresql.conf").open("a") as f:
