@@ -893,6 +893,50 @@ def _clear_stale_postmaster(pgdata: Path) -> None:
         pidfile.unlink()
 
 
+def _spawn_postgres(
+    bins: _PgBinaries,
+    data_dir: Path,
+    account: _Account | None,
+    preferred: int | None,
+    durable: bool,
+    timeout: float,
+) -> tuple[subprocess.Popen[bytes], int, Path, bool]:
+    """Starts ``postgres`` on a free port (``preferred`` first); returns once it answers."""
+    owner = (account.uid, account.gid) if account else None
+    log_file = data_dir / "postgres.log"
+    for attempt in range(_PORT_ATTEMPTS):
+        port = _free_port(preferred if attempt == 0 else None)
+        sock_dir, sock_is_temp = _socket_dir(data_dir / "run", _PG_SOCKET_NAME_MAX, "di-pg-", owner)
+        cmd = [
+            str(bins.bindir / "postgres"), "-D", str(data_dir / "pgdata"),
+            "-h", LOOPBACK, "-p", str(port), "-k", str(sock_dir),
+        ]
+        for key in _PG_DURABILITY:
+            cmd += ["-c", f"{key}={'on' if durable else 'off'}"]
+        offset = _log_size(log_file)
+        with log_file.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd="/", env=_server_env(), start_new_session=True,
+                **(account.popen_kwargs() if account else {}),
+            )
+        _CHILDREN[proc.pid] = proc
+        try:
+            _wait_ready(proc, _pg_ping, port, timeout, "postgres", log_file, offset)
+            return proc, port, sock_dir, sock_is_temp
+        except _PortInUse:
+            if sock_is_temp:
+                shutil.rmtree(sock_dir, ignore_errors=True)
+            if attempt == _PORT_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            _abandon(proc)
+            if sock_is_temp:
+                shutil.rmtree(sock_dir, ignore_errors=True)
+            raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 def start_postgres(
     data_dir: str | os.PathLike[str],
     *,
@@ -924,7 +968,6 @@ def start_postgres(
     """
     data_dir = _prepare_dir(data_dir)
     pgdata = data_dir / "pgdata"
-    log_file = data_dir / "postgres.log"
     with _locked(data_dir):
         state, running = _load_pg_state(data_dir)
         if running is not None:
@@ -958,41 +1001,9 @@ def start_postgres(
             _initdb(bins, data_dir, pgdata, account, durable)
         _clear_stale_postmaster(pgdata)
 
-        owner = (account.uid, account.gid) if account else None
-        preferred = state.get("port")
-        for attempt in range(_PORT_ATTEMPTS):
-            port = _free_port(preferred if attempt == 0 else None)
-            sock_dir, sock_is_temp = _socket_dir(
-                data_dir / "run", _PG_SOCKET_NAME_MAX, "di-pg-", owner
-            )
-            cmd = [
-                str(bins.bindir / "postgres"), "-D", str(pgdata),
-                "-h", LOOPBACK, "-p", str(port), "-k", str(sock_dir),
-            ]
-            for key in _PG_DURABILITY:
-                cmd += ["-c", f"{key}={'on' if durable else 'off'}"]
-            offset = _log_size(log_file)
-            with log_file.open("ab") as out:
-                proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    cwd="/", env=_server_env(), start_new_session=True,
-                    **(account.popen_kwargs() if account else {}),
-                )
-            _CHILDREN[proc.pid] = proc
-            try:
-                _wait_ready(proc, _pg_ping, port, timeout, "postgres", log_file, offset)
-                break
-            except _PortInUse:
-                if sock_is_temp:
-                    shutil.rmtree(sock_dir, ignore_errors=True)
-                if attempt == _PORT_ATTEMPTS - 1:
-                    raise
-            except BaseException:
-                _abandon(proc)
-                if sock_is_temp:
-                    shutil.rmtree(sock_dir, ignore_errors=True)
-                raise
-
+        proc, port, sock_dir, sock_is_temp = _spawn_postgres(
+            bins, data_dir, account, state.get("port"), durable, timeout
+        )
         state = {
             "kind": "postgres",
             "pid": proc.pid,
