@@ -128,6 +128,23 @@ def _kill(pid: int) -> None:
     assert not localinfra.pid_alive(pid)
 
 
+def _squat(port: int) -> socket.socket:
+    """Listens on `port`; waits while another process's connection briefly holds it."""
+    deadline = time.monotonic() + 20
+    while True:
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
+        try:
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+            return squatter
+        except OSError:
+            squatter.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @pytest.mark.timeout(600)
 def test_dev_up_brings_a_dead_component_back_where_the_others_expect_it(work_dir: Path):
     source = work_dir / "case"
@@ -160,10 +177,7 @@ def test_dev_up_brings_a_dead_component_back_where_the_others_expect_it(work_dir
     # whatever dialled the old address is restarted with the new one.
     _kill(after.processes["cost"]["pid"])
     old_port = int(after.addresses["cost"].rsplit(":", 1)[1])
-    squatter = socket.socket()
-    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
-    squatter.bind(("127.0.0.1", old_port))
-    squatter.listen()
+    squatter = _squat(old_port)
     try:
         moved = _docimport("dev", "up", "--var", "var", "--source-root", str(source), cwd=work_dir)
         assert moved.returncode == 0, moved.stdout + moved.stderr
