@@ -51,7 +51,7 @@ from docimport.common.v1 import common_pb2  # noqa: E402
 from docimport.cost.v1 import cost_service_pb2 as pb  # noqa: E402
 from docimport.cost.v1 import cost_service_pb2_grpc  # noqa: E402
 
-from services.common import localinfra  # noqa: E402
+from services.common import localinfra, scratchdb  # noqa: E402
 from services.common.channels import wait_serving  # noqa: E402
 from services.common.channels import aio_channel  # noqa: E402
 from services.common.config import ClientSettings  # noqa: E402
@@ -69,7 +69,7 @@ CATEGORIES = ["pleadings", "discovery", "correspondence", "medical_records"]
 @contextlib.asynccontextmanager
 async def private_database() -> AsyncIterator[str]:
     """A fresh, migrated database of this run; dropped (and a private server stopped) after."""
-    async with localinfra.scratch_database(
+    async with scratchdb.scratch_database(
         os.environ.get("DOCIMPORT_BENCH_DATABASE_URL"), prefix="di_bench_cost"
     ) as url:
         yield url

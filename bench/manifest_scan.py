@@ -302,11 +302,11 @@ async def time_db_save(files: list, db_url: str | None) -> float:
     """Seconds to save `files` with the store, on a database made for the bench."""
     import uuid
 
-    from services.common import db, localinfra
+    from services.common import db, scratchdb
     from services.manifest.model import ScanOptions
     from services.manifest.store import ManifestStore
 
-    async with localinfra.scratch_database(db_url, prefix="di_bench_manifest") as url:
+    async with scratchdb.scratch_database(db_url, prefix="di_bench_manifest") as url:
         pool = await db.create_pool(url)
         try:
             store = ManifestStore(pool)

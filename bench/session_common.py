@@ -33,7 +33,7 @@ from docimport.cost.v1 import cost_service_pb2_grpc  # noqa: E402
 from docimport.manifest.v1 import manifest_service_pb2_grpc  # noqa: E402
 from docimport.session.v1 import session_service_pb2_grpc  # noqa: E402
 
-from services.common import db, localinfra  # noqa: E402
+from services.common import db, localinfra, scratchdb  # noqa: E402
 from services.common.channels import wait_serving  # noqa: E402
 from services.common.channels import aio_channel  # noqa: E402
 from services.common.config import ClientSettings  # noqa: E402
@@ -47,7 +47,7 @@ async def private_database() -> AsyncIterator[str]:
     admin = os.environ.get("DOCIMPORT_BENCH_DATABASE_URL") or os.environ.get(
         "DOCIMPORT_TEST_DATABASE_URL"
     )
-    async with localinfra.scratch_database(admin, prefix="di_bench") as url:
+    async with scratchdb.scratch_database(admin, prefix="di_bench") as url:
         yield url
 
 

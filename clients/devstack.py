@@ -2,11 +2,14 @@
 
 Owns `./var/` (or the directory given): `var/postgres`, `var/redis` (via
 services.common.localinfra), `var/log/<component>.log`, `var/artifacts/`,
-and `var/stack.json`, which records every process, address and token so
-that `docimport dev down` (another process) can stop them and the CLI can
-find the services. Processes run in their own sessions: they outlive
-`dev up` and are stopped only by `dev down` (SIGTERM, then SIGKILL after a
-grace). Tokens are random per stack and kept across restarts.
+`var/metrics/worker/`, and `var/stack.json`: every process with its
+address, its /metrics port (loopback only) and the peer addresses it was
+started with, and the tokens (random per stack, kept across restarts).
+`docimport dev down` (another process) stops what it lists; `dev up` starts
+what is not running, on its old address while that port is free, and
+restarts whatever points at an address that moved. Processes run in their
+own sessions: they outlive `dev up`; `dev down` stops them (SIGTERM, then
+SIGKILL after a grace).
 
 This is developer tooling: in production each component runs on its own
 from environment variables (see deploy/).
@@ -122,8 +125,50 @@ async def _prepare_database(admin_url: str, url: str) -> None:
     await migrate(url)
 
 
+def metrics_url(stack: Stack, name: str) -> str:
+    """Where component `name` serves /metrics (loopback only), or ""."""
+    port = stack.processes.get(name, {}).get("metrics_port")
+    return f"http://{localinfra.LOOPBACK}:{port}/metrics" if port else ""
+
+
 def running_components(stack: Stack) -> dict[str, int]:
     return {name: info["pid"] for name, info in stack.processes.items() if localinfra.pid_alive(info.get("pid"))}
+
+
+def _address(name: str, old: str | None, say: Callable[[str], None]) -> str:
+    """The address to start `name` on: its old one while that port is free."""
+    if old:
+        port = int(old.rsplit(":", 1)[1])
+        if localinfra.free_port(port) == port:
+            return old
+    new = f"{localinfra.LOOPBACK}:{localinfra.free_port()}"
+    if old:
+        say(f"  {name}: its address {old} is taken; it moves to {new}")
+    return new
+
+
+def _wiring(stack: Stack, name: str) -> dict[str, str]:
+    """The addresses of others that component `name` is started with."""
+    if name == "flower":
+        return {"broker_url": stack.broker_url}
+    return {"database_url": stack.database_url, "broker_url": stack.broker_url,
+            **{f"{peer}_addr": addr for peer, addr in sorted(stack.addresses.items())}}
+
+
+def _stop_stale(stack: Stack, alive: dict[str, int], before: Stack,
+                say: Callable[[str], None]) -> None:
+    """Stops what runs with addresses that changed, so that it starts on the new ones.
+
+    A component recorded without its wiring (an older stack.json) started
+    with what the stack file said before this `up` (`before`).
+    """
+    for name in reversed(COMPONENTS):
+        if name not in alive:
+            continue
+        started_with = stack.processes[name].get("wiring") or _wiring(before, name)
+        if started_with != _wiring(stack, name):
+            say(f"  {name} points at addresses that changed: stopping it")
+            _terminate(alive.pop(name), grace=15.0)
 
 
 def up(
@@ -134,22 +179,17 @@ def up(
     worker_concurrency: int = 2,
     say: Callable[[str], None] = print,
 ) -> Stack:
-    """Starts whatever part of the stack is not running; returns its description."""
+    """Starts whatever part of the stack is not running; returns its description.
+
+    A component that died comes back on its old address when that port is
+    free; when it is not, whatever runs with the old address (a worker, a
+    peer service) is restarted too, so every component points at live ones.
+    """
     var_dir = var_dir.resolve()
-    stack = Stack.load(var_dir)
+    stack, before = Stack.load(var_dir), Stack.load(var_dir)
     log_dir = var_dir / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
-
-    say("starting Postgres ...")
-    pg = localinfra.start_postgres(var_dir / "postgres")
-    stack.database_url = pg.url_for(DATABASE)
-    asyncio.run(_prepare_database(pg.dsn, stack.database_url))
-    say(f"  Postgres {pg.version} ({pg.strategy}) on {pg.host}:{pg.port}, schema migrated")
-    say("starting Redis ...")
-    redis = localinfra.start_redis(var_dir / "redis")
-    stack.broker_url = redis.celery_url
-    say(f"  Redis {redis.version} ({redis.strategy}) on {redis.host}:{redis.port}")
-
+    _start_datastores(stack, var_dir, say)
     for name in ("operator_token", "worker_token", "service_token"):
         if not getattr(stack, name):
             setattr(stack, name, secrets.token_urlsafe(24))
@@ -159,9 +199,53 @@ def up(
 
     alive = running_components(stack)
     for name in SERVICES:
-        if name not in stack.addresses or name not in alive:
-            stack.addresses[name] = f"127.0.0.1:{localinfra.free_port()}"
-    common = {
+        if name not in alive or name not in stack.addresses:
+            stack.addresses[name] = _address(name, stack.addresses.get(name), say)
+    _stop_stale(stack, alive, before, say)
+    common = _common_env(stack, artifacts)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")}
+
+    def launch(name: str, argv: list[str], extra: dict[str, str], metrics: bool = True) -> bool:
+        """Starts `name` unless it runs; True when it was started now."""
+        if name in alive:
+            say(f"  {name} already running (pid {alive[name]})")
+            return False
+        info: dict[str, Any] = {"wiring": _wiring(stack, name)}
+        if metrics:  # a /metrics port of its own, on loopback
+            old = stack.processes.get(name, {}).get("metrics_port")
+            info["metrics_port"] = localinfra.free_port(old)
+            extra = {**extra, "DOCIMPORT_METRICS_PORT": str(info["metrics_port"])}
+        log = log_dir / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**base_env, **common, **extra}, start_new_session=True, cwd=var_dir.parent,
+            )
+        stack.processes[name] = {"pid": proc.pid, "log": str(log), "started_at": time.time(), **info}
+        stack.save()
+        return True
+
+    for name in SERVICES:
+        port = stack.addresses[name].rsplit(":", 1)[1]
+        if launch(name, [sys.executable, "-m", f"services.{name}"], {"DOCIMPORT_PORT": port}):
+            _wait_healthy(stack, name, say)
+    worker_env = {"DOCIMPORT_TOKEN": stack.worker_token,
+                  "DOCIMPORT_CONCURRENCY": str(worker_concurrency),
+                  "DOCIMPORT_METRICS_DIR": str(var_dir / "metrics" / "worker")}
+    if launch("worker", [sys.executable, "-m", "services.worker"], worker_env):
+        _wait_worker(stack, say)
+    if flower:
+        port = localinfra.free_port()
+        if launch("flower", [sys.executable, "-m", "celery", "-b", stack.broker_url, "flower",
+                             f"--port={port}", "--address=127.0.0.1"], {}, metrics=False):
+            stack.flower_url = f"http://127.0.0.1:{port}"
+    stack.save()
+    return stack
+
+
+def _common_env(stack: Stack, artifacts: Path) -> dict[str, str]:
+    """The settings every component of the stack gets."""
+    return {
         "DOCIMPORT_DATABASE_URL": stack.database_url,
         "DOCIMPORT_OPERATOR_TOKENS": stack.operator_token,
         "DOCIMPORT_WORKER_TOKENS": stack.worker_token,
@@ -173,42 +257,23 @@ def up(
         "DOCIMPORT_BROKER_URL": stack.broker_url,
         "DOCIMPORT_SOURCE_ROOTS": ":".join(stack.source_roots),
         "DOCIMPORT_ARTIFACT_DIR": str(artifacts),
-        "DOCIMPORT_HOST": "127.0.0.1",
+        "DOCIMPORT_HOST": localinfra.LOOPBACK,
+        "DOCIMPORT_METRICS_HOST": localinfra.LOOPBACK,
     }
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("DOCIMPORT_")}
 
-    def launch(name: str, argv: list[str], extra: dict[str, str]) -> bool:
-        """Starts `name` unless it runs; True when it was started now."""
-        if name in alive:
-            say(f"  {name} already running (pid {alive[name]})")
-            return False
-        log = log_dir / f"{name}.log"
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**base_env, **common, **extra}, start_new_session=True, cwd=var_dir.parent,
-            )
-        stack.processes[name] = {"pid": proc.pid, "log": str(log), "started_at": time.time()}
-        stack.save()
-        return True
 
-    for name in SERVICES:
-        port = stack.addresses[name].rsplit(":", 1)[1]
-        if launch(name, [sys.executable, "-m", f"services.{name}"], {"DOCIMPORT_PORT": port}):
-            _wait_healthy(stack, name, say)
-    if launch(
-        "worker",
-        [sys.executable, "-m", "services.worker"],
-        {"DOCIMPORT_TOKEN": stack.worker_token, "DOCIMPORT_CONCURRENCY": str(worker_concurrency)},
-    ):
-        _wait_worker(stack, say)
-    if flower:
-        port = localinfra.free_port()
-        launch("flower", [sys.executable, "-m", "celery", "-b", stack.broker_url, "flower",
-                          f"--port={port}", "--address=127.0.0.1"], {})
-        stack.flower_url = f"http://127.0.0.1:{port}"
-    stack.save()
-    return stack
+def _start_datastores(stack: Stack, var_dir: Path, say: Callable[[str], None]) -> None:
+    say("starting Postgres ...")
+    # Durable: what the stack confirmed (a result to a worker, an event to a
+    # watcher) must survive a crash; only the test suite's Postgres runs without.
+    pg = localinfra.start_postgres(var_dir / "postgres", durable=True)
+    stack.database_url = pg.url_for(DATABASE)
+    asyncio.run(_prepare_database(pg.dsn, stack.database_url))
+    say(f"  Postgres {pg.version} ({pg.strategy}) on {pg.host}:{pg.port}, schema migrated")
+    say("starting Redis ...")
+    redis = localinfra.start_redis(var_dir / "redis")
+    stack.broker_url = redis.celery_url
+    say(f"  Redis {redis.version} ({redis.strategy}) on {redis.host}:{redis.port}")
 
 
 def _wait_healthy(stack: Stack, name: str, say: Callable[[str], None], timeout: float = 30.0) -> None:

@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 
 from services.common import localinfra
-from services.common.localinfra import with_database
+from services.common.scratchdb import with_database
 from services.common.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,8 @@ def pg_admin_url(infra_dir: Path) -> Iterator[str]:
     if configured:
         yield configured
         return
-    instance = localinfra.start_postgres(infra_dir / "postgres")
+    # Throw-away data: fsync and friends off, for speed (the dev stack keeps them on).
+    instance = localinfra.start_postgres(infra_dir / "postgres", durable=False)
     try:
         yield instance.dsn
     finally:

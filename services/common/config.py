@@ -59,13 +59,25 @@ class ClientSettings(BaseSettings):
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
 
-class ServiceSettings(ClientSettings):
+class MetricsSettings(BaseSettings):
+    """Where a process serves Prometheus `/metrics` (services and workers)."""
+
+    model_config = SettingsConfigDict(env_prefix="DOCIMPORT_", frozen=True, extra="ignore")
+
+    # 0 = no /metrics port.
+    metrics_port: int = 0
+    # Its own address, not `host`'s: /metrics is unauthenticated and shows
+    # per-session budget figures, so it stays on loopback unless a deployment
+    # opens it (Kubernetes: 0.0.0.0 behind the NetworkPolicy).
+    metrics_host: str = "127.0.0.1"
+
+
+class ServiceSettings(ClientSettings, MetricsSettings):
     """Settings of a gRPC service process; each service extends this."""
 
     database_url: SecretStr
     host: str = "0.0.0.0"
     port: int = 0
-    metrics_port: int = 0
     db_pool_min: int = 1
     db_pool_max: int = 10
     shutdown_grace: float = 10.0

@@ -111,7 +111,7 @@ async def build_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("gRPC server listening", extra={"port": port, "services": list(service_names)})
     try:
-        metrics_http = serve_metrics(metrics.registry, settings.metrics_port, settings.host)
+        metrics_http = serve_metrics(metrics.registry, settings.metrics_port, settings.metrics_host)
     except OSError:
         await server.stop(None)
         raise

@@ -46,6 +46,10 @@ and of a Redis ``data_dir``: ``run/redis.sock`` (or ``/tmp/di-redis-*/redis.sock
 ``redis.log``, ``localinfra-redis.json``, ``.localinfra.lock``.  Redis runs with
 ``--save "" --appendonly no``: nothing is persisted.  The two servers may share a data dir.
 
+PostgreSQL is durable unless asked not to be (``start_postgres(durable=False)``: fsync,
+synchronous_commit and full_page_writes off), which only throw-away clusters such as the
+test suite's should ask for: a crash of such a server loses commits it had confirmed.
+
 Servers are started in their own session, so they survive the process that started them
 (``docimport dev up`` exits, the servers keep running) and do not get the terminal's
 Ctrl-C; stop them explicitly with :func:`stop`, :func:`stop_postgres` or :func:`stop_redis`.
@@ -90,8 +94,6 @@ __all__ = [
     "available_strategies",
     "free_port",
     "pid_alive",
-    "scratch_database",
-    "with_database",
     "load_postgres",
     "load_redis",
     "start_postgres",
@@ -121,12 +123,9 @@ _PG_SOCKET_NAME_MAX = len(".s.PGSQL.65535.lock")
 _REDIS_SOCKET = "redis.sock"
 _PORT_ATTEMPTS = 3
 
-# Settings for a disposable dev/test cluster: no durability on OS crash, much faster.
-_PG_SETTINGS = {
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
-}
+# Durability switches, all on or all off (start_postgres's `durable`): off loses
+# confirmed commits on a crash of the server or the OS, for speed.
+_PG_DURABILITY = ("fsync", "synchronous_commit", "full_page_writes")
 
 
 class LocalInfraError(RuntimeError):
@@ -838,7 +837,9 @@ def load_postgres(data_dir: str | os.PathLike[str]) -> PostgresInstance | None:
     return _load_pg_state(path)[1] if path.is_dir() else None
 
 
-def _initdb(bins: _PgBinaries, data_dir: Path, pgdata: Path, account: _Account | None) -> None:
+def _initdb(
+    bins: _PgBinaries, data_dir: Path, pgdata: Path, account: _Account | None, durable: bool
+) -> None:
     staging = data_dir / "pgdata.initdb"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(mode=0o700)
@@ -848,7 +849,7 @@ def _initdb(bins: _PgBinaries, data_dir: Path, pgdata: Path, account: _Account |
     offset = _log_size(log_file)
     cmd = [
         str(bins.bindir / "initdb"), "-D", str(staging), "-U", PG_SUPERUSER,
-        "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync",
+        "--auth=trust", "--encoding=UTF8", "--locale=C", *([] if durable else ["--no-sync"]),
     ]
     t0 = time.monotonic()
     with log_file.open("ab") as out:
@@ -892,9 +893,54 @@ def _clear_stale_postmaster(pgdata: Path) -> None:
         pidfile.unlink()
 
 
+def _spawn_postgres(
+    bins: _PgBinaries,
+    data_dir: Path,
+    account: _Account | None,
+    preferred: int | None,
+    durable: bool,
+    timeout: float,
+) -> tuple[subprocess.Popen[bytes], int, Path, bool]:
+    """Starts ``postgres`` on a free port (``preferred`` first); returns once it answers."""
+    owner = (account.uid, account.gid) if account else None
+    log_file = data_dir / "postgres.log"
+    for attempt in range(_PORT_ATTEMPTS):
+        port = _free_port(preferred if attempt == 0 else None)
+        sock_dir, sock_is_temp = _socket_dir(data_dir / "run", _PG_SOCKET_NAME_MAX, "di-pg-", owner)
+        cmd = [
+            str(bins.bindir / "postgres"), "-D", str(data_dir / "pgdata"),
+            "-h", LOOPBACK, "-p", str(port), "-k", str(sock_dir),
+        ]
+        for key in _PG_DURABILITY:
+            cmd += ["-c", f"{key}={'on' if durable else 'off'}"]
+        offset = _log_size(log_file)
+        with log_file.open("ab") as out:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd="/", env=_server_env(), start_new_session=True,
+                **(account.popen_kwargs() if account else {}),
+            )
+        _CHILDREN[proc.pid] = proc
+        try:
+            _wait_ready(proc, _pg_ping, port, timeout, "postgres", log_file, offset)
+            return proc, port, sock_dir, sock_is_temp
+        except _PortInUse:
+            if sock_is_temp:
+                shutil.rmtree(sock_dir, ignore_errors=True)
+            if attempt == _PORT_ATTEMPTS - 1:
+                raise
+        except BaseException:
+            _abandon(proc)
+            if sock_is_temp:
+                shutil.rmtree(sock_dir, ignore_errors=True)
+            raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 def start_postgres(
     data_dir: str | os.PathLike[str],
     *,
+    durable: bool = True,
     strategy: str | None = None,
     timeout: float = 30.0,
 ) -> PostgresInstance:
@@ -904,10 +950,13 @@ def start_postgres(
     UTF8, C locale), starts ``postgres`` listening on 127.0.0.1 on a free port (the one
     used last time if still free) and on a unix socket, and returns once ``SELECT 1``
     succeeds.  If the server recorded in ``data_dir`` is still running it is returned
-    as is.
+    as is, unless it runs with the other ``durable`` setting: then it is restarted.
 
     Args:
         data_dir: directory for the cluster, log and state file; created if missing.
+        durable: fsync, synchronous_commit and full_page_writes on (what a commit
+            confirmed survives a crash); False turns all three off, for throw-away
+            clusters such as the test suite's.
         strategy: ``"path"``, ``"pypi"`` or None/``"auto"``; default from
             ``$DOCIMPORT_LOCALINFRA``.
         timeout: seconds to wait for the server to accept connections.
@@ -919,7 +968,6 @@ def start_postgres(
     """
     data_dir = _prepare_dir(data_dir)
     pgdata = data_dir / "pgdata"
-    log_file = data_dir / "postgres.log"
     with _locked(data_dir):
         state, running = _load_pg_state(data_dir)
         if running is not None:
@@ -929,7 +977,10 @@ def start_postgres(
                     f"PostgreSQL in {data_dir} is already running with strategy "
                     f"{running.strategy!r}; stop it before forcing {forced!r}"
                 )
-            return running
+            if state.get("durable", False) == durable:
+                return running
+            log.warning("restarting PostgreSQL in %s with durable=%s", data_dir, durable)
+            _terminate(running.pid, signal.SIGINT, 10.0, "postgres")
 
         t0 = time.monotonic()
         _remove_temp_socket_dir(state)
@@ -947,44 +998,12 @@ def start_postgres(
                         "remove it to let initdb create a fresh one"
                     )
                 pgdata.rmdir()
-            _initdb(bins, data_dir, pgdata, account)
+            _initdb(bins, data_dir, pgdata, account, durable)
         _clear_stale_postmaster(pgdata)
 
-        owner = (account.uid, account.gid) if account else None
-        preferred = state.get("port")
-        for attempt in range(_PORT_ATTEMPTS):
-            port = _free_port(preferred if attempt == 0 else None)
-            sock_dir, sock_is_temp = _socket_dir(
-                data_dir / "run", _PG_SOCKET_NAME_MAX, "di-pg-", owner
-            )
-            cmd = [
-                str(bins.bindir / "postgres"), "-D", str(pgdata),
-                "-h", LOOPBACK, "-p", str(port), "-k", str(sock_dir),
-            ]
-            for key, value in _PG_SETTINGS.items():
-                cmd += ["-c", f"{key}={value}"]
-            offset = _log_size(log_file)
-            with log_file.open("ab") as out:
-                proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    cwd="/", env=_server_env(), start_new_session=True,
-                    **(account.popen_kwargs() if account else {}),
-                )
-            _CHILDREN[proc.pid] = proc
-            try:
-                _wait_ready(proc, _pg_ping, port, timeout, "postgres", log_file, offset)
-                break
-            except _PortInUse:
-                if sock_is_temp:
-                    shutil.rmtree(sock_dir, ignore_errors=True)
-                if attempt == _PORT_ATTEMPTS - 1:
-                    raise
-            except BaseException:
-                _abandon(proc)
-                if sock_is_temp:
-                    shutil.rmtree(sock_dir, ignore_errors=True)
-                raise
-
+        proc, port, sock_dir, sock_is_temp = _spawn_postgres(
+            bins, data_dir, account, state.get("port"), durable, timeout
+        )
         state = {
             "kind": "postgres",
             "pid": proc.pid,
@@ -993,6 +1012,7 @@ def start_postgres(
             "version": bins.version,
             "bindir": str(bins.bindir),
             "os_user": account.name if account else None,
+            "durable": durable,
             "port": port,
             "socket_dir": str(sock_dir),
             "socket_dir_is_temp": sock_is_temp,
@@ -1214,63 +1234,11 @@ def stop(instance: PostgresInstance | RedisInstance, *, timeout: float = 10.0) -
 # --------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    return _free_port()
+def free_port(preferred: int | None = None) -> int:
+    """A TCP port on 127.0.0.1 that is free right now (``preferred`` if it is)."""
+    return _free_port(preferred)
 
 
 def pid_alive(pid: int | None) -> bool:
     """True when `pid` is a live (not zombie) process."""
     return _pid_alive(pid)
-
-
-def with_database(dsn: str, name: str) -> str:
-    """`dsn` pointing at database `name` (its path; a dbname query is dropped)."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-    parts = urlsplit(dsn)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-             if k not in ("dbname", "database")]
-    return urlunsplit((parts.scheme, parts.netloc, "/" + quote(name, safe=""), urlencode(query), parts.fragment))
-
-
-@contextlib.asynccontextmanager
-async def scratch_database(admin_url: str | None = None, *, prefix: str = "di_scratch"):  # type: ignore[no-untyped-def]
-    """Yields the URL of a new, migrated database; drops it afterwards.
-
-    On `admin_url`'s server when given (a user that may create databases),
-    else on a private server started in a temporary directory and stopped
-    after. For benchmarks and tools that need a database of their own.
-    """
-    import asyncio
-    import uuid
-
-    import asyncpg
-
-    from services.common.migrate import migrate
-
-    instance, tmp = None, None
-    if not admin_url:
-        tmp = tempfile.mkdtemp(prefix="di-scratch-")
-        instance = await asyncio.to_thread(start_postgres, Path(tmp) / "pg")
-        admin_url = instance.dsn
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        url = with_database(admin_url, name)
-        await migrate(url)
-        yield url
-    finally:
-        conn = await asyncpg.connect(admin_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-        if instance is not None:
-            await asyncio.to_thread(stop, instance)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)

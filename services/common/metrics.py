@@ -255,12 +255,13 @@ def family(kind: str, name: str, documentation: str, labels: Sequence[str] = ())
 class MetricsHTTPServer:
     """The `/metrics` HTTP endpoint of one registry, on its own thread."""
 
-    def __init__(self, registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, registry: CollectorRegistry, port: int, host: str) -> None:
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
         self.port: int = self._server.server_address[1]
         self._lock = threading.Lock()
         self._stopped = False
-        logger.info("metrics on :%d/metrics", self.port)
+        self.host: str = self._server.server_address[0]
+        logger.info("metrics on %s:%d/metrics", self.host, self.port)
 
     def stop(self) -> None:
         with self._lock:
@@ -272,9 +273,8 @@ class MetricsHTTPServer:
         self._thread.join(timeout=5)
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0"
-                  ) -> MetricsHTTPServer | None:
-    """Serves `registry` on `port` (0 = off)."""
+def serve_metrics(registry: CollectorRegistry, port: int, host: str) -> MetricsHTTPServer | None:
+    """Serves `registry` on `host`:`port` (0 = off); `host` is `MetricsSettings.metrics_host`."""
     if not port:
         return None
     return MetricsHTTPServer(registry, port, host)

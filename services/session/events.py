@@ -12,7 +12,14 @@ Also wakes this process's dispatcher when another replica changed a session.
 turns its items into protos): a snapshot first (unless resuming), then
 every event in seq order, no gap and no duplicate. Events always come from
 Postgres (the store assigns seqs in the writing transaction), so resuming
-after seq N is `seq > N`. A watcher more than `coalesce_after` events behind
+after seq N is `seq > N`. Every item carries a resume token: its seq and
+the digest of the event at that seq (`store.Event.digest`). Where the
+stream meets the database anyway (a resume, an idle poll, the listener's
+reconnect) the digest is compared with the event stored at that seq now:
+a database that lost committed events hands their seqs out again, and a
+watcher trusting a reused seq would count wrong for good, so a mismatch (or
+a seq past the session's last) gets a fresh snapshot. Checking costs no
+query per event. A watcher more than `coalesce_after` events behind
 (a slow client, or a resume from long ago) gets one fresh snapshot instead
 of the backlog; no per-watcher buffer exists, so memory is bounded by the
 tails. When idle it sends heartbeats; once the session is finished and its
@@ -50,6 +57,8 @@ class Tail:
         self.last_seq = base_seq
         self.known_seq = base_seq
         self.watchers = 0
+        # Bumped when the database went back in time under the buffer.
+        self.generation = 0
         self._cond = asyncio.Condition()
         self._fetching: asyncio.Task[None] | None = None
 
@@ -61,7 +70,10 @@ class Tail:
     async def _fetch(self) -> None:
         try:
             while self.last_seq < self.known_seq:
+                generation = self.generation
                 events = await self._store.events_after(self.session_id, self.last_seq, FETCH_PAGE)
+                if generation != self.generation:
+                    continue  # rewound meanwhile: read again from where it now stands
                 if not events:
                     break
                 self.events.extend(events)
@@ -73,6 +85,28 @@ class Tail:
             async with self._cond:
                 self._cond.notify_all()
 
+    def buffered_digest(self, seq: int) -> str | None:
+        """The digest of the buffered event at `seq`, None when not buffered."""
+        if not self.events or not self.events[0].seq <= seq <= self.events[-1].seq:
+            return None
+        return self.events[seq - self.events[0].seq].digest
+
+    async def distrust(self, seq: int, digest: str | None, last_seq: int) -> None:
+        """Rewinds to `last_seq` if the buffer holds another event at `seq` than `digest`'s."""
+        buffered = self.buffered_digest(seq)
+        if buffered is not None and buffered != digest:
+            await self.rewind(last_seq)
+
+    async def rewind(self, last_seq: int) -> None:
+        """Forgets the buffer (its seqs now name other events); watchers re-snapshot."""
+        logger.warning("events of session %s went back in time (now at seq %d, had %d)",
+                       self.session_id, last_seq, self.last_seq)
+        self.events.clear()
+        self.last_seq = self.known_seq = last_seq
+        self.generation += 1
+        async with self._cond:
+            self._cond.notify_all()
+
     def read(self, after_seq: int, limit: int) -> list[Event] | None:
         """Buffered events after `after_seq`; None when they are older than the buffer."""
         if after_seq >= self.last_seq:
@@ -83,11 +117,15 @@ class Tail:
         return [self.events[i] for i in range(start, min(len(self.events), start + limit))]
 
     async def wait(self, after_seq: int, timeout: float) -> bool:
-        """Waits until an event after `after_seq` is buffered; False on timeout."""
+        """Waits until an event after `after_seq` is buffered (or a rewind); False on timeout."""
+        generation = self.generation
         async with self._cond:
             try:
                 await asyncio.wait_for(
-                    self._cond.wait_for(lambda: self.last_seq > after_seq), timeout=timeout
+                    self._cond.wait_for(
+                        lambda: self.last_seq > after_seq or self.generation != generation
+                    ),
+                    timeout=timeout,
                 )
                 return True
             except TimeoutError:
@@ -145,13 +183,22 @@ class EventHub:
             await self.refresh_all()
 
     async def refresh_all(self) -> None:
-        """Re-reads every tail's last seq (after a reconnect: NOTIFYs may be lost)."""
+        """Re-reads every tail's last seq (after a reconnect: NOTIFYs may be lost).
+
+        A database back from a crash may also have lost what the tail holds:
+        then its last event's digest differs, or the session ends before it.
+        """
         for tail in list(self._tails.values()):
             try:
-                found = await self._store.last_seq(tail.session_id)
+                found = await self._store.resume_point(tail.session_id, tail.last_seq)
             except Exception:  # noqa: BLE001 - the next heartbeat polls again
                 continue
-            if found:
+            if not found:
+                continue
+            if found[0] < tail.last_seq:
+                await tail.rewind(found[0])
+            else:
+                await tail.distrust(tail.last_seq, found[2], found[0])
                 tail.notify(found[0])
 
     async def stop(self) -> None:
@@ -195,14 +242,41 @@ class EventHub:
             del self._tails[tail.session_id]
 
 
+def resume_token(seq: int, digest: str | None) -> str:
+    """The opaque token of a message at `seq` whose event has `digest`."""
+    return f"{seq}.{digest or ''}"
+
+
+def parse_resume_token(token: str) -> tuple[int, str | None] | None:
+    """(seq, digest) of a token `resume_token` made; None when it is not one."""
+    seq_text, dot, digest = token.partition(".")
+    if not dot or not seq_text.isdigit() or len(seq_text) > 18 or len(digest) > 32:
+        return None
+    if any(c not in "0123456789abcdef" for c in digest):
+        return None
+    return int(seq_text), digest or None
+
+
 @dataclass(frozen=True)
 class WatchItem:
     """One thing to send: a snapshot, an event or a heartbeat (at `seq`)."""
 
     kind: str  # "snapshot" | "event" | "heartbeat"
     seq: int
+    token: str
     snapshot: Snapshot | None = None
     event: Event | None = None
+
+
+async def _snapshot(
+    store: SessionStore, tail: Tail, session_id: str, stall_after: float
+) -> tuple[WatchItem, str | None, str]:
+    """A snapshot item with the digest and state at its seq; rewinds a stale tail."""
+    snap = await store.snapshot(session_id, stall_after=stall_after)
+    seq, digest = snap.session.last_seq, snap.last_event_digest
+    await tail.distrust(seq, digest, seq)
+    item = WatchItem("snapshot", seq, resume_token(seq, digest), snapshot=snap)
+    return item, digest, snap.session.state
 
 
 async def watch(
@@ -211,31 +285,35 @@ async def watch(
     session_id: str,
     *,
     resume_after_seq: int,
+    resume_digest: str | None,
     heartbeat: float,
     coalesce_after: int,
     stall_after: float,
 ) -> AsyncIterator[WatchItem]:
-    """The WatchSession stream of one watcher."""
-    found = await store.last_seq(session_id)
+    """The WatchSession stream of one watcher.
+
+    `resume_digest` comes from the watcher's resume token; None (a bare
+    `resume_after_seq`) trusts the seq as long as it is not past the end.
+    """
+    found = await store.resume_point(session_id, resume_after_seq)
     if found is None:
         from services.common.errors import NotFound
 
         raise NotFound("session", session_id)
-    last_seq, state = found
-    if resume_after_seq > last_seq:
-        from services.common.errors import InvalidArgument
-
-        raise InvalidArgument.field(
-            "resume_after_seq", f"is past the session's last event ({last_seq})"
-        )
+    last_seq, state, digest = found
+    rewound = resume_after_seq > last_seq or (
+        resume_digest is not None and resume_digest != digest
+    )
     tail = hub.subscribe(session_id, last_seq)
     try:
-        if resume_after_seq == 0 or last_seq - resume_after_seq > coalesce_after:
-            snap = await store.snapshot(session_id, stall_after=stall_after)
-            position, state = snap.session.last_seq, snap.session.state
-            yield WatchItem("snapshot", position, snapshot=snap)
+        if resume_after_seq == 0 or rewound or last_seq - resume_after_seq > coalesce_after:
+            item, digest, state = await _snapshot(store, tail, session_id, stall_after)
+            position = item.seq
+            yield item
         else:
             position = resume_after_seq
+            await tail.distrust(position, digest, last_seq)
+        generation = tail.generation
         tail.notify(max(last_seq, tail.known_seq))
         while True:
             events = tail.read(position, FETCH_PAGE)
@@ -245,27 +323,31 @@ async def watch(
                 if pruned:  # deleted after the retention period: the present state is what is left
                     events = None
             behind = max(tail.known_seq, tail.last_seq) - position
-            if events is None or (events and behind > coalesce_after):
-                snap = await store.snapshot(session_id, stall_after=stall_after)
-                position, state = snap.session.last_seq, snap.session.state
-                yield WatchItem("snapshot", position, snapshot=snap)
+            rewound = tail.generation != generation
+            if events is None or (events and behind > coalesce_after) or rewound:
+                item, digest, state = await _snapshot(store, tail, session_id, stall_after)
+                position, generation = item.seq, tail.generation
+                yield item
                 continue
             if events:
                 for event in events:
                     if event.seq != position + 1:
                         raise AssertionError(f"event gap: {position} -> {event.seq}")
-                    position = event.seq
+                    position, digest = event.seq, event.digest
                     if event.kind == "state_change":
                         state = event.payload.get("state", state)
-                    yield WatchItem("event", position, event=event)
+                    yield WatchItem("event", position, resume_token(position, digest), event=event)
                 continue
             if state in st.SESSION_TERMINAL and position >= tail.known_seq:
                 return
             if not await tail.wait(position, heartbeat):
-                yield WatchItem("heartbeat", position)
-                # A lost NOTIFY must not stall a watcher for good.
-                latest = await store.last_seq(session_id)
-                if latest is not None:
+                yield WatchItem("heartbeat", position, resume_token(position, digest))
+                # A lost NOTIFY must not stall a watcher for good, nor lost
+                # events (the database went back in time) mislead it.
+                latest = await store.resume_point(session_id, position)
+                if latest is not None and (latest[0] < position or latest[2] != digest):
+                    await tail.rewind(latest[0])
+                elif latest is not None:
                     tail.notify(latest[0])
     finally:
         hub.unsubscribe(tail)

@@ -57,7 +57,7 @@ from services.common.tasks import QUEUES, STAGES
 from services.session import states as st
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
-from services.session.events import EventHub, WatchItem, watch
+from services.session.events import EventHub, WatchItem, parse_resume_token, watch
 from services.session.leases import LeaseKeeper
 from services.session.metrics import SessionMetrics
 from services.session.peers import (
@@ -988,6 +988,16 @@ class SessionServicer:
         session_id = self._session_id(request.session_id)
         if request.resume_after_seq < 0:
             raise InvalidArgument.field("resume_after_seq", "must not be negative")
+        after, digest = request.resume_after_seq, None
+        if request.resume_token:
+            parsed = parse_resume_token(request.resume_token)
+            if parsed is None:
+                raise InvalidArgument.field("resume_token", "is not a token this service issued")
+            if after not in (0, parsed[0]):
+                raise InvalidArgument.field(
+                    "resume_after_seq", f"must be 0 or the resume token's seq ({parsed[0]})"
+                )
+            after, digest = parsed
         heartbeat = self._settings.heartbeat_interval
         if request.HasField("heartbeat_interval"):
             heartbeat = request.heartbeat_interval.ToTimedelta().total_seconds()
@@ -997,7 +1007,8 @@ class SessionServicer:
             self._hub,
             self._store,
             session_id,
-            resume_after_seq=request.resume_after_seq,
+            resume_after_seq=after,
+            resume_digest=digest,
             heartbeat=heartbeat,
             coalesce_after=self._settings.watch_coalesce_after,
             stall_after=self._settings.stall_after,
@@ -1009,7 +1020,9 @@ class SessionServicer:
     async def _watch_message(self, item: WatchItem) -> pb.WatchSessionResponse:
         if item.kind == "event":
             assert item.event is not None
-            return event_proto(item.event)
+            message = event_proto(item.event)
+            message.resume_token = item.token
+            return message
         now = convert.timestamp(dt.datetime.now(dt.UTC))
         if item.kind == "snapshot":
             assert item.snapshot is not None
@@ -1017,8 +1030,12 @@ class SessionServicer:
             session = session_proto(
                 info, snapshot=item.snapshot, cost_so_far=await self._cost_so_far(info)
             )
-            return pb.WatchSessionResponse(seq=item.seq, event_time=now, snapshot=session)
-        return pb.WatchSessionResponse(seq=item.seq, event_time=now, heartbeat=pb.Heartbeat())
+            return pb.WatchSessionResponse(
+                seq=item.seq, event_time=now, snapshot=session, resume_token=item.token
+            )
+        return pb.WatchSessionResponse(
+            seq=item.seq, event_time=now, heartbeat=pb.Heartbeat(), resume_token=item.token
+        )
 
     # ------------------------------------------------------------ overview
 

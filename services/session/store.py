@@ -57,6 +57,14 @@ from services.session import states as st
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "docimport_session"
+# An event's identity beyond its seq, for resume tokens: if Postgres loses
+# committed events, their seqs are handed out again to other events, which
+# differ in time (the writing transaction's now()) if not in content. Text
+# forms that no session setting (TimeZone, DateStyle) changes.
+_EVENT_DIGEST = (
+    "left(md5(concat_ws('|', e.seq, extract(epoch FROM e.event_time), e.kind,"
+    " e.document_id, e.payload::text)), 16)"
+)
 # Tags this process's NOTIFYs, so its own dispatcher is not woken by them twice.
 ORIGIN = uuid.uuid4().hex[:12]
 ZERO = Decimal(0)
@@ -285,6 +293,8 @@ class Snapshot:
     # (sampled_at, finished documents), oldest first, for the rate and ETA.
     samples: tuple[tuple[dt.datetime, int], ...]
     db_now: dt.datetime
+    # `Event.digest` of the event at `session.last_seq` (None: none, or pruned).
+    last_event_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -393,6 +403,8 @@ class Event:
     document_id: str | None
     payload: dict[str, Any]
     relative_path: str = ""
+    # What tells this event from another given the same seq (`_EVENT_DIGEST`).
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -1594,12 +1606,18 @@ class SessionStore:
                     "WHERE session_id = $1 ORDER BY sampled_at",
                     sid,
                 )
-                db_now = await conn.fetchval("SELECT now()")
+                now = await conn.fetchrow(
+                    f"SELECT now() AS now, (SELECT {_EVENT_DIGEST} FROM session.session_events e"
+                    " WHERE e.session_id = $1 AND e.seq = $2) AS digest",
+                    sid,
+                    row["last_seq"],
+                )
         return Snapshot(
             _session(row, stalled),
             _stage_counts(stage_rows),
             tuple((r["sampled_at"], r["finished"]) for r in samples),
-            db_now,
+            now["now"],
+            now["digest"],
         )
 
     async def list_sessions(
@@ -2808,8 +2826,9 @@ class SessionStore:
     async def events_after(self, session_id: str, after_seq: int, limit: int) -> list[Event]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
-                """
-                SELECT e.*, d.relative_path FROM session.session_events e
+                f"""
+                SELECT e.*, d.relative_path, {_EVENT_DIGEST} AS digest
+                FROM session.session_events e
                 LEFT JOIN session.session_documents d ON d.document_id = e.document_id
                 WHERE e.session_id = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3
                 """,
@@ -2826,6 +2845,7 @@ class SessionStore:
                 _s(r["document_id"]),
                 r["payload"],
                 r["relative_path"] or "",
+                r["digest"],
             )
             for r in rows
         ]
@@ -2857,6 +2877,21 @@ class SessionStore:
                 limit,
             )
         return int(status.split()[-1])
+
+    async def resume_point(self, session_id: str, seq: int) -> tuple[int, str, str | None] | None:
+        """(last seq, state, digest of the event at `seq` or None); None: no such session."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                f"""
+                SELECT s.last_seq, s.state,
+                       (SELECT {_EVENT_DIGEST} FROM session.session_events e
+                        WHERE e.session_id = s.session_id AND e.seq = $2) AS digest
+                FROM session.import_sessions s WHERE s.session_id = $1
+                """,
+                _uuid(session_id, "session_id"),
+                seq,
+            )
+        return None if row is None else (row["last_seq"], row["state"], row["digest"])
 
     async def last_seq(self, session_id: str) -> tuple[int, str] | None:
         async with self.pool.acquire() as conn:

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from services.common.config import ClientSettings, CommaList
+from services.common.config import ClientSettings, CommaList, MetricsSettings
 from services.common.tasks import STAGES
 
 OcrEngineName = Literal["auto", "rapidocr", "tesseract", "textract", "none"]
@@ -33,7 +33,7 @@ def _split(value: object) -> object:
     return value
 
 
-class WorkerSettings(ClientSettings):
+class WorkerSettings(ClientSettings, MetricsSettings):
     """Everything a `docimport-worker` process is configured with."""
 
     # Celery broker: redis://host:port/db or redis+socket:///path/redis.sock.
@@ -106,11 +106,10 @@ class WorkerSettings(ClientSettings):
     max_memory_per_child: int = Field(default=1536, ge=0)
     max_tasks_per_child: int = Field(default=5000, ge=0)
     log_level: str = "INFO"
-    # Prometheus /metrics port of this worker (0 = off), served by the main
-    # process; with the prefork pool the children's samples go through files
-    # in metrics_dir (default: a fresh temporary directory). It is emptied
-    # at start: give each worker its own. See services/worker/metrics.py.
-    metrics_port: int = 0
+    # /metrics (metrics_port, metrics_host: MetricsSettings) is served by the
+    # main process; with the prefork pool the children's samples go through
+    # files in metrics_dir (default: a fresh temporary directory). It is
+    # emptied at start: give each worker its own. See services/worker/metrics.py.
     metrics_dir: Path | None = None
     # HTTP port of the /livez and /readyz probe (services.worker.health); 0 = off.
     health_port: int = 0

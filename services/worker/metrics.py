@@ -165,4 +165,4 @@ def serve(settings: WorkerSettings, metrics: WorkerMetrics) -> Any:
     """Starts the `/metrics` port of this worker (None when `metrics_port` is 0)."""
     from services.common.metrics import serve_metrics
 
-    return serve_metrics(metrics.registry, settings.metrics_port)
+    return serve_metrics(metrics.registry, settings.metrics_port, settings.metrics_host)

@@ -219,3 +219,23 @@ async def test_shutdown_drains_an_in_flight_call_within_the_grace():
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await echo(b"late", timeout=2.0, metadata=[("authorization", f"Bearer {TOKENS['operator']}")])
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_metrics_listen_on_their_own_host_loopback_unless_configured(monkeypatch):
+    from services.common.localinfra import free_port
+
+    # The gRPC port on every interface does not open /metrics with it.
+    wide = settings().model_copy(update={"host": "0.0.0.0", "metrics_port": free_port()})
+    assert wide.metrics_host == "127.0.0.1"
+    server = await build_server(wide, register=_register, service_names=[SERVICE], policy=POLICY)
+    try:
+        assert server.metrics_http is not None and server.metrics_http.host == "127.0.0.1"
+    finally:
+        await server.stop(None)
+    monkeypatch.setenv("DOCIMPORT_METRICS_HOST", "0.0.0.0")
+    opened = settings(metrics_port=free_port())
+    server = await build_server(opened, register=_register, service_names=[SERVICE], policy=POLICY)
+    try:
+        assert server.metrics_http is not None and server.metrics_http.host == "0.0.0.0"
+    finally:
+        await server.stop(None)

@@ -157,6 +157,60 @@ def test_postgres_major_version_mismatch_is_explained(pg_dir: Path, no_env_strat
     assert pg.strategy == first
 
 
+def _durability(dsn: str) -> dict[str, str]:
+    async def read() -> dict[str, str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return {k: await conn.fetchval(f"SHOW {k}")
+                    for k in ("fsync", "synchronous_commit", "full_page_writes")}
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def test_postgres_is_durable_unless_asked_not_to_be(pg_dir: Path, no_env_strategy: None) -> None:
+    fast = li.start_postgres(pg_dir, durable=False)
+    assert set(_durability(fast.dsn).values()) == {"off"}
+    assert li.start_postgres(pg_dir, durable=False).pid == fast.pid  # reused as it is
+    # The other setting restarts the running server, on its port, with its data.
+    durable = li.start_postgres(pg_dir)
+    assert durable.pid != fast.pid and durable.port == fast.port
+    assert_gone(fast.pid)
+    assert set(_durability(durable.dsn).values()) == {"on"}
+    assert json.loads((pg_dir / "localinfra-postgres.json").read_text())["durable"] is True
+    assert li.start_postgres(pg_dir, durable=True).pid == durable.pid
+
+
+def test_a_durable_postgres_keeps_every_confirmed_commit_through_a_kill(
+    pg_dir: Path, no_env_strategy: None
+) -> None:
+    pg = li.start_postgres(pg_dir, durable=True)
+
+    async def commit(n: int) -> None:
+        conn = await asyncpg.connect(pg.dsn)
+        try:
+            await conn.execute("CREATE TABLE confirmed (n int)")
+            for i in range(n):  # each INSERT its own transaction, confirmed before the next
+                await conn.execute("INSERT INTO confirmed VALUES ($1)", i)
+        finally:
+            conn.terminate()
+
+    asyncio.run(commit(300))
+    os.killpg(pg.pid, 9)  # no shutdown at all: what is not on disk now is gone
+    assert li._wait_gone(pg.pid, 10)
+    again = li.start_postgres(pg_dir, durable=True)
+
+    async def count() -> int:
+        conn = await asyncpg.connect(again.dsn)
+        try:
+            return await conn.fetchval("SELECT count(*) FROM confirmed")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(count()) == 300
+
+
 def test_postgres_start_failure_shows_log_tail(pg_dir: Path, no_env_strategy: None) -> None:
     li.stop(li.start_postgres(pg_dir))
     with (pg_dir / "pgdata" / "postgresql.conf").open("a") as f:

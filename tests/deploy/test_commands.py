@@ -35,8 +35,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.localinfra import free_port, with_database
+from services.common.localinfra import free_port
 from services.common.migrate import load_migrations
+from services.common.scratchdb import with_database
 
 from .conftest import OVERLAYS
 

@@ -125,6 +125,32 @@ def test_workers_per_queue_outlast_their_longest_task(render, overlay):
         assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == queue
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_ports_listen_on_the_pod_address_behind_the_network_policy(render, overlay):
+    """/metrics stays on loopback by default; in a pod it must face Prometheus."""
+    rendered = render(overlay)
+    scraped = set()
+    for deployment in rendered.of_kind("Deployment"):
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            if not any(p.get("name") == "metrics" for p in container.get("ports", [])):
+                continue
+            if not container["command"][0].startswith("docimport-"):
+                continue  # Flower serves its own /metrics on its web port
+            env = {}
+            for source in container.get("envFrom", []):
+                env.update(rendered.config_map(source["configMapRef"]["name"]))
+            env.update({e["name"]: e.get("value") for e in container.get("env", [])})
+            where = f"{overlay}: {deployment['metadata']['name']}"
+            assert env.get("DOCIMPORT_METRICS_HOST") == "0.0.0.0", where
+            assert env.get("DOCIMPORT_METRICS_PORT") == "9090", where
+            scraped.add(deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"])
+    assert scraped == {"manifest", "session", "cost", "worker"}
+    (policy,) = [p for p in rendered.of_kind("NetworkPolicy")
+                 if p["metadata"]["name"] == "docimport-metrics-ingress"]
+    assert set(policy["spec"]["podSelector"]["matchExpressions"][0]["values"]) >= scraped
+    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [9090]
+
+
 def _config_map_name(rendered) -> str:
     (cm,) = [c for c in rendered.of_kind("ConfigMap") if c["metadata"]["name"].startswith("docimport-config")]
     return cm["metadata"]["name"]

@@ -130,6 +130,7 @@ async def test_watch_json_until_the_end(harness, cli, tmp_path):
     assert "snapshot" in lines[0]
     seqs = [int(x["seq"]) for x in lines if "document" in x or "state_change" in x]
     assert seqs == list(range(int(lines[0]["seq"]) + 1, final.last_seq + 1))
+    assert all(x["resume_token"].startswith(f"{x['seq']}.") for x in lines)
 
 
 async def test_watch_live_view_and_verify_failure(harness, cli, tmp_path):
@@ -193,7 +194,7 @@ def test_watch_state_keeps_exact_counts():
     assert state.seq == 12
 
 
-def test_watch_reconnects_with_resume_after_seq(monkeypatch):
+def test_watch_reconnects_with_the_resume_token_and_takes_a_snapshot_for_truth(monkeypatch):
     import grpc
 
     from clients.cli.commands import session as cli_session
@@ -206,7 +207,7 @@ def test_watch_reconnects_with_resume_after_seq(monkeypatch):
             return "connection reset"
 
     def doc(seq: int, state: int, prev: int) -> pb.WatchSessionResponse:
-        return pb.WatchSessionResponse(seq=seq, document=pb.DocumentEvent(
+        return pb.WatchSessionResponse(seq=seq, resume_token=f"{seq}.d{seq}", document=pb.DocumentEvent(
             document_id="d", state=state, previous_state=prev, stage=1, previous_stage=1))
 
     class Call:
@@ -221,14 +222,21 @@ def test_watch_reconnects_with_resume_after_seq(monkeypatch):
         def cancel(self) -> None:
             pass
 
-    asked: list[int] = []
-    snapshot = pb.WatchSessionResponse(seq=3, snapshot=pb.Session(
-        state=pb.SESSION_STATE_RUNNING, counts=pb.DocumentCounts(total=1, pending=1)))
+    asked: list[tuple[int, str]] = []
 
-    def stream(session_id: str, after: int) -> Call:
-        asked.append(after)
+    def snapshot(seq: int, **counts: int) -> pb.WatchSessionResponse:
+        return pb.WatchSessionResponse(seq=seq, resume_token=f"{seq}.s{seq}", snapshot=pb.Session(
+            state=pb.SESSION_STATE_RUNNING, counts=pb.DocumentCounts(total=1, **counts)))
+
+    def stream(session_id: str, after: int, token: str) -> Call:
+        asked.append((after, token))
         if len(asked) == 1:
-            return Call([snapshot, doc(4, pb.DOCUMENT_STATE_QUEUED, pb.DOCUMENT_STATE_PENDING)], fail=True)
+            return Call([snapshot(3, pending=1),
+                         doc(4, pb.DOCUMENT_STATE_QUEUED, pb.DOCUMENT_STATE_PENDING),
+                         doc(5, pb.DOCUMENT_STATE_RUNNING, pb.DOCUMENT_STATE_QUEUED)], fail=True)
+        if len(asked) == 2:
+            # The server lost event 5 (its seq names another one now): a snapshot, not events.
+            return Call([snapshot(4, queued=1)], fail=True)
         return Call([doc(5, pb.DOCUMENT_STATE_RUNNING, pb.DOCUMENT_STATE_QUEUED),
                      doc(6, pb.DOCUMENT_STATE_COMPLETED, pb.DOCUMENT_STATE_RUNNING),
                      pb.WatchSessionResponse(seq=7, state_change=pb.SessionStateChange(
@@ -237,5 +245,6 @@ def test_watch_reconnects_with_resume_after_seq(monkeypatch):
     monkeypatch.setattr(cli_session, "_stream", stream)
     monkeypatch.setattr(cli_session.time, "sleep", lambda _s: None)
     state = cli_session.follow("s", as_json=True)
-    assert asked == [0, 4]  # resumed right after the last event it had
+    # Each resume names the last message it had; the snapshot's counts replaced the old ones.
+    assert asked == [(0, ""), (5, "5.d5"), (4, "4.s4")]
     assert state.terminal and state.counts[pb.DOCUMENT_STATE_COMPLETED] == 1 and state.active == 0

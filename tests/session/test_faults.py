@@ -43,6 +43,7 @@ from docimport.session.v1 import session_service_pb2 as pb
 
 from services.common import db, localinfra
 from services.common.migrate import migrate
+from services.common.scratchdb import with_database
 
 from .faults import FaultStack, Watcher, assert_one_truth
 from .helpers import readable_case, wait_for
@@ -212,7 +213,7 @@ async def test_the_session_service_and_the_worker_killed_lose_no_finished_run(
 async def own_postgres(tmp_path: Path) -> AsyncIterator[tuple[localinfra.PostgresInstance, str]]:
     """A Postgres of this test's own (it is stopped mid-test), migrated, and a database URL."""
     instance = await asyncio.to_thread(localinfra.start_postgres, tmp_path / "pg")
-    url = localinfra.with_database(instance.dsn, "postgres")
+    url = with_database(instance.dsn, "postgres")
     await migrate(url)
     try:
         yield instance, url

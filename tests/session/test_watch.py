@@ -1,4 +1,5 @@
-"""WatchSession: snapshot then events, resume without gap or duplicate, heartbeats, coalescing."""
+"""WatchSession: snapshot then events, resume without gap or duplicate, heartbeats, coalescing,
+and resume tokens that catch a database gone back in time."""
 
 from __future__ import annotations
 
@@ -14,19 +15,27 @@ from .helpers import mfile, tune
 
 
 def watch_request(
-    session_id: str, after: int = 0, heartbeat: float = 0.0
+    session_id: str, after: int = 0, heartbeat: float = 0.0, token: str = ""
 ) -> pb.WatchSessionRequest:
-    request = pb.WatchSessionRequest(session_id=session_id, resume_after_seq=after)
+    request = pb.WatchSessionRequest(
+        session_id=session_id, resume_after_seq=after, resume_token=token
+    )
     if heartbeat:
-        request.heartbeat_interval.CopyFrom(duration_pb2.Duration(nanos=int(heartbeat * 1e9)))
+        request.heartbeat_interval.CopyFrom(
+            duration_pb2.Duration(seconds=int(heartbeat), nanos=int(heartbeat % 1 * 1e9))
+        )
     return request
 
 
 class Collector:
     """Reads a watch stream in the background."""
 
-    def __init__(self, harness, session_id: str, after: int = 0, heartbeat: float = 0.0):
-        self.call = harness.operator.WatchSession(watch_request(session_id, after, heartbeat))
+    def __init__(
+        self, harness, session_id: str, after: int = 0, heartbeat: float = 0.0, token: str = ""
+    ):
+        self.call = harness.operator.WatchSession(
+            watch_request(session_id, after, heartbeat, token)
+        )
         self.items: list[pb.WatchSessionResponse] = []
         self.done = asyncio.Event()
         self.task = asyncio.create_task(self._read())
@@ -226,13 +235,133 @@ async def test_watch_errors(harness):
             pass
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     session = (await harness.create()).session
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in harness.operator.WatchSession(
-            watch_request(session.session_id, after=10_000)
-        ):
-            pass
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for request, field in (
+        (pb.WatchSessionRequest(session_id=session.session_id, resume_token="nonsense"),
+         "resume_token"),
+        (pb.WatchSessionRequest(session_id=session.session_id, resume_token="1.ab12",
+                                resume_after_seq=2), "resume_after_seq"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in harness.operator.WatchSession(request):
+                pass
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in err.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async for _ in harness.worker.WatchSession(watch_request(session.session_id)):
             pass
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ------------------------------------------------------------ resume tokens
+
+
+async def _replace_event(harness, session_id: str, seq: int) -> None:
+    """What a database that lost committed events does: the seq names another event now."""
+    async with harness.pool.acquire() as conn, conn.transaction():
+        deleted = await conn.execute(
+            "DELETE FROM session.session_events WHERE session_id = $1 AND seq = $2",
+            uuid.UUID(session_id), seq)
+        assert deleted == "DELETE 1"
+        await conn.execute(
+            "INSERT INTO session.session_events (session_id, seq, event_time, kind, payload)"
+            " VALUES ($1, $2, now(), 'state_change', '{\"state\": \"running\"}')",
+            uuid.UUID(session_id), seq)
+
+
+async def test_every_message_carries_a_token_and_a_token_resume_has_no_gap_and_no_duplicate(
+    harness,
+):
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(4)])).session
+    watcher = Collector(harness, session.session_id, heartbeat=0.1)
+    await watcher.until(lambda w: w.items)
+    messages = await harness.dispatch()
+    await harness.result(messages[0])
+    await watcher.until(lambda w: len(w.seqs()) >= 5)  # 4 queued + 1 result
+    await watcher.until(lambda w: w.items[-1].HasField("heartbeat"))
+    await watcher.close()
+    assert all(i.resume_token for i in watcher.items)
+    assert all(i.resume_token.startswith(f"{i.seq}.") for i in watcher.items)
+    seen = watcher.seqs()
+    last_event = [i for i in watcher.items if not i.HasField("heartbeat")][-1]
+    assert watcher.items[-1].resume_token == last_event.resume_token  # a heartbeat repeats it
+    for m in messages[1:]:
+        await harness.started(m)
+        await harness.result(m)
+    resumed = Collector(harness, session.session_id, token=last_event.resume_token)
+    final = await harness.run_to_end(session.session_id)
+    await asyncio.wait_for(resumed.done.wait(), 5)
+    assert not any(i.HasField("snapshot") for i in resumed.items)
+    first = watcher.items[0].seq
+    assert seen + resumed.seqs() == list(range(first + 1, final.last_seq + 1))
+    # An old client's bare seq still resumes the same way.
+    legacy = Collector(harness, session.session_id, after=seen[-1])
+    await asyncio.wait_for(legacy.done.wait(), 5)
+    assert legacy.seqs() == resumed.seqs() and not any(i.HasField("snapshot") for i in legacy.items)
+
+
+async def test_a_resume_after_an_event_the_database_lost_gets_a_snapshot(harness):
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(3)])).session
+    watcher = Collector(harness, session.session_id)
+    await watcher.until(lambda w: w.items)
+    await harness.dispatch()
+    await watcher.until(lambda w: len(w.seqs()) >= 3)
+    await watcher.close()
+    tokens = {i.seq: i.resume_token for i in watcher.items if i.HasField("document")}
+    last = max(tokens)
+    # The seq the watcher resumes after now names another event.
+    await _replace_event(harness, session.session_id, last)
+    resumed = Collector(harness, session.session_id, token=tokens[last])
+    await resumed.until(lambda w: w.items)
+    first = resumed.items[0]
+    assert first.HasField("snapshot"), first
+    assert first.snapshot.counts.queued == 3 and first.seq == last
+    assert first.resume_token != tokens[last]
+    await resumed.close()
+    # An untouched event's token still resumes with events.
+    earlier = Collector(harness, session.session_id, token=tokens[last - 1], heartbeat=0.1)
+    await earlier.until(lambda w: w.items)
+    assert earlier.items[0].seq == last and not earlier.items[0].HasField("snapshot")
+    await earlier.close()
+    # A token past the session's last seq (its events were lost, not rewritten).
+    async with harness.pool.acquire() as conn:
+        await conn.execute(
+            "DELETE FROM session.session_events WHERE session_id = $1 AND seq = $2",
+            uuid.UUID(session.session_id), last)
+        await conn.execute(
+            "UPDATE session.import_sessions SET last_seq = last_seq - 1 WHERE session_id = $1",
+            uuid.UUID(session.session_id))
+    for request in (watch_request(session.session_id, token=tokens[last]),
+                    watch_request(session.session_id, after=last)):
+        beyond = harness.operator.WatchSession(request)
+        item = await asyncio.wait_for(beyond.read(), 5)
+        assert item.HasField("snapshot") and item.seq == last - 1
+        beyond.cancel()
+
+
+async def test_a_live_watcher_gets_a_snapshot_when_the_database_goes_back_in_time(harness):
+    # Idle: the poll after a heartbeat finds the event it stands on replaced.
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(2)])).session
+    idle = Collector(harness, session.session_id, heartbeat=0.1)
+    await idle.until(lambda w: w.items)
+    await harness.dispatch()
+    await idle.until(lambda w: len(w.seqs()) >= 2)
+    position = idle.seqs()[-1]
+    await _replace_event(harness, session.session_id, position)
+    await idle.until(lambda w: w.items[-1].HasField("snapshot"))
+    assert idle.items[-1].seq == position
+    await idle.close()
+    # Between heartbeats: the listener's reconnect finds the tail's last event replaced.
+    other = (await harness.create([mfile(f"{i}.pdf") for i in range(2)])).session
+    live = Collector(harness, other.session_id, heartbeat=60)
+    await live.until(lambda w: w.items)
+    await harness.dispatch()
+    await live.until(lambda w: len(w.seqs()) >= 2)
+    hub = harness.server.hub
+    tail = hub._tails[other.session_id]
+    assert tail.last_seq == live.seqs()[-1]
+    await _replace_event(harness, other.session_id, tail.last_seq)
+    async with harness.pool.acquire() as conn:
+        await conn.execute("SELECT pg_terminate_backend($1)", hub._conn.get_server_pid())
+    await live.until(lambda w: w.items[-1].HasField("snapshot"))
+    assert live.items[-1].seq == tail.last_seq
+    await live.close()

@@ -113,3 +113,23 @@ def test_the_lease_is_the_earlier_of_the_payloads_and_the_sessions() -> None:
     past = convert.timestamp(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=20))
     expired = session_service_pb2.ReportStageStartedResponse(proceed=True, lease_expires_at=past)
     assert StageRunner._lease_left(p, expired) == 1.0
+
+
+def test_metrics_listen_on_loopback_unless_metrics_host_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.common.localinfra import free_port
+    from services.worker import metrics as worker_metrics
+
+    monkeypatch.setenv("DOCIMPORT_BROKER_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("DOCIMPORT_POOL", "solo")  # no multiprocess files
+    for env, expected in ((None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")):
+        if env:
+            monkeypatch.setenv("DOCIMPORT_METRICS_HOST", env)
+        monkeypatch.setenv("DOCIMPORT_METRICS_PORT", str(free_port()))
+        settings = WorkerSettings()
+        http = worker_metrics.serve(settings, worker_metrics.WorkerMetrics(settings))
+        try:
+            assert http is not None and http.host == expected
+        finally:
+            http.stop()

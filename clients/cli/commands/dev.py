@@ -96,6 +96,12 @@ def _show(stack: devstack.Stack) -> None:
     table.add_row("postgres", stack.database_url, "", "")
     table.add_row("redis", stack.broker_url, "", "")
     console.print(table)
+    metrics = [(name, devstack.metrics_url(stack, name)) for name in devstack.COMPONENTS]
+    if any(url for _, url in metrics):
+        console.print("Prometheus /metrics (loopback only):")
+        for name, url in metrics:
+            if url:
+                console.print(f"  {name:<9} {url}", soft_wrap=True)
     console.print(f"operator token (CLI): [bold]{stack.operator_token}[/]")
     console.print(f"worker token:         {stack.worker_token}")
     console.print(f"service token:        {stack.service_token}")

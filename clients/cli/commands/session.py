@@ -3,15 +3,16 @@
 Owns how a person runs and follows an import: `import` (a manifest JSON
 file is first handed to ManifestService.ImportManifest, unless it names a
 manifest the service already has), `watch` (a live view from the
-WatchSession stream that reconnects by itself with `resume_after_seq`, or
-NDJSON with `--json`), `sessions`, `status`, `documents`, `document`,
+WatchSession stream that reconnects by itself with the last message's
+`resume_token`, or NDJSON with `--json`), `sessions`, `status`, `documents`, `document`,
 `retry`, `pause`, `resume`, `cancel` and `verify` (exit 0 only on PASS).
 
 Interrupting `watch` (Ctrl-C) only closes the stream: the session goes on
 server-side, nothing is left half-done (all state is in Postgres), and
 `docimport watch SESSION` reattaches. The watch view keeps exact counts from
 the snapshot plus each event's previous state; a new snapshot (after a
-reconnect from far behind, or when the client was too slow) replaces them.
+reconnect from far behind, when the client was too slow, or when the
+server's events went back in time) replaces them.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ class WatchState:
     def __init__(self) -> None:
         self.session: pb.Session | None = None
         self.seq = 0
+        # Names the message at `seq` too: a server that lost it answers a
+        # resume with a fresh snapshot instead of events under reused seqs.
+        self.resume_token = ""
         self.state = 0
         self.reason = ""
         self.counts: collections.Counter[int] = collections.Counter()
@@ -173,6 +177,7 @@ class WatchState:
             self.state, self.reason = response.state_change.state, response.state_change.reason
         # Every message carries the seq of the last event it covers: resume after it.
         self.seq = response.seq
+        self.resume_token = response.resume_token  # empty from a server without tokens
 
     @property
     def total(self) -> int:
@@ -265,13 +270,16 @@ class WatchState:
         return Group(*parts)
 
 
-def _stream(session_id: str, after: int) -> Any:
-    request = pb.WatchSessionRequest(session_id=session_id, resume_after_seq=after)
+def _stream(session_id: str, after: int, token: str) -> Any:
+    # Both: a server that predates resume tokens goes by the seq.
+    request = pb.WatchSessionRequest(
+        session_id=session_id, resume_after_seq=after, resume_token=token
+    )
     return clients().session.WatchSession(request)  # no deadline on a watch stream
 
 
 def follow(session_id: str, *, as_json: bool, max_reconnects: int = 1000) -> WatchState:
-    """Streams a session until it is terminal, reconnecting with resume_after_seq."""
+    """Streams a session until it is terminal, reconnecting with its resume token."""
     state = WatchState()
     attempts = 0
     live: Live | None = None
@@ -281,7 +289,7 @@ def follow(session_id: str, *, as_json: bool, max_reconnects: int = 1000) -> Wat
     call = None
     try:
         while True:
-            call = _stream(session_id, state.seq)
+            call = _stream(session_id, state.seq, state.resume_token)
             try:
                 for response in call:
                     attempts = 0

@@ -483,14 +483,16 @@ class RetryDocumentsResponse(_message.Message):
     def __init__(self, retried: _Optional[int] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class WatchSessionRequest(_message.Message):
-    __slots__ = ("session_id", "resume_after_seq", "heartbeat_interval")
+    __slots__ = ("session_id", "resume_after_seq", "heartbeat_interval", "resume_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     resume_after_seq: int
     heartbeat_interval: _duration_pb2.Duration
-    def __init__(self, session_id: _Optional[str] = ..., resume_after_seq: _Optional[int] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    resume_token: str
+    def __init__(self, session_id: _Optional[str] = ..., resume_after_seq: _Optional[int] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class DocumentEvent(_message.Message):
     __slots__ = ("document_id", "relative_path", "state", "stage", "error_class", "error_message", "cache_hit", "cost", "previous_state", "previous_stage", "attempt")
@@ -531,20 +533,22 @@ class Heartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class WatchSessionResponse(_message.Message):
-    __slots__ = ("seq", "event_time", "snapshot", "document", "state_change", "heartbeat")
+    __slots__ = ("seq", "event_time", "snapshot", "document", "state_change", "heartbeat", "resume_token")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     STATE_CHANGE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     seq: int
     event_time: _timestamp_pb2.Timestamp
     snapshot: Session
     document: DocumentEvent
     state_change: SessionStateChange
     heartbeat: Heartbeat
-    def __init__(self, seq: _Optional[int] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[Session, _Mapping]] = ..., document: _Optional[_Union[DocumentEvent, _Mapping]] = ..., state_change: _Optional[_Union[SessionStateChange, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    resume_token: str
+    def __init__(self, seq: _Optional[int] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., snapshot: _Optional[_Union[Session, _Mapping]] = ..., document: _Optional[_Union[DocumentEvent, _Mapping]] = ..., state_change: _Optional[_Union[SessionStateChange, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class ReportStageStartedRequest(_message.Message):
     __slots__ = ("document_id", "stage", "attempt", "task_id", "worker", "started_at")
