@@ -17,7 +17,7 @@ from typing import Any
 from docimport.common.v1 import common_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, quote
 
 CURRENCY = "USD"
 MAX_PLACES = 8
@@ -57,13 +57,13 @@ def parse_money(message: common_pb2.Money, field: str, *, allow_negative: bool =
 def parse_decimal(text: str, field: str, *, allow_negative: bool = False,
                   currency: str = CURRENCY, places: int = MAX_PLACES) -> Decimal:
     if currency and currency != CURRENCY:
-        raise InvalidArgument.field(f"{field}.currency_code", f"only {CURRENCY} is supported, got {currency!r}")
+        raise InvalidArgument.field(f"{field}.currency_code", f"only {CURRENCY} is supported, got {quote(currency)}")
     try:
         value = Decimal(text.strip())
     except (InvalidOperation, AttributeError):
-        raise InvalidArgument.field(field, f"{text!r} is not a decimal number") from None
+        raise InvalidArgument.field(field, f"{quote(text)} is not a decimal number") from None
     if not value.is_finite():
-        raise InvalidArgument.field(field, f"{text!r} is not a finite number")
+        raise InvalidArgument.field(field, f"{quote(text)} is not a finite number")
     if value < 0 and not allow_negative:
         raise InvalidArgument.field(field, "must not be negative")
     exponent = value.normalize(_WIDE).as_tuple().exponent

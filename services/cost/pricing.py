@@ -34,7 +34,7 @@ from decimal import Decimal
 from typing import Any
 
 from services.common.convert import PLANS, STAGES
-from services.common.errors import FieldViolation, InvalidArgument
+from services.common.errors import FieldViolation, InvalidArgument, quote
 
 # Raises (never rounds) if a product or sum would need more than 60 digits.
 EXACT = decimal.Context(
@@ -188,10 +188,10 @@ def _decimal(value: Any, where: str, problems: list[FieldViolation], *,
     try:
         number = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
     except decimal.InvalidOperation:
-        problems.append(FieldViolation(where, f"{value!r} is not a decimal number"))
+        problems.append(FieldViolation(where, f"{quote(value)} is not a decimal number"))
         return None
     if not number.is_finite():
-        problems.append(FieldViolation(where, f"{value!r} is not a finite number"))
+        problems.append(FieldViolation(where, f"{quote(value)} is not a finite number"))
     elif number < 0:
         problems.append(FieldViolation(where, "must not be negative"))
     elif number >= maximum:
@@ -209,14 +209,14 @@ def _name(value: Any, where: str, problems: list[FieldViolation]) -> str:
         return ""
     if not NAME_RE.match(value):
         problems.append(
-            FieldViolation(where, f"{value!r}: use 1-64 lower-case letters, digits, '_', '.', '-'")
+            FieldViolation(where, f"{quote(value)}: use 1-64 lower-case letters, digits, '_', '.', '-'")
         )
     return value
 
 
 def _choice(value: Any, where: str, allowed: Sequence[str], problems: list[FieldViolation]) -> str:
     if value not in allowed:
-        problems.append(FieldViolation(where, f"{value!r} is not one of {', '.join(allowed)}"))
+        problems.append(FieldViolation(where, f"{quote(value)} is not one of {', '.join(allowed)}"))
         return ""
     return str(value)
 
@@ -334,10 +334,10 @@ def parse_price_book_toml(text: str, *, field_name: str = "toml") -> PriceBookDr
             problems.append(FieldViolation(f"{field_name}.{key}", f"unknown key; expected {', '.join(sorted(known))}"))
     currency = data.get("currency", "USD")
     if currency != "USD":
-        problems.append(FieldViolation(f"{field_name}.currency", f"only USD is supported, got {currency!r}"))
+        problems.append(FieldViolation(f"{field_name}.currency", f"only USD is supported, got {quote(currency)}"))
     engine = data.get("ocr_engine", "local")
     if engine not in OCR_ENGINES:
-        problems.append(FieldViolation(f"{field_name}.ocr_engine", f"{engine!r} is not one of {', '.join(OCR_ENGINES)}"))
+        problems.append(FieldViolation(f"{field_name}.ocr_engine", f"{quote(engine)} is not one of {', '.join(OCR_ENGINES)}"))
     prices = data.get("prices", [])
     if not isinstance(prices, list):
         problems.append(FieldViolation(f"{field_name}.prices", "must be an array of tables"))

@@ -46,6 +46,7 @@ from services.common.auth import Scope, policy_for
 from services.common.convert import LEDGER_PLACES, money
 from services.common.errors import FieldViolation, InvalidArgument, NotFound, Validator
 from services.common.metrics import watching
+from services.common.validate import Rules, field_name
 from services.cost import pricing
 from services.cost.config import CostSettings
 from services.cost.metrics import CostMetrics
@@ -91,6 +92,10 @@ POLICY = policy_for(
     },
 )
 
+# The generic input checks (services.common.validate) with a price book's TOML
+# allowed to be long: 10,000 prices of a few lines each.
+INPUT_RULES = Rules(max_chars={field_name(pb.PublishPriceBookRequest, "toml"): 4 * 1024 * 1024})
+
 MAX_EVENTS = 10_000
 MAX_ESTIMATE_ITEMS = 200_000
 MAX_RESERVATIONS = 10_000
@@ -132,10 +137,9 @@ class _Check(Validator):
         for violation in error.violations:
             self.add(violation.field, violation.description)
 
-    def check(self) -> None:
-        if self.count > self.LIMIT:
-            super().add("", f"... and {self.count - self.LIMIT} more problems")
-        super().check()
+    @property
+    def omitted(self) -> int:
+        return max(0, self.count - self.LIMIT)
 
 
 def _uuid(text: str, field: str, check: _Check, *, required: bool = True) -> uuid.UUID | None:

@@ -27,7 +27,7 @@ from docimport.manifest.v1 import manifest_service_pb2_grpc as pb_grpc
 
 from services.common import convert
 from services.common.auth import Scope, policy_for
-from services.common.errors import FailedPrecondition, InvalidArgument, Validator
+from services.common.errors import FailedPrecondition, InvalidArgument, Validator, quote
 from services.manifest import classify, jsonio, scanner
 from services.manifest.analyzer import AnalyzeRequest, Analyzer, ImportAnalyzer
 from services.manifest.config import ManifestSettings
@@ -181,7 +181,7 @@ def parse_manifest_id(value: str, field: str = "manifest_id") -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise InvalidArgument.field(field, f"{value!r} is not a manifest id (a UUID)") from None
+        raise InvalidArgument.field(field, f"{quote(value)} is not a manifest id (a UUID)") from None
 
 
 def _options(check: Validator, types: Any, globs: Any) -> ScanOptions:
@@ -189,7 +189,7 @@ def _options(check: Validator, types: Any, globs: Any) -> ScanOptions:
     for i, name in enumerate(types):
         key = name.strip().lower()
         if key not in classify.FAMILIES:
-            check.add(f"exclude_types[{i}]", f"{name!r} is not a type family; one of {', '.join(classify.FAMILIES)}")
+            check.add(f"exclude_types[{i}]", f"{quote(name)} is not a type family; one of {', '.join(classify.FAMILIES)}")
         elif key not in families:
             families.append(key)
     patterns = []
@@ -282,7 +282,7 @@ class ManifestServicer(pb_grpc.ManifestServiceServicer):
             for v in exc.violations:
                 check.add(v.field, v.description)
         if request.type_family and request.type_family not in classify.FAMILIES:
-            check.add("type_family", f"{request.type_family!r} is not one of {', '.join(classify.FAMILIES)}")
+            check.add("type_family", f"{quote(request.type_family)} is not one of {', '.join(classify.FAMILIES)}")
         problem = ""
         if request.problem:
             if request.problem not in pb.ProblemKind.values():

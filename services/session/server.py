@@ -37,7 +37,7 @@ from services.session.metrics import SessionMetrics
 from services.session.peers import CostPeer, ManifestPeer
 from services.session.queue import BrokerProbe, CeleryEnqueuer, CeleryProbe, Enqueuer, QueueDepths
 from services.session.reconciler import Reconciler
-from services.session.servicer import POLICY, SERVICE_NAME, SessionServicer
+from services.session.servicer import INPUT_RULES, POLICY, SERVICE_NAME, SessionServicer
 from services.session.store import SessionStore
 
 
@@ -98,6 +98,7 @@ async def build_server(
         ),
         service_names=[SERVICE_NAME],
         policy=POLICY,
+        input_rules=INPUT_RULES,
         metrics=metrics,
         on_stop=[servicer.close, hub.stop],
     )
