@@ -23,6 +23,11 @@ CURRENCY = "USD"
 MAX_PLACES = 8
 # Digits of an exact ledger amount: units (8 places) x unit price (8 places).
 LEDGER_PLACES = 16
+# The largest money amount a request may carry (budgets, reservations,
+# settlements, reported costs), exclusive: far below the range of the
+# narrowest money column (session.import_sessions.budget_limit, numeric(24, 8):
+# under 10^16), so sums of many still fit numeric(38, 16).
+MAX_AMOUNT = Decimal(10) ** 15
 # normalize() rounds to its context's precision (28 digits by default): a
 # ledger sum of 13 integer and 16 fractional digits would come out rounded.
 _WIDE = Context(prec=100)

@@ -13,7 +13,8 @@ most `MAX_QUOTE` characters of a value, and `to_status` clips every text of
 the status and its details and drops trailing violations so that the
 trailers stay far below gRPC's metadata limits (8 KiB soft, 16 KiB hard; a
 bigger trailer reaches the caller as RESOURCE_EXHAUSTED instead of the
-error).
+error). `peer_error` turns what a peer service answered into the domain
+error of the same meaning, naming the peer.
 
 Each exception's docstring is its default message.
 """
@@ -355,6 +356,38 @@ def _translate(exc: BaseException) -> DomainError | None:
     ):
         return Unavailable(f"a dependency is unavailable: {exc.details()}")
     return None
+
+
+def peer_error(
+    exc: grpc.aio.AioRpcError, peer: str, *, resource: str = "", name: str = ""
+) -> Exception:
+    """The domain error of what the service `peer` answered, naming it.
+
+    NOT_FOUND of a named `resource` is NotFound of it; INVALID_ARGUMENT,
+    FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ALREADY_EXISTS and ABORTED keep
+    their code; UNAVAILABLE and DEADLINE_EXCEEDED are Unavailable. Any other
+    code (INTERNAL, UNKNOWN, a refused token) is returned as is: a bug or a
+    misconfiguration, which the caller sees as INTERNAL.
+    """
+    code = exc.code()
+    said = f"the {peer} answered {code.name}: {clip(exc.details() or '', MAX_DETAIL_TEXT_BYTES)}"
+    if code == grpc.StatusCode.NOT_FOUND:
+        if resource:
+            return NotFound(resource, name, f"{resource} {quote(name)} not found ({said})")
+        return NotFound(peer, "", said)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(said)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(said, subject=f"{resource}/{name}" if resource else peer)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(said)
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return AlreadyExists(said)
+    if code == grpc.StatusCode.ABORTED:
+        return Aborted(said)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(said)
+    return exc
 
 
 async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:

@@ -103,7 +103,7 @@ MAX_KEY = 200
 MAX_CATEGORY = 200
 MAX_TOP_DOCUMENTS = 1000
 MAX_TTL_SECONDS = 7 * 24 * 3600
-MAX_MONEY = Decimal(10) ** 15
+MAX_MONEY = convert.MAX_AMOUNT
 
 _KINDS = {pb.COST_KIND_ESTIMATE: "estimate", pb.COST_KIND_ACTUAL: "actual"}
 _KIND_VALUES = {name: value for value, name in _KINDS.items()}

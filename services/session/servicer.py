@@ -64,7 +64,14 @@ from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
 from services.session.events import EventHub, WatchItem, watch
 from services.session.metrics import SessionMetrics
-from services.session.peers import CostPeer, FilePlanItem, ManifestFileInfo, ManifestPeer
+from services.session.peers import (
+    CostPeer,
+    FilePlanItem,
+    ManifestFileInfo,
+    ManifestPeer,
+    PeerFailure,
+    describe,
+)
 from services.session.queue import BrokerProbe, BrokerView
 from services.session.store import (
     Document,
@@ -109,9 +116,8 @@ INPUT_RULES = Rules(
     max_chars={field_name(pb.ReportStageResultRequest, "error_message"): 64 * 1024},
     per_entry=frozenset({field_name(pb.ReportStageResultsRequest, "reports")}),
 )
-# A stage run's duration_seconds column is numeric(14, 6); its cost, numeric(38, 16).
+# A stage run's duration_seconds column is numeric(14, 6).
 MAX_RUN_SECONDS = 10**8
-MAX_REPORTED_COST = Decimal(10) ** 22
 
 # Session ids derived from request ids live in their own namespace.
 REQUEST_NAMESPACE = uuid.UUID("5d0c7a47-6f0e-4b6f-9a53-64f0d2a1c3b7")
@@ -624,6 +630,10 @@ class SessionServicer:
             except InvalidArgument as exc:
                 for violation in exc.violations:
                     v.add(violation.field, violation.description)
+            else:
+                if budget >= convert.MAX_AMOUNT:
+                    v.add("options.budget", f"must be less than {convert.MAX_AMOUNT:,}")
+                    budget = None
         order: dict[str, int] = {}
         for i, category in enumerate(options.category_priority):
             if not category.strip():
@@ -849,8 +859,8 @@ class SessionServicer:
             return cached[1]
         try:
             total = (await self._cost.session_costs(info.session_id)).actual_total
-        except grpc.aio.AioRpcError as exc:
-            logger.info("cost service unavailable (%s); showing reported costs", exc.code().name)
+        except PeerFailure as exc:
+            logger.info("cost service unavailable (%s); showing reported costs", describe(exc))
             return info.reported_cost
         if live:
             if len(self._costs_seen) >= _COST_CACHE_SIZE:
@@ -1121,8 +1131,8 @@ class SessionServicer:
                 for violation in exc.violations:
                     v.add(violation.field, violation.description)
             else:
-                if cost >= MAX_REPORTED_COST:
-                    v.add("cost", f"must be less than {MAX_REPORTED_COST:,}")
+                if cost >= convert.MAX_AMOUNT:
+                    v.add("cost", f"must be less than {convert.MAX_AMOUNT:,}")
         for i, artifact in enumerate(request.artifacts):
             if not artifact.uri:
                 v.add(f"artifacts[{i}].uri", "is required")

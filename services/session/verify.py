@@ -34,12 +34,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-import grpc
-
 from services.common import artifacts as artifact_store
-from services.common.errors import NotFound
 from services.session import states as st
-from services.session.peers import CostPeer, ManifestPeer
+from services.session.peers import CostPeer, ManifestPeer, PeerFailure, describe
 from services.session.store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -116,13 +113,13 @@ class Verifier:
                 manifest_ids = set()
                 async for page in self._manifest.iter_files(session.manifest_id, self._page_size):
                     manifest_ids.update(f.file_id for f in page)
-            except (NotFound, grpc.aio.AioRpcError) as exc:
+            except PeerFailure as exc:
                 manifest_ids = None
                 findings.append(
                     Finding(
                         WARNING,
                         "manifest_unavailable",
-                        f"the manifest's file list could not be read ({exc}); "
+                        f"the manifest's file list could not be read ({describe(exc)}); "
                         "documents were checked against the session only",
                     )
                 )
@@ -225,12 +222,12 @@ class Verifier:
                             f"${ledger.total} for this session",
                         )
                     )
-            except grpc.aio.AioRpcError as exc:
+            except PeerFailure as exc:
                 findings.append(
                     Finding(
                         WARNING,
                         "costs_unverified",
-                        f"the cost ledger could not be read: {exc.details()}",
+                        f"the cost ledger could not be read: {describe(exc)}",
                     )
                 )
                 recommendations.append("Run verify again when the cost service is reachable.")
