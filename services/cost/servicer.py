@@ -18,7 +18,10 @@ Decisions:
   actual events; estimates are reported separately.
 - ListCostEvents needs a session or a document: both are indexed, so a
   page never sorts the whole ledger.
-- WatchCosts wakes on the store's change feed (LISTEN/NOTIFY), re-reads at
+- WatchCosts answers NOT_FOUND for a session this service knows nothing
+  of (no budget, no ledger event: the session service sets the budget and
+  records the estimate when it creates a session), instead of streaming
+  zeros forever. It wakes on the store's change feed (LISTEN/NOTIFY), re-reads at
   least every `watch_poll_interval`, coalesces bursts to one message per
   `watch_min_interval`, sends only when something changed, and ends when
   the client cancels (the handler task is cancelled; the subscription is
@@ -670,6 +673,12 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
                     changed.clear()
                     await feed.ensure_listening()
                     snapshot = await self._store.snapshot(session_id)
+                    if last is None and not snapshot.known:
+                        raise NotFound(
+                            "session", str(session_id),
+                            f"the cost service knows no session {session_id}: it has no budget "
+                            "and no cost event",
+                        )
                     state = (snapshot.actual_total, snapshot.estimate_total, snapshot.event_count, snapshot.budget)
                     if state != last:
                         last = state
