@@ -3,7 +3,9 @@
 Owns the exact-money rule at the wire: `Money.amount` is a decimal string,
 parsed with `Decimal`, never float; amounts keep up to 8 fractional digits
 and are never rounded here (only `format_money` rounds, for display).
-Also timestamps, durations, stage/plan enum names and opaque page tokens.
+Also timestamps, durations, stage/plan enum names and opaque page tokens
+(base64 JSON cursors; the typed getters refuse a crafted one's values, which
+would otherwise reach Postgres out of range).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import uuid
 from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 
@@ -162,14 +165,45 @@ def encode_page_token(cursor: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _not_issued() -> InvalidArgument:
+    return InvalidArgument.field("page_token", "is not a token this service issued")
+
+
+def cursor_int(cursor: dict[str, Any], key: str, *, bits: int) -> int:
+    """A non-negative integer of a decoded page token that fits the signed `bits` column
+    it is compared with (INVALID_ARGUMENT otherwise)."""
+    value = cursor.get(key)
+    if type(value) is not int or not 0 <= value < 2 ** (bits - 1):
+        raise _not_issued()
+    return value
+
+
+def cursor_time(cursor: dict[str, Any], key: str) -> dt.datetime:
+    """A time of a decoded page token: ISO 8601 with an offset, within years 1 to 9999 in UTC."""
+    try:
+        value = dt.datetime.fromisoformat(cursor[key])
+        if value.tzinfo is None:
+            raise ValueError
+        return value.astimezone(dt.UTC)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise _not_issued() from None
+
+
+def cursor_uuid(cursor: dict[str, Any], key: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(cursor[key])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise _not_issued() from None
+
+
 def decode_page_token(token: str) -> dict[str, Any] | None:
     if not token:
         return None
     try:
         padded = token + "=" * (-len(token) % 4)
         cursor = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except ValueError:
-        raise InvalidArgument.field("page_token", "is not a token this service issued") from None
+    except (ValueError, RecursionError):
+        raise _not_issued() from None
     if not isinstance(cursor, dict):
-        raise InvalidArgument.field("page_token", "is not a token this service issued")
+        raise _not_issued()
     return cursor

@@ -275,6 +275,14 @@ def _value(kind: int, value: Any, arg: Any, where: str, found: list[FieldViolati
             found.append(FieldViolation(where, _BAD_DURATION))
 
 
+def text_problem(value: str, cap: int = DEFAULT_MAX_CHARS) -> str | None:
+    """What is wrong with a text by the rules above (None: nothing), for text that comes
+    in inside another format (a TOML price book, a manifest's JSON)."""
+    if len(value) > cap or "\x00" in value:
+        return _string_problem(value, cap)
+    return None
+
+
 def _string_problem(value: str, cap: int) -> str:
     if len(value) > cap:
         return f"is {len(value):,} characters long; at most {cap:,} are accepted"

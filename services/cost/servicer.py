@@ -365,9 +365,7 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         cursor = convert.decode_page_token(request.page_token)
         before = None
         if cursor is not None:
-            before = cursor.get("v")
-            if not isinstance(before, int):
-                raise InvalidArgument.field("page_token", "is not a token this service issued")
+            before = convert.cursor_int(cursor, "v", bits=32)  # price_books.version is an integer
         books = await self._store.list_price_books(before=before, limit=size + 1)
         token = ""
         if len(books) > size:
@@ -641,12 +639,9 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         after = None
         cursor = convert.decode_page_token(request.page_token)
         if cursor is not None:
-            try:
-                if cursor["f"] != digest:
-                    raise InvalidArgument.field("page_token", "was issued for other filters")
-                after = (dt.datetime.fromisoformat(cursor["t"]), uuid.UUID(cursor["id"]))
-            except (KeyError, TypeError, ValueError):
-                raise InvalidArgument.field("page_token", "is not a token this service issued") from None
+            if cursor.get("f") != digest:
+                raise InvalidArgument.field("page_token", "was issued for other filters")
+            after = (convert.cursor_time(cursor, "t"), convert.cursor_uuid(cursor, "id"))
         events = await self._store.list_cost_events(where, after=after, limit=size + 1)
         token = ""
         if len(events) > size:

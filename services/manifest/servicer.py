@@ -16,7 +16,6 @@ manifest that is still scanning or was deleted is FAILED_PRECONDITION.
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -257,12 +256,9 @@ class ManifestServicer(pb_grpc.ManifestServiceServicer):
         cursor = convert.decode_page_token(request.page_token)
         after = None
         if cursor is not None:
-            try:
-                if cursor.get("n") != request.case_name:
-                    raise ValueError
-                after = (dt.datetime.fromisoformat(cursor["c"]), uuid.UUID(cursor["i"]))
-            except (KeyError, ValueError, TypeError):
-                raise InvalidArgument.field("page_token", "does not belong to this listing") from None
+            if cursor.get("n") != request.case_name:
+                raise InvalidArgument.field("page_token", "does not belong to this listing")
+            after = (convert.cursor_time(cursor, "c"), convert.cursor_uuid(cursor, "i"))
         manifests = await self._store.list_manifests(request.case_name, size + 1, after)
         token = ""
         if len(manifests) > size:
@@ -311,11 +307,14 @@ class ManifestServicer(pb_grpc.ManifestServiceServicer):
             for v in exc.violations:
                 check.add(v.field, v.description)
         if cursor is not None:
-            if cursor.get("m") != request.manifest_id or cursor.get("f") != flt.key() \
-                    or not isinstance(cursor.get("o"), int):
+            if cursor.get("m") != request.manifest_id or cursor.get("f") != flt.key():
                 check.add("page_token", "does not belong to this listing (other manifest or filters)")
             else:
-                after = cursor["o"]
+                try:
+                    after = convert.cursor_int(cursor, "o", bits=32)  # ordinal is an integer
+                except InvalidArgument as exc:
+                    for v in exc.violations:
+                        check.add(v.field, v.description)
         check.check()
         assert manifest_id is not None
         manifest = await self._store.get_manifest(manifest_id)

@@ -895,12 +895,16 @@ class SessionServicer:
             if request.HasField("created_after")
             else None
         )
+        cursor = convert.decode_page_token(request.page_token)
+        if cursor is not None:  # the store reads it; its values must be ones the store can use
+            convert.cursor_time(cursor, "c")
+            convert.cursor_uuid(cursor, "i")
         sessions, cursor = await self._store.list_sessions(
             state=state,
             project_name=request.project_name.strip() or None,
             created_after=after,
             limit=size,
-            cursor=convert.decode_page_token(request.page_token),
+            cursor=cursor,
         )
         return pb.ListSessionsResponse(
             sessions=[session_proto(s) for s in sessions],
@@ -915,9 +919,7 @@ class SessionServicer:
         cursor = convert.decode_page_token(request.page_token)
         after = None
         if cursor is not None:
-            if not isinstance(cursor.get("o"), int):
-                raise InvalidArgument.field("page_token", "is not a token this service issued")
-            after = cursor["o"]
+            after = convert.cursor_int(cursor, "o", bits=32)  # ordinal is an integer
         v = Validator()
         if request.state and request.state not in pb.DocumentState.values():
             v.add("state", "is not a document state")
