@@ -21,8 +21,9 @@ The hot path is planned once per message type (cached by descriptor): only
 string, enum, time and message fields that lead to one are visited, and a
 type with none of them anywhere below it is not walked at all. Repeated
 message fields a service names as `per_entry` are skipped here; its servicer
-checks each entry with `RequestValidator.violations`, so that one bad entry
-of a batch fails only itself.
+checks each entry with `RequestValidator.check`, so that one bad entry of a
+batch fails only itself. Text that comes inside another format (a TOML price
+book, a manifest's JSON) is held to the same rules with `text_problem`.
 """
 
 from __future__ import annotations
