@@ -88,7 +88,11 @@ class Authenticator:
 def refused(
     handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that aborts with `code`."""
+    """A handler of the same shape as `handler` that aborts with `code`.
+
+    It never decodes the request (no deserializer): a refused caller learns
+    nothing about its body, and garbage is refused like any other body.
+    """
 
     async def unary_response(request: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
@@ -97,7 +101,7 @@ def refused(
         await context.abort(code, message)
         yield  # pragma: no cover
 
-    deserializer = handler.request_deserializer
+    deserializer = None
     serializer = handler.response_serializer
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary_response, deserializer, serializer)

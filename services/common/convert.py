@@ -3,7 +3,9 @@
 Owns the exact-money rule at the wire: `Money.amount` is a decimal string,
 parsed with `Decimal`, never float; amounts keep up to 8 fractional digits
 and are never rounded here (only `format_money` rounds, for display).
-Also timestamps, durations, stage/plan enum names and opaque page tokens.
+Also timestamps, durations, stage/plan enum names and opaque page tokens
+(base64 JSON cursors; the typed getters refuse a crafted one's values, which
+would otherwise reach Postgres out of range).
 """
 
 from __future__ import annotations
@@ -11,18 +13,24 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import uuid
 from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 
 from docimport.common.v1 import common_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, quote
 
 CURRENCY = "USD"
 MAX_PLACES = 8
 # Digits of an exact ledger amount: units (8 places) x unit price (8 places).
 LEDGER_PLACES = 16
+# The largest money amount a request may carry (budgets, reservations,
+# settlements, reported costs), exclusive: far below the range of the
+# narrowest money column (session.import_sessions.budget_limit, numeric(24, 8):
+# under 10^16), so sums of many still fit numeric(38, 16).
+MAX_AMOUNT = Decimal(10) ** 15
 # normalize() rounds to its context's precision (28 digits by default): a
 # ledger sum of 13 integer and 16 fractional digits would come out rounded.
 _WIDE = Context(prec=100)
@@ -57,13 +65,13 @@ def parse_money(message: common_pb2.Money, field: str, *, allow_negative: bool =
 def parse_decimal(text: str, field: str, *, allow_negative: bool = False,
                   currency: str = CURRENCY, places: int = MAX_PLACES) -> Decimal:
     if currency and currency != CURRENCY:
-        raise InvalidArgument.field(f"{field}.currency_code", f"only {CURRENCY} is supported, got {currency!r}")
+        raise InvalidArgument.field(f"{field}.currency_code", f"only {CURRENCY} is supported, got {quote(currency)}")
     try:
         value = Decimal(text.strip())
     except (InvalidOperation, AttributeError):
-        raise InvalidArgument.field(field, f"{text!r} is not a decimal number") from None
+        raise InvalidArgument.field(field, f"{quote(text)} is not a decimal number") from None
     if not value.is_finite():
-        raise InvalidArgument.field(field, f"{text!r} is not a finite number")
+        raise InvalidArgument.field(field, f"{quote(text)} is not a finite number")
     if value < 0 and not allow_negative:
         raise InvalidArgument.field(field, "must not be negative")
     exponent = value.normalize(_WIDE).as_tuple().exponent
@@ -157,14 +165,45 @@ def encode_page_token(cursor: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _not_issued() -> InvalidArgument:
+    return InvalidArgument.field("page_token", "is not a token this service issued")
+
+
+def cursor_int(cursor: dict[str, Any], key: str, *, bits: int) -> int:
+    """A non-negative integer of a decoded page token that fits the signed `bits` column
+    it is compared with (INVALID_ARGUMENT otherwise)."""
+    value = cursor.get(key)
+    if type(value) is not int or not 0 <= value < 2 ** (bits - 1):
+        raise _not_issued()
+    return value
+
+
+def cursor_time(cursor: dict[str, Any], key: str) -> dt.datetime:
+    """A time of a decoded page token: ISO 8601 with an offset, within years 1 to 9999 in UTC."""
+    try:
+        value = dt.datetime.fromisoformat(cursor[key])
+        if value.tzinfo is None:
+            raise ValueError
+        return value.astimezone(dt.UTC)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise _not_issued() from None
+
+
+def cursor_uuid(cursor: dict[str, Any], key: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(cursor[key])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise _not_issued() from None
+
+
 def decode_page_token(token: str) -> dict[str, Any] | None:
     if not token:
         return None
     try:
         padded = token + "=" * (-len(token) % 4)
         cursor = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except ValueError:
-        raise InvalidArgument.field("page_token", "is not a token this service issued") from None
+    except (ValueError, RecursionError):
+        raise _not_issued() from None
     if not isinstance(cursor, dict):
-        raise InvalidArgument.field("page_token", "is not a token this service issued")
+        raise _not_issued()
     return cursor

@@ -8,6 +8,14 @@ with the most specific code and a `google.rpc.Status` carrying details
 ResourceInfo, ErrorInfo). Anything else is a bug: INTERNAL with a generic
 message, logged with its traceback; SQL text never reaches a caller.
 
+Also owns how much of a caller's input an error may echo: `quote` shows at
+most `MAX_QUOTE` characters of a value, and `to_status` clips every text of
+the status and its details and drops trailing violations so that the
+trailers stay far below gRPC's metadata limits (8 KiB soft, 16 KiB hard; a
+bigger trailer reaches the caller as RESOURCE_EXHAUSTED instead of the
+error). `peer_error` turns what a peer service answered into the domain
+error of the same meaning, naming the peer.
+
 Each exception's docstring is its default message.
 """
 
@@ -27,6 +35,34 @@ from grpc_status import rpc_status
 logger = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "docimport.dev"
+
+# Characters of a caller's value an error message quotes.
+MAX_QUOTE = 200
+# UTF-8 bytes of a status message (percent-encoded in the trailer: up to 3x),
+# of each text of a detail, and of the whole google.rpc.Status (base64: 4/3x).
+MAX_MESSAGE_BYTES = 800
+MAX_DETAIL_TEXT_BYTES = 400
+MAX_STATUS_BYTES = 3000
+
+
+def quote(value: object, limit: int = MAX_QUOTE) -> str:
+    """`value` quoted for an error message (its repr): its first `limit` characters at most."""
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value):,} characters)"
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` UTF-8 bytes (at a character boundary), marked '...'."""
+    if len(text) * 4 <= max_bytes:
+        return text
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= max_bytes:
+        return text
+    return raw[: max_bytes - 3].decode("utf-8", "ignore") + "..."
 
 
 @dataclass(frozen=True)
@@ -60,24 +96,56 @@ class InvalidArgument(DomainError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, message: str | None = None, *, violations: Sequence[FieldViolation] = ()):
-        if message is None and violations:
-            message = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        violations: Sequence[FieldViolation] = (),
+        omitted: int = 0,
+    ):
+        """`omitted`: further problems found but not listed in `violations`."""
         self.violations = list(violations)
+        self.omitted = omitted
+        if message is None and violations:
+            message = self._listing()
+        super().__init__(message)
 
     @classmethod
     def field(cls, name: str, description: str) -> InvalidArgument:
         return cls(violations=[FieldViolation(name, description)])
 
+    def _fitting(self, budget: int) -> tuple[list[tuple[str, str]], int]:
+        """The (field, description) pairs, clipped, that fit `budget` bytes; and how many did not."""
+        listed: list[tuple[str, str]] = []
+        used = 0
+        for v in self.violations:
+            pair = (clip(v.field, MAX_DETAIL_TEXT_BYTES), clip(v.description, MAX_DETAIL_TEXT_BYTES))
+            size = len(pair[0].encode()) + len(pair[1].encode()) + 8
+            if listed and used + size > budget:
+                break
+            listed.append(pair)
+            used += size
+        return listed, len(self.violations) - len(listed) + self.omitted
+
+    # Bytes of the problems listed, in the message and in the BadRequest alike.
+    _LISTED_BYTES = MAX_MESSAGE_BYTES - 40
+
+    def _listing(self) -> str:
+        listed, more = self._fitting(self._LISTED_BYTES)
+        text = "; ".join(f"{name}: {description}" for name, description in listed)
+        return f"{text}; ... and {more:,} more problems" if more else text
+
     def details(self) -> list[Any]:
-        request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in self.violations
-            ]
-        )
-        return [request, *super().details()]
+        listed, more = self._fitting(self._LISTED_BYTES)
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(field=name, description=description)
+            for name, description in listed
+        ]
+        if more:
+            violations.append(
+                error_details_pb2.BadRequest.FieldViolation(description=f"... and {more:,} more problems")
+            )
+        return [error_details_pb2.BadRequest(field_violations=violations), *super().details()]
 
 
 class NotFound(DomainError):
@@ -87,7 +155,7 @@ class NotFound(DomainError):
     reason = "NOT_FOUND"
 
     def __init__(self, resource_type: str, name: str, message: str | None = None):
-        super().__init__(message or f"{resource_type} {name!r} not found")
+        super().__init__(message or f"{resource_type} {quote(name)} not found")
         self.resource_type = resource_type
         self.name = name
 
@@ -196,20 +264,67 @@ class Validator:
 
     def check(self) -> None:
         if self._violations:
-            raise InvalidArgument(violations=self._violations)
+            raise InvalidArgument(violations=self._violations, omitted=self.omitted)
+
+    @property
+    def omitted(self) -> int:
+        """Problems found but not kept (a subclass may keep only the first ones)."""
+        return 0
 
 
 def to_status(error: DomainError) -> grpc.Status:
-    """The grpc.Status (with packed details) for a domain error."""
-    details = []
-    for message in error.details():
+    """The grpc.Status (with packed details) for a domain error, clipped to fit a trailer."""
+    message = clip(error.message, MAX_MESSAGE_BYTES)
+    details = error.details()
+    for detail in details:
+        _clip_texts(detail)
+    room = MAX_STATUS_BYTES - len(message.encode())
+    while sum(d.ByteSize() for d in details) > room and _drop_last_entry(details):
+        pass
+    packed_details = []
+    for detail in details:
         packed = any_pb2.Any()
-        packed.Pack(message)
-        details.append(packed)
+        packed.Pack(detail)
+        packed_details.append(packed)
     status = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name), message=error.message, details=details
+        code=getattr(code_pb2, error.code.name), message=message, details=packed_details
     )
     return rpc_status.to_status(status)
+
+
+def _clip_texts(message: Any) -> None:
+    """Clips every string of a detail message (nested and repeated ones, map values) in place."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            if field.is_repeated:
+                value[:] = [clip(v, MAX_DETAIL_TEXT_BYTES) for v in value]
+            else:
+                setattr(message, field.name, clip(value, MAX_DETAIL_TEXT_BYTES))
+        elif field.type == field.TYPE_MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                entries = {clip(k, MAX_DETAIL_TEXT_BYTES): v for k, v in value.items()}
+                value.clear()
+                for k, v in entries.items():
+                    value[k] = clip(v, MAX_DETAIL_TEXT_BYTES) if isinstance(v, str) else v
+            elif field.is_repeated:
+                for item in value:
+                    _clip_texts(item)
+            else:
+                _clip_texts(value)
+
+
+def _drop_last_entry(details: list[Any]) -> bool:
+    """Drops the last entry of the longest repeated field of the details; False if none has two."""
+    longest = None
+    for detail in details:
+        for field, value in detail.ListFields():
+            if field.is_repeated and field.type == field.TYPE_MESSAGE and len(value) > 1:
+                if longest is None or len(value) > len(longest):
+                    longest = value
+    if longest is None:
+        return False
+    del longest[-1]
+    return True
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -248,6 +363,38 @@ def _translate(exc: BaseException) -> DomainError | None:
     ):
         return Unavailable(f"a dependency is unavailable: {exc.details()}")
     return None
+
+
+def peer_error(
+    exc: grpc.aio.AioRpcError, peer: str, *, resource: str = "", name: str = ""
+) -> Exception:
+    """The domain error of what the service `peer` answered, naming it.
+
+    NOT_FOUND of a named `resource` is NotFound of it; INVALID_ARGUMENT,
+    FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ALREADY_EXISTS and ABORTED keep
+    their code; UNAVAILABLE and DEADLINE_EXCEEDED are Unavailable. Any other
+    code (INTERNAL, UNKNOWN, a refused token) is returned as is: a bug or a
+    misconfiguration, which the caller sees as INTERNAL.
+    """
+    code = exc.code()
+    said = f"the {peer} answered {code.name}: {clip(exc.details() or '', MAX_DETAIL_TEXT_BYTES)}"
+    if code == grpc.StatusCode.NOT_FOUND:
+        if resource:
+            return NotFound(resource, name, f"{resource} {quote(name)} not found ({said})")
+        return NotFound(peer, "", said)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(said)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(said, subject=f"{resource}/{name}" if resource else peer)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(said)
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return AlreadyExists(said)
+    if code == grpc.StatusCode.ABORTED:
+        return Aborted(said)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(said)
+    return exc
 
 
 async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:

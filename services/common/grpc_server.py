@@ -1,16 +1,18 @@
 """The grpc.aio server bootstrap every service uses.
 
 Owns what is the same in every service: binding (TLS when a certificate is
-configured), the interceptor chain (metrics -> errors -> auth; OpenTelemetry's
-own server interceptor when tracing is on), the standard health service,
+configured), the one platform interceptor (metrics, auth, decoding and the
+generic input checks, error mapping; OpenTelemetry's own server interceptor
+when tracing is on), the standard health service,
 server reflection, the Prometheus `/metrics` HTTP port of the service's
 registry (`DOCIMPORT_METRICS_PORT`, started and stopped with the server; see
 `services.common.metrics`), and the graceful
 shutdown on SIGTERM/SIGINT: health turns NOT_SERVING, in-flight calls get
 `shutdown_grace` seconds, then the caller's cleanup (closing the pool) runs.
 
-A service's `server.py` calls `build_server` with its servicers and its
-scope policy, and `serve_until_stopped` from its `serve()`.
+A service's `server.py` calls `build_server` with its servicers, its
+scope policy and its exceptions to the generic input rules
+(`validate.Rules`), and `serve_until_stopped` from its `serve()`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from services.common.auth import Authenticator, Scope
 from services.common.config import ServiceSettings, describe_invalid
 from services.common.interceptor import PlatformInterceptor
 from services.common.metrics import MetricsHTTPServer, ServiceMetrics, serve_metrics
+from services.common.validate import RequestValidator, Rules
 
 logger = logging.getLogger(__name__)
 
@@ -70,16 +73,22 @@ async def build_server(
     policy: Mapping[str, Iterable[Scope]],
     metrics: ServiceMetrics | None = None,
     on_stop: Sequence[Callable[[], Awaitable[object]]] = (),
+    input_rules: Rules | None = None,
 ) -> RunningServer:
     """Builds, binds and starts a server; every named service is SERVING.
 
     `metrics` is the service's registry (a bare `ServiceMetrics` when None);
     every call goes through `interceptor.PlatformInterceptor` (metrics, auth,
-    error mapping), so what it records is the code a caller gets.
+    decoding and input checks under `input_rules`, error mapping), so what
+    it records is the code a caller gets.
     """
     metrics = metrics if metrics is not None else ServiceMetrics()
     interceptors = [
-        PlatformInterceptor(Authenticator(settings.token_scopes(), policy), metrics.rpc_recorder())
+        PlatformInterceptor(
+            Authenticator(settings.token_scopes(), policy),
+            metrics.rpc_recorder(),
+            RequestValidator(input_rules),
+        )
     ]
     server = grpc.aio.server(
         interceptors=interceptors,

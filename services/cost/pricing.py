@@ -34,7 +34,8 @@ from decimal import Decimal
 from typing import Any
 
 from services.common.convert import PLANS, STAGES
-from services.common.errors import FieldViolation, InvalidArgument
+from services.common.errors import FieldViolation, InvalidArgument, quote
+from services.common.validate import text_problem
 
 # Raises (never rounds) if a product or sum would need more than 60 digits.
 EXACT = decimal.Context(
@@ -188,10 +189,10 @@ def _decimal(value: Any, where: str, problems: list[FieldViolation], *,
     try:
         number = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
     except decimal.InvalidOperation:
-        problems.append(FieldViolation(where, f"{value!r} is not a decimal number"))
+        problems.append(FieldViolation(where, f"{quote(value)} is not a decimal number"))
         return None
     if not number.is_finite():
-        problems.append(FieldViolation(where, f"{value!r} is not a finite number"))
+        problems.append(FieldViolation(where, f"{quote(value)} is not a finite number"))
     elif number < 0:
         problems.append(FieldViolation(where, "must not be negative"))
     elif number >= maximum:
@@ -209,14 +210,14 @@ def _name(value: Any, where: str, problems: list[FieldViolation]) -> str:
         return ""
     if not NAME_RE.match(value):
         problems.append(
-            FieldViolation(where, f"{value!r}: use 1-64 lower-case letters, digits, '_', '.', '-'")
+            FieldViolation(where, f"{quote(value)}: use 1-64 lower-case letters, digits, '_', '.', '-'")
         )
     return value
 
 
 def _choice(value: Any, where: str, allowed: Sequence[str], problems: list[FieldViolation]) -> str:
     if value not in allowed:
-        problems.append(FieldViolation(where, f"{value!r} is not one of {', '.join(allowed)}"))
+        problems.append(FieldViolation(where, f"{quote(value)} is not one of {', '.join(allowed)}"))
         return ""
     return str(value)
 
@@ -242,9 +243,12 @@ def build_draft(
         name = ""
     elif len(name) > 200:
         problems.append(FieldViolation(f"{prefix}name", "is longer than 200 characters"))
+    else:
+        _text(name, f"{prefix}name", problems)
     if not isinstance(description, str):
         problems.append(FieldViolation(f"{prefix}description", "must be text"))
         description = ""
+    _text(description, f"{prefix}description", problems)
     if not prices:
         problems.append(FieldViolation(f"{prefix}prices", "a price book needs at least one price"))
     if len(prices) > MAX_PRICES:
@@ -271,6 +275,7 @@ def build_draft(
         if not isinstance(text, str):
             problems.append(FieldViolation(f"{where}.description", "must be text"))
             text = ""
+        _text(text, f"{where}.description", problems)
         if service and operation:
             if (service, operation) in seen:
                 problems.append(FieldViolation(where, f"{service}/{operation} is priced twice"))
@@ -310,6 +315,13 @@ def build_draft(
     return PriceBookDraft(name.strip(), description, tuple(built_prices), tuple(built_rules), source_toml)
 
 
+def _text(value: str, where: str, problems: list[FieldViolation]) -> None:
+    """The rules of every request's text (no NUL, a length cap), for text read from TOML."""
+    problem = text_problem(value)
+    if problem is not None:
+        problems.append(FieldViolation(where, problem))
+
+
 def _unknown_keys(raw: Mapping[str, Any], known: set[str], where: str,
                   problems: list[FieldViolation]) -> None:
     for key in raw:
@@ -327,6 +339,8 @@ def parse_price_book_toml(text: str, *, field_name: str = "toml") -> PriceBookDr
         data = tomllib.loads(text, parse_float=Decimal)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument.field(field_name, f"not valid TOML: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument.field(field_name, "not valid TOML: nested too deeply") from None
     problems: list[FieldViolation] = []
     known = {"name", "description", "currency", "ocr_engine", "prices", "plan_rules"}
     for key in data:
@@ -334,10 +348,10 @@ def parse_price_book_toml(text: str, *, field_name: str = "toml") -> PriceBookDr
             problems.append(FieldViolation(f"{field_name}.{key}", f"unknown key; expected {', '.join(sorted(known))}"))
     currency = data.get("currency", "USD")
     if currency != "USD":
-        problems.append(FieldViolation(f"{field_name}.currency", f"only USD is supported, got {currency!r}"))
+        problems.append(FieldViolation(f"{field_name}.currency", f"only USD is supported, got {quote(currency)}"))
     engine = data.get("ocr_engine", "local")
     if engine not in OCR_ENGINES:
-        problems.append(FieldViolation(f"{field_name}.ocr_engine", f"{engine!r} is not one of {', '.join(OCR_ENGINES)}"))
+        problems.append(FieldViolation(f"{field_name}.ocr_engine", f"{quote(engine)} is not one of {', '.join(OCR_ENGINES)}"))
     prices = data.get("prices", [])
     if not isinstance(prices, list):
         problems.append(FieldViolation(f"{field_name}.prices", "must be an array of tables"))

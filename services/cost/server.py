@@ -25,7 +25,7 @@ from services.common.grpc_server import RunningServer, serve_until_stopped
 from services.common.grpc_server import build_server as build_grpc_server
 from services.cost.config import CostSettings
 from services.cost.metrics import CostMetrics
-from services.cost.servicer import POLICY, CostServicer
+from services.cost.servicer import INPUT_RULES, POLICY, CostServicer
 from services.cost.store import CostStore
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ async def build_server(settings: CostSettings, *, store: CostStore) -> RunningSe
         register=lambda server: cost_service_pb2_grpc.add_CostServiceServicer_to_server(servicer, server),
         service_names=[SERVICE_NAME],
         policy=POLICY,
+        input_rules=INPUT_RULES,
         metrics=metrics,
         on_stop=[store.close],  # the ledger's held connection and the LISTEN one go back
     )

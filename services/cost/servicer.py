@@ -21,7 +21,10 @@ Decisions:
   anything else is PERMISSION_DENIED, logged.
 - ListCostEvents needs a session or a document: both are indexed, so a
   page never sorts the whole ledger.
-- WatchCosts wakes on the store's change feed (LISTEN/NOTIFY), re-reads at
+- WatchCosts answers NOT_FOUND for a session this service knows nothing
+  of (no budget, no ledger event: the session service sets the budget and
+  records the estimate when it creates a session), instead of streaming
+  zeros forever. It wakes on the store's change feed (LISTEN/NOTIFY), re-reads at
   least every `watch_poll_interval`, coalesces bursts to one message per
   `watch_min_interval`, sends only when something changed, and ends when
   the client cancels (the handler task is cancelled; the subscription is
@@ -57,6 +60,7 @@ from services.common.errors import (
 )
 from services.common.grants import GrantChecker
 from services.common.metrics import watching
+from services.common.validate import Rules, field_name
 from services.cost import pricing
 from services.cost.config import CostSettings
 from services.cost.metrics import CostMetrics
@@ -103,6 +107,10 @@ POLICY = policy_for(
     },
 )
 
+# The generic input checks (services.common.validate) with a price book's TOML
+# allowed to be long: 10,000 prices of a few lines each.
+INPUT_RULES = Rules(max_chars={field_name(pb.PublishPriceBookRequest, "toml"): 4 * 1024 * 1024})
+
 MAX_EVENTS = 10_000
 MAX_ESTIMATE_ITEMS = 200_000
 MAX_RESERVATIONS = 10_000
@@ -110,7 +118,7 @@ MAX_KEY = 200
 MAX_CATEGORY = 200
 MAX_TOP_DOCUMENTS = 1000
 MAX_TTL_SECONDS = 7 * 24 * 3600
-MAX_MONEY = Decimal(10) ** 15
+MAX_MONEY = convert.MAX_AMOUNT
 
 _KINDS = {pb.COST_KIND_ESTIMATE: "estimate", pb.COST_KIND_ACTUAL: "actual"}
 _KIND_VALUES = {name: value for value, name in _KINDS.items()}
@@ -144,10 +152,9 @@ class _Check(Validator):
         for violation in error.violations:
             self.add(violation.field, violation.description)
 
-    def check(self) -> None:
-        if self.count > self.LIMIT:
-            super().add("", f"... and {self.count - self.LIMIT} more problems")
-        super().check()
+    @property
+    def omitted(self) -> int:
+        return max(0, self.count - self.LIMIT)
 
 
 def _uuid(text: str, field: str, check: _Check, *, required: bool = True) -> uuid.UUID | None:
@@ -371,9 +378,7 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         cursor = convert.decode_page_token(request.page_token)
         before = None
         if cursor is not None:
-            before = cursor.get("v")
-            if not isinstance(before, int):
-                raise InvalidArgument.field("page_token", "is not a token this service issued")
+            before = convert.cursor_int(cursor, "v", bits=32)  # price_books.version is an integer
         books = await self._store.list_price_books(before=before, limit=size + 1)
         token = ""
         if len(books) > size:
@@ -667,12 +672,9 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
         after = None
         cursor = convert.decode_page_token(request.page_token)
         if cursor is not None:
-            try:
-                if cursor["f"] != digest:
-                    raise InvalidArgument.field("page_token", "was issued for other filters")
-                after = (dt.datetime.fromisoformat(cursor["t"]), uuid.UUID(cursor["id"]))
-            except (KeyError, TypeError, ValueError):
-                raise InvalidArgument.field("page_token", "is not a token this service issued") from None
+            if cursor.get("f") != digest:
+                raise InvalidArgument.field("page_token", "was issued for other filters")
+            after = (convert.cursor_time(cursor, "t"), convert.cursor_uuid(cursor, "id"))
         events = await self._store.list_cost_events(where, after=after, limit=size + 1)
         token = ""
         if len(events) > size:
@@ -699,6 +701,12 @@ class CostServicer(cost_service_pb2_grpc.CostServiceServicer):
                     changed.clear()
                     await feed.ensure_listening()
                     snapshot = await self._store.snapshot(session_id)
+                    if last is None and not snapshot.known:
+                        raise NotFound(
+                            "session", str(session_id),
+                            f"the cost service knows no session {session_id}: it has no budget "
+                            "and no cost event",
+                        )
                     state = (snapshot.actual_total, snapshot.estimate_total, snapshot.event_count, snapshot.budget)
                     if state != last:
                         last = state

@@ -138,6 +138,13 @@ class CostSnapshot:
     estimate_total: Decimal
     event_count: int
     budget: Budget | None
+    # The ledger holds an event of the session (an estimate or an actual cost).
+    has_events: bool = False
+
+    @property
+    def known(self) -> bool:
+        """Whether this service knows the session at all: a budget or a ledger event."""
+        return self.budget is not None or self.has_events
 
 
 @dataclass(frozen=True)
@@ -538,7 +545,8 @@ class CostStore(Budgets):
                 """
                 SELECT coalesce(sum(events) FILTER (WHERE kind = 'actual'), 0)::bigint AS events,
                        coalesce(sum(amount) FILTER (WHERE kind = 'actual'), 0) AS actual,
-                       coalesce(sum(amount) FILTER (WHERE kind = 'estimate'), 0) AS estimate
+                       coalesce(sum(amount) FILTER (WHERE kind = 'estimate'), 0) AS estimate,
+                       coalesce(sum(events), 0) > 0 AS has_events
                 FROM (SELECT kind, events, amount FROM cost.session_totals WHERE session_id = $1
                       UNION ALL
                       SELECT kind, events, amount FROM cost.session_total_deltas
@@ -547,7 +555,8 @@ class CostStore(Budgets):
                 session_id,
             )
             budget = await self.read_budget(conn, session_id)
-        return CostSnapshot(session_id, row["actual"], row["estimate"], row["events"], budget)
+        return CostSnapshot(session_id, row["actual"], row["estimate"], row["events"], budget,
+                            row["has_events"])
 
     async def fold_totals(self) -> None:
         """Adds the ledger-total deltas written so far to `session_totals`.

@@ -36,7 +36,8 @@ from typing import Any
 import jsonschema
 
 from services.common import convert
-from services.common.errors import FieldViolation, InvalidArgument
+from services.common.errors import FieldViolation, InvalidArgument, quote
+from services.common.validate import text_problem
 from services.manifest import scanner
 from services.manifest.model import SCHEMA_ID, Manifest, ManifestFile, ScanOptions
 
@@ -171,11 +172,18 @@ def parse_manifest_json(data: bytes) -> ImportedManifest:
         raise InvalidArgument.field("manifest_json", "is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise InvalidArgument.field("manifest_json", f"is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    violations = []
-    for error in _validator().iter_errors(document):
-        violations.append(FieldViolation(_json_path(error), error.message[:300]))
-        if len(violations) >= MAX_VIOLATIONS:
-            break
+    except RecursionError:
+        raise InvalidArgument.field("manifest_json", "is not JSON this service reads: nested too deeply") from None
+    violations = _text_problems(document, "manifest_json")
+    if violations:
+        raise InvalidArgument(violations=violations)
+    try:
+        for error in _validator().iter_errors(document):
+            violations.append(FieldViolation(_json_path(error), error.message[:300]))
+            if len(violations) >= MAX_VIOLATIONS:
+                break
+    except RecursionError:
+        raise InvalidArgument.field("manifest_json", "is not JSON this service reads: nested too deeply") from None
     if violations:
         raise InvalidArgument(f"the manifest does not match {SCHEMA_ID}: " + violations[0].description,
                               violations=violations) from None
@@ -208,6 +216,28 @@ def parse_manifest_json(data: bytes) -> ImportedManifest:
         raise InvalidArgument(violations=violations)
     options = ScanOptions.from_json(document.get("options"))
     return ImportedManifest(document["case_name"].strip(), document["source_path"], options, files)
+
+
+def _text_problems(value: Any, where: str) -> list[FieldViolation]:
+    """Texts anywhere in the document (keys included) that break the rules of every
+    request's text (services.common.validate): no NUL, a length cap."""
+    found: list[FieldViolation] = []
+    stack = [(value, where)]
+    while stack and len(found) < MAX_VIOLATIONS:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            problem = text_problem(item)
+            if problem is not None:
+                found.append(FieldViolation(at, problem))
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                problem = text_problem(key)
+                if problem is not None:
+                    found.append(FieldViolation(f"{at} (a key)", problem))
+                stack.append((child, f"{at}.{quote(key, 50) if problem else key}"))
+        elif isinstance(item, list):
+            stack.extend((child, f"{at}[{i}]") for i, child in reversed(list(enumerate(item))))
+    return found
 
 
 def _safe_raw(raw: bytes) -> bool:

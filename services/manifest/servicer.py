@@ -16,7 +16,6 @@ manifest that is still scanning or was deleted is FAILED_PRECONDITION.
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +26,7 @@ from docimport.manifest.v1 import manifest_service_pb2_grpc as pb_grpc
 
 from services.common import convert
 from services.common.auth import Scope, policy_for
-from services.common.errors import FailedPrecondition, InvalidArgument, Validator
+from services.common.errors import FailedPrecondition, InvalidArgument, Validator, quote
 from services.manifest import classify, jsonio, scanner
 from services.manifest.analyzer import AnalyzeRequest, Analyzer, ImportAnalyzer
 from services.manifest.config import ManifestSettings
@@ -181,7 +180,7 @@ def parse_manifest_id(value: str, field: str = "manifest_id") -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise InvalidArgument.field(field, f"{value!r} is not a manifest id (a UUID)") from None
+        raise InvalidArgument.field(field, f"{quote(value)} is not a manifest id (a UUID)") from None
 
 
 def _options(check: Validator, types: Any, globs: Any) -> ScanOptions:
@@ -189,7 +188,7 @@ def _options(check: Validator, types: Any, globs: Any) -> ScanOptions:
     for i, name in enumerate(types):
         key = name.strip().lower()
         if key not in classify.FAMILIES:
-            check.add(f"exclude_types[{i}]", f"{name!r} is not a type family; one of {', '.join(classify.FAMILIES)}")
+            check.add(f"exclude_types[{i}]", f"{quote(name)} is not a type family; one of {', '.join(classify.FAMILIES)}")
         elif key not in families:
             families.append(key)
     patterns = []
@@ -257,12 +256,9 @@ class ManifestServicer(pb_grpc.ManifestServiceServicer):
         cursor = convert.decode_page_token(request.page_token)
         after = None
         if cursor is not None:
-            try:
-                if cursor.get("n") != request.case_name:
-                    raise ValueError
-                after = (dt.datetime.fromisoformat(cursor["c"]), uuid.UUID(cursor["i"]))
-            except (KeyError, ValueError, TypeError):
-                raise InvalidArgument.field("page_token", "does not belong to this listing") from None
+            if cursor.get("n") != request.case_name:
+                raise InvalidArgument.field("page_token", "does not belong to this listing")
+            after = (convert.cursor_time(cursor, "c"), convert.cursor_uuid(cursor, "i"))
         manifests = await self._store.list_manifests(request.case_name, size + 1, after)
         token = ""
         if len(manifests) > size:
@@ -282,7 +278,7 @@ class ManifestServicer(pb_grpc.ManifestServiceServicer):
             for v in exc.violations:
                 check.add(v.field, v.description)
         if request.type_family and request.type_family not in classify.FAMILIES:
-            check.add("type_family", f"{request.type_family!r} is not one of {', '.join(classify.FAMILIES)}")
+            check.add("type_family", f"{quote(request.type_family)} is not one of {', '.join(classify.FAMILIES)}")
         problem = ""
         if request.problem:
             if request.problem not in pb.ProblemKind.values():
@@ -311,11 +307,14 @@ class ManifestServicer(pb_grpc.ManifestServiceServicer):
             for v in exc.violations:
                 check.add(v.field, v.description)
         if cursor is not None:
-            if cursor.get("m") != request.manifest_id or cursor.get("f") != flt.key() \
-                    or not isinstance(cursor.get("o"), int):
+            if cursor.get("m") != request.manifest_id or cursor.get("f") != flt.key():
                 check.add("page_token", "does not belong to this listing (other manifest or filters)")
             else:
-                after = cursor["o"]
+                try:
+                    after = convert.cursor_int(cursor, "o", bits=32)  # ordinal is an integer
+                except InvalidArgument as exc:
+                    for v in exc.violations:
+                        check.add(v.field, v.description)
         check.check()
         assert manifest_id is not None
         manifest = await self._store.get_manifest(manifest_id)

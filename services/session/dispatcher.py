@@ -42,13 +42,11 @@ import math
 from collections.abc import Sequence
 from decimal import Decimal
 
-import grpc
-
 from services.common import convert, grants
 from services.common.errors import NotFound
 from services.common.tasks import StagePayload, encode_raw_path
 from services.session.config import SessionSettings
-from services.session.peers import BudgetRefused, CostPeer
+from services.session.peers import BudgetRefused, CostPeer, PeerFailure, describe
 from services.session.queue import Enqueuer, PublishError, StageMessage
 from services.session.metrics import SessionMetrics
 from services.session.store import (
@@ -243,12 +241,11 @@ class Dispatcher:
                     f"to resume ({exc})"
                 ),
             )
-        except grpc.aio.AioRpcError as exc:
+        except PeerFailure as exc:
             logger.warning(
-                "cannot reserve budget for session %s: %s %s; will retry",
+                "cannot reserve budget for session %s: %s; will retry",
                 session.session_id,
-                exc.code().name,
-                exc.details(),
+                describe(exc),
             )
             return Reservations(refused=everything)
         granted = {c.document.document_id: g for c, g in zip(paid, reserved.granted, strict=False)}
@@ -269,10 +266,10 @@ class Dispatcher:
             return
         try:
             await self._cost.release(reservation_ids)
-        except grpc.aio.AioRpcError as exc:
+        except PeerFailure as exc:
             # They expire on their own (their TTL); nothing is lost.
             logger.warning(
-                "releasing %d reservations failed: %s", len(reservation_ids), exc.details()
+                "releasing %d reservations failed: %s", len(reservation_ids), describe(exc)
             )
 
     async def settle(self, settlements: Sequence[tuple[str, Decimal]]) -> None:
@@ -281,13 +278,8 @@ class Dispatcher:
             return
         try:
             await self._cost.settle(settlements)
-        except grpc.aio.AioRpcError as exc:
-            logger.warning(
-                "settling %d reservations failed: %s %s",
-                len(settlements),
-                exc.code().name,
-                exc.details(),
-            )
+        except PeerFailure as exc:
+            logger.warning("settling %d reservations failed: %s", len(settlements), describe(exc))
 
     # ---------------------------------------------------------------- loop
 

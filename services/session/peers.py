@@ -1,12 +1,15 @@
 """The session service's clients of its peers, the manifest and cost services.
 
 Owns every call this service makes to another service, in domain terms:
-plain dataclasses and Decimals in, the same out; gRPC codes of the peer
-become domain errors (NOT_FOUND -> NotFound, FAILED_PRECONDITION ->
-FailedPrecondition; UNAVAILABLE stays an AioRpcError that the error
-mapping turns into UNAVAILABLE). Calls carry a deadline. Does not own the
-channels (`server.serve` opens and closes them). Besides the servicer and
-server, the only module that imports other services' `_pb2`.
+plain dataclasses and Decimals in, the same out; what the peer answered
+becomes the domain error of the same code, naming the peer
+(`errors.peer_error`: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
+RESOURCE_EXHAUSTED, UNAVAILABLE... never re-raised as INTERNAL); only a
+peer's own bug (INTERNAL, UNKNOWN) or a refused service token stays an
+AioRpcError. Callers that outlive a peer's trouble catch `PeerFailure`.
+Calls carry a deadline. Does not own the channels (`server.serve` opens and
+closes them). Besides the servicer and server, the only module that imports
+other services' `_pb2`.
 """
 
 from __future__ import annotations
@@ -22,9 +25,19 @@ from docimport.cost.v1 import cost_service_pb2
 from docimport.manifest.v1 import manifest_service_pb2
 
 from services.common import convert
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import DomainError, NotFound, peer_error
 
 ZERO = Decimal(0)
+MANIFEST_SERVICE, COST_SERVICE = "manifest service", "cost service"
+# What a call to a peer raises when the peer refused it or could not answer.
+PeerFailure = (DomainError, grpc.aio.AioRpcError)
+
+
+def describe(exc: BaseException) -> str:
+    """A peer failure in a line, for logs and findings."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)
 
 
 def _money(message: Any) -> Decimal:
@@ -33,15 +46,14 @@ def _money(message: Any) -> Decimal:
     return convert.parse_money(message, "amount", allow_negative=True, places=convert.LEDGER_PLACES)
 
 
-def _domain_error(exc: grpc.aio.AioRpcError, resource: str, name: str) -> Exception:
-    code = exc.code()
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(resource, name)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return FailedPrecondition(f"{resource} {name}: {exc.details()}", subject=name)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(f"{resource} {name}: {exc.details()}")
-    return exc
+async def _ask(
+    method: Any, request: Any, timeout: float, peer: str, *, resource: str = "", name: str = ""
+) -> Any:
+    """`method(request)` with a deadline; the peer's error codes as domain errors."""
+    try:
+        return await method(request, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise peer_error(exc, peer, resource=resource, name=name) from None
 
 
 # ---------------------------------------------------------------- manifest
@@ -92,13 +104,14 @@ class ManifestPeer:
         self._timeout = timeout
 
     async def get_manifest(self, manifest_id: str) -> ManifestInfo:
-        try:
-            response = await self._stub.GetManifest(
-                manifest_service_pb2.GetManifestRequest(manifest_id=manifest_id),
-                timeout=self._timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _domain_error(exc, "manifest", manifest_id) from None
+        response = await _ask(
+            self._stub.GetManifest,
+            manifest_service_pb2.GetManifestRequest(manifest_id=manifest_id),
+            self._timeout,
+            MANIFEST_SERVICE,
+            resource="manifest",
+            name=manifest_id,
+        )
         m = response.manifest
         return ManifestInfo(
             manifest_id=m.manifest_id,
@@ -123,15 +136,16 @@ class ManifestPeer:
     ) -> AsyncIterator[list[ManifestFileInfo]]:
         token = ""
         while True:
-            try:
-                response = await self._stub.ListManifestFiles(
-                    manifest_service_pb2.ListManifestFilesRequest(
-                        manifest_id=manifest_id, page_size=page_size, page_token=token
-                    ),
-                    timeout=self._timeout,
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise _domain_error(exc, "manifest", manifest_id) from None
+            response = await _ask(
+                self._stub.ListManifestFiles,
+                manifest_service_pb2.ListManifestFilesRequest(
+                    manifest_id=manifest_id, page_size=page_size, page_token=token
+                ),
+                self._timeout,
+                MANIFEST_SERVICE,
+                resource="manifest",
+                name=manifest_id,
+            )
             yield [self._file(f) for f in response.files]
             token = response.next_page_token
             if not token:
@@ -233,9 +247,11 @@ class CostPeer:
         self._timeout = timeout
 
     async def set_budget(self, session_id: str, limit: Decimal) -> None:
-        await self._stub.SetBudget(
+        await _ask(
+            self._stub.SetBudget,
             cost_service_pb2.SetBudgetRequest(session_id=session_id, limit=convert.money(limit)),
-            timeout=self._timeout,
+            self._timeout,
+            COST_SERVICE,
         )
 
     async def record_estimate(
@@ -258,19 +274,23 @@ class CostPeer:
             for service, operation, units in lines
         ]
         if events:
-            await self._stub.RecordCosts(
-                cost_service_pb2.RecordCostsRequest(events=events), timeout=self._timeout
+            await _ask(
+                self._stub.RecordCosts,
+                cost_service_pb2.RecordCostsRequest(events=events),
+                self._timeout,
+                COST_SERVICE,
             )
 
     async def get_budget(self, session_id: str) -> Budget | None:
         try:
-            response = await self._stub.GetBudget(
-                cost_service_pb2.GetBudgetRequest(session_id=session_id), timeout=self._timeout
+            response = await _ask(
+                self._stub.GetBudget,
+                cost_service_pb2.GetBudgetRequest(session_id=session_id),
+                self._timeout,
+                COST_SERVICE,
             )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
+        except NotFound:
+            return None
         return _budget(response.budget)
 
     async def reserve(
@@ -294,9 +314,7 @@ class CostPeer:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise BudgetRefused(exc.details() or "budget exhausted") from None
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound("budget", session_id) from None
-            raise
+            raise peer_error(exc, COST_SERVICE, resource="budget", name=session_id) from None
         return Reserved(
             granted=[(r.reservation_id, _money(r.amount)) for r in response.reservations],
             exhausted=response.exhausted,
@@ -304,27 +322,33 @@ class CostPeer:
         )
 
     async def release(self, reservation_ids: Sequence[str]) -> None:
-        await self._stub.ReleaseReservation(
+        await _ask(
+            self._stub.ReleaseReservation,
             cost_service_pb2.ReleaseReservationRequest(reservation_ids=list(reservation_ids)),
-            timeout=self._timeout,
+            self._timeout,
+            COST_SERVICE,
         )
 
     async def settle(self, settlements: Sequence[tuple[str, Decimal]]) -> None:
-        await self._stub.SettleReservation(
+        await _ask(
+            self._stub.SettleReservation,
             cost_service_pb2.SettleReservationRequest(
                 settlements=[
                     cost_service_pb2.Settlement(reservation_id=rid, actual=convert.money(amount))
                     for rid, amount in settlements
                 ]
             ),
-            timeout=self._timeout,
+            self._timeout,
+            COST_SERVICE,
         )
 
     async def session_costs(self, session_id: str) -> SessionCosts:
         """The session's ledger totals (totals only: GetSession asks every second)."""
-        response = await self._stub.GetSessionCosts(
+        response = await _ask(
+            self._stub.GetSessionCosts,
             cost_service_pb2.GetSessionCostsRequest(session_id=session_id, totals_only=True),
-            timeout=self._timeout,
+            self._timeout,
+            COST_SERVICE,
         )
         return SessionCosts(
             _money(response.actual_total), _money(response.estimate_total), response.event_count
@@ -334,14 +358,16 @@ class CostPeer:
         index = CostEventIndex()
         token = ""
         while True:
-            response = await self._stub.ListCostEvents(
+            response = await _ask(
+                self._stub.ListCostEvents,
                 cost_service_pb2.ListCostEventsRequest(
                     session_id=session_id,
                     kind=cost_service_pb2.COST_KIND_ACTUAL,
                     page_size=page_size,
                     page_token=token,
                 ),
-                timeout=self._timeout,
+                self._timeout,
+                COST_SERVICE,
             )
             for e in response.events:
                 key = (e.document_id, convert.stage_name(e.stage), e.attempt)
@@ -357,7 +383,8 @@ class CostPeer:
         """The estimated cost of processing each file by its plan, by key."""
         if not files:
             return {}
-        response = await self._stub.EstimateCost(
+        response = await _ask(
+            self._stub.EstimateCost,
             cost_service_pb2.EstimateCostRequest(
                 files=[
                     cost_service_pb2.FilePlan(
@@ -370,7 +397,8 @@ class CostPeer:
                     for f in files
                 ]
             ),
-            timeout=self._timeout,
+            self._timeout,
+            COST_SERVICE,
         )
         return {estimate.key: _money(estimate.amount) for estimate in response.files}
 

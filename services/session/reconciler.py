@@ -31,14 +31,12 @@ import asyncio
 import logging
 from decimal import Decimal
 
-import grpc
-
 from services.common import convert
 from services.session import states as st
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
 from services.session.leases import LeaseKeeper
-from services.session.peers import CostPeer
+from services.session.peers import CostPeer, PeerFailure, describe
 from services.session.store import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -100,9 +98,9 @@ class Reconciler:
         for session in await self._store.sessions_in_state(st.S_BUDGET):
             try:
                 budget = await self._cost.get_budget(session.session_id)
-            except grpc.aio.AioRpcError as exc:
+            except PeerFailure as exc:
                 logger.warning(
-                    "cannot read the budget of %s: %s", session.session_id, exc.details()
+                    "cannot read the budget of %s: %s", session.session_id, describe(exc)
                 )
                 continue
             if budget is None:

@@ -48,7 +48,7 @@ from services.session.queue import (
     RunTracker,
 )
 from services.session.reconciler import Reconciler
-from services.session.servicer import POLICY, SERVICE_NAME, SessionServicer
+from services.session.servicer import INPUT_RULES, POLICY, SERVICE_NAME, SessionServicer
 from services.session.store import SessionStore
 
 
@@ -123,6 +123,7 @@ async def build_server(
         ),
         service_names=[SERVICE_NAME],
         policy=POLICY,
+        input_rules=INPUT_RULES,
         metrics=metrics,
         on_stop=[servicer.close, hub.stop],
     )

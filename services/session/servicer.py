@@ -23,7 +23,9 @@ Decisions worth knowing:
 - Stage reports are applied in micro-batches: concurrent calls share one
   transaction (group commit), which is what lets ingest keep up with many
   workers; a batch that fails is retried call by call so one bad report
-  cannot fail its neighbours.
+  cannot fail its neighbours. Each report of a ReportStageResults call is
+  checked on its own (the generic input checks included, see INPUT_RULES):
+  a bad one gets its own INVALID_ARGUMENT answer, the others are applied.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from docimport.session.v1 import session_service_pb2 as pb
 from services.common import convert, telemetry
 from services.common.auth import Scope, policy_for
 from services.common.errors import (
+    MAX_MESSAGE_BYTES,
     AlreadyExists,
     DomainError,
     FailedPrecondition,
@@ -50,10 +53,13 @@ from services.common.errors import (
     NotFound,
     PermissionDenied,
     Validator,
+    clip,
+    quote,
 )
 from services.common.logging import bind
 from services.common.metrics import watching
 from services.common.tasks import QUEUES, STAGES
+from services.common.validate import RequestValidator, Rules, field_name
 from services.session import states as st
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
@@ -66,6 +72,8 @@ from services.session.peers import (
     ManifestFileInfo,
     ManifestInfo,
     ManifestPeer,
+    PeerFailure,
+    describe,
 )
 from services.session.queue import BrokerProbe, BrokerView
 from services.session.store import (
@@ -103,6 +111,17 @@ POLICY = policy_for(
     },
 )
 
+# The generic input checks (services.common.validate): a failure's message may
+# be long (it is cut to MAX_ERROR_MESSAGE when stored), and each report of a
+# ReportStageResults call is checked on its own, so one bad report fails alone.
+MAX_ERROR_MESSAGE = 4000
+INPUT_RULES = Rules(
+    max_chars={field_name(pb.ReportStageResultRequest, "error_message"): 64 * 1024},
+    per_entry=frozenset({field_name(pb.ReportStageResultsRequest, "reports")}),
+)
+# A stage run's duration_seconds column is numeric(14, 6).
+MAX_RUN_SECONDS = 10**8
+
 # Session ids derived from request ids live in their own namespace.
 REQUEST_NAMESPACE = uuid.UUID("5d0c7a47-6f0e-4b6f-9a53-64f0d2a1c3b7")
 # Live sessions whose cost so far is remembered at once (see _cost_so_far).
@@ -138,9 +157,9 @@ def _uuid_text(value: str, field_name: str, v: Validator | None = None) -> str:
         return str(uuid.UUID(value))
     except ValueError:
         if v is not None:
-            v.add(field_name, f"{value!r} is not a UUID")
+            v.add(field_name, f"{quote(value)} is not a UUID")
             return ""
-        raise InvalidArgument.field(field_name, f"{value!r} is not a UUID") from None
+        raise InvalidArgument.field(field_name, f"{quote(value)} is not a UUID") from None
 
 
 # ---------------------------------------------------------------- micro-batching
@@ -577,6 +596,7 @@ class SessionServicer:
             concurrency=settings.report_concurrency,
         )
         self._background: set[asyncio.Task[None]] = set()
+        self._inputs = RequestValidator(INPUT_RULES)
         # session id -> (monotonic time, actual cost): see _cost_so_far
         self._costs_seen: dict[str, tuple[float, Decimal]] = {}
 
@@ -616,6 +636,10 @@ class SessionServicer:
             except InvalidArgument as exc:
                 for violation in exc.violations:
                     v.add(violation.field, violation.description)
+            else:
+                if budget >= convert.MAX_AMOUNT:
+                    v.add("options.budget", f"must be less than {convert.MAX_AMOUNT:,}")
+                    budget = None
         order: dict[str, int] = {}
         for i, category in enumerate(options.category_priority):
             if not category.strip():
@@ -858,8 +882,8 @@ class SessionServicer:
             return cached[1]
         try:
             total = (await self._cost.session_costs(info.session_id)).actual_total
-        except grpc.aio.AioRpcError as exc:
-            logger.info("cost service unavailable (%s); showing reported costs", exc.code().name)
+        except PeerFailure as exc:
+            logger.info("cost service unavailable (%s); showing reported costs", describe(exc))
             return info.reported_cost
         if live:
             if len(self._costs_seen) >= _COST_CACHE_SIZE:
@@ -894,12 +918,16 @@ class SessionServicer:
             if request.HasField("created_after")
             else None
         )
+        cursor = convert.decode_page_token(request.page_token)
+        if cursor is not None:  # the store reads it; its values must be ones the store can use
+            convert.cursor_time(cursor, "c")
+            convert.cursor_uuid(cursor, "i")
         sessions, cursor = await self._store.list_sessions(
             state=state,
             project_name=request.project_name.strip() or None,
             created_after=after,
             limit=size,
-            cursor=convert.decode_page_token(request.page_token),
+            cursor=cursor,
         )
         return pb.ListSessionsResponse(
             sessions=[session_proto(s) for s in sessions],
@@ -914,9 +942,7 @@ class SessionServicer:
         cursor = convert.decode_page_token(request.page_token)
         after = None
         if cursor is not None:
-            if not isinstance(cursor.get("o"), int):
-                raise InvalidArgument.field("page_token", "is not a token this service issued")
-            after = cursor["o"]
+            after = convert.cursor_int(cursor, "o", bits=32)  # ordinal is an integer
         v = Validator()
         if request.state and request.state not in pb.DocumentState.values():
             v.add("state", "is not a document state")
@@ -1153,14 +1179,17 @@ class SessionServicer:
             except InvalidArgument as exc:
                 for violation in exc.violations:
                     v.add(violation.field, violation.description)
+            else:
+                if cost >= convert.MAX_AMOUNT:
+                    v.add("cost", f"must be less than {convert.MAX_AMOUNT:,}")
         for i, artifact in enumerate(request.artifacts):
             if not artifact.uri:
                 v.add(f"artifacts[{i}].uri", "is required")
         duration = None
         if request.HasField("duration"):
             duration = request.duration.ToTimedelta().total_seconds()
-            if duration < 0:
-                v.add("duration", "must not be negative")
+            if not 0 <= duration < MAX_RUN_SECONDS:
+                v.add("duration", f"must be at least 0 and less than {MAX_RUN_SECONDS:,} seconds")
         v.check()
         stats = request.stats
         report = ResultReport(
@@ -1172,7 +1201,7 @@ class SessionServicer:
             succeeded=request.succeeded,
             error_class=error_class,
             error_code=request.error_code[:MAX_NAME],
-            error_message=request.error_message[:4000],
+            error_message=request.error_message[:MAX_ERROR_MESSAGE],
             artifacts=tuple(
                 {"kind": a.kind, "uri": a.uri, "sha256": a.sha256, "size_bytes": a.size_bytes}
                 for a in request.artifacts
@@ -1220,11 +1249,15 @@ class SessionServicer:
 
         async def answer(report: pb.ReportStageResultRequest) -> pb.StageResultAnswer:
             try:
+                # The generic checks the interceptor left to each report (INPUT_RULES).
+                self._inputs.check(report)
                 return pb.StageResultAnswer(result=await self.ReportStageResult(report, context))
             except DomainError as exc:
                 if exc.code in _CALL_ERRORS:
                     raise
-                return pb.StageResultAnswer(code=exc.code.value[0], message=exc.message)
+                return pb.StageResultAnswer(
+                    code=exc.code.value[0], message=clip(exc.message, MAX_MESSAGE_BYTES)
+                )
 
         # All submitted at once: the micro-batcher applies them in one transaction.
         answers = await asyncio.gather(*(answer(r) for r in request.reports))

@@ -37,12 +37,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-import grpc
-
 from services.common import artifacts as artifact_store
-from services.common.errors import NotFound
 from services.session import states as st
-from services.session.peers import CostPeer, ManifestPeer
+from services.session.peers import CostPeer, ManifestPeer, PeerFailure, describe
 from services.session.store import SessionInfo, SessionStore
 
 logger = logging.getLogger(__name__)
@@ -119,13 +116,13 @@ class Verifier:
                 manifest_ids = set()
                 async for page in self._manifest.iter_files(session.manifest_id, self._page_size):
                     manifest_ids.update(f.file_id for f in page)
-            except (NotFound, grpc.aio.AioRpcError) as exc:
+            except PeerFailure as exc:
                 manifest_ids = None
                 findings.append(
                     Finding(
                         WARNING,
                         "manifest_unavailable",
-                        f"the manifest's file list could not be read ({exc}); "
+                        f"the manifest's file list could not be read ({describe(exc)}); "
                         "documents were checked against the session only",
                     )
                 )
@@ -437,12 +434,12 @@ class Verifier:
         try:
             ledger = await self._cost.actual_events(session.session_id)
             budget = await self._cost.get_budget(session.session_id)
-        except grpc.aio.AioRpcError as exc:
+        except PeerFailure as exc:
             findings.append(
                 Finding(
                     WARNING,
                     "costs_unverified",
-                    f"the cost ledger could not be read: {exc.details()}",
+                    f"the cost ledger could not be read: {describe(exc)}",
                 )
             )
             recommendations.append("Run verify again when the cost service is reachable.")

@@ -264,10 +264,18 @@ async def test_reserving_without_a_budget_or_with_bad_items(cost: CostHarness) -
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await cost.service.ReserveBudget(pb.ReserveBudgetRequest(session_id=new_id(), items=items("1")))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # A negative duration breaks the rules of every request (services.common.validate):
+    # refused before the method's own checks run.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await cost.service.ReserveBudget(pb.ReserveBudgetRequest(
             session_id=new_id(), items=[pb.ReservationItem(amount=usd("-1"), document_id="doc 7")],
             ttl=duration_pb2.Duration(seconds=-5)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(violations(caught.value)) == {"ttl"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cost.service.ReserveBudget(pb.ReserveBudgetRequest(
+            session_id=new_id(), items=[pb.ReservationItem(amount=usd("-1"), document_id="doc 7")],
+            ttl=duration_pb2.Duration(seconds=8 * 24 * 3600)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(violations(caught.value)) == {
         "items[0].key", "items[0].amount", "items[0].document_id", "ttl"}

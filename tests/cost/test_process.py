@@ -83,7 +83,7 @@ async def test_the_process_loads_the_book_serves_and_stops_on_sigterm(db_url: st
         finally:
             await conn.close()
         # An open stream holds the LISTEN connection; shutdown must still finish.
-        watch = stub.WatchCosts(pb.WatchCostsRequest(session_id=new_id()))
+        watch = stub.WatchCosts(pb.WatchCostsRequest(session_id=session))
         await asyncio.wait_for(watch.read(), 5)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)

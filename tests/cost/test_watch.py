@@ -7,6 +7,7 @@ import time
 
 import grpc
 import pytest
+from docimport.common.v1 import common_pb2
 from docimport.cost.v1 import cost_service_pb2 as pb
 
 from services.cost.config import CostSettings
@@ -28,11 +29,20 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_watch_streams_totals_as_they_change(cost: CostHarness) -> None:
+async def known_session(cost: CostHarness, *, units: str = "1") -> str:
+    """A session the cost service knows of: its estimate is recorded (as a created session's is)."""
     session = new_id()
+    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
+        event(session, units=units, kind=pb.COST_KIND_ESTIMATE)]))
+    return session
+
+
+async def test_watch_streams_totals_as_they_change(cost: CostHarness) -> None:
+    session = await known_session(cost)
     call = cost.operator.WatchCosts(pb.WatchCostsRequest(session_id=session))
     first = await asyncio.wait_for(call.read(), 5)
     assert (first.session_id, first.actual_total.amount, first.event_count) == (session, "0", 0)
+    assert first.estimate_total.amount == "0.0015"
     assert not first.HasField("budget") and first.observed_at.seconds > 0
 
     started = time.monotonic()
@@ -42,9 +52,9 @@ async def test_watch_streams_totals_as_they_change(cost: CostHarness) -> None:
     assert time.monotonic() - started < 2  # woken by NOTIFY, not by the 60 s poll
 
     await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
-        event(session, units="1", kind=pb.COST_KIND_ESTIMATE)]))
+        event(session, units="1", kind=pb.COST_KIND_ESTIMATE, stage=common_pb2.STAGE_CHUNK)]))
     third = await asyncio.wait_for(call.read(), 5)
-    assert (third.actual_total.amount, third.estimate_total.amount, third.event_count) == ("0.003", "0.0015", 1)
+    assert (third.actual_total.amount, third.estimate_total.amount, third.event_count) == ("0.003", "0.003", 1)
 
     await cost.service.SetBudget(pb.SetBudgetRequest(session_id=session, limit=usd("5")))
     fourth = await asyncio.wait_for(call.read(), 5)
@@ -65,7 +75,7 @@ async def test_watch_streams_totals_as_they_change(cost: CostHarness) -> None:
 
 
 async def test_a_burst_is_coalesced(cost: CostHarness) -> None:
-    session = new_id()
+    session = await known_session(cost)
     call = cost.operator.WatchCosts(pb.WatchCostsRequest(session_id=session))
     await asyncio.wait_for(call.read(), 5)
     for attempt in range(50):
@@ -80,7 +90,10 @@ async def test_a_burst_is_coalesced(cost: CostHarness) -> None:
 
 async def test_the_stream_ends_when_the_client_cancels(cost: CostHarness) -> None:
     feed = cost.store.changes
-    calls = [cost.service.WatchCosts(pb.WatchCostsRequest(session_id=new_id())) for _ in range(3)]
+    sessions = [new_id() for _ in range(3)]
+    for session in sessions:  # known by their budget (recording costs would hold a connection)
+        await cost.service.SetBudget(pb.SetBudgetRequest(session_id=session, limit=usd("1")))
+    calls = [cost.service.WatchCosts(pb.WatchCostsRequest(session_id=s)) for s in sessions]
     for call in calls:
         await asyncio.wait_for(call.read(), 5)
     assert feed.subscriber_count == 3 and feed.listening
@@ -95,6 +108,21 @@ async def test_the_stream_ends_when_the_client_cancels(cost: CostHarness) -> Non
     await wait_until(lambda: cost.pool.get_idle_size() == cost.pool.get_size())
 
 
+async def test_a_session_the_service_knows_nothing_of_is_not_found_at_once(cost: CostHarness) -> None:
+    call = cost.operator.WatchCosts(pb.WatchCostsRequest(session_id=new_id()), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert cost.store.changes.subscriber_count == 0
+    # A budget alone makes a session known (the session service sets it at create).
+    session = new_id()
+    await cost.service.SetBudget(pb.SetBudgetRequest(session_id=session, limit=usd("5")))
+    call = cost.operator.WatchCosts(pb.WatchCostsRequest(session_id=session))
+    first = await asyncio.wait_for(call.read(), 5)
+    assert first.budget.limit.amount == "5" and first.event_count == 0
+    call.cancel()
+
+
 async def test_a_bad_session_id_is_refused(cost: CostHarness) -> None:
     call = cost.operator.WatchCosts(pb.WatchCostsRequest(session_id="nope"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -104,7 +132,7 @@ async def test_a_bad_session_id_is_refused(cost: CostHarness) -> None:
 
 
 async def test_a_lost_listen_connection_is_replaced(cost: CostHarness, cost_settings: CostSettings) -> None:
-    session = new_id()
+    session = await known_session(cost)
     call = cost.operator.WatchCosts(pb.WatchCostsRequest(session_id=session))
     await asyncio.wait_for(call.read(), 5)
     feed = cost.store.changes

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 import grpc
 import pytest
+from conftest import TOKENS
+from docimport.cost.v1 import cost_service_pb2_grpc
 from docimport.manifest.v1 import manifest_service_pb2 as mpb
 from docimport.cost.v1 import cost_service_pb2 as cpb
+from docimport.manifest.v1 import manifest_service_pb2_grpc
 from docimport.session.v1 import session_service_pb2 as pb
 from google.rpc import error_details_pb2
 
 from services.common import convert
-from services.common.errors import details_of
+from services.common.channels import aio_channel
+from services.common.config import ClientSettings
+from services.common.errors import InvalidArgument, NotFound, Unavailable, details_of
+from services.session.peers import CostPeer, ManifestPeer
 
 from .helpers import mfile
 
@@ -213,6 +220,53 @@ async def test_validation_and_precondition_errors(harness):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await harness.create(budget="-1")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
+    return {v.field for d in details_of(error, error_details_pb2.BadRequest) for v in d.field_violations}
+
+
+async def test_a_budget_beyond_the_largest_amount_names_the_request_field(harness):
+    for budget in ("1e20", "1000000000000000"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await harness.create(budget=budget)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(err.value) == {"options.budget"}
+    created = await harness.create(budget="999999999999999.99")
+    assert created.session.options.budget.amount == "999999999999999.99"
+
+
+async def test_what_a_peer_refuses_keeps_its_code_and_names_the_peer(harness):
+    client = ClientSettings()
+    cost_channel = aio_channel(f"127.0.0.1:{harness.cost_port}", client, token=TOKENS["service"])
+    manifest_channel = aio_channel(f"127.0.0.1:{harness.manifest_port}", client, token=TOKENS["service"])
+    dead_channel = aio_channel("127.0.0.1:1", client, token=TOKENS["service"])
+    harness.channels.extend([cost_channel, manifest_channel, dead_channel])
+    cost = CostPeer(cost_service_pb2_grpc.CostServiceStub(cost_channel), 5.0)
+    with pytest.raises(InvalidArgument) as caught:
+        await cost.set_budget(str(uuid.uuid4()), Decimal(10) ** 20)
+    assert "cost service answered INVALID_ARGUMENT" in caught.value.message
+    with pytest.raises(NotFound) as missing:
+        await cost.reserve(str(uuid.uuid4()), [("k", Decimal(1))], 60.0)
+    assert missing.value.resource_type == "budget" and "cost service" in missing.value.message
+    manifests = ManifestPeer(manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel), 5.0)
+    with pytest.raises(NotFound) as missing:
+        await manifests.get_manifest(str(uuid.uuid4()))
+    assert missing.value.resource_type == "manifest" and "manifest service" in missing.value.message
+    dead = CostPeer(cost_service_pb2_grpc.CostServiceStub(dead_channel), 5.0)
+    with pytest.raises(Unavailable) as down:
+        await dead.session_costs(str(uuid.uuid4()))
+    assert "cost service answered UNAVAILABLE" in down.value.message
+    # Through an RPC: the cost service refuses the manifest's estimate (units that are no
+    # number); the create answers that refusal, not INTERNAL.
+    manifest_id = harness.manifests.add([mfile("a.pdf")])
+    summary = harness.manifests.manifests[manifest_id][0].summary
+    summary.price_book_version = 1
+    summary.estimated_by_operation.add(service="local", operation="compute_second", units="lots")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await harness.create(manifest_id=manifest_id)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cost service" in err.value.details()
 
 
 async def test_scopes(harness):

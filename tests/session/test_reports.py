@@ -11,6 +11,7 @@ import pytest
 from docimport.common.v1 import common_pb2
 from docimport.cost.v1 import cost_service_pb2 as cpb
 from docimport.session.v1 import session_service_pb2 as pb
+from google.protobuf import duration_pb2
 
 from services.session import states as st
 
@@ -345,7 +346,7 @@ def result_request(m, **fields) -> pb.ReportStageResultRequest:
     p = m.payload
     key = {"document_id": p.document_id, "stage": common_pb2.STAGE_EXTRACT, "attempt": p.attempt}
     return pb.ReportStageResultRequest(
-        task_id=m.task_id, worker="w1", **{**key, "succeeded": True, **fields}
+        **{"task_id": m.task_id, "worker": "w1", **key, "succeeded": True, **fields}
     )
 
 
@@ -431,3 +432,29 @@ async def test_a_late_result_of_a_lost_run_is_refused_but_its_cost_is_kept(harne
     assert reported == Decimal("0.004")
     s = (await harness.operator.GetSession(pb.GetSessionRequest(session_id=session.session_id))).session
     assert Decimal(s.wasted_cost.amount) == Decimal("0.003")
+
+
+async def test_a_bad_report_of_a_batch_fails_alone_and_the_good_ones_are_applied(harness):
+    session = (await harness.create([mfile(f"{i}.pdf") for i in range(5)], max_in_flight=5)).session
+    a, b, c, d, e = await harness.dispatch()
+    bad = [
+        result_request(b, worker="w\x00"),  # Postgres text cannot hold a NUL
+        result_request(c, stage=-3),  # a stage the enum does not define
+        result_request(d, duration=duration_pb2.Duration(seconds=10**11)),  # beyond the run's column
+        result_request(e, cost=common_pb2.Money(amount="1e30")),  # beyond any amount
+    ]
+    response = await harness.worker.ReportStageResults(
+        pb.ReportStageResultsRequest(reports=[result_request(a), *bad])
+    )
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [answer.code for answer in response.answers] == [0, invalid, invalid, invalid, invalid]
+    for answer, field in zip(response.answers[1:], ("worker", "stage", "duration", "cost"), strict=True):
+        assert answer.message.startswith(field) and not answer.HasField("result")
+    assert response.answers[0].result.document_state == pb.DOCUMENT_STATE_PENDING
+    s = await get(harness, session.session_id)
+    assert s.stages[0].succeeded == 1 and s.counts.queued == 4
+    # Each bad run is still live: its corrected report goes through.
+    fixed = await harness.worker.ReportStageResults(
+        pb.ReportStageResultsRequest(reports=[result_request(m) for m in (b, c, d, e)])
+    )
+    assert [answer.code for answer in fixed.answers] == [0] * 4

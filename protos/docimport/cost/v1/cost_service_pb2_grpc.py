@@ -195,7 +195,10 @@ class CostServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchCosts(self, request, context):
-        """Running totals of a session, streamed as they change.
+        """Running totals of a session, streamed as they change. NOT_FOUND when
+        this service knows nothing of the session: no budget and no cost event
+        (the session service sets the budget and records the estimate when it
+        creates a session).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
