@@ -148,6 +148,7 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from docimport.session.v1 import session_service_pb2 as pb
@@ -298,6 +299,7 @@ async def docimport_round(
                         "DOCIMPORT_COST_ADDR": f"127.0.0.1:{stack.cost_port}",
                         "DOCIMPORT_TOKEN": TOKENS["worker"],
                         "DOCIMPORT_ARTIFACT_DIR": artifacts,
+                        "DOCIMPORT_OUTBOX_DIR": str(Path(artifacts) / "outbox"),
                         **worker_env,
                     },
                 )

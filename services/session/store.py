@@ -1346,9 +1346,9 @@ class SessionStore:
         # them back. A started report commits without waiting for its WAL
         # flush (the next synchronous commit, e.g. the run's result, flushes
         # it): a database crash can lose only the last few, and a run whose
-        # start was lost still looks queued, under a queued lease longer
-        # than its running one, and its result is accepted as from a queued
-        # run. Results, dispatch rounds and the cost ledger stay synchronous.
+        # start was lost still looks queued (its lease renewed while its
+        # worker holds it), and its result is accepted as from a queued run.
+        # Results, dispatch rounds and the cost ledger stay synchronous.
         # Both statements run on one generic plan made of primary-key lookups in
         # nested loops: planning them costs more than running them for a batch
         # of one, and a plan chosen from the statistics of a table that grew

@@ -69,8 +69,9 @@ class WorkerSettings(ClientSettings, MetricsSettings):
     # A run reports its start (ReportStageStarted) only once it has lasted
     # this many seconds; a shorter run reports only its result, one round trip
     # to the session service instead of two. A run is still asked about first
-    # (the old protocol) when its message has less than this plus a margin
-    # left before it expires. 0 = every run reports its start before working.
+    # when it may have been superseded: its message was redelivered, or its
+    # first lease is near its end (see runner.py). 0 = every run reports its
+    # start before working.
     started_after: float = 1.0
     # Finished runs a worker process may hold for delivery by its background
     # thread (RecordCosts and ReportStageResults, several runs together): a

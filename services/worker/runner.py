@@ -432,8 +432,10 @@ class StageRunner:
                 if error.permanent
                 else session_service_pb2.ERROR_CLASS_RETRYABLE
             )
-            request.error_code = error.code
-            request.error_message = error.message[:MAX_MESSAGE]
+            # text from a library or a file: Postgres text cannot hold a NUL (the session service
+            # refuses a report carrying one), so it is dropped here
+            request.error_code = error.code.replace("\x00", "")
+            request.error_message = error.message.replace("\x00", "")[:MAX_MESSAGE]
         return request
 
     def drain(self, timeout: float | None = None) -> bool:

@@ -43,7 +43,7 @@ from services.common import convert, db
 from services.common.auth import OPERATOR_ONLY, Scope
 from services.common.channels import aio_channel
 from services.common.config import ClientSettings
-from services.common.localinfra import with_database
+from services.common.scratchdb import with_database
 from services.cost import servicer as cost_servicer
 from services.cost.config import CostSettings
 from services.cost.server import build_server as build_cost
@@ -179,7 +179,8 @@ async def _seed(stack: Stack, manifest: Any, session: Any, cost: Any, worker: An
     await cost.RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
         session_id=created.session_id, document_id=first.payload.document_id,
         stage=convert.stage_value(first.payload.stage), attempt=1, service="local",
-        operation="compute_second", units="1.5", kind=cpb.COST_KIND_ACTUAL)]))
+        operation="compute_second", units="1.5", kind=cpb.COST_KIND_ACTUAL,
+        grant=first.payload.grant)]))  # as a worker does: its run's grant, from its message
     reservations = await stack.pool.fetch("SELECT reservation_id::text FROM cost.reservations")
     stack.manifest_json = exported
     stack.known = {"cursors": await _cursors(stack, manifest, session, costs, scanned.manifest_id,

@@ -19,7 +19,6 @@ from clients.cli.context import Clients, set_clients
 from services.common.config import ClientSettings
 
 from .conftest import CostHarness
-from .helpers import event, new_id
 from .helpers import usd as usd_money
 from .test_price_book import SMALL_BOOK
 
@@ -83,29 +82,3 @@ async def test_prices_publish(cost: CostHarness, cli: None, tmp_path: Path) -> N
     assert code == 2 and "toml.prices[0].unit_price" in text and "negative" in text
     code, text = await run("prices", "publish", str(tmp_path / "missing.toml"))
     assert code == 2 and "cannot read" in text
-
-
-async def test_costs_of_a_session(cost: CostHarness, cli: None) -> None:
-    session, doc = new_id(), new_id()
-    await cost.service.RecordCosts(pb.RecordCostsRequest(events=[
-        event(session, document_id=doc, units="1000", category="pleadings"),
-        event(session, document_id=doc, units="1200", kind=pb.COST_KIND_ESTIMATE),
-        event(session, document_id=doc, stage=2, service="local", operation="compute_second", units="3",
-              cache_hit=True),
-    ]))
-    await cost.service.SetBudget(pb.SetBudgetRequest(session_id=session, limit=usd_money("5")))
-    code, text = await run("costs", session)
-    assert code == 0, text
-    for fragment in ("actual $1.50", "estimate $1.80", "83% of the estimate", "By service and operation",
-                     "aws_textract/ocr_page", "By stage", "extract", "Estimate against actual", "-$0.30",
-                     "Most expensive documents", "pleadings", "Budget", "$5.00", "cache hits 1"):
-        assert fragment in text, (fragment, text)
-    code, text = await run("costs", session, "--json")
-    assert code == 0
-    data = json.loads(text)
-    assert Decimal(data["costs"]["actual_total"]["amount"]) == Decimal("1.5")
-    assert data["budget"]["limit"]["amount"] == "5"
-    code, text = await run("costs", new_id(), "--json")
-    assert code == 0 and json.loads(text)["budget"] is None
-    code, text = await run("costs", "not-a-session")
-    assert code == 2 and "session_id" in text

@@ -219,3 +219,56 @@ async def test_redis_losing_its_queues_loses_no_document(
             assert reporter.runs == 30
     finally:
         await enqueuer.close()
+
+
+class SlowExtractWorker(ReportingWorker):
+    """Takes `seconds` over each extract, reporting its start first (a lease of lease_ttl)."""
+
+    def __init__(self, session_port: int, seconds: float) -> None:
+        super().__init__(session_port)
+        self.seconds = seconds
+
+    def __call__(self, request: Any, data: dict[str, Any]) -> None:
+        if StagePayload.from_json(data).stage == "extract":
+            import time
+
+            time.sleep(self.seconds)
+        super().__call__(request, data)
+
+
+async def test_runs_a_worker_holds_keep_their_lease_however_long_they_take(
+    session_settings, pool, db_url, token_env, redis_url
+):
+    """Leases of 3 s, runs of 5 s: the lease keeper sees the running run and the one the
+    worker prefetched (its docimport_held answer) and the one still in Redis (the list), and
+    renews them; none is expired and run again."""
+    enqueuer = CeleryEnqueuer(redis_url)
+    try:
+        async with open_harness(
+            session_settings, pool, db_url, token_env, enqueuer=enqueuer, background=True
+        ) as h:
+            tune(h, lease_ttl=3.0, probe_interval=0.2, reconcile_interval=0.2)
+            session = (
+                await h.create([mfile(f"{i}.pdf") for i in range(3)], max_in_flight=3)
+            ).session
+            reporter = SlowExtractWorker(h.port, 5.0)
+            app = celery_app(redis_url, reporter)
+            with start_worker(
+                app, pool="threads", concurrency=1, perform_ping_check=False,
+                queues=list(QUEUES.values()), shutdown_timeout=5,
+            ):
+
+                async def done() -> bool:
+                    return (await get(h, session.session_id)).state == pb.SESSION_STATE_COMPLETED
+
+                await wait_for(done, timeout=60, interval=0.2)
+            reporter.channel.close()
+            async with h.pool.acquire() as conn:
+                runs = await conn.fetch(
+                    "SELECT stage, attempt, state FROM session.stage_runs WHERE session_id = $1",
+                    uuid.UUID(session.session_id),
+                )
+            assert {(r["attempt"], r["state"]) for r in runs} == {(1, "succeeded")}, runs
+            assert reporter.runs == 9
+    finally:
+        await enqueuer.close()

@@ -248,3 +248,44 @@ def test_watch_reconnects_with_the_resume_token_and_takes_a_snapshot_for_truth(m
     # Each resume names the last message it had; the snapshot's counts replaced the old ones.
     assert asked == [(0, ""), (5, "5.d5"), (4, "4.s4")]
     assert state.terminal and state.counts[pb.DOCUMENT_STATE_COMPLETED] == 1 and state.active == 0
+
+
+async def test_costs_of_a_session_with_what_lost_attempts_cost(harness, cli):
+    """`docimport costs`: the ledger's totals, estimate against actual, the budget, and the
+    part spent on attempts that were lost (here: a run expired, its late result kept its cost)."""
+    from decimal import Decimal
+
+    from docimport.common.v1 import common_pb2
+    from docimport.cost.v1 import cost_service_pb2 as cpb
+
+    session = (await harness.create([mfile("pleadings/a.pdf")], budget="5")).session
+    [lost] = await harness.dispatch()
+    await harness.started(lost)
+    async with harness.pool.acquire() as conn:
+        await conn.execute("UPDATE session.stage_runs SET lease_expires_at = now() - interval '1 s'")
+    await harness.reconciler.run_once()
+    [again] = await harness.dispatch()
+    with pytest.raises(Exception):  # refused: the run is expired; its cost is kept
+        await harness.result(lost, cost="0.3", charge=True)
+    await harness.result(again, cost="1.2", charge=True)
+    await harness.service_cost.RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
+        session_id=session.session_id, document_id=again.payload.document_id,
+        stage=common_pb2.STAGE_EXTRACT, attempt=2, service="local", operation="compute_second",
+        units="3", kind=cpb.COST_KIND_ACTUAL, cache_hit=True, category="pleadings")]))
+    code, text = await cli("costs", session.session_id)
+    assert code == 0, text
+    for fragment in ("actual $1.50", "of it spent on lost or cancelled attempts: $0.30",
+                     "By service and operation", "aws_textract/ocr_page", "By stage", "extract",
+                     "Estimate against actual", "Most expensive documents", "Budget", "$5.00",
+                     "cache hits 1"):
+        assert fragment in text, (fragment, text)
+    code, text = await cli("costs", session.session_id, "--json")
+    assert code == 0
+    data = json.loads(text)
+    assert Decimal(data["costs"]["actual_total"]["amount"]) == Decimal("1.5")
+    assert Decimal(data["wasted"]) == Decimal("0.3") and data["budget"]["limit"]["amount"] == "5"
+    assert Decimal(data["budget"]["spent"]["amount"]) == Decimal("1.5")
+    code, text = await cli("costs", "6a3f9e3c-0000-4000-8000-000000000000")
+    assert code == 4 and "not found" in text.lower(), text
+    code, text = await cli("costs", "not-a-session")
+    assert code == 2 and "session_id" in text

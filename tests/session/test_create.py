@@ -247,7 +247,7 @@ async def test_what_a_peer_refuses_keeps_its_code_and_names_the_peer(harness):
         await cost.set_budget(str(uuid.uuid4()), Decimal(10) ** 20)
     assert "cost service answered INVALID_ARGUMENT" in caught.value.message
     with pytest.raises(NotFound) as missing:
-        await cost.reserve(str(uuid.uuid4()), [("k", Decimal(1))], 60.0)
+        await cost.reserve(str(uuid.uuid4()), [("k", Decimal(1), str(uuid.uuid4()))], 60.0)
     assert missing.value.resource_type == "budget" and "cost service" in missing.value.message
     manifests = ManifestPeer(manifest_service_pb2_grpc.ManifestServiceStub(manifest_channel), 5.0)
     with pytest.raises(NotFound) as missing:

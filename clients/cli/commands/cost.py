@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import typer
 from docimport.cost.v1 import cost_service_pb2 as pb
+from docimport.session.v1 import session_service_pb2 as spb
 from google.protobuf.json_format import MessageToDict
 from rich.table import Table
 
@@ -145,8 +146,14 @@ def costs(
     top: int = typer.Option(10, "--top", help="How many of the most expensive documents to list."),
     as_json: bool = typer.Option(False, "--json", help="Print the costs (and budget) as JSON."),
 ) -> None:
-    """What a session cost: by service, operation and stage, against the estimate, with cache savings."""
+    """What a session cost: by service, operation and stage, against the estimate, with cache
+    savings, what was spent on lost or cancelled attempts, and its budget."""
     c = clients()
+    # The session service knows the session (an unknown id is an error, not "no costs") and
+    # what of its cost went to attempts that were lost or cancelled.
+    wasted = c.session.GetSession(
+        spb.GetSessionRequest(session_id=session), timeout=c.timeout
+    ).session.wasted_cost.amount
     reply = c.cost.GetSessionCosts(pb.GetSessionCostsRequest(session_id=session, top_documents=top),
                                    timeout=c.timeout)
     budget = None
@@ -156,9 +163,10 @@ def costs(
         if error.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
             raise
     if as_json:
-        print_json({"costs": _dict(reply), "budget": _dict(budget) if budget is not None else None})
+        print_json({"costs": _dict(reply), "wasted": wasted or "0",
+                    "budget": _dict(budget) if budget is not None else None})
         return
-    _show_costs(reply, budget)
+    _show_costs(reply, budget, Decimal(wasted or "0"))
 
 
 def register(app: typer.Typer) -> None:
@@ -167,13 +175,17 @@ def register(app: typer.Typer) -> None:
     app.command("costs")(costs)
 
 
-def _show_costs(reply: pb.GetSessionCostsResponse, budget: pb.Budget | None) -> None:
+def _show_costs(reply: pb.GetSessionCostsResponse, budget: pb.Budget | None,
+                wasted: Decimal = Decimal(0)) -> None:
     actual, estimate = Decimal(reply.actual_total.amount), Decimal(reply.estimate_total.amount)
     console.print(f"[bold]Costs of session {reply.session_id}[/]")
     line = f"actual [bold]{usd(actual)}[/]   estimate {usd(estimate)}"
     if estimate:
         line += f" ({actual / estimate:.0%} of the estimate)"
     console.print(line)
+    if wasted:
+        console.print(f"of it spent on lost or cancelled attempts: [yellow]{usd(wasted)}[/] "
+                      "(runs whose worker died, or whose session was cancelled while they ran)")
     versions = ", ".join(f"v{v}" for v in reply.price_book_versions) or "none"
     console.print(f"{reply.event_count:,} cost events; price books {versions}; cache hits "
                   f"{reply.cache_hits:,} saved {usd(reply.cache_savings.amount)}")
