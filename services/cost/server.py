@@ -13,22 +13,18 @@ running server on an ephemeral port when `settings.port` is 0.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-from collections.abc import Awaitable, Callable
+import functools
 
 from docimport.cost.v1 import cost_service_pb2, cost_service_pb2_grpc
 
 from services.common import db
 from services.common.grpc_server import RunningServer, serve_until_stopped
 from services.common.grpc_server import build_server as build_grpc_server
+from services.common.loops import Background, periodically
 from services.cost.config import CostSettings
 from services.cost.metrics import CostMetrics
 from services.cost.servicer import INPUT_RULES, POLICY, CostServicer
 from services.cost.store import CostStore
-
-logger = logging.getLogger(__name__)
 
 SERVICE_NAME = cost_service_pb2.DESCRIPTOR.services_by_name["CostService"].full_name
 
@@ -48,16 +44,6 @@ async def build_server(settings: CostSettings, *, store: CostStore) -> RunningSe
     )
 
 
-async def periodically(interval: float, action: Callable[[], Awaitable[object]], what: str) -> None:
-    """Runs `action` every `interval` seconds until cancelled; a failed pass waits for the next tick."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await action()
-        except Exception:  # noqa: BLE001 - a failed pass is retried on the next tick
-            logger.warning("%s failed", what, exc_info=True)
-
-
 async def expire_reservations(store: CostStore) -> None:
     """Marks every overdue reservation expired (the store does a batch a call)."""
     while await store.expire_reservations() > 0:
@@ -73,20 +59,19 @@ async def serve(settings: CostSettings) -> None:
     store = CostStore(pool)
     await store.ensure_default_price_book(settings.price_book_file, settings.cpu_second_rate)
     running = await build_server(settings, store=store)
-    loops = [
-        asyncio.create_task(periodically(interval, action, what))
-        for interval, action, what in (
-            (settings.expiry_sweep_interval, lambda: expire_reservations(store),
-             "reservation expiry sweep"),
-            (settings.totals_fold_interval, store.fold_totals, "folding ledger totals"),
-        )
-        if interval > 0
-    ]
+    loops = []
+    for interval, action, what in (
+        (settings.expiry_sweep_interval, lambda: expire_reservations(store),
+         "reservation expiry sweep"),
+        (settings.totals_fold_interval, store.fold_totals, "folding ledger totals"),
+    ):
+        if interval > 0:
+            loop = Background(what)
+            loop.start(functools.partial(periodically, interval, action, what))
+            loops.append(loop)
 
     async def stop_loops() -> None:
         for loop in loops:
-            loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
+            await loop.stop()
 
     await serve_until_stopped(running, settings, cleanup=[stop_loops, pool.close])

@@ -22,11 +22,11 @@ No SQL here (the store), no Celery (the tracker).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 
+from services.common.loops import Background, periodically
 from services.session.config import SessionSettings
 from services.session.queue import RunTracker, Sighting
 from services.session.store import SessionStore
@@ -52,7 +52,7 @@ class LeaseKeeper:
         self._seeing_since: float | None = None  # start of the current run of good looks
         self._last_look = float("-inf")
         self._failing = False
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Background("lease-keeper")
         self.renewed = 0  # leases renewed by the last look
 
     def may_expire(self) -> bool:
@@ -107,19 +107,11 @@ class LeaseKeeper:
             logger.warning("could not take back %d cancelled runs yet: %s", len(task_ids), exc)
 
     def start(self) -> None:
-        if self._task is None and self._tracker is not None:
-            self._task = asyncio.create_task(self._loop(), name="lease-keeper")
+        if self._tracker is not None:
+            self._loop.start(lambda: periodically(
+                lambda: self._settings.probe_interval, self.look, "a look at the live runs",
+                first_at_once=True,
+            ))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            await self.look()
-            await asyncio.sleep(self._settings.probe_interval)
+        await self._loop.stop()

@@ -27,11 +27,11 @@ are computed when read, not written. No SQL here.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from decimal import Decimal
 
 from services.common import convert
+from services.common.loops import Background, periodically
 from services.session import states as st
 from services.session.config import SessionSettings
 from services.session.dispatcher import Dispatcher
@@ -58,7 +58,7 @@ class Reconciler:
         self._settings = settings
         self._cost = cost
         self._keeper = keeper
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Background("reconciler")
 
     async def run_once(self) -> int:
         """One pass; returns the number of runs expired."""
@@ -120,24 +120,10 @@ class Reconciler:
                 self._dispatcher.wake()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="reconciler")
+        self._loop.start(lambda: periodically(
+            lambda: self._settings.reconcile_interval, self.run_once, "reconcile pass",
+            first_at_once=True,
+        ))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the loop must outlive a bad pass
-                logger.exception("reconcile pass failed")
-            await asyncio.sleep(self._settings.reconcile_interval)
+        await self._loop.stop()
