@@ -143,6 +143,8 @@ def test_a_message_without_a_task_id_is_not_counted() -> None:
     from services.session.queue import _message_id
 
     assert _message_id(b'{"headers": {"id": "t-1"}}') == "t-1"
+    assert _message_id(b'{"headers": {"root_id": "r", "parent_id": "p", "id": "t-2"}}') == "t-2"
+    assert _message_id('{"headers":{"id":"t-3"}}') == "t-3"  # another layout: parsed
     assert _message_id(b"not json") is None
     assert _message_id(b'{"headers": {}}') is None
     assert _message_id(str(uuid.uuid4())) is None
