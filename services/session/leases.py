@@ -17,6 +17,11 @@ while, first looks long enough to renew what is alive, so that an outage
 never passes for the death of the runs it could not see. With several
 replicas, each looks and renews; any may expire.
 
+When the broker lost its data (its epoch key vanished: flushed, or restarted
+without persistence), the queued runs nobody holds are lost at once: their
+leases end now, expiry is trusted at once (the loss is the evidence), and
+the slots they held are freed within a reconcile pass.
+
 No SQL here (the store), no Celery (the tracker).
 """
 
@@ -52,6 +57,9 @@ class LeaseKeeper:
         self._seeing_since: float | None = None  # start of the current run of good looks
         self._last_look = float("-inf")
         self._failing = False
+        # Until when a loss of the broker's data, seen by a good look, makes expiry safe at
+        # once (the loss is the evidence; it does not wait for a whole lease of looks).
+        self._loss_seen_until = float("-inf")
         self._loop = Background("lease-keeper")
         self.renewed = 0  # leases renewed by the last look
 
@@ -64,6 +72,8 @@ class LeaseKeeper:
             return True
         now = self._clock()
         fresh = now - self._last_look <= 2 * self._settings.probe_interval + 10.0
+        if fresh and now < self._loss_seen_until:
+            return True  # the broker lost its data, seen by a good look just now
         return (
             fresh
             and self._seeing_since is not None
@@ -74,6 +84,7 @@ class LeaseKeeper:
         """One look: renews what is alive, takes back what is not wanted; None if it failed."""
         if self._tracker is None:
             return None
+        began = self._clock()
         try:
             sighting = await self._tracker.sight()
             self.renewed, gone = await self._store.renew_leases(
@@ -95,7 +106,21 @@ class LeaseKeeper:
         self._last_look = now
         if gone:
             await self.take_back(gone)
+        if sighting.broker_lost:
+            # runs queued since this look began may be on the broker unseen: they are spared
+            await self._broker_lost(sighting, self._clock() - began + 1.0)
         return sighting
+
+    async def _broker_lost(self, sighting: Sighting, recent: float) -> None:
+        """The broker lost every message it held: queued runs nobody holds are lost now, and
+        their slots are freed at the reconciler's next pass instead of a lease later."""
+        try:
+            lost = await self._store.end_unseen_queued(sorted(sighting.alive), older_than=recent)
+        except Exception as exc:  # noqa: BLE001 - their leases still run out
+            logger.warning("the broker lost its data; its runs wait for their leases (%s)", exc)
+            return
+        logger.warning("the broker lost its data: %d queued runs are lost and run again", lost)
+        self._loss_seen_until = self._clock() + 3 * self._settings.reconcile_interval
 
     async def take_back(self, task_ids: list[str]) -> None:
         """Takes back the messages of runs no longer wanted now (a cancel), not at the next look."""

@@ -44,6 +44,7 @@ import logging
 import re
 import socket
 import threading
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -421,6 +422,9 @@ class Sighting:
     # waiting in their outbox.
     held: frozenset[str]
     workers: int
+    # The broker lost its data since the last look (flushed, or restarted without
+    # persistence): every queued message it held is gone, whatever the leases say.
+    broker_lost: bool = False
 
     @property
     def alive(self) -> frozenset[str]:
@@ -451,9 +455,13 @@ class CeleryRunTracker:
     never takes a failed look for an empty broker.
     """
 
+    # A key the tracker keeps in the broker: gone means the broker lost its data.
+    EPOCH_KEY = "docimport:broker-epoch"
+
     def __init__(self, broker_url: str, *, timeout: float = 1.0) -> None:
         from celery import Celery
 
+        self._epoch: bytes | None = None  # the broker's epoch at the last look
         self._app = Celery("docimport-session-tracker", broker=broker_url, set_as_current=False)
         self._app.conf.update(
             broker_connection_retry_on_startup=False,
@@ -494,9 +502,21 @@ class CeleryRunTracker:
                     names.append(name)
         return client, names
 
+    def _broker_lost(self, client: Any) -> bool:
+        """True when the broker's epoch key changed or vanished since the last look (it then
+        gets a new one; replicas agree on the key, each remembers what it saw)."""
+        epoch = client.get(self.EPOCH_KEY)
+        if epoch is None:
+            client.set(self.EPOCH_KEY, uuid.uuid4().hex, nx=True)
+            epoch = client.get(self.EPOCH_KEY)
+        lost = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        return lost
+
     def _sight_blocking(self) -> Sighting:
         try:
             client, names = self._lists()
+            lost = self._broker_lost(client)
             queued = set()
             for name in names:
                 for raw in client.lrange(name, 0, -1):
@@ -516,7 +536,7 @@ class CeleryRunTracker:
                 if isinstance(answer, dict) and isinstance(answer.get("held"), list):
                     workers += 1
                     held.update(str(t) for t in answer["held"])
-        return Sighting(frozenset(queued), frozenset(held), workers)
+        return Sighting(frozenset(queued), frozenset(held), workers, lost)
 
     def _forget_blocking(self, task_ids: list[str]) -> None:
         wanted_gone = set(task_ids)

@@ -2554,6 +2554,33 @@ class SessionStore:
             )
         return row["renewed"], list(row["gone"])
 
+    async def end_unseen_queued(self, alive: Sequence[str], *, older_than: float) -> int:
+        """After the broker lost its data: queued runs queued over `older_than` seconds ago and
+        not seen alive now (their messages were in the broker) are lost; their leases end now,
+        so the reconciler gives their documents a new attempt at its next pass. Returns how
+        many. Rows are locked in document order and never waited for."""
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(
+                """
+                WITH lost AS (
+                    SELECT r.document_id, r.stage, r.attempt FROM session.stage_runs r
+                    WHERE r.state = 'queued' AND r.lease_expires_at > now()
+                      AND r.queued_at < now() - make_interval(secs => $2)
+                      AND NOT (r.task_id = ANY($1::text[]))
+                    ORDER BY r.document_id FOR UPDATE SKIP LOCKED
+                ),
+                ended AS (
+                    UPDATE session.stage_runs r SET lease_expires_at = now()
+                    FROM lost WHERE r.document_id = lost.document_id AND r.stage = lost.stage
+                      AND r.attempt = lost.attempt
+                    RETURNING 1
+                )
+                SELECT count(*) FROM ended
+                """,
+                list(alive),
+                older_than,
+            )
+
     async def _record_late_costs(self, reports: Sequence[ResultReport]) -> None:
         """Puts what runs no longer live were charged on them, their documents and sessions."""
 

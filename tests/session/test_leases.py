@@ -148,3 +148,46 @@ def test_a_message_without_a_task_id_is_not_counted() -> None:
     assert _message_id(b"not json") is None
     assert _message_id(b'{"headers": {}}') is None
     assert _message_id(str(uuid.uuid4())) is None
+
+
+async def test_a_broker_that_lost_its_data_ends_the_leases_of_the_queued_runs_it_held(
+    session_settings, pool, db_url, token_env, redis_url
+):
+    """A flushed Redis: the queued runs nobody holds are lost now, not a lease later, so their
+    in-flight slots are free for the documents waiting."""
+    enqueuer = CeleryEnqueuer(redis_url)
+    tracker = CeleryRunTracker(redis_url, timeout=0.3)
+    try:
+        async with open_harness(
+            session_settings, pool, db_url, token_env, enqueuer=enqueuer
+        ) as h:
+            tune(h, lease_ttl=600.0)
+            keeper = LeaseKeeper(h.store, tracker, h.settings)
+            await h.create([mfile(f"{i}.pdf") for i in range(4)])
+            await h.dispatcher.run_once()
+            first = await keeper.look()
+            assert first is not None and not first.broker_lost and len(first.queued) == 4
+            async with h.pool.acquire() as conn:  # they were queued a while ago
+                await conn.execute(
+                    "UPDATE session.stage_runs SET queued_at = now() - interval '1 minute'"
+                )
+            again = await keeper.look()
+            assert again is not None and not again.broker_lost  # nothing lost yet
+            assert not keeper.may_expire()  # it has not been looking for a whole lease
+            client = redis.Redis.from_url(redis_url)
+            try:
+                client.flushdb()
+            finally:
+                client.close()
+            lost = await keeper.look()
+            assert lost is not None and lost.broker_lost and not lost.queued
+            async with h.pool.acquire() as conn:
+                ended = await conn.fetchval(
+                    "SELECT count(*) FROM session.stage_runs WHERE lease_expires_at <= now()"
+                )
+            assert ended == 4
+            assert keeper.may_expire()  # the loss is the evidence: no whole lease to wait for
+            assert not (await keeper.look()).broker_lost  # a new epoch, seen since
+    finally:
+        await tracker.close()
+        await enqueuer.close()
