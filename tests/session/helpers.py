@@ -287,6 +287,16 @@ class Harness:
             request.duration.CopyFrom(convert.duration(duration))
         return await self.worker.ReportStageResult(request)
 
+    def cost_as_service(self) -> cost_service_pb2_grpc.CostServiceStub:
+        """The cost service as another service (no grants needed) calls it."""
+        if self.service_cost is None:
+            channel = aio_channel(
+                f"127.0.0.1:{self.cost_port}", ClientSettings(), token="sv-test-token"
+            )
+            self.channels.append(channel)
+            self.service_cost = cost_service_pb2_grpc.CostServiceStub(channel)
+        return self.service_cost
+
     async def charge(self, message: StageMessage, amount: str) -> None:
         """Records `amount` (a multiple of a $0.0015 Textract page) for the message's run."""
         from docimport.cost.v1 import cost_service_pb2 as cpb
@@ -294,13 +304,7 @@ class Harness:
         pages = Decimal(amount) / Decimal("0.0015")
         assert pages == pages.to_integral_value(), amount
         p = message.payload
-        if self.service_cost is None:
-            channel = aio_channel(
-                f"127.0.0.1:{self.cost_port}", ClientSettings(), token="sv-test-token"
-            )
-            self.channels.append(channel)
-            self.service_cost = cost_service_pb2_grpc.CostServiceStub(channel)
-        await self.service_cost.RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
+        await self.cost_as_service().RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
             session_id=p.session_id, document_id=p.document_id,
             stage=convert.stage_value(p.stage), attempt=p.attempt, service="aws_textract",
             operation="ocr_page", units=str(int(pages)), kind=cpb.COST_KIND_ACTUAL,

@@ -268,7 +268,7 @@ async def test_costs_of_a_session_with_what_lost_attempts_cost(harness, cli):
     with pytest.raises(Exception):  # refused: the run is expired; its cost is kept
         await harness.result(lost, cost="0.3", charge=True)
     await harness.result(again, cost="1.2", charge=True)
-    await harness.service_cost.RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
+    await harness.cost_as_service().RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
         session_id=session.session_id, document_id=again.payload.document_id,
         stage=common_pb2.STAGE_EXTRACT, attempt=2, service="local", operation="compute_second",
         units="3", kind=cpb.COST_KIND_ACTUAL, cache_hit=True, category="pleadings")]))

@@ -123,3 +123,56 @@ async def test_unaccounted_manifest_files_fail(harness, tmp_path):
             )
             == 2
         )
+
+
+async def test_money_that_disagrees_fails_naming_every_figure(harness, tmp_path):
+    """One money truth: a run whose cost is not what the ledger charged it, and a ledger that
+    holds more than the session's cost (a charge the session never heard of), fail."""
+    from decimal import Decimal
+
+    session = (await harness.create([mfile("a.pdf")], budget="5")).session
+    final = await work_to_end(harness, session.session_id, tmp_path)
+    assert final.state == pb.SESSION_STATE_COMPLETED
+    assert (await verify(harness, session.session_id)).verdict == pb.VERDICT_PASS
+    async with harness.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE session.stage_runs SET cost = cost + 0.001 WHERE stage = 'chunk'"
+        )
+    report = await verify(harness, session.session_id)
+    assert report.verdict == pb.VERDICT_FAIL
+    codes = {f.code: f for f in report.findings}
+    assert "run_cost_mismatch" in codes
+    async with harness.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE session.stage_runs SET cost = cost - 0.001 WHERE stage = 'chunk'"
+        )
+    assert (await verify(harness, session.session_id)).verdict == pb.VERDICT_PASS
+    # a charge of a run the session service never heard of (a service-scope caller's)
+    from docimport.common.v1 import common_pb2
+    from docimport.cost.v1 import cost_service_pb2 as cpb
+
+    await harness.cost_as_service().RecordCosts(cpb.RecordCostsRequest(events=[cpb.CostEvent(
+        session_id=session.session_id, document_id=str(uuid.uuid4()),
+        stage=common_pb2.STAGE_EXTRACT, attempt=9, service="aws_textract",
+        operation="ocr_page", units="1", kind=cpb.COST_KIND_ACTUAL)]))
+    report = await verify(harness, session.session_id)
+    assert report.verdict == pb.VERDICT_FAIL
+    [mismatch] = [f for f in report.findings if f.code == "cost_mismatch"]
+    for name in ("the ledger", "the session's cost", "the budget's spent amount"):
+        assert name in mismatch.message
+    assert Decimal(report.actual_cost.amount) > 0
+
+
+async def test_a_succeeded_run_without_an_artifact_fails(harness, tmp_path):
+    session = (await harness.create([mfile("a.pdf"), mfile("b.pdf")])).session
+    await work_to_end(harness, session.session_id, tmp_path)
+    async with harness.pool.acquire() as conn:
+        document_id = await conn.fetchval(
+            "UPDATE session.stage_runs SET artifacts = '[]'::jsonb"
+            " WHERE stage = 'chunk' AND ctid = (SELECT ctid FROM session.stage_runs"
+            " WHERE stage = 'chunk' LIMIT 1) RETURNING document_id"
+        )
+    report = await verify(harness, session.session_id)
+    assert report.verdict == pb.VERDICT_FAIL
+    [finding] = [f for f in report.findings if f.code == "run_without_artifact"]
+    assert finding.document_ids == [str(document_id)]
